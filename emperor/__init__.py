@@ -1,0 +1,1 @@
+"""The emperor: watches vassal dirs and supervises one vassal per file."""

@@ -1,0 +1,1 @@
+"""Platform code for isolating and tracking vassals (cgroups, namespaces, jails)."""

@@ -1,0 +1,1 @@
+"""The userspace router between vassal tun devices and the host."""

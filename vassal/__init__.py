@@ -1,0 +1,1 @@
+"""The vassal side: config, the top process, the app server."""

@@ -1,0 +1,5 @@
+import sys
+
+from vassal.cli import main
+
+sys.exit(main())

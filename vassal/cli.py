@@ -1,0 +1,79 @@
+"""``vassal``: run one vassal in the foreground, as uWSGI's emperor runs its
+vassals (``vassal [--inherit F]... [--set K=V]... --ini FILE``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from vassal import options, protocol
+from vassal.cliopts import add_option_flags, preprocess_argv
+from vassal.config import Config, ConfigError, load
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vassal",
+        description="Run one vassal in the foreground (or validate its config with --check).",
+    )
+    parser.add_argument("file", nargs="?", help="config file (.ini or .toml)")
+    parser.add_argument("--ini", metavar="FILE", help="config file in uWSGI's INI dialect")
+    parser.add_argument("--toml", metavar="FILE", help="config file in TOML")
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="set an option (wins over the file)")
+    parser.add_argument("--inherit", metavar="FILE", action="append", default=[], help="read this template first")
+    parser.add_argument("--check", action="store_true", help="only validate the config: exit 0, or 1 listing every error")
+    add_option_flags(parser, options.VASSAL)
+    return parser
+
+
+def _config_source(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[str, str | None]:
+    given = [(p, k) for p, k in ((args.file, None), (args.ini, "ini"), (args.toml, "toml")) if p]
+    if len(given) != 1:
+        parser.error("give exactly one config: FILE, --ini FILE or --toml FILE")
+    path, kind = given[0]
+    return os.path.abspath(path), kind
+
+
+def load_from_args(args: argparse.Namespace, path: str, kind: str | None) -> Config:
+    overrides: list[tuple[str, str]] = []
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError([_problem(f"--set expects KEY=VALUE, got {item!r}")])
+        overrides.append((key.strip(), value))
+    overrides.extend(args.settings)
+    return load(path, kind=kind, inherit=args.inherit, overrides=overrides)
+
+
+def _problem(message: str):
+    from vassal.config import Problem
+
+    return Problem("<command line>", None, None, message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(preprocess_argv(list(sys.argv[1:] if argv is None else argv), options.VASSAL))
+    path, kind = _config_source(args, parser)
+    try:
+        config = load_from_args(args, path, kind)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"vassal: {problem}", file=sys.stderr)
+        return 1 if args.check else protocol.EXIT_CONFIG
+    if args.check:
+        print(f"{path}: OK")
+        return 0
+    return run(config, lambda: load_from_args(args, path, kind))
+
+
+def run(config: Config, reload_config) -> int:
+    from vassal.top import Top
+
+    name = os.path.basename(config.path)
+    return Top(name, config, reload_config).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""Vassal and emperor config files: uWSGI's INI dialect and TOML.
+
+A config is read into a flat, ordered list of entries (key, raw value, file,
+line); ``vassals-inherit`` templates come first, the file's own entries after
+and ``--set`` overrides last. Placeholders are expanded for the vassal (its
+name and dir, even inside a template), then every value is checked against
+the option table. Every problem is collected with its file, line and key, so
+``vassal --check`` can list them all at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from vassal import options
+from vassal.options import Option
+
+VALID_EXTENSIONS = (".ini", ".toml")
+INI_SECTIONS = ("uwsgi", "vassal")
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    value: str
+    file: str
+    line: int | None
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int | None
+    key: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file + (f":{self.line}" if self.line else "")
+        what = f"key {self.key!r}: " if self.key else ""
+        return f"{where}: {what}{self.message}"
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: Sequence[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+# --- reading files ---------------------------------------------------------
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise ConfigError([Problem(path, None, None, "file not found")]) from None
+    except IsADirectoryError:
+        raise ConfigError([Problem(path, None, None, "is a directory, not a config file")]) from None
+    except PermissionError:
+        raise ConfigError([Problem(path, None, None, "permission denied")]) from None
+    except OSError as exc:
+        raise ConfigError([Problem(path, None, None, f"cannot read: {exc.strerror}")]) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            [Problem(path, line, None, f"not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})")]
+        ) from None
+
+
+def read_ini(path: str, text: str, sections: Sequence[str] = INI_SECTIONS) -> list[Entry]:
+    """uWSGI's INI: repeated keys kept in order, ``;``/``#`` comments, no
+    interpolation, a bare key meaning ``true``; only the given sections."""
+    entries: list[Entry] = []
+    problems: list[Problem] = []
+    section: str | None = None
+    seen_section = False
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line[0] in ";#":
+            continue
+        if line.startswith("["):
+            if not line.endswith("]"):
+                problems.append(Problem(path, number, None, f"malformed section header {line!r}"))
+                section = None
+                continue
+            section = line[1:-1].strip()
+            if section in sections:
+                seen_section = True
+            continue
+        if section is None:
+            problems.append(Problem(path, number, None, "option outside of any section (expected [uwsgi] or [vassal] first)"))
+            continue
+        if section not in sections:
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not key:
+            problems.append(Problem(path, number, None, f"missing key in {line!r}"))
+            continue
+        entries.append(Entry(key, value.strip() if sep else "true", path, number))
+    if not seen_section and not problems:
+        wanted = " or ".join(f"[{s}]" for s in sections)
+        problems.append(Problem(path, None, None, f"no {wanted} section"))
+    if problems:
+        raise ConfigError(problems)
+    return entries
+
+
+def _toml_line(text: str, table: str, key: str, occurrence: int) -> int | None:
+    """Best-effort line of ``key`` inside ``[table]``: tomllib keeps no positions."""
+    in_table = False
+    found = 0
+    key_re = re.compile(r"^\s*(?:" + re.escape(key) + r"|\"" + re.escape(key) + r"\"|'" + re.escape(key) + r"')\s*=")
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if stripped.startswith("["):
+            in_table = stripped.strip("[] ") == table
+            continue
+        if in_table and key_re.match(line):
+            if found == occurrence:
+                return number
+            found += 1
+    return None
+
+
+def _toml_scalar(value: object) -> str | None:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    return None
+
+
+def read_toml(path: str, text: str, tables: Sequence[str] = ("vassal",)) -> list[Entry]:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = re.search(r"line (\d+)", str(exc))
+        raise ConfigError([Problem(path, int(match.group(1)) if match else None, None, f"TOML syntax error: {exc}")]) from None
+    table_name = next((t for t in tables if t in doc), None)
+    if table_name is None:
+        wanted = " or ".join(f"[{t}]" for t in tables)
+        raise ConfigError([Problem(path, None, None, f"no {wanted} table")])
+    table = doc[table_name]
+    entries: list[Entry] = []
+    problems: list[Problem] = []
+    for key, value in table.items():
+        line = _toml_line(text, table_name, key, 0)
+        values = value if isinstance(value, list) else [value]
+        for item in values:
+            scalar = _toml_scalar(item)
+            if scalar is None:
+                problems.append(Problem(path, line, key, f"expected a string, number or boolean (or a list of them), got {type(item).__name__}"))
+                continue
+            entries.append(Entry(key, scalar, path, line))
+    if problems:
+        raise ConfigError(problems)
+    return entries
+
+
+def read_entries(path: str, kind: str | None = None, emperor: bool = False) -> list[Entry]:
+    """Entries of one file; ``kind`` is ``ini`` or ``toml`` (else by extension)."""
+    if kind is None:
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in VALID_EXTENSIONS:
+            raise ConfigError([Problem(path, None, None, f"unknown config type {ext or '(none)'!r}: use .ini or .toml")])
+        kind = ext[1:]
+    text = _read_text(path)
+    if kind == "toml":
+        return read_toml(path, text, ("emperor", "uwsgi") if emperor else ("vassal", "uwsgi"))
+    return read_ini(path, text, ("uwsgi", "emperor") if emperor else INI_SECTIONS)
+
+
+# --- placeholders ------------------------------------------------------------
+
+_PLACEHOLDER_RE = re.compile(r"%\(([^)]*)\)|%(.)|\$\(([^)]*)\)")
+
+
+@dataclass
+class _Expander:
+    magic: dict[str, str]
+    entries: list[Entry]
+    env: dict[str, str]
+    cache: dict[str, str] = field(default_factory=dict)
+
+    def named(self, name: str) -> Entry | None:
+        # The last definition wins: the vassal's own value comes after a template's.
+        for entry in reversed(self.entries):
+            if entry.key == name:
+                return entry
+            if entry.key in ("set-placeholder", "set-ph"):
+                key, sep, _ = entry.value.partition("=")
+                if sep and key.strip() == name:
+                    return Entry(name, entry.value.partition("=")[2], entry.file, entry.line)
+        return None
+
+    def expand(self, entry: Entry, stack: tuple[str, ...] = ()) -> str:
+        def sub(match: re.Match[str]) -> str:
+            ref, magic, var = match.group(1), match.group(2), match.group(3)
+            if var is not None:
+                return self.env.get(var, match.group(0))
+            if magic is not None:
+                if magic == "%":
+                    return "%"
+                return self.magic.get(magic, match.group(0))
+            return self.resolve(ref, entry, stack)
+
+        return _PLACEHOLDER_RE.sub(sub, entry.value)
+
+    def resolve(self, name: str, origin: Entry, stack: tuple[str, ...]) -> str:
+        if name in self.magic and len(name) == 1:
+            return self.magic[name]
+        if name in stack:
+            chain = " -> ".join((*stack, name))
+            raise ConfigError([Problem(origin.file, origin.line, origin.key, f"placeholder loop: {chain}")])
+        if name in self.cache:
+            return self.cache[name]
+        target = self.named(name)
+        if target is None:
+            raise ConfigError([Problem(origin.file, origin.line, origin.key, f"undefined placeholder %({name})")])
+        value = self.expand(target, (*stack, name))
+        self.cache[name] = value
+        return value
+
+
+def magic_vars(path: str) -> dict[str, str]:
+    full = os.path.abspath(path)
+    directory = os.path.dirname(full)
+    base = os.path.basename(full)
+    stem, ext = os.path.splitext(base)
+    return {
+        "n": stem,
+        "s": base,
+        "p": full,
+        "d": directory + "/",
+        "e": ext.lstrip("."),
+        "c": os.path.basename(directory),
+    }
+
+
+# --- the validated config ------------------------------------------------------
+
+
+@dataclass
+class Config:
+    path: str
+    scope: str
+    values: dict[str, list[object]] = field(default_factory=dict)
+    sources: dict[str, list[Entry]] = field(default_factory=dict)
+    raw: list[Entry] = field(default_factory=list)
+
+    def get(self, key: str, default: object = None) -> object:
+        found = self.values.get(key)
+        if found:
+            return found[-1]
+        opt = options.get(key)
+        if opt is not None and opt.default is not None and default is None:
+            return opt.default
+        return default
+
+    def getlist(self, key: str) -> list:
+        return list(self.values.get(key, ()))
+
+    def has(self, key: str) -> bool:
+        return bool(self.values.get(key))
+
+    def fingerprint(self, keys: Iterable[str]) -> tuple:
+        """A comparable snapshot of the given keys (to tell reload from restart)."""
+        return tuple((k, tuple(map(repr, self.values.get(k, ())))) for k in sorted(keys))
+
+    def jail_fingerprint(self) -> tuple:
+        return self.fingerprint(o.name for o in options.all_options() if o.jail)
+
+    def as_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for key, vals in self.values.items():
+            opt = options.get(key)
+            out[key] = list(vals) if opt and opt.multi else vals[-1]
+        return out
+
+
+def _referenced_names(entries: Sequence[Entry]) -> set[str]:
+    names: set[str] = set()
+    for entry in entries:
+        for match in _PLACEHOLDER_RE.finditer(entry.value):
+            if match.group(1) is not None:
+                names.add(match.group(1))
+    return names
+
+
+def build(
+    path: str,
+    entries: Sequence[Entry],
+    scope: str = options.VASSAL,
+    env: dict[str, str] | None = None,
+    lenient: bool = False,
+) -> Config:
+    """Expand placeholders and validate ``entries`` (already in precedence order).
+
+    ``lenient`` is for configs that belong to a wrapped program (a real uWSGI):
+    keys we do not know are kept raw instead of refused.
+    """
+    expander = _Expander(magic_vars(path), list(entries), dict(os.environ if env is None else env))
+    referenced = _referenced_names(entries)
+    config = Config(path=path, scope=scope, raw=list(entries))
+    problems: list[Problem] = []
+    for entry in entries:
+        opt: Option | None = options.lookup(entry.key, scope)
+        if opt is None:
+            if entry.key in referenced or lenient:
+                # A custom key used as %(key) is a placeholder definition, as in uWSGI.
+                continue
+            other = options.get(entry.key)
+            hint = f" (it is an {sorted(other.scope)[0]} option)" if other else ""
+            problems.append(Problem(entry.file, entry.line, entry.key, f"unknown option{hint}"))
+            continue
+        try:
+            text = expander.expand(entry)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        try:
+            value = opt.parse(text)
+        except options.ValueError_ as exc:
+            problems.append(Problem(entry.file, entry.line, entry.key, str(exc)))
+            continue
+        name = opt.name
+        if opt.multi:
+            config.values.setdefault(name, []).append(value)
+        else:
+            config.values[name] = [value]
+        config.sources.setdefault(name, []).append(entry)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def load(
+    path: str,
+    *,
+    kind: str | None = None,
+    inherit: Sequence[str] = (),
+    overrides: Sequence[tuple[str, str]] = (),
+    scope: str = options.VASSAL,
+    env: dict[str, str] | None = None,
+    lenient: bool = False,
+) -> Config:
+    """Read a config with its templates and ``--set`` overrides, then validate it.
+
+    Templates come first so that the file's own single-valued keys win and its
+    repeated keys follow the inherited ones. Overrides (``--set``,
+    ``vassal-set``) come last: they are the operator's word.
+    """
+    entries: list[Entry] = []
+    problems: list[Problem] = []
+    own: list[Entry] = []
+    try:
+        own = read_entries(path, kind, emperor=scope == options.EMPEROR)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    templates = list(inherit) + [e.value for e in own if e.key == "vassals-inherit" and scope == options.VASSAL]
+    for template in templates:
+        try:
+            entries.extend(e for e in read_entries(template, emperor=False) if e.key != "vassals-inherit")
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    entries.extend(own)
+    for key, value in overrides:
+        entries.append(Entry(key, value, "--set", None))
+    return build(path, entries, scope=scope, env=env, lenient=lenient)

@@ -1,0 +1,330 @@
+"""HTTP/1.1 on ``http-socket``: parsing with httptools (llhttp), WSGI calls,
+responses with Content-Length or chunked encoding, keep-alive and pipelining.
+
+One :class:`HttpConnection` per client socket. The worker feeds it bytes as
+they arrive; complete requests queue up (pipelining) and are answered in
+order, one at a time, since a WSGI call blocks.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import sys
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from urllib.parse import unquote_to_bytes
+
+import httptools
+
+from vassal.log import log
+
+STATUS_TEXT = {
+    400: "Bad Request",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+}
+
+WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
+
+
+@dataclass
+class Request:
+    method: bytes = b""
+    url: bytes = b""
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: io.BytesIO = field(default_factory=io.BytesIO)
+    version: str = "1.1"
+    keep_alive: bool = True
+    expect_continue: bool = False
+
+
+class RequestTooLarge(Exception):
+    def __init__(self, status: int):
+        self.status = status
+
+
+class _Parser:
+    """httptools callbacks collecting complete requests into ``done``."""
+
+    def __init__(self, max_head: int, max_body: int, on_expect: Callable[[], None]):
+        self.done: deque[Request] = deque()
+        self.current: Request | None = None
+        self.head_size = 0
+        self.body_size = 0
+        self.max_head = max_head
+        self.max_body = max_body
+        self.on_expect = on_expect
+        self.parser = httptools.HttpRequestParser(self)
+        self._last_header: bytes | None = None
+
+    def on_message_begin(self) -> None:
+        self.current = Request()
+        self.head_size = 0
+        self.body_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        assert self.current is not None
+        self.current.url += url
+        self.head_size += len(url)
+        if self.head_size > self.max_head:
+            raise RequestTooLarge(431)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.current is not None
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > self.max_head:
+            raise RequestTooLarge(431)
+        self.current.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        req = self.current
+        assert req is not None
+        req.method = self.parser.get_method()
+        req.version = self.parser.get_http_version()
+        req.keep_alive = self.parser.should_keep_alive()
+        for name, value in req.headers:
+            if name.lower() == b"content-length" and self.max_body and value.isdigit() and int(value) > self.max_body:
+                raise RequestTooLarge(413)
+            if name.lower() == b"expect" and value.lower() == b"100-continue" and req.version == "1.1":
+                req.expect_continue = True
+        if req.expect_continue:
+            self.on_expect()
+
+    def on_body(self, body: bytes) -> None:
+        assert self.current is not None
+        self.body_size += len(body)
+        if self.max_body and self.body_size > self.max_body:
+            raise RequestTooLarge(413)
+        self.current.body.write(body)
+
+    def on_message_complete(self) -> None:
+        assert self.current is not None
+        self.current.body.seek(0)
+        self.done.append(self.current)
+        self.current = None
+
+
+class HttpConnection:
+    """One client connection; ``feed`` returns False once it should close."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        peer: tuple | str,
+        server: tuple[str, str],
+        app: WSGIApp,
+        max_head: int = 65536,
+        max_body: int = 0,
+        on_request: Callable[[], None] | None = None,
+    ):
+        self.sock = sock
+        self.peer = peer
+        self.server_name, self.server_port = server
+        self.app = app
+        self.parser = _Parser(max_head, max_body, self._send_continue)
+        self.closing = False
+        self.on_request = on_request
+
+    def _send_continue(self) -> None:
+        # The client waits for this before sending a body it announced.
+        self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def feed(self, data: bytes) -> bool:
+        if not data:
+            return False
+        try:
+            self.parser.parser.feed_data(data)
+        except RequestTooLarge as exc:
+            self._send_error(exc.status)
+            return False
+        except httptools.HttpParserUpgrade:
+            # No websocket support: answer what was parsed, then close.
+            self.closing = True
+        except httptools.HttpParserError as exc:
+            self._answer_queued()
+            self._send_error(400, str(exc))
+            return False
+        return self._answer_queued() and not self.closing
+
+    @property
+    def idle(self) -> bool:
+        return self.parser.current is None and not self.parser.done
+
+    def _answer_queued(self) -> bool:
+        while self.parser.done:
+            req = self.parser.done.popleft()
+            if not self.handle(req):
+                return False
+        return True
+
+    def _send_error(self, status: int, detail: str = "") -> None:
+        text = STATUS_TEXT.get(status, "Error")
+        body = f"{status} {text}\n".encode()
+        head = (
+            f"HTTP/1.1 {status} {text}\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        try:
+            self.sock.sendall(head + body)
+        except OSError:
+            pass
+        if detail:
+            log(f"bad request from {self.peer}: {detail}")
+
+    def environ(self, req: Request) -> dict:
+        url = httptools.parse_url(req.url)
+        path = unquote_to_bytes(url.path or b"/").decode("latin-1")
+        env = {
+            "REQUEST_METHOD": req.method.decode("latin-1"),
+            "SCRIPT_NAME": "",
+            "PATH_INFO": path,
+            "QUERY_STRING": (url.query or b"").decode("latin-1"),
+            "REQUEST_URI": req.url.decode("latin-1"),
+            "SERVER_NAME": self.server_name,
+            "SERVER_PORT": self.server_port,
+            "SERVER_PROTOCOL": f"HTTP/{req.version}",
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.input": req.body,
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": False,
+            "wsgi.multiprocess": True,
+            "wsgi.run_once": False,
+        }
+        if isinstance(self.peer, tuple):
+            env["REMOTE_ADDR"] = str(self.peer[0])
+            env["REMOTE_PORT"] = str(self.peer[1])
+        else:
+            env["REMOTE_ADDR"] = "127.0.0.1"
+        for name, value in req.headers:
+            key = name.decode("latin-1").upper().replace("-", "_")
+            text = value.decode("latin-1")
+            if key == "CONTENT_LENGTH" or key == "CONTENT_TYPE":
+                env[key] = text
+                continue
+            if "_" in name.decode("latin-1"):
+                # Header names with underscores would alias dashed ones (spoofing).
+                continue
+            key = "HTTP_" + key
+            if key in env:
+                env[key] += ("; " if key == "HTTP_COOKIE" else ", ") + text
+            else:
+                env[key] = text
+        if "CONTENT_LENGTH" not in env and req.body.getbuffer().nbytes:
+            env["CONTENT_LENGTH"] = str(req.body.getbuffer().nbytes)
+        return env
+
+    def handle(self, req: Request) -> bool:
+        """Run the app for one request; False when the connection must close."""
+        env = self.environ(req)
+        head_only = req.method == b"HEAD"
+        response = _Response(self.sock, req.version == "1.1", head_only, req.keep_alive)
+        result = None
+        try:
+            result = self.app(env, response.start_response)
+            if isinstance(result, (list, tuple)) and response.status is not None:
+                response.set_length_if_missing(sum(len(part) for part in result))
+            for chunk in result:
+                if chunk:
+                    response.write(chunk)
+            response.finish()
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        except Exception:
+            log(f"error in app for {env['REQUEST_METHOD']} {env['REQUEST_URI']}:\n{traceback.format_exc().rstrip()}")
+            if not response.sent:
+                self._send_error(500)
+            return False
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    log(f"error closing app response:\n{traceback.format_exc().rstrip()}")
+        if self.on_request is not None:
+            self.on_request()
+        return response.keep_alive
+
+
+class _Response:
+    """WSGI start_response/write for one request, framing the body as needed."""
+
+    __slots__ = ("sock", "http11", "head_only", "keep_alive", "status", "headers", "sent", "chunked")
+
+    def __init__(self, sock: socket.socket, http11: bool, head_only: bool, keep_alive: bool):
+        self.sock = sock
+        self.http11 = http11
+        self.head_only = head_only
+        self.keep_alive = keep_alive
+        self.status: str | None = None
+        self.headers: list[tuple[str, str]] = []
+        self.sent = False
+        self.chunked = False
+
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info=None):
+        if exc_info:
+            try:
+                if self.sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.status is not None:
+            raise AssertionError("start_response called twice without exc_info")
+        self.status = status
+        self.headers = list(headers)
+        return self.write
+
+    def set_length_if_missing(self, length: int) -> None:
+        if not any(name.lower() == "content-length" for name, _ in self.headers):
+            self.headers.append(("Content-Length", str(length)))
+
+    def _head(self) -> bytes:
+        if self.status is None:
+            raise RuntimeError("the app returned a body without calling start_response")
+        out = [f"HTTP/1.1 {self.status}\r\n"]
+        has_length = False
+        for name, value in self.headers:
+            low = name.lower()
+            if low == "content-length":
+                has_length = True
+            elif low == "connection":
+                if value.lower() == "close":
+                    self.keep_alive = False
+                continue
+            elif low == "transfer-encoding":
+                continue
+            out.append(f"{name}: {value}\r\n")
+        code = self.status[:3]
+        bodyless = self.head_only or code in ("204", "304") or code.startswith("1")
+        if not has_length and not bodyless:
+            if self.http11:
+                self.chunked = True
+                out.append("Transfer-Encoding: chunked\r\n")
+            else:
+                self.keep_alive = False
+        out.append("Connection: keep-alive\r\n\r\n" if self.keep_alive else "Connection: close\r\n\r\n")
+        return "".join(out).encode("latin-1")
+
+    def write(self, data: bytes) -> None:
+        payload = b""
+        if data and not self.head_only:
+            payload = b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data
+        if not self.sent:
+            head = self._head()
+            if data and not self.head_only and self.chunked:
+                payload = b"%x\r\n%b\r\n" % (len(data), data)
+            self.sent = True
+            self.sock.sendall(head + payload)
+        elif payload:
+            self.sock.sendall(payload)
+
+    def finish(self) -> None:
+        if not self.sent:
+            self.write(b"")
+        if self.chunked:
+            self.sock.sendall(b"0\r\n\r\n")

@@ -1,0 +1,156 @@
+"""The app master: loads the app once, pre-forks workers, respawns the ones
+that die. A graceful reload replaces the master as a whole (see top.py).
+
+It reports to the top process over ``ctl`` (a socketpair end it shares with
+its workers): ``R`` once every worker is up, ``L`` (from a worker) after the
+first request. End of file on ``ctl`` means the top process is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import traceback
+
+from vassal import protocol
+from vassal.app import load_app
+from vassal.config import Config
+from vassal.log import log, set_role
+from vassal.loop import Loop
+from vassal.sockets import Listener
+from vassal.worker import Worker
+
+# A worker that dies sooner than this after its start is respawned after a
+# pause, so a crashing app does not fork in a tight loop.
+QUICK_DEATH = 1.0
+
+
+def set_title(title: str) -> None:
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(title)
+    except ImportError:
+        pass
+
+
+class Master:
+    def __init__(self, name: str, config: Config, listeners: list[Listener], ctl: socket.socket, loop: Loop):
+        self.name = name
+        self.config = config
+        self.listeners = listeners
+        self.ctl = ctl
+        self.parent_loop = loop
+        self.loop = Loop()
+        self.workers: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
+        self.processes = int(config.get("processes"))  # type: ignore[arg-type]
+        self.stopping = False
+        self.app = None
+
+    def run(self) -> None:
+        """Runs in the forked child; never returns."""
+        code = 0
+        try:
+            code = self._run()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            log(f"app master crashed:\n{traceback.format_exc().rstrip()}")
+            code = 1
+        finally:
+            os._exit(code)
+
+    def _run(self) -> int:
+        set_role(f"{self.name} master")
+        set_title(f"vassal master {self.name}")
+        self.parent_loop.reset_signals_in_child()
+        try:
+            self.app = load_app(self.config)
+        except BaseException:
+            log(f"app-load failed:\n{traceback.format_exc().rstrip()}")
+            return protocol.EXIT_APP_LOAD
+        loop = self.loop
+        loop.add_signal(signal.SIGCHLD, lambda s: self._reap())
+        loop.add_signal(signal.SIGTERM, lambda s: self.stop(graceful=True))
+        loop.add_signal(signal.SIGHUP, lambda s: self.stop(graceful=True))
+        loop.add_signal(signal.SIGINT, lambda s: self.stop(graceful=False))
+        loop.add_signal(signal.SIGQUIT, lambda s: self.stop(graceful=False))
+        loop.add_reader(self.ctl, self._on_ctl)
+        for index in range(self.processes):
+            self._spawn(index)
+        self.ctl.send(b"R")
+        loop.run(until=lambda: self.stopping and not self.workers)
+        return 0
+
+    def _spawn(self, index: int) -> None:
+        if self.stopping:
+            return
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                self.loop.reset_signals_in_child()
+                set_role(f"{self.name} worker {index + 1}")
+                set_title(f"vassal worker {index + 1} {self.name}")
+                worker = Worker(
+                    index + 1,
+                    self.listeners,
+                    self.app,  # type: ignore[arg-type]
+                    self.ctl.fileno(),
+                    max_head=int(self.config.get("buffer-size")),  # type: ignore[arg-type]
+                    max_body=int(self.config.get("limit-post")),  # type: ignore[arg-type]
+                    keepalive=int(self.config.get("http-keepalive")),  # type: ignore[arg-type]
+                    max_requests=int(self.config.get("max-requests")),  # type: ignore[arg-type]
+                )
+                worker.run()
+            except BaseException:
+                log(f"worker crashed:\n{traceback.format_exc().rstrip()}")
+                code = 1
+            finally:
+                os._exit(code)
+        self.workers[pid] = (index, time.monotonic())
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            entry = self.workers.pop(pid, None)
+            if entry is None:
+                continue
+            index, started = entry
+            if self.stopping:
+                continue
+            if os.WIFSIGNALED(status):
+                log(f"worker {index + 1} (pid {pid}) killed by signal {os.WTERMSIG(status)}, respawning")
+            elif os.WEXITSTATUS(status) != 0:
+                log(f"worker {index + 1} (pid {pid}) exited with code {os.WEXITSTATUS(status)}, respawning")
+            delay = 1.0 if time.monotonic() - started < QUICK_DEATH and os.waitstatus_to_exitcode(status) != 0 else 0.0
+            self.loop.call_later(delay, lambda i=index: self._spawn(i))
+
+    def _on_ctl(self) -> None:
+        try:
+            data = self.ctl.recv(64)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            # The top process is gone: nothing may outlive it.
+            self.stop(graceful=False)
+
+    def stop(self, graceful: bool) -> None:
+        self.stopping = True
+        sig = signal.SIGTERM if graceful else signal.SIGKILL
+        for pid in list(self.workers):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if not graceful:
+            self.loop.remove_reader(self.ctl)

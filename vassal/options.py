@@ -1,0 +1,371 @@
+"""The one declarative table of options.
+
+Every option is a config key (INI/TOML) and a command-line flag. The file
+parser, the CLI parser, validation and ``--help`` all read this table, so a
+key exists in exactly one place.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+VASSAL = "vassal"
+EMPEROR = "emperor"
+
+# Hook phases in the order of DESIGN section 3a.
+HOOK_PHASES = (
+    "pre-jail",
+    "post-jail",
+    "in-jail",
+    "as-root",
+    "as-user",
+    "pre-app",
+    "post-app",
+    "as-user-atexit",
+)
+EMPEROR_HOOK_PHASES = ("as-root", "as-emperor", "as-vassal")
+
+CLONE_NAMESPACES = ("ipc", "uts", "fs", "mount", "pid", "net", "user", "cgroup")
+
+_TRUE = {"true", "1", "yes", "on", "y"}
+_FALSE = {"false", "0", "no", "off", "n", ""}
+
+
+class ValueError_(ValueError):
+    """A value that does not fit its option's type; the message says why."""
+
+
+def parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError_(f"expected true/false/1/0/yes/no, got {text!r}")
+
+
+def parse_int(text: str) -> int:
+    try:
+        return int(text.strip(), 0)
+    except ValueError:
+        raise ValueError_(f"expected an integer, got {text!r}") from None
+
+
+def parse_nonneg_int(text: str) -> int:
+    value = parse_int(text)
+    if value < 0:
+        raise ValueError_(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def parse_positive_int(text: str) -> int:
+    value = parse_int(text)
+    if value < 1:
+        raise ValueError_(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def parse_float(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError_(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise ValueError_(f"expected a non-negative number, got {text!r}")
+    return value
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_SIZE_MULT = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError_(f"expected a size like 512M or 1G or 1048576, got {text!r}")
+    return int(float(match.group(1)) * _SIZE_MULT[match.group(2).lower()])
+
+
+def parse_mode(text: str) -> int:
+    try:
+        mode = int(text.strip(), 8)
+    except ValueError:
+        raise ValueError_(f"expected an octal mode like 660, got {text!r}") from None
+    if not 0 <= mode <= 0o7777:
+        raise ValueError_(f"mode out of range: {text!r}")
+    return mode
+
+
+def parse_kv(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError_(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value
+
+
+def parse_addr(text: str) -> str:
+    """A listening address: ``host:port``, ``:port`` or a unix socket path."""
+    text = text.strip()
+    if not text:
+        raise ValueError_("empty address")
+    if "/" in text or text.startswith("@"):
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ValueError_(f"expected host:port or a unix socket path, got {text!r}")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError_(f"bad port in address {text!r}")
+    if host.startswith("[") != host.endswith("]"):
+        raise ValueError_(f"bad IPv6 host in address {text!r}")
+    return text
+
+
+def parse_clone_list(text: str) -> tuple[str, ...]:
+    items = tuple(part.strip() for part in re.split(r"[,\s]+", text) if part.strip())
+    for item in items:
+        if item not in CLONE_NAMESPACES:
+            raise ValueError_(
+                f"unknown namespace {item!r} (known: {', '.join(CLONE_NAMESPACES)})"
+            )
+    return items
+
+
+def parse_words(minimum: int, maximum: int | None = None) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        words = tuple(text.split())
+        if len(words) < minimum or (maximum is not None and len(words) > maximum):
+            want = str(minimum) if maximum == minimum else f"{minimum}..{maximum or 'n'}"
+            raise ValueError_(f"expected {want} space-separated values, got {text!r}")
+        return words
+
+    return parse
+
+
+def parse_hook(text: str) -> tuple[str, str]:
+    action, sep, args = text.partition(":")
+    action = action.strip()
+    if not sep:
+        # uWSGI allows arg-less actions (e.g. "exit"); everything else needs ACTION:ARGS.
+        if action in ("exit",):
+            return action, ""
+        raise ValueError_(f"expected ACTION:ARGS, got {text!r}")
+    if action not in HOOK_ACTIONS:
+        raise ValueError_(f"unknown hook action {action!r} (known: {', '.join(HOOK_ACTIONS)})")
+    return action, args
+
+
+HOOK_ACTIONS = (
+    "exec",
+    "cd",
+    "mkdir",
+    "putenv",
+    "write",
+    "unlink",
+    "mount",
+    "umount",
+    "hostname",
+    "call",
+    "print",
+    "exit",
+    "wait_for_file",
+    "wait_for_socket",
+)
+
+
+def parse_str(text: str) -> str:
+    return text
+
+
+def parse_nonempty(text: str) -> str:
+    if not text.strip():
+        raise ValueError_("empty value")
+    return text.strip()
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    parse: Callable[[str], object]
+    help: str
+    scope: frozenset[str] = field(default_factory=lambda: frozenset({VASSAL}))
+    multi: bool = False
+    default: object = None
+    boolean: bool = False
+    # A change to this key needs a new jail (restart), not a graceful reload.
+    jail: bool = False
+    group: str = "app"
+    metavar: str = "VALUE"
+    aliases: tuple[str, ...] = ()
+    # Accepted for uWSGI configs but without effect here (the help says why).
+    compat: bool = False
+
+
+_OPTIONS: dict[str, Option] = {}
+
+
+def _opt(name: str, parse: Callable[[str], object], help: str, **kw: object) -> None:
+    scope = kw.pop("scope", (VASSAL,))
+    opt = Option(name=name, parse=parse, help=help, scope=frozenset(scope), **kw)  # type: ignore[arg-type]
+    _OPTIONS[name] = opt
+
+
+def _bool(name: str, help: str, **kw: object) -> None:
+    _opt(name, parse_bool, help, boolean=True, default=False, metavar="BOOL", **kw)
+
+
+BOTH = (VASSAL, EMPEROR)
+E = (EMPEROR,)
+
+# --- app ---------------------------------------------------------------
+_opt("wsgi-file", parse_nonempty, "load a WSGI app from this file", metavar="FILE")
+_opt("wsgi", parse_nonempty, "alias of module", metavar="MODULE[:CALLABLE]")
+_opt("module", parse_nonempty, "load a WSGI app from pkg.mod:callable", metavar="MODULE[:CALLABLE]")
+_opt("callable", parse_nonempty, "name of the WSGI callable", default="application", metavar="NAME")
+_opt("chdir", parse_nonempty, "change to this dir before loading the app", metavar="DIR")
+_opt("pythonpath", parse_nonempty, "add a dir to sys.path", multi=True, metavar="DIR")
+_opt("env", parse_kv, "set an environment variable", multi=True, metavar="KEY=VALUE")
+_opt("processes", parse_positive_int, "number of workers", default=1, metavar="N", aliases=("workers", "p"))
+_opt("http-socket", parse_addr, "serve HTTP/1.1 on ADDR (host:port or unix path)", multi=True, metavar="ADDR")
+_opt("socket", parse_addr, "serve the uwsgi protocol on ADDR", multi=True, metavar="ADDR", aliases=("uwsgi-socket", "s"))
+_opt("chmod-socket", parse_mode, "mode of unix sockets", metavar="MODE")
+_opt("chown-socket", parse_nonempty, "owner of unix sockets", metavar="USER[:GROUP]")
+_bool("lazy-apps", "load the app in each worker instead of once in the master")
+_opt("harakiri", parse_nonneg_int, "kill a worker stuck on one request for S seconds", default=0, metavar="S")
+_opt("max-requests", parse_nonneg_int, "recycle a worker after N requests", default=0, metavar="N")
+_opt("reload-on-rss", parse_nonneg_int, "recycle a worker above MB of RSS", default=0, metavar="MB")
+_opt("heartbeat", parse_nonneg_int, "send a heartbeat to the emperor every S seconds", default=0, metavar="S")
+_opt("listen", parse_positive_int, "listen queue size", default=1024, metavar="N", aliases=("l",))
+_opt("buffer-size", parse_size, "largest request head accepted", default=65536, metavar="BYTES", aliases=("b",))
+_opt("limit-post", parse_size, "largest request body accepted (0: no limit)", default=0, metavar="BYTES")
+_opt("http-keepalive", parse_nonneg_int, "idle keep-alive timeout in seconds", default=15, metavar="S")
+_opt("reload-mercy", parse_nonneg_int, "seconds an old app master may drain on reload", default=30, metavar="S")
+_opt("procname", parse_nonempty, "process title prefix", metavar="NAME")
+_opt("set-placeholder", parse_kv, "define a placeholder usable as %(KEY)", multi=True, metavar="KEY=VALUE", aliases=("set-ph",))
+for _name in ("master", "vacuum", "die-on-term", "strict", "enable-threads", "single-interpreter", "need-app", "thunder-lock"):
+    _bool(_name, "accepted for uWSGI configs; pyemperor always behaves this way", compat=True)
+
+# --- cheaper (validated now, implemented by the app server issue) -------
+_opt("cheaper", parse_nonneg_int, "minimum number of workers", metavar="N", group="cheaper")
+_opt("cheaper-initial", parse_positive_int, "workers started at first", metavar="N", group="cheaper")
+_opt("cheaper-step", parse_positive_int, "workers added at a time", metavar="N", group="cheaper")
+_opt("cheaper-rss-limit-soft", parse_size, "no new worker at or above this total RSS", metavar="BYTES", group="cheaper")
+_opt("cheaper-rss-limit-hard", parse_size, "remove a worker above this total RSS", metavar="BYTES", group="cheaper")
+
+# --- daemons --------------------------------------------------------------
+_opt("attach-daemon", parse_nonempty, "run CMD beside the app, restarted if it dies", multi=True, metavar="CMD", group="daemons")
+_opt("smart-attach-daemon", parse_words(2), "run a daemonizing CMD tracked by PIDFILE", multi=True, metavar="PIDFILE CMD", group="daemons")
+
+# --- isolation --------------------------------------------------------------
+_opt("unshare", parse_clone_list, "namespaces to unshare", metavar="LIST", jail=True, group="isolation")
+_opt("pivot-root", parse_words(2, 2), "pivot_root into NEW, old root at OLD", metavar="NEW OLD", jail=True, group="isolation")
+_opt("chroot", parse_nonempty, "chroot into DIR", metavar="DIR", jail=True, group="isolation")
+_opt("uid", parse_nonempty, "run as this user", metavar="USER", jail=True, group="isolation")
+_opt("gid", parse_nonempty, "run as this group", metavar="GROUP", jail=True, group="isolation")
+_opt("hostname", parse_nonempty, "hostname in the uts namespace", metavar="NAME", jail=True, group="isolation")
+_opt("memory-limit", parse_size, "memory limit of the vassal's cgroup", metavar="SIZE", jail=True, group="isolation")
+_opt("pids-limit", parse_positive_int, "process/thread limit of the vassal's cgroup", metavar="N", jail=True, group="isolation")
+_opt("cpu-limit", parse_float, "CPU limit in cores", metavar="CORES", jail=True, group="isolation")
+_opt("uid-map", parse_nonempty, "user namespace uid map", metavar="INSIDE OUTSIDE COUNT", jail=True, group="isolation")
+_opt("gid-map", parse_nonempty, "user namespace gid map", metavar="INSIDE OUTSIDE COUNT", jail=True, group="isolation")
+
+# --- FreeBSD ----------------------------------------------------------------
+_opt("jail", parse_words(1, 3), "FreeBSD jail ROOTFS [HOSTNAME [NAME]]", metavar="ROOTFS [HOST [NAME]]", jail=True, group="freebsd")
+_opt("jail2", parse_nonempty, "extra jail_set parameter", multi=True, metavar="KEY[=VALUE]", jail=True, group="freebsd")
+_opt("jail-ip4", parse_nonempty, "jail IPv4 address", multi=True, metavar="ADDR", jail=True, group="freebsd")
+_opt("jail-ip6", parse_nonempty, "jail IPv6 address", multi=True, metavar="ADDR", jail=True, group="freebsd")
+_opt("jidfile", parse_nonempty, "write the jail id here", metavar="FILE", jail=True, group="freebsd")
+_opt("jail-attach", parse_nonempty, "attach to an existing jail", metavar="JID|NAME", jail=True, group="freebsd")
+
+# --- network --------------------------------------------------------------
+_opt("tuntap-device", parse_words(1, 2), "tun device bridged to the router", multi=True, metavar="DEV [SOCKET]", jail=True, group="network")
+_opt("net-iface", parse_words(2, 2), "bring DEV up with ADDR/PREFIX", multi=True, metavar="DEV ADDR/PREFIX", jail=True, group="network")
+_opt("net-route", parse_words(2, 2), "route DEST via GATEWAY", multi=True, metavar="DEST GATEWAY", jail=True, group="network")
+
+# --- hooks ------------------------------------------------------------------
+for _phase in HOOK_PHASES:
+    _jail = _phase in ("pre-jail", "post-jail", "in-jail", "as-root")
+    _opt(f"hook-{_phase}", parse_hook, f"run ACTION:ARGS in phase {_phase}", multi=True, metavar="ACTION:ARGS", jail=_jail, group="hooks")
+    _opt(f"exec-{_phase}", parse_nonempty, f"run CMD in phase {_phase}", multi=True, metavar="CMD", jail=_jail, group="hooks")
+    _opt(f"mount-{_phase}", parse_words(3, 4), f"mount in phase {_phase}", multi=True, metavar="FS SRC DST [FLAGS]", jail=_jail, group="hooks")
+    _opt(f"umount-{_phase}", parse_words(1, 2), f"umount in phase {_phase}", multi=True, metavar="DST [FLAGS]", jail=_jail, group="hooks")
+    _opt(f"call-{_phase}", parse_nonempty, f"call a Python function in phase {_phase}", multi=True, metavar="DOTTED.PATH", jail=_jail, group="hooks")
+
+# --- logging ------------------------------------------------------------------
+_opt("logto", parse_nonempty, "write the log to FILE", metavar="FILE", group="logging", scope=BOTH)
+_opt("log-encoder", parse_nonempty, "encode every log line", multi=True, metavar="ENCODER [ARGS]", group="logging")
+
+# --- emperor ------------------------------------------------------------------
+_opt("emperor", parse_nonempty, "vassal dir, dir://DIR or glob://PATTERN", multi=True, metavar="DIR", scope=E, group="emperor")
+_opt("emperor-control", parse_nonempty, "control socket path", default="/run/emperor/control.sock", metavar="PATH", scope=E, group="emperor", aliases=("control",))
+_opt("emperor-control-mode", parse_mode, "mode of the control socket", default=0o600, metavar="MODE", scope=E, group="emperor")
+_opt("emperor-stats", parse_addr, "stats server address (tcp or unix)", metavar="ADDR", scope=E, group="emperor", aliases=("emperor-stats-server",))
+_opt("emperor-pidfile", parse_nonempty, "write the emperor's pid here", metavar="FILE", scope=E, group="emperor")
+_opt("emperor-use-clone", parse_clone_list, "namespaces for every vassal", metavar="LIST", scope=E, group="emperor")
+_bool("emperor-tyrant", "run each vassal as the owner of its file", scope=E, group="emperor")
+_bool("emperor-tyrant-nofollow", "judge symlinked configs by the link's owner", scope=E, group="emperor")
+_opt("emperor-throttle", parse_nonneg_int, "first respawn delay in ms", default=1000, metavar="MS", scope=E, group="emperor")
+_opt("emperor-max-throttle", parse_nonneg_int, "largest respawn delay in ms", default=180000, metavar="MS", scope=E, group="emperor")
+_opt("emperor-required-heartbeat", parse_positive_int, "seconds without heartbeat before a vassal is cursed", default=30, metavar="S", scope=E, group="emperor")
+_opt("emperor-curse-tolerance", parse_nonneg_int, "seconds between SIGTERM and SIGKILL", default=10, metavar="S", scope=E, group="emperor")
+_opt("emperor-freq", parse_positive_int, "scan interval in seconds where inotify is not available", default=3, metavar="S", scope=E, group="emperor")
+_opt("emperor-log-lines", parse_positive_int, "log lines kept per vassal", default=2000, metavar="N", scope=E, group="emperor")
+_opt("emperor-wrapper", parse_nonempty, "run .ini vassals with this binary", metavar="BINARY", scope=E, group="emperor")
+_bool("emperor-nofollow", "do not follow symlinks when checking mtime", scope=E, group="emperor", compat=True)
+_opt("vassals-inherit", parse_nonempty, "template read before every vassal", multi=True, metavar="FILE", scope=BOTH, group="emperor")
+_opt("vassal-set", parse_kv, "set KEY=VALUE in every vassal", multi=True, metavar="KEY=VALUE", scope=E, group="emperor")
+_opt("tuntap-router", parse_words(2, 3), "run the netrouter", multi=True, metavar="DEV SOCKET [STATS]", scope=E, group="emperor")
+_opt("tuntap-router-firewall-in", parse_nonempty, "router → vassal rule", multi=True, metavar="RULE", scope=E, group="emperor")
+_opt("tuntap-router-firewall-out", parse_nonempty, "vassal → router rule", multi=True, metavar="RULE", scope=E, group="emperor")
+_opt("exec-as-root", parse_nonempty, "run CMD in the emperor at start", multi=True, metavar="CMD", scope=E, group="emperor")
+_opt("hook-as-root", parse_hook, "run ACTION:ARGS in the emperor at start", multi=True, metavar="ACTION:ARGS", scope=E, group="emperor")
+for _phase in ("as-emperor", "as-vassal"):
+    _opt(f"hook-{_phase}", parse_hook, f"run ACTION:ARGS {_phase} for every vassal", multi=True, metavar="ACTION:ARGS", scope=E, group="emperor")
+    _opt(f"exec-{_phase}", parse_nonempty, f"run CMD {_phase} for every vassal", multi=True, metavar="CMD", scope=E, group="emperor")
+
+
+def get(name: str) -> Option | None:
+    return _OPTIONS.get(name)
+
+
+def all_options() -> Iterable[Option]:
+    return _OPTIONS.values()
+
+
+def lookup(name: str, scope: str) -> Option | None:
+    """The option called ``name`` (or one of its aliases) valid in ``scope``."""
+    opt = _OPTIONS.get(name)
+    if opt is None:
+        opt = _ALIASES.get(name)
+    if opt is None or scope not in opt.scope:
+        return None
+    return opt
+
+
+_ALIASES = {alias: opt for opt in _OPTIONS.values() for alias in opt.aliases}
+
+
+def help_text(scope: str) -> str:
+    """Option reference for ``--help``, grouped as in DESIGN section 5."""
+    lines: list[str] = []
+    groups: dict[str, list[Option]] = {}
+    for opt in _OPTIONS.values():
+        if scope in opt.scope:
+            groups.setdefault(opt.group, []).append(opt)
+    for group, opts in groups.items():
+        lines.append(f"{group} options:")
+        for opt in opts:
+            flag = f"--{opt.name}" + ("" if opt.boolean else f" {opt.metavar}")
+            extra = []
+            if opt.multi:
+                extra.append("repeatable")
+            if opt.default not in (None, False):
+                shown = oct(opt.default)[2:] if opt.name.endswith("-mode") else opt.default
+                extra.append(f"default {shown}")
+            if opt.jail:
+                extra.append("restart on change")
+            suffix = f" ({', '.join(extra)})" if extra else ""
+            lines.append(f"  {flag:<40} {opt.help}{suffix}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,35 @@
+"""The emperor pipe: single bytes over a unix socketpair, as in uWSGI."""
+
+from __future__ import annotations
+
+ENV_FD = "UWSGI_EMPEROR_FD"
+
+# emperor -> vassal
+STOP = 0
+RELOAD = 1
+# vassal -> emperor
+SPAWNED = 1
+CONFIG_CHUNK = 2
+READY = 5
+LOYAL = 17
+VOLUNTARY_SHUTDOWN = 22
+HEARTBEAT = 26
+BROODLORD = 30
+
+NAMES = {
+    SPAWNED: "spawned",
+    CONFIG_CHUNK: "config-chunk",
+    READY: "ready",
+    LOYAL: "loyal",
+    VOLUNTARY_SHUTDOWN: "voluntary-shutdown",
+    HEARTBEAT: "heartbeat",
+    BROODLORD: "broodlord",
+}
+
+# Exit codes of our vassal's top process, so the emperor can name the reason.
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+EXIT_APP_LOAD = 3
+EXIT_HOOK = 4
+EXIT_REASONS = {EXIT_APP_LOAD: "app-load", EXIT_HOOK: "hook"}

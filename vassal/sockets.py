@@ -1,0 +1,93 @@
+"""Listening sockets of a vassal, owned by its top process so that they stay
+open across graceful reloads (the app master is replaced, the sockets not)."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import socket
+import stat
+from dataclasses import dataclass
+
+
+class SocketError(Exception):
+    pass
+
+
+@dataclass
+class Listener:
+    kind: str  # "http" or "uwsgi"
+    address: str
+    sock: socket.socket
+
+    @property
+    def server(self) -> tuple[str, str]:
+        """SERVER_NAME and SERVER_PORT for the WSGI environ."""
+        if self.sock.family == socket.AF_UNIX:
+            return "localhost", "0"
+        host, port = self.sock.getsockname()[:2]
+        return str(host), str(port)
+
+    def close(self) -> None:
+        path = self.address if self.sock.family == socket.AF_UNIX else None
+        self.sock.close()
+        if path and not path.startswith("@"):
+            try:
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)
+            except OSError:
+                pass
+
+
+def _split_host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    return host or "0.0.0.0", int(port)
+
+
+def bind(kind: str, address: str, backlog: int, mode: int | None = None, owner: str | None = None) -> Listener:
+    if "/" in address or address.startswith("@"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        path = "\0" + address[1:] if address.startswith("@") else address
+        if not address.startswith("@"):
+            try:
+                if stat.S_ISSOCK(os.lstat(address).st_mode):
+                    os.unlink(address)  # a stale socket from a previous run
+            except FileNotFoundError:
+                pass
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            sock.close()
+            raise SocketError(f"cannot bind {kind} socket {address}: {exc.strerror}") from None
+        if not address.startswith("@"):
+            if mode is not None:
+                os.chmod(address, mode)
+            if owner:
+                _chown(address, owner)
+    else:
+        host, port = _split_host_port(address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise SocketError(f"cannot bind {kind} socket {address}: {exc.strerror}") from None
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return Listener(kind, address, sock)
+
+
+def _chown(path: str, owner: str) -> None:
+    user, _, group = owner.partition(":")
+    try:
+        uid = int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
+        gid = -1
+        if group:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError as exc:
+        raise SocketError(f"chown-socket: unknown user or group {exc.args[0]!r}") from None
+    os.chown(path, uid, gid)

@@ -1,0 +1,439 @@
+"""The vassal's top process: a small init that owns the emperor pipe, the
+listening sockets and the attached daemons, and never imports the app.
+
+It forks an app master (which loads the app and pre-forks workers). A
+graceful reload re-reads the config, rebinds only the sockets whose address
+changed, starts a new master and, once that one is ready, lets the old one
+drain: the top process keeps its pid, so a uWSGI emperor (which tracks its
+direct child) keeps seeing the same vassal.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vassal import protocol
+from vassal.app import has_app
+from vassal.config import Config, ConfigError
+from vassal.log import log, set_role
+from vassal.loop import Loop, Timer
+from vassal.master import Master, set_title
+from vassal.sockets import Listener, SocketError, bind
+
+DAEMON_RESPAWN_DELAY = 1.0
+
+
+@dataclass
+class MasterHandle:
+    pid: int
+    ctl: socket.socket
+    generation: int
+    started: float
+    ready: bool = False
+    kill_timer: Timer | None = None
+
+
+@dataclass
+class Daemon:
+    command: str
+    pid: int | None = None
+    started: float = 0.0
+    restarts: int = 0
+    timer: Timer | None = field(default=None, repr=False)
+
+
+class Top:
+    def __init__(self, name: str, config: Config, reload_config: Callable[[], Config]):
+        self.name = name
+        self.config = config
+        self.reload_config = reload_config
+        self.loop = Loop()
+        self.listeners: dict[tuple[str, str], Listener] = {}
+        self.current: MasterHandle | None = None
+        self.pending: MasterHandle | None = None
+        self.draining: dict[int, MasterHandle] = {}
+        self.daemons: dict[str, Daemon] = {}
+        self.generation = 0
+        self.stopping = False
+        self.exit_code = protocol.EXIT_OK
+        self.loyal_sent = False
+        self.ready_sent = False
+        self.emperor: socket.socket | None = None
+        self.heartbeat_timer: Timer | None = None
+
+    # --- emperor pipe ------------------------------------------------------
+    def _attach_emperor(self) -> None:
+        fd_text = os.environ.get(protocol.ENV_FD)
+        if not fd_text:
+            return
+        try:
+            self.emperor = socket.socket(fileno=int(fd_text))
+        except (ValueError, OSError) as exc:
+            log(f"ignoring {protocol.ENV_FD}={fd_text!r}: {exc}")
+            return
+        # Our children (masters, workers, daemons) must not hold the pipe:
+        # its EOF is how the emperor learns that the whole vassal is gone.
+        os.set_inheritable(self.emperor.fileno(), False)
+        self.emperor.setblocking(False)
+        self.loop.add_reader(self.emperor, self._on_emperor)
+
+    def send(self, byte: int) -> None:
+        if self.emperor is None:
+            return
+        try:
+            self.emperor.send(bytes([byte]))
+        except (BlockingIOError, InterruptedError):
+            log(f"emperor pipe full, dropped message {byte}")
+        except OSError:
+            pass
+
+    def _on_emperor(self) -> None:
+        try:
+            data = self.emperor.recv(64)  # type: ignore[union-attr]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            log("the emperor is gone, shutting down")
+            self.loop.remove_reader(self.emperor)
+            self.emperor = None
+            self.stop(graceful=True)
+            return
+        for byte in data:
+            if byte == protocol.STOP:
+                log("stop requested by the emperor")
+                self.stop(graceful=True)
+            elif byte == protocol.RELOAD:
+                log("graceful reload requested by the emperor")
+                self.reload()
+            else:
+                log(f"ignoring unknown emperor message {byte}")
+
+    # --- lifecycle -------------------------------------------------------------
+    def run(self) -> int:
+        set_role(f"{self.name}")
+        set_title(f"vassal {self.name}")
+        loop = self.loop
+        loop.add_signal(signal.SIGCHLD, lambda s: self._reap())
+        loop.add_signal(signal.SIGTERM, lambda s: self.stop(graceful=True))
+        loop.add_signal(signal.SIGINT, lambda s: self.stop(graceful=True))
+        loop.add_signal(signal.SIGQUIT, lambda s: self.stop(graceful=False))
+        loop.add_signal(signal.SIGHUP, lambda s: self.reload())
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self._attach_emperor()
+        self.send(protocol.SPAWNED)
+        try:
+            apply_process_settings(self.config)
+            self._sync_listeners(self.config)
+        except (SocketError, OSError) as exc:
+            log(str(exc))
+            return protocol.EXIT_ERROR
+        if has_app(self.config):
+            self._start_master()
+        else:
+            self._mark_ready()
+        self._sync_daemons(self.config)
+        self._schedule_heartbeat()
+        loop.run(until=self._finished)
+        for listener in self.listeners.values():
+            listener.close()
+        return self.exit_code
+
+    def _finished(self) -> bool:
+        if not self.stopping:
+            return False
+        alive_masters = any((self.current, self.pending, self.draining))
+        alive_daemons = any(d.pid for d in self.daemons.values())
+        return not alive_masters and not alive_daemons
+
+    def _mark_ready(self) -> None:
+        if not self.ready_sent:
+            self.ready_sent = True
+            log(f"ready (pid {os.getpid()})")
+        self.send(protocol.READY)
+
+    def _schedule_heartbeat(self) -> None:
+        interval = int(self.config.get("heartbeat") or 0)  # type: ignore[arg-type]
+        if self.heartbeat_timer:
+            self.heartbeat_timer.cancel()
+            self.heartbeat_timer = None
+        if interval <= 0 or self.emperor is None:
+            return
+
+        def beat() -> None:
+            if not self.stopping and (self.current is None or self.current.ready):
+                self.send(protocol.HEARTBEAT)
+            self.heartbeat_timer = self.loop.call_later(interval, beat)
+
+        self.heartbeat_timer = self.loop.call_later(interval, beat)
+
+    def stop(self, graceful: bool) -> None:
+        if self.stopping and graceful:
+            return
+        self.stopping = True
+        sig = signal.SIGTERM if graceful else signal.SIGKILL
+        mercy = int(self.config.get("reload-mercy"))  # type: ignore[arg-type]
+        for handle in self._masters():
+            self._signal(handle.pid, sig)
+            if graceful and handle.kill_timer is None:
+                handle.kill_timer = self.loop.call_later(mercy, lambda p=handle.pid: self._signal(p, signal.SIGKILL))
+        for daemon in self.daemons.values():
+            if daemon.timer:
+                daemon.timer.cancel()
+            if daemon.pid:
+                self._signal_group(daemon.pid, sig)
+                if graceful:
+                    self.loop.call_later(mercy, lambda p=daemon.pid: self._signal_group(p, signal.SIGKILL))
+
+    def _masters(self) -> list[MasterHandle]:
+        return [h for h in (self.current, self.pending, *self.draining.values()) if h is not None]
+
+    @staticmethod
+    def _signal(pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    @staticmethod
+    def _signal_group(pid: int, sig: int) -> None:
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            Top._signal(pid, sig)
+
+    # --- reload ------------------------------------------------------------------
+    def reload(self) -> None:
+        if self.stopping:
+            return
+        try:
+            new = self.reload_config()
+        except ConfigError as exc:
+            log(f"reload refused, config invalid, still running the previous one:\n{exc}")
+            return
+        if new.jail_fingerprint() != self.config.jail_fingerprint():
+            log("jail-level options changed: they take effect on the next restart")
+        old = self.config
+        try:
+            apply_process_settings(new)
+            self._sync_listeners(new)
+        except (SocketError, OSError) as exc:
+            log(f"reload refused: {exc}")
+            return
+        self.config = new
+        if has_app(new):
+            self._start_master()
+        elif has_app(old):
+            for handle in self._masters():
+                self._retire(handle)
+            self._mark_ready()
+        else:
+            self._mark_ready()
+        self._sync_daemons(new)
+        self._schedule_heartbeat()
+
+    def _sync_listeners(self, config: Config) -> None:
+        wanted = [("http", a) for a in config.getlist("http-socket")] + [("uwsgi", a) for a in config.getlist("socket")]
+        backlog = int(config.get("listen"))  # type: ignore[arg-type]
+        mode = config.get("chmod-socket")
+        owner = config.get("chown-socket")
+        fresh: dict[tuple[str, str], Listener] = {}
+        try:
+            for key in wanted:
+                if key in self.listeners or key in fresh:
+                    continue
+                fresh[key] = bind(key[0], key[1], backlog, mode, owner)  # type: ignore[arg-type]
+        except SocketError:
+            for listener in fresh.values():
+                listener.close()
+            raise
+        for key in list(self.listeners):
+            if key not in wanted:
+                # Old workers keep their own copies until they drain.
+                self.listeners.pop(key).sock.close()
+        self.listeners.update(fresh)
+        for key in fresh:
+            log(f"{key[0]} socket bound on {key[1]}")
+
+    # --- app masters ------------------------------------------------------------
+    def _start_master(self) -> None:
+        if self.pending is not None:
+            # A reload while one is starting: that one is already stale.
+            self._retire(self.pending)
+            self.pending = None
+        self.generation += 1
+        parent_end, child_end = socket.socketpair()
+        listeners = list(self.listeners.values())
+        pid = os.fork()
+        if pid == 0:
+            # Only our own end may stay open here: an inherited copy of the
+            # emperor pipe or of an older master's ctl would hide their EOF.
+            parent_end.close()
+            for other in self._masters():
+                other.ctl.close()
+            if self.emperor is not None:
+                self.emperor.close()
+            Master(self.name, self.config, listeners, child_end, self.loop).run()
+        child_end.close()
+        parent_end.setblocking(False)
+        handle = MasterHandle(pid, parent_end, self.generation, time.monotonic())
+        self.pending = handle
+        self.loop.add_reader(parent_end, lambda h=handle: self._on_master(h))
+
+    def _on_master(self, handle: MasterHandle) -> None:
+        try:
+            data = handle.ctl.recv(256)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.loop.remove_reader(handle.ctl)
+            return
+        if b"R" in data and handle is self.pending:
+            handle.ready = True
+            self.pending = None
+            if self.current is not None:
+                self._retire(self.current)
+            self.current = handle
+            log(f"app master generation {handle.generation} ready (pid {handle.pid})")
+            self._mark_ready()
+        if b"L" in data and not self.loyal_sent:
+            self.loyal_sent = True
+            self.send(protocol.LOYAL)
+
+    def _retire(self, handle: MasterHandle) -> None:
+        """Let an old master drain; kill it after reload-mercy."""
+        self.draining[handle.pid] = handle
+        if self.current is handle:
+            self.current = None
+        self._signal(handle.pid, signal.SIGTERM)
+        mercy = int(self.config.get("reload-mercy"))  # type: ignore[arg-type]
+        handle.kill_timer = self.loop.call_later(mercy, lambda p=handle.pid: self._signal(p, signal.SIGKILL))
+
+    def _master_exited(self, handle: MasterHandle, status: int) -> None:
+        self.loop.remove_reader(handle.ctl)
+        handle.ctl.close()
+        if handle.kill_timer:
+            handle.kill_timer.cancel()
+        code = os.waitstatus_to_exitcode(status)
+        if self.draining.pop(handle.pid, None) is not None or self.stopping:
+            if handle is self.current:
+                self.current = None
+            if handle is self.pending:
+                self.pending = None
+            return
+        if handle is self.pending:
+            self.pending = None
+            if self.current is None:
+                # Nothing serves: the vassal cannot start (DESIGN: app-load is fatal).
+                log(f"app master exited with {code} before it was ready")
+                self.exit_code = protocol.EXIT_APP_LOAD if code == protocol.EXIT_APP_LOAD else protocol.EXIT_ERROR
+                self.stop(graceful=True)
+            else:
+                log(f"reload failed (app master exited with {code}), still serving the previous generation")
+            return
+        if handle is self.current:
+            self.current = None
+            log(f"app master (pid {handle.pid}) died with {code}, starting a new one")
+            delay = 1.0 if time.monotonic() - handle.started < 1.0 else 0.0
+            self.loop.call_later(delay, self._start_master_if_needed)
+
+    def _start_master_if_needed(self) -> None:
+        if not self.stopping and self.current is None and self.pending is None and has_app(self.config):
+            self._start_master()
+
+    # --- attached daemons --------------------------------------------------------
+    def _sync_daemons(self, config: Config) -> None:
+        wanted = list(config.getlist("attach-daemon"))
+        for command, daemon in list(self.daemons.items()):
+            if command not in wanted:
+                daemon.command = ""  # no respawn
+                if daemon.timer:
+                    daemon.timer.cancel()
+                if daemon.pid:
+                    self._signal_group(daemon.pid, signal.SIGTERM)
+                else:
+                    del self.daemons[command]
+        for command in wanted:
+            if command not in self.daemons:
+                self.daemons[command] = Daemon(command)
+                self._spawn_daemon(self.daemons[command])
+
+    def _spawn_daemon(self, daemon: Daemon) -> None:
+        daemon.timer = None
+        if self.stopping or not daemon.command:
+            return
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setpgid(0, 0)
+                signal.set_wakeup_fd(-1)
+                for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE):
+                    signal.signal(sig, signal.SIG_DFL)
+                argv = ["/bin/sh", "-c", daemon.command] if _needs_shell(daemon.command) else shlex.split(daemon.command)
+                os.execvp(argv[0], argv)
+            except BaseException as exc:
+                log(f"attach-daemon {daemon.command!r}: {exc}")
+            finally:
+                os._exit(127)
+        daemon.pid = pid
+        daemon.started = time.monotonic()
+        log(f"attached daemon {daemon.command!r} started (pid {pid})")
+
+    def _daemon_exited(self, daemon: Daemon, status: int) -> None:
+        code = os.waitstatus_to_exitcode(status)
+        daemon.pid = None
+        if self.stopping:
+            return
+        if not daemon.command:
+            self.daemons = {k: v for k, v in self.daemons.items() if v is not daemon}
+            return
+        daemon.restarts += 1
+        delay = DAEMON_RESPAWN_DELAY if time.monotonic() - daemon.started < 1.0 else 0.0
+        log(f"attached daemon {daemon.command!r} exited with {code}, restarting")
+        daemon.timer = self.loop.call_later(delay, lambda d=daemon: self._spawn_daemon(d))
+
+    # --- reaping -----------------------------------------------------------------
+    def _reap(self) -> None:
+        # waitpid(-1): in a pid namespace we are PID 1 and must reap orphans too.
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            for handle in self._masters():
+                if handle.pid == pid:
+                    self._master_exited(handle, status)
+                    break
+            else:
+                for daemon in self.daemons.values():
+                    if daemon.pid == pid:
+                        self._daemon_exited(daemon, status)
+                        break
+
+
+def apply_process_settings(config: Config) -> None:
+    """``env`` and ``chdir``: set in the top process so that every master,
+    worker and daemon forked after it inherits them."""
+    for key, value in config.getlist("env"):
+        os.environ[key] = value
+    if config.has("chdir"):
+        directory = str(config.get("chdir"))
+        try:
+            os.chdir(directory)
+        except OSError as exc:
+            raise OSError(exc.errno, f"chdir {directory!r}: {exc.strerror}") from None
+
+
+def _needs_shell(command: str) -> bool:
+    return any(ch in command for ch in "|&;<>()$`\\\"'*?[#~=%\n")

@@ -1,0 +1,145 @@
+"""A pre-forked worker: accepts on the shared listening sockets and serves
+keep-alive connections one request at a time.
+
+Idle keep-alive connections wait in the selector, so a client that keeps a
+connection open does not hold the worker. SIGTERM means drain: stop
+accepting, finish the request in hand, close idle connections, exit.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import time
+import traceback
+from collections.abc import Callable
+
+from vassal.http import HttpConnection
+from vassal.log import log
+from vassal.sockets import Listener
+
+
+class Worker:
+    def __init__(
+        self,
+        index: int,
+        listeners: list[Listener],
+        app: Callable,
+        notify_fd: int,
+        *,
+        max_head: int,
+        max_body: int,
+        keepalive: int,
+        max_requests: int,
+    ):
+        self.index = index
+        self.listeners = listeners
+        self.app = app
+        self.notify_fd = notify_fd
+        self.max_head = max_head
+        self.max_body = max_body
+        self.keepalive = keepalive
+        self.max_requests = max_requests
+        self.requests = 0
+        self.stopping = False
+        self.selector = selectors.DefaultSelector()
+        self.last_seen: dict[socket.socket, float] = {}
+
+    def _on_term(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def _served(self) -> None:
+        self.requests += 1
+        if self.requests == 1:
+            try:
+                os.write(self.notify_fd, b"L")
+            except OSError:
+                pass
+        if self.max_requests and self.requests >= self.max_requests:
+            log(f"worker {self.index}: max-requests {self.max_requests} reached, recycling")
+            self.stopping = True
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGHUP, self._on_term)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        for listener in self.listeners:
+            self.selector.register(listener.sock, selectors.EVENT_READ, listener)
+        while not self.stopping:
+            try:
+                events = self.selector.select(1.0)
+            except InterruptedError:
+                continue
+            for key, _ in events:
+                if self.stopping:
+                    break
+                if isinstance(key.data, Listener):
+                    self._accept(key.data)
+                else:
+                    self._read(key.fileobj, key.data)  # type: ignore[arg-type]
+            self._expire_idle()
+        for conn in list(self.last_seen):
+            self._close(conn)
+
+    def _accept(self, listener: Listener) -> None:
+        try:
+            conn, peer = listener.sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return  # another worker won the race
+        conn.settimeout(60)
+        if conn.family != socket.AF_UNIX:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        handler = HttpConnection(
+            conn,
+            peer or "unix",
+            listener.server,
+            self.app,
+            max_head=self.max_head,
+            max_body=self.max_body,
+            on_request=self._served,
+        )
+        self.selector.register(conn, selectors.EVENT_READ, handler)
+        self.last_seen[conn] = time.monotonic()
+        # Most clients send the request right after connecting.
+        self._read(conn, handler)
+
+    def _read(self, conn: socket.socket, handler: HttpConnection) -> None:
+        try:
+            data = conn.recv(65536, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        try:
+            keep = handler.feed(data)
+        except OSError:
+            keep = False
+        except Exception:
+            log(f"worker {self.index}: unexpected error:\n{traceback.format_exc().rstrip()}")
+            keep = False
+        if keep and not self.stopping:
+            self.last_seen[conn] = time.monotonic()
+        else:
+            self._close(conn)
+
+    def _expire_idle(self) -> None:
+        if not self.last_seen:
+            return
+        deadline = time.monotonic() - self.keepalive
+        for conn, seen in list(self.last_seen.items()):
+            if seen < deadline:
+                self._close(conn)
+
+    def _close(self, conn: socket.socket) -> None:
+        self.last_seen.pop(conn, None)
+        try:
+            self.selector.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        conn.close()
