@@ -47,13 +47,41 @@ class Loop:
         self.running = False
 
     # --- fds ---------------------------------------------------------------
-    def add_reader(self, fileobj: Any, callback: Callback) -> None:
+    # Each registered fd carries [reader, writer]; either may be None.
+    def _set(self, fileobj: Any, index: int, callback: Callback | None) -> None:
         try:
-            self.selector.register(fileobj, selectors.EVENT_READ, callback)
-        except KeyError:
-            self.selector.modify(fileobj, selectors.EVENT_READ, callback)
+            key = self.selector.get_key(fileobj)
+            handlers = list(key.data)
+        except (KeyError, ValueError):
+            key = None
+            handlers = [None, None]
+        handlers[index] = callback
+        mask = (selectors.EVENT_READ if handlers[0] else 0) | (selectors.EVENT_WRITE if handlers[1] else 0)
+        try:
+            if key is None:
+                if mask:
+                    self.selector.register(fileobj, mask, handlers)
+            elif mask:
+                self.selector.modify(fileobj, mask, handlers)
+            else:
+                self.selector.unregister(fileobj)
+        except (ValueError, OSError):
+            # A closed fd: nothing left to watch.
+            pass
+
+    def add_reader(self, fileobj: Any, callback: Callback) -> None:
+        self._set(fileobj, 0, callback)
 
     def remove_reader(self, fileobj: Any) -> None:
+        self._set(fileobj, 0, None)
+
+    def add_writer(self, fileobj: Any, callback: Callback) -> None:
+        self._set(fileobj, 1, callback)
+
+    def remove_writer(self, fileobj: Any) -> None:
+        self._set(fileobj, 1, None)
+
+    def forget(self, fileobj: Any) -> None:
         try:
             self.selector.unregister(fileobj)
         except (KeyError, ValueError):
@@ -122,8 +150,18 @@ class Loop:
 
     def run_once(self, cap: float | None = None) -> None:
         timeout = self._next_timeout(cap)
-        for key, _ in self.selector.select(timeout):
-            key.data()
+        fd_map = self.selector.get_map()
+        for key, events in self.selector.select(timeout):
+            # An earlier callback of this batch may have dropped this fd.
+            current = fd_map.get(key.fd)
+            if current is None or current.fileobj is not key.fileobj:
+                continue
+            if events & selectors.EVENT_READ and current.data[0] is not None:
+                current.data[0]()
+            if events & selectors.EVENT_WRITE:
+                current = fd_map.get(key.fd)
+                if current is not None and current.fileobj is key.fileobj and current.data[1] is not None:
+                    current.data[1]()
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             _, _, timer = heapq.heappop(self._timers)

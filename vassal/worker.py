@@ -68,6 +68,10 @@ class Worker:
         signal.signal(signal.SIGQUIT, signal.SIG_DFL)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        # The handler only sets a flag; the wakeup pipe ends the select at once.
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        self.selector.register(wake_r, selectors.EVENT_READ, None)
         for listener in self.listeners:
             self.selector.register(listener.sock, selectors.EVENT_READ, listener)
         while not self.stopping:
@@ -78,7 +82,12 @@ class Worker:
             for key, _ in events:
                 if self.stopping:
                     break
-                if isinstance(key.data, Listener):
+                if key.data is None:
+                    try:
+                        os.read(wake_r, 512)
+                    except BlockingIOError:
+                        pass
+                elif isinstance(key.data, Listener):
                     self._accept(key.data)
                 else:
                     self._read(key.fileobj, key.data)  # type: ignore[arg-type]

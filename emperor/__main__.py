@@ -1,0 +1,5 @@
+import sys
+
+from emperor.cli import main
+
+sys.exit(main())

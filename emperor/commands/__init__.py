@@ -1,0 +1,95 @@
+"""Control commands, one module per verb; each module's docstring is its
+documentation (``emperorctl help VERB`` prints it).
+
+A command module defines ``execute(emperor, args, peer)`` returning a JSON-able
+result, and raises :class:`CommandError` to refuse. Signals and the control
+socket both end up here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from emperor.core import Emperor
+    from emperor.instance import Vassal
+
+VERBS = (
+    "status", "reload", "stop", "start", "restart", "reset", "logs", "stats", "router",
+    "shutdown", "log-status", "help",
+)
+
+# Exit codes of emperorctl (DESIGN section 2).
+REFUSED = 1
+USAGE = 2
+NO_EMPEROR = 3
+
+
+class CommandError(Exception):
+    def __init__(self, message: str, code: int = REFUSED):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Peer:
+    uid: int
+    gid: int
+    pid: int
+
+    @classmethod
+    def root(cls) -> Peer:
+        return cls(0, 0, os.getpid())
+
+    @property
+    def privileged(self) -> bool:
+        return self.uid == 0 or self.uid == os.geteuid()
+
+    def may_see(self, vassal: Vassal) -> bool:
+        if self.privileged:
+            return True
+        if not vassal.emperor.tyrant:
+            return False
+        try:
+            return os.stat(vassal.path).st_uid == self.uid
+        except OSError:
+            return False
+
+
+def module_for(name: str):
+    if name not in VERBS:
+        raise CommandError(f"unknown command {name!r} (known: {', '.join(VERBS)})", USAGE)
+    return importlib.import_module(f"emperor.commands.{name.replace('-', '_')}")
+
+
+def execute(emperor: Emperor, name: str, args: dict, peer: Peer):
+    return module_for(name).execute(emperor, args, peer)
+
+
+def select_vassals(emperor: Emperor, args: dict, peer: Peer, allow_all: bool = True) -> list[Vassal]:
+    """The vassals named in ``args['names']`` (or all with ``args['all']``), checked
+    against what ``peer`` may control."""
+    names = args.get("names") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CommandError("'names' must be a list of vassal names", USAGE)
+    if args.get("all") and allow_all:
+        return [v for v in emperor.vassals.values() if peer.may_see(v)]
+    if not names:
+        raise CommandError("name at least one vassal" + (" (or --all)" if allow_all else ""), USAGE)
+    found = []
+    for name in names:
+        vassal = emperor.vassals.get(name)
+        if vassal is None:
+            raise CommandError(f"no vassal named {name!r}")
+        if not peer.may_see(vassal):
+            raise CommandError(f"not permitted: {name!r}")
+        found.append(vassal)
+    return found
+
+
+def require_privileged(peer: Peer) -> None:
+    if not peer.privileged:
+        raise CommandError("not permitted")

@@ -1,0 +1,8 @@
+"""help [VERB]: the documentation of every verb, or of one."""
+
+from emperor.commands import VERBS, module_for
+
+
+def execute(emperor, args, peer):
+    verbs = args.get("names") or list(VERBS)
+    return {verb: (module_for(verb).__doc__ or "").strip() for verb in verbs}

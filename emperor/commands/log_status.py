@@ -1,0 +1,12 @@
+"""log-status: write a status table to the emperor's log (SIGUSR1)."""
+
+
+def execute(emperor, args, peer):
+    doc = emperor.status(peer=peer)
+    emperor.log(f"{len(doc['vassals'])} vassal(s):")
+    for v in doc["vassals"]:
+        emperor.log(
+            f"  {v['name']:<30} {v['state']:<10} pid={v['pid']} restarts={v['restarts']} "
+            f"loyal={v['loyal']} rss={v['rss_bytes'] // 1024}KiB error={v['error'] or '-'}"
+        )
+    return {"logged": len(doc["vassals"])}

@@ -1,0 +1,350 @@
+"""The emperor: one loop, one Vassal state machine per config file.
+
+Everything the emperor does goes through :meth:`Emperor.execute`: control
+socket requests, and signals (SIGHUP is ``reload --all``, SIGTERM/SIGINT are
+``shutdown``, SIGUSR1 is ``log-status``), as in circus. Nothing in the loop
+waits for a vassal: exits arrive by SIGCHLD, bytes by readiness, delays are
+timers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+from emperor import commands
+from emperor.commands import CommandError, Peer
+from emperor.control import ControlServer, StatsServer
+from emperor.instance import INVALID, READY, RELOADING, STARTING, STOPPED, STOPPING, Signature, Vassal
+from emperor.monitor import DirMonitor, Source
+from jails.tracking import CgroupTree, VassalCgroup
+from vassal import options
+from vassal.config import Config, ConfigError, load
+from vassal.loop import Loop
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Descendants that daemonize get reparented to us (and reaped), not to init."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+class Emperor:
+    def __init__(self, settings: Config, log: Callable[[str], None] | None = None):
+        self.settings = settings
+        self.loop = Loop()
+        self.vassals: dict[str, Vassal] = {}
+        self.by_pid: dict[int, Vassal] = {}
+        self.sources = [Source.parse(spec) for spec in settings.getlist("emperor")]
+        self.throttle_ms = int(settings.get("emperor-throttle"))  # type: ignore[arg-type]
+        self.max_throttle_ms = int(settings.get("emperor-max-throttle"))  # type: ignore[arg-type]
+        self.required_heartbeat = int(settings.get("emperor-required-heartbeat"))  # type: ignore[arg-type]
+        self.curse_tolerance = int(settings.get("emperor-curse-tolerance"))  # type: ignore[arg-type]
+        self.log_lines = int(settings.get("emperor-log-lines"))  # type: ignore[arg-type]
+        self.wrapper: str | None = settings.get("emperor-wrapper")  # type: ignore[assignment]
+        self.inherit: list[str] = [os.path.abspath(p) for p in settings.getlist("vassals-inherit")]
+        self.vassal_set: list[tuple[str, str]] = list(settings.getlist("vassal-set"))
+        self.tyrant = bool(settings.get("emperor-tyrant"))
+        self._log = log or self._default_log
+        self.started_at = time.time()
+        self.shutting_down = False
+        self.exit_code = 0
+        self.cgroups: CgroupTree | None = None
+        self.monitor: DirMonitor | None = None
+        self.control: ControlServer | None = None
+        self.stats: StatsServer | None = None
+        self.subreaper = False
+
+    # --- logging -----------------------------------------------------------
+    @staticmethod
+    def _default_log(message: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        try:
+            os.write(2, f"{stamp} [emperor] {message}\n".encode("utf-8", "replace"))
+        except OSError:
+            pass
+
+    def log(self, message: str) -> None:
+        self._log(message)
+
+    def vassal_log(self, vassal: Vassal, line: str) -> None:
+        try:
+            os.write(2, f"[{vassal.name}] {line}\n".encode("utf-8", "replace"))
+        except OSError:
+            pass
+
+    # --- start and stop ------------------------------------------------------
+    def start(self, force_scan: bool = False) -> None:
+        """Bind the control socket (refusing if another emperor has it), then watch."""
+        control_path = str(self.settings.get("emperor-control"))
+        self.control = ControlServer(self, control_path, int(self.settings.get("emperor-control-mode")))  # type: ignore[arg-type]
+        self.control.open()
+        if self.settings.has("emperor-pidfile"):
+            self.control.write_pidfile(str(self.settings.get("emperor-pidfile")))
+        if self.settings.has("emperor-stats"):
+            self.stats = StatsServer(self, str(self.settings.get("emperor-stats")))
+            self.stats.open()
+        self.subreaper = become_subreaper()
+        self.cgroups = CgroupTree.create(f"pyemperor.{os.getpid()}")
+        loop = self.loop
+        loop.add_signal(signal.SIGCHLD, lambda s: self.reap())
+        loop.add_signal(signal.SIGTERM, lambda s: self._signal_command("shutdown"))
+        loop.add_signal(signal.SIGINT, lambda s: self._signal_command("shutdown"))
+        loop.add_signal(signal.SIGQUIT, lambda s: self._signal_command("shutdown"))
+        loop.add_signal(signal.SIGHUP, lambda s: self._signal_command("reload", {"all": True}))
+        loop.add_signal(signal.SIGUSR1, lambda s: self._signal_command("log-status"))
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self.monitor = DirMonitor(
+            loop,
+            self.sources,
+            self.on_path,
+            self.rescan,
+            float(self.settings.get("emperor-freq")),  # type: ignore[arg-type]
+            force_scan=force_scan,
+        )
+        tracking = f"cgroup {self.cgroups.base}" if self.cgroups else "process groups (no writable cgroup)"
+        self.log(
+            f"pid {os.getpid()} watching {', '.join(s.directory + ('/' + s.pattern if s.pattern else '') for s in self.sources)}"
+            f" ({self.monitor.mode}); vassals tracked by {tracking}; control {control_path}"
+        )
+        for source in self.sources:
+            self.rescan(source)
+
+    def run(self) -> int:
+        self.loop.run(until=self._done)
+        self.cleanup()
+        return self.exit_code
+
+    def _done(self) -> bool:
+        return self.shutting_down and not self.vassals
+
+    def cleanup(self) -> None:
+        if self.monitor:
+            self.monitor.close()
+        if self.stats:
+            self.stats.close()
+        if self.control:
+            self.control.close()
+        if self.cgroups:
+            self.cgroups.remove()
+        self.log("bye")
+
+    def shutdown(self) -> None:
+        if self.shutting_down:
+            # A second request: no more patience.
+            for vassal in list(self.vassals.values()):
+                vassal.curse()
+            return
+        self.shutting_down = True
+        self.log(f"shutting down {len(self.vassals)} vassal(s)")
+        for vassal in list(self.vassals.values()):
+            vassal.removing = True
+            vassal.stop()
+
+    def _signal_command(self, name: str, args: dict | None = None) -> None:
+        try:
+            self.execute(name, args or {}, Peer.root())
+        except CommandError as exc:
+            self.log(f"{name}: {exc}")
+
+    def execute(self, name: str, args: dict, peer: Peer):
+        """The single command path for the control socket and for signals."""
+        return commands.execute(self, name, args, peer)
+
+    # --- vassal files -----------------------------------------------------------
+    def source_for(self, path: str) -> Source | None:
+        for source in self.sources:
+            if source.wants(path):
+                return source
+        return None
+
+    def rescan(self, source: Source) -> None:
+        present = set(source.list())
+        for path in sorted(present):
+            self.on_path(path)
+        for vassal in list(self.vassals.values()):
+            if os.path.dirname(vassal.path) == source.directory and vassal.path not in present and self.source_for(vassal.path) is source:
+                self.on_path(vassal.path)
+
+    def _read_config(self, path: str) -> Config:
+        lenient = bool(self.wrapper) and path.endswith(".ini")
+        return load(path, inherit=self.inherit, overrides=self.vassal_set, lenient=lenient)
+
+    def on_path(self, path: str) -> None:
+        """Something happened to ``path``: decide what it means."""
+        if self.shutting_down:
+            return
+        name = os.path.basename(path)
+        vassal = self.vassals.get(name)
+        if vassal is not None and vassal.path != path:
+            # Same file name in another watched dir: the first one wins.
+            if os.path.exists(vassal.path):
+                self.log(f"ignoring {path}: a vassal named {name} already runs from {vassal.path}")
+                return
+        signature = Signature.of(path)
+        if signature is None or not os.path.isfile(path):
+            if vassal is not None and not vassal.removing:
+                self.log(f"[{name}] config gone, stopping")
+                vassal.removing = True
+                vassal.stop()
+            return
+        if vassal is not None and vassal.signature == signature and not vassal.removing:
+            return
+        try:
+            config = self._read_config(path)
+            error = None
+        except ConfigError as exc:
+            config = None
+            error = str(exc)
+        if vassal is None or vassal.removing:
+            if vassal is not None:
+                # Came back while stopping: let the old instance go, then start anew.
+                vassal.removing = False
+                vassal.restart_pending = config is not None
+                vassal.signature = signature
+                vassal.config = config
+                vassal.error = error
+                vassal.path = path
+                return
+            vassal = Vassal(name=name, path=path, emperor=self, signature=signature, config=config, error=error)
+            self.vassals[name] = vassal
+            if config is None:
+                vassal.state = INVALID
+                self.log(f"[{name}] invalid config, not starting:\n{error}")
+                return
+            vassal.spawn()
+            return
+        vassal.signature = signature
+        if config is None:
+            vassal.error = error
+            if vassal.pid is not None:
+                self.log(f"[{name}] config invalid, still running the previous one:\n{error}")
+            else:
+                vassal.state = INVALID
+                vassal.config = None
+                vassal._cancel("backoff")
+                self.log(f"[{name}] invalid config:\n{error}")
+            return
+        previous = vassal.config
+        vassal.config = config
+        vassal.error = None
+        if vassal.pid is None:
+            if vassal.state in (INVALID, "backoff"):
+                vassal.throttle_ms = 0
+                vassal.state = STARTING
+                vassal.start_now()
+            return
+        if vassal.state == STOPPING:
+            return
+        if previous is not None and previous.jail_fingerprint() != config.jail_fingerprint():
+            self.log(f"[{name}] jail-level options changed, restarting")
+            vassal.restart()
+        elif vassal.state in (READY, STARTING, RELOADING):
+            if not vassal.reload():
+                vassal.restart()
+
+    def forget(self, vassal: Vassal) -> None:
+        if self.vassals.get(vassal.name) is vassal:
+            del self.vassals[vassal.name]
+        for timer in vassal.timers.values():
+            timer.cancel()
+        vassal.timers.clear()
+        if isinstance(vassal.tracker, VassalCgroup):
+            vassal.tracker.remove()
+        vassal.state = STOPPED
+        self.log(f"[{vassal.name}] removed")
+
+    # --- processes -------------------------------------------------------------
+    def cgroup_for(self, vassal: Vassal) -> VassalCgroup | None:
+        if self.cgroups is None:
+            return None
+        cgroup = self.cgroups.vassal(vassal.name)
+        try:
+            cgroup.prepare()
+        except OSError as exc:
+            self.log(f"[{vassal.name}] cannot create cgroup {cgroup.path}: {exc}; tracking by process group")
+            return None
+        return cgroup
+
+    def after_spawn(self, vassal: Vassal) -> None:
+        assert vassal.pid is not None
+        self.by_pid[vassal.pid] = vassal
+
+    def oom_killed(self, vassal: Vassal) -> bool:
+        return False
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            vassal = self.by_pid.pop(pid, None)
+            if vassal is not None and vassal.pid == pid:
+                vassal.exited(status)
+            # Anything else: a vassal's orphan reparented to us (subreaper); reaped.
+
+    # --- status ----------------------------------------------------------------------
+    def emperor_status(self) -> dict:
+        return {
+            "pid": os.getpid(),
+            "version": "pyemperor",
+            "started_at": self.started_at,
+            "uptime": round(time.time() - self.started_at, 1),
+            "dirs": [s.directory + ("/" + s.pattern if s.pattern else "") for s in self.sources],
+            "monitor": self.monitor.mode if self.monitor else None,
+            "control": str(self.settings.get("emperor-control")),
+            "tracking": self.cgroups.base if self.cgroups else "process-group",
+            "tyrant": self.tyrant,
+            "shutting_down": self.shutting_down,
+            "vassal_count": len(self.vassals),
+            "throttle_ms": self.throttle_ms,
+            "max_throttle_ms": self.max_throttle_ms,
+        }
+
+    def status(self, names: list[str] | None = None, peer: Peer | None = None) -> dict:
+        vassals = [v for n, v in sorted(self.vassals.items()) if not names or n in names]
+        if peer is not None:
+            vassals = [v for v in vassals if peer.may_see(v)]
+        return {"emperor": self.emperor_status(), "vassals": [v.status() for v in vassals]}
+
+    def stats_document(self) -> dict:
+        """uWSGI's emperor stats layout (its fields kept) plus our status."""
+        doc = self.status()
+        emperor = doc["emperor"]
+        return {
+            "version": "pyemperor",
+            "pid": emperor["pid"],
+            "uid": os.getuid(),
+            "gid": os.getgid(),
+            "cwd": os.getcwd(),
+            "emperor": [s.directory for s in self.sources],
+            "emperor_tyrant": 1 if self.tyrant else 0,
+            "throttle_level": self.throttle_ms,
+            "vassals": doc["vassals"],
+            "blacklist": [
+                {"id": v["name"], "throttle_level": v["restarts"], "attempt": v["restarts"], "first_attempt": 0, "last_attempt": 0}
+                for v in doc["vassals"]
+                if v["state"] == "backoff"
+            ],
+            "status": emperor,
+        }
+
+
+def settings_from_options(values: dict[str, list]) -> Config:
+    config = Config(path="<emperor>", scope=options.EMPEROR)
+    config.values.update(values)
+    return config

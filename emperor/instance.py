@@ -1,0 +1,479 @@
+"""One vassal as the emperor sees it: an explicit state machine.
+
+States (DESIGN section 3): starting, ready, reloading, stopping, stopped,
+backoff, invalid. Every wait is a timer on the emperor's loop; nothing here
+blocks. A vassal's processes are tracked by its cgroup (or its process group
+where cgroups are unavailable); the vassal only counts as exited once that
+is empty, so no orphan keeps its port when it is respawned.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import psutil
+
+from emperor.logbuf import LogBuffer, read_available
+from emperor.spawn import SpawnRequest, spawn
+from jails.tracking import ProcessGroupTracker, VassalCgroup
+from vassal import protocol
+from vassal.config import Config
+from vassal.loop import Timer
+
+if TYPE_CHECKING:
+    from emperor.core import Emperor
+
+STARTING = "starting"
+READY = "ready"
+RELOADING = "reloading"
+STOPPING = "stopping"
+STOPPED = "stopped"
+BACKOFF = "backoff"
+INVALID = "invalid"
+STATES = (STARTING, READY, RELOADING, STOPPING, STOPPED, BACKOFF, INVALID)
+
+# A vassal that stays up this long gets its backoff reset (DESIGN section 3).
+STABLE_AFTER = 30.0
+# How often a dead vassal's cgroup is checked for leftovers being killed.
+EMPTY_POLL = 0.02
+# A reload that never reports ready again is given up on after this long.
+RELOAD_TIMEOUT = 60.0
+
+
+@dataclass
+class Signature:
+    """What tells that a config file changed (content, touch, replacement)."""
+
+    ino: int
+    dev: int
+    mtime_ns: int
+    ctime_ns: int
+    size: int
+
+    @classmethod
+    def of(cls, path: str) -> Signature | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return cls(st.st_ino, st.st_dev, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
+
+@dataclass
+class Vassal:
+    name: str
+    path: str
+    emperor: Emperor
+    config: Config | None = None
+    signature: Signature | None = None
+    state: str = STARTING
+    error: str | None = None
+    pid: int | None = None
+    pipe: socket.socket | None = None
+    log_fd: int | None = None
+    restarts: int = 0
+    spawns: int = 0
+    last_exit: dict | None = None
+    loyal: bool = False
+    started_at: float | None = None
+    ready_at: float | None = None
+    backoff_until: float | None = None
+    throttle_ms: int = 0
+    held: bool = False  # stopped by the operator
+    removing: bool = False  # its file is gone
+    restart_pending: bool = False
+    voluntary: bool = False
+    exit_reason: str | None = None  # set when we kill it (curse)
+    last_heartbeat: float | None = None
+    tracker: VassalCgroup | ProcessGroupTracker | None = None
+    timers: dict[str, Timer] = field(default_factory=dict)
+    log: LogBuffer | None = None
+    _cpu_sample: tuple[float, float] | None = None
+    _procs: dict[int, psutil.Process] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.log = LogBuffer(self.emperor.log_lines, echo=self._echo)
+
+    # --- helpers -------------------------------------------------------------
+    def _echo(self, line: str) -> None:
+        self.emperor.vassal_log(self, line)
+
+    def _timer(self, name: str, delay: float, callback) -> None:
+        self._cancel(name)
+        self.timers[name] = self.emperor.loop.call_later(delay, callback)
+
+    def _cancel(self, name: str) -> None:
+        timer = self.timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+
+    def note(self, message: str) -> None:
+        self.emperor.log(f"[{self.name}] {message}")
+
+    @property
+    def alive(self) -> bool:
+        return self.pid is not None
+
+    @property
+    def wrapped(self) -> bool:
+        return bool(self.emperor.wrapper) and self.path.endswith(".ini")
+
+    # --- spawning ------------------------------------------------------------------
+    def spawn(self) -> None:
+        assert self.pid is None
+        for name in ("backoff", "heartbeat", "curse", "term", "reload"):
+            self._cancel(name)
+        self.backoff_until = None
+        self.loyal = False
+        self.voluntary = False
+        self.exit_reason = None
+        self.last_heartbeat = None
+        self.restart_pending = False
+        cgroup = self.emperor.cgroup_for(self)
+        req = SpawnRequest(
+            name=self.name,
+            path=self.path,
+            kind="toml" if self.path.endswith(".toml") else "ini",
+            inherit=list(self.emperor.inherit),
+            overrides=list(self.emperor.vassal_set),
+            wrapper=self.emperor.wrapper if self.wrapped else None,
+            cgroup_procs=os.path.join(cgroup.path, "cgroup.procs") if cgroup else None,
+        )
+        try:
+            spawned = spawn(req)
+        except OSError as exc:
+            self.note(f"cannot spawn: {exc}")
+            self._record_exit(None, None, "exit", f"spawn failed: {exc}")
+            self._schedule_respawn()
+            return
+        self.pid = spawned.pid
+        self.pipe = spawned.pipe
+        self.log_fd = spawned.log_fd
+        self.tracker = cgroup if cgroup else ProcessGroupTracker(spawned.pid)
+        self.state = STARTING
+        self.started_at = time.time()
+        self.ready_at = None
+        self.spawns += 1
+        self._procs.clear()
+        self._cpu_sample = None
+        loop = self.emperor.loop
+        loop.add_reader(self.pipe, self._on_pipe)
+        loop.add_reader(self.log_fd, self._on_log)
+        self.note(f"spawned (pid {self.pid})")
+        self.emperor.after_spawn(self)
+
+    # --- the emperor pipe ----------------------------------------------------------
+    def send(self, byte: int) -> bool:
+        if self.pipe is None:
+            return False
+        try:
+            self.pipe.send(bytes([byte]))
+            return True
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return False
+
+    def _on_pipe(self) -> None:
+        assert self.pipe is not None
+        try:
+            data = self.pipe.recv(256)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            # The vassal closed its end: it is exiting; SIGCHLD tells the rest.
+            self.emperor.loop.remove_reader(self.pipe)
+            return
+        for byte in data:
+            self._on_message(byte)
+
+    def _on_message(self, byte: int) -> None:
+        if byte == protocol.READY:
+            if self.state in (STARTING, RELOADING):
+                self.state = READY
+                self.ready_at = time.time()
+                self._cancel("reload")
+                self.note("ready")
+        elif byte == protocol.LOYAL:
+            if not self.loyal:
+                self.loyal = True
+                self.note("loyal")
+        elif byte == protocol.HEARTBEAT:
+            self.last_heartbeat = time.monotonic()
+            required = self.emperor.required_heartbeat
+            self._timer("heartbeat", required, self._heartbeat_lost)
+        elif byte == protocol.VOLUNTARY_SHUTDOWN:
+            self.voluntary = True
+            self.note("announced a voluntary shutdown")
+        elif byte == protocol.SPAWNED:
+            pass
+        else:
+            self.note(f"ignoring unknown message {byte}")
+
+    def _heartbeat_lost(self) -> None:
+        self.timers.pop("heartbeat", None)
+        if self.pid is None or self.state == STOPPING:
+            return
+        self.note(f"no heartbeat for {self.emperor.required_heartbeat}s, cursing it")
+        self.curse()
+
+    def _on_log(self) -> None:
+        assert self.log_fd is not None and self.log is not None
+        data = read_available(self.log_fd)
+        if data is None:
+            self._close_log()
+            return
+        if data:
+            self.log.feed(data)
+
+    def _close_log(self) -> None:
+        if self.log_fd is not None:
+            self.emperor.loop.remove_reader(self.log_fd)
+            tail = read_available(self.log_fd) if self.log_fd is not None else None
+            if tail and self.log is not None:
+                self.log.feed(tail)
+            os.close(self.log_fd)
+            self.log_fd = None
+            if self.log is not None:
+                self.log.flush()
+
+    # --- operator and file driven transitions -------------------------------------
+    def reload(self) -> bool:
+        """Graceful reload: the vassal keeps its jail and sockets."""
+        if self.pid is None or self.state not in (READY, STARTING, RELOADING):
+            return False
+        if not self.send(protocol.RELOAD):
+            return False
+        self.state = RELOADING
+        self._timer("reload", RELOAD_TIMEOUT, self._reload_timed_out)
+        self.note("graceful reload")
+        return True
+
+    def _reload_timed_out(self) -> None:
+        self.timers.pop("reload", None)
+        if self.state == RELOADING:
+            self.note(f"no ready message {RELOAD_TIMEOUT:.0f}s after a reload; considering it ready")
+            self.state = READY
+
+    def restart(self) -> None:
+        if self.pid is None:
+            self.held = False
+            self.start_now()
+            return
+        self.restart_pending = True
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop byte, then SIGTERM, then SIGKILL to everything after the curse tolerance."""
+        for name in ("backoff", "heartbeat", "reload"):
+            self._cancel(name)
+        if self.pid is None:
+            if self.state in (BACKOFF, STARTING, READY, RELOADING):
+                self.state = STOPPED
+            self.backoff_until = None
+            if self.removing:
+                self.emperor.forget(self)
+            return
+        if self.state == STOPPING:
+            return
+        self.state = STOPPING
+        tolerance = self.emperor.curse_tolerance
+        if not self.send(protocol.STOP):
+            self._terminate()
+        else:
+            self._timer("term", tolerance / 2, self._terminate)
+        self._timer("curse", tolerance, self.curse)
+
+    def _terminate(self) -> None:
+        self.timers.pop("term", None)
+        if self.pid is not None and not self.wrapped:
+            # A uWSGI vassal takes SIGTERM as "reload": only ours get it.
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def curse(self) -> None:
+        """SIGKILL every process of the vassal."""
+        self.timers.pop("curse", None)
+        if self.pid is None and (self.tracker is None or self.tracker.is_empty()):
+            return
+        if self.exit_reason is None and self.state != STOPPING:
+            self.exit_reason = "curse"
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.tracker is not None:
+            self.tracker.kill(signal.SIGKILL)
+
+    def start_now(self) -> None:
+        """Spawn now if nothing runs (operator start/reset, a fixed file)."""
+        self._cancel("backoff")
+        self.backoff_until = None
+        if self.pid is None and not self.removing and self.config is not None:
+            self.spawn()
+
+    def reset(self) -> None:
+        self.throttle_ms = 0
+        self.held = False
+        if self.pid is None:
+            self.start_now()
+
+    # --- exit ------------------------------------------------------------------------
+    def exited(self, status: int) -> None:
+        """The top process was reaped; leftovers are killed before anything else."""
+        pid = self.pid
+        self.pid = None
+        if self.pipe is not None:
+            self.emperor.loop.forget(self.pipe)
+            self.pipe.close()
+            self.pipe = None
+        for name in ("heartbeat", "term", "reload"):
+            self._cancel(name)
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        reason = self.exit_reason or ("signal" if sig is not None else protocol.EXIT_REASONS.get(code or 0, "exit"))
+        if reason == "exit" and self.emperor.oom_killed(self):
+            reason = "oom"
+        detail = f"killed by signal {sig}" if sig is not None else f"exit code {code}"
+        self.note(f"pid {pid} exited ({detail}, reason {reason})")
+        self._record_exit(code, sig, reason, detail)
+        self._collect_leftovers()
+
+    def _record_exit(self, code: int | None, sig: int | None, reason: str, detail: str) -> None:
+        self.last_exit = {"code": code, "signal": sig, "reason": reason, "at": time.time(), "detail": detail}
+
+    def _collect_leftovers(self) -> None:
+        """No orphan may keep the vassal's port: kill what is left, then wait
+        (on a timer) for the cgroup to be empty."""
+        self._cancel("curse")
+        tracker = self.tracker
+        if tracker is not None and not tracker.is_empty():
+            tracker.kill(signal.SIGKILL)
+            self._timer("empty", EMPTY_POLL, self._collect_leftovers)
+            return
+        self._cancel("empty")
+        self._close_log()
+        self._after_exit()
+
+    def _after_exit(self) -> None:
+        uptime = time.time() - (self.started_at or time.time())
+        if self.removing:
+            self.state = STOPPED
+            self.emperor.forget(self)
+            return
+        if self.restart_pending:
+            self.restart_pending = False
+            self.restarts += 1
+            self.spawn()
+            return
+        if self.held or self.voluntary or self.state == STOPPING:
+            self.state = STOPPED
+            return
+        if uptime >= STABLE_AFTER:
+            self.throttle_ms = 0
+        self.restarts += 1
+        self._schedule_respawn()
+
+    def _schedule_respawn(self) -> None:
+        base = self.emperor.throttle_ms
+        cap = self.emperor.max_throttle_ms
+        self.throttle_ms = base if self.throttle_ms == 0 else min(cap, self.throttle_ms * 2)
+        delay = self.throttle_ms / 1000.0
+        self.state = BACKOFF
+        self.backoff_until = time.time() + delay
+        self.note(f"respawn in {delay:.1f}s")
+        self._timer("backoff", delay, self._backoff_done)
+
+    def _backoff_done(self) -> None:
+        self.timers.pop("backoff", None)
+        self.backoff_until = None
+        if self.state == BACKOFF and self.pid is None:
+            self.spawn()
+
+    # --- status ----------------------------------------------------------------
+    def _tree(self) -> list[psutil.Process]:
+        if isinstance(self.tracker, VassalCgroup) and self.pid is not None:
+            pids = self.tracker.pids()
+        elif self.pid is not None:
+            try:
+                top = psutil.Process(self.pid)
+                pids = [self.pid] + [p.pid for p in top.children(recursive=True)]
+            except psutil.Error:
+                pids = []
+        else:
+            pids = []
+        procs = []
+        for pid in pids:
+            proc = self._procs.get(pid)
+            if proc is None:
+                try:
+                    proc = self._procs[pid] = psutil.Process(pid)
+                except psutil.Error:
+                    continue
+            procs.append(proc)
+        for gone in set(self._procs) - set(pids):
+            del self._procs[gone]
+        return procs
+
+    def usage(self) -> tuple[int, float, int]:
+        """(RSS bytes, CPU percent since the last sample, process count) of the whole tree."""
+        rss = 0
+        cpu = 0.0
+        procs = self._tree()
+        for proc in procs:
+            try:
+                rss += proc.memory_info().rss
+                times = proc.cpu_times()
+                cpu += times.user + times.system
+            except psutil.Error:
+                continue
+        now = time.monotonic()
+        percent = 0.0
+        if self._cpu_sample is not None and now > self._cpu_sample[0]:
+            percent = max(0.0, (cpu - self._cpu_sample[1]) / (now - self._cpu_sample[0]) * 100.0)
+        self._cpu_sample = (now, cpu)
+        return rss, round(percent, 1), len(procs)
+
+    def status(self) -> dict:
+        rss, cpu, count = self.usage()
+        return {
+            "name": self.name,
+            "config": self.path,
+            "state": self.state,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "loyal": self.loyal,
+            "started_at": self.started_at,
+            "ready_at": self.ready_at,
+            "backoff_until": self.backoff_until,
+            "error": self.error,
+            "rss_bytes": rss,
+            "cpu_percent": cpu,
+            "processes": count,
+            "held": self.held,
+            "wrapped": self.wrapped,
+            "last_heartbeat_age": None if self.last_heartbeat is None else round(time.monotonic() - self.last_heartbeat, 1),
+            # uWSGI emperor stats fields, for uwsgitop-style tools.
+            "id": self.name,
+            "modifier1": 0,
+            "modifier2": 0,
+            "ready": 1 if self.state == READY else 0,
+            "accepting": 1 if self.state in (READY, RELOADING) else 0,
+            "cursed": 1 if self.last_exit and self.last_exit.get("reason") == "curse" else 0,
+            "born": int(self.started_at or 0),
+            "last_mod": int((self.signature.mtime_ns if self.signature else 0) / 1e9),
+            "last_heartbeat": int(time.time() - (time.monotonic() - self.last_heartbeat)) if self.last_heartbeat else 0,
+            "uid": os.stat(self.path).st_uid if os.path.exists(self.path) else 0,
+            "gid": os.stat(self.path).st_gid if os.path.exists(self.path) else 0,
+        }

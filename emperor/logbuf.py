@@ -1,0 +1,62 @@
+"""Each vassal's captured stdout/stderr: a bounded ring of lines plus the
+followers (``emperorctl logs -f``) that get every new line pushed."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable
+
+MAX_LINE = 16384
+
+
+class LogBuffer:
+    def __init__(self, max_lines: int, echo: Callable[[str], None] | None = None):
+        self.lines: deque[str] = deque(maxlen=max_lines)
+        self.partial = b""
+        self.followers: list[Callable[[str], bool]] = []
+        self.echo = echo
+
+    def feed(self, data: bytes) -> None:
+        data = self.partial + data
+        *complete, self.partial = data.split(b"\n")
+        if len(self.partial) > MAX_LINE:
+            complete.append(self.partial)
+            self.partial = b""
+        for raw in complete:
+            self.add(raw.decode("utf-8", "replace").rstrip("\r"))
+
+    def flush(self) -> None:
+        if self.partial:
+            self.add(self.partial.decode("utf-8", "replace"))
+            self.partial = b""
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+        if self.echo is not None:
+            self.echo(line)
+        # A follower returns False once its client is gone.
+        self.followers = [f for f in self.followers if f(line)]
+
+    def tail(self, count: int | None = None) -> list[str]:
+        if count is None or count >= len(self.lines):
+            return list(self.lines)
+        return list(self.lines)[-count:] if count > 0 else []
+
+
+def read_available(fd: int) -> bytes | None:
+    """Everything readable now; None at end of file."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            break
+        if not chunk:
+            if chunks:
+                break
+            return None
+        chunks.append(chunk)
+        if len(chunk) < 65536:
+            break
+    return b"".join(chunks)

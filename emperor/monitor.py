@@ -1,0 +1,180 @@
+"""Watching vassal dirs: inotify where there is one, a periodic scan elsewhere.
+
+The monitor only says *which* path may have changed; the core compares the
+file's signature and decides (spawn, reload, restart, stop). Each watched
+dir's parent is watched too, so a dir that is itself replaced (renamed over,
+deleted and re-created) is picked up again.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vassal.config import VALID_EXTENSIONS
+from vassal.loop import Loop
+
+try:
+    from inotify_simple import INotify
+    from inotify_simple import flags as F
+except ImportError:  # not on Linux
+    INotify = None  # type: ignore[assignment,misc]
+    F = None  # type: ignore[assignment]
+
+# A freshly created file is usually still being written: wait for its
+# close-after-write, or this long, before reading it.
+CREATE_SETTLE = 0.2
+
+
+@dataclass(frozen=True)
+class Source:
+    """One vassal source: a dir, with an optional glob pattern on names."""
+
+    directory: str
+    pattern: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Source:
+        if spec.startswith("glob://"):
+            pattern = os.path.abspath(spec[len("glob://"):])
+            return cls(os.path.dirname(pattern), os.path.basename(pattern))
+        if spec.startswith("dir://"):
+            spec = spec[len("dir://"):]
+        return cls(os.path.abspath(spec))
+
+    def wants(self, path: str) -> bool:
+        name = os.path.basename(path)
+        if os.path.dirname(path) != self.directory or name.startswith("."):
+            return False
+        if not name.endswith(VALID_EXTENSIONS):
+            return False
+        return self.pattern is None or fnmatch.fnmatch(name, self.pattern)
+
+    def list(self) -> list[str]:
+        if self.pattern is not None:
+            candidates = glob.glob(os.path.join(self.directory, self.pattern))
+        else:
+            try:
+                candidates = [e.path for e in os.scandir(self.directory)]
+            except OSError:
+                candidates = []
+        return sorted(p for p in candidates if self.wants(p) and os.path.isfile(p))
+
+
+class DirMonitor:
+    def __init__(
+        self,
+        loop: Loop,
+        sources: list[Source],
+        on_path: Callable[[str], None],
+        on_rescan: Callable[[Source], None],
+        scan_interval: float,
+        force_scan: bool = False,
+    ):
+        self.loop = loop
+        self.sources = sources
+        self.on_path = on_path
+        self.on_rescan = on_rescan
+        self.scan_interval = scan_interval
+        self.inotify = None
+        self.watches: dict[int, tuple[str, Source]] = {}  # wd -> (role, source)
+        self.pending: dict[str, object] = {}
+        if INotify is not None and not force_scan:
+            try:
+                self.inotify = INotify(nonblocking=True)
+            except OSError:
+                self.inotify = None
+        if self.inotify is not None:
+            for source in sources:
+                self._watch(source)
+            loop.add_reader(self.inotify.fileno(), self._on_events)
+        else:
+            self._schedule_scan()
+
+    @property
+    def mode(self) -> str:
+        return "inotify" if self.inotify is not None else f"scan every {self.scan_interval:g}s"
+
+    def _watch(self, source: Source) -> None:
+        assert self.inotify is not None and F is not None
+        for wd, (_, src) in list(self.watches.items()):
+            if src == source:
+                try:
+                    self.inotify.rm_watch(wd)
+                except OSError:
+                    pass
+                del self.watches[wd]
+        dir_mask = (
+            F.CREATE | F.CLOSE_WRITE | F.ATTRIB | F.MOVED_FROM | F.MOVED_TO | F.DELETE
+            | F.DELETE_SELF | F.MOVE_SELF | F.ONLYDIR
+        )
+        try:
+            wd = self.inotify.add_watch(source.directory, dir_mask)
+            self.watches[wd] = ("dir", source)
+        except OSError:
+            pass  # not there (yet): the parent watch sees it appear
+        parent = os.path.dirname(source.directory) or "/"
+        try:
+            wd = self.inotify.add_watch(parent, F.CREATE | F.MOVED_TO | F.DELETE | F.MOVED_FROM | F.ONLYDIR)
+            self.watches.setdefault(wd, ("parent", source))
+        except OSError:
+            pass
+
+    def _on_events(self) -> None:
+        assert self.inotify is not None and F is not None
+        try:
+            events = self.inotify.read(timeout=0)
+        except BlockingIOError:
+            return
+        now_paths: list[str] = []
+        settle_paths: list[str] = []
+        rescans: list[Source] = []
+        for event in events:
+            if event.mask & F.Q_OVERFLOW:
+                rescans.extend(self.sources)
+                continue
+            entry = self.watches.get(event.wd)
+            if entry is None:
+                continue
+            role, source = entry
+            if role == "parent":
+                if event.name == os.path.basename(source.directory):
+                    rescans.append(source)
+                continue
+            if event.mask & (F.DELETE_SELF | F.MOVE_SELF | F.IGNORED):
+                rescans.append(source)
+                continue
+            if not event.name:
+                continue
+            path = os.path.join(source.directory, event.name)
+            if not source.wants(path):
+                continue
+            if event.mask & F.CREATE and not event.mask & F.ISDIR:
+                settle_paths.append(path)
+            else:
+                now_paths.append(path)
+        for source in dict.fromkeys(rescans):
+            self._watch(source)
+            self.on_rescan(source)
+        for path in dict.fromkeys(now_paths):
+            self.on_path(path)
+        for path in dict.fromkeys(settle_paths):
+            if path not in now_paths:
+                self.loop.call_later(CREATE_SETTLE, lambda p=path: self.on_path(p))
+
+    def _schedule_scan(self) -> None:
+        self.loop.call_later(self.scan_interval, self._scan)
+
+    def _scan(self) -> None:
+        for source in self.sources:
+            self.on_rescan(source)
+        self._schedule_scan()
+
+    def close(self) -> None:
+        if self.inotify is not None:
+            self.loop.forget(self.inotify.fileno())
+            self.inotify.close()
+            self.inotify = None
