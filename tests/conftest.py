@@ -1,0 +1,201 @@
+"""Shared fixtures: a real emperor on a temp dir, free ports, HTTP helpers,
+and a leak check at session end (no process, cgroup or socket left)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HELLO = ROOT / "examples" / "apps" / "hello.py"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+TEST_TAG = f"pyemperor-test-{os.getpid()}"
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except Exception as exc:  # the thing may not be there yet
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_get(port: int, path: str = "/", timeout: float = 5.0, method: str = "GET", body: bytes | None = None, headers: dict | None = None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def answers(port: int, path: str = "/") -> bytes | None:
+    try:
+        status, body = http_get(port, path, timeout=2.0)
+    except OSError:
+        return None
+    return body if status == 200 else None
+
+
+def hello_ini(port: int, extra: str = "", processes: int = 1) -> str:
+    return (
+        "[uwsgi]\n"
+        f"wsgi-file = {HELLO}\n"
+        f"http-socket = 127.0.0.1:{port}\n"
+        f"processes = {processes}\n"
+        "env = HELLO_NAME=%n\n"
+        f"{extra}"
+    )
+
+
+class EmperorProc:
+    def __init__(self, vassal_dir: Path, control: Path, log: Path, proc: subprocess.Popen):
+        self.dir = vassal_dir
+        self.control = control
+        self.log = log
+        self.proc = proc
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "emperor.ctl", "--control", str(self.control), *args]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        if check and result.returncode != 0:
+            raise AssertionError(f"emperorctl {args} failed ({result.returncode}): {result.stderr}")
+        return result
+
+    def status(self) -> dict:
+        return json.loads(self.ctl("--json", "status").stdout)
+
+    def vassal(self, name: str) -> dict | None:
+        for v in self.status()["vassals"]:
+            if v["name"] == name:
+                return v
+        return None
+
+    def wait_state(self, name: str, state: str, timeout: float = 15.0) -> dict:
+        return wait_for(lambda: (v := self.vassal(name)) and v["state"] == state and v, timeout, what=f"{name} {state}")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                kill_tree(self.proc.pid)
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+def kill_tree(pid: int) -> None:
+    try:
+        parent = psutil.Process(pid)
+        procs = [parent, *parent.children(recursive=True)]
+    except psutil.Error:
+        return
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
+@pytest.fixture
+def start_emperor(tmp_path: Path) -> Iterator[Callable[..., EmperorProc]]:
+    started: list[EmperorProc] = []
+
+    def start(*extra: str, vassal_dir: Path | None = None, wait: bool = True) -> EmperorProc:
+        directory = vassal_dir or (tmp_path / "vassals")
+        directory.mkdir(exist_ok=True)
+        control = tmp_path / f"control-{uuid.uuid4().hex[:8]}.sock"
+        log = tmp_path / f"emperor-{len(started)}.log"
+        handle = open(log, "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "emperor", "--control", str(control), "--emperor-throttle", "200", "--emperor-curse-tolerance", "3", *extra, str(directory)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTEST_TAG": TEST_TAG},
+        )
+        handle.close()
+        emp = EmperorProc(directory, control, log, proc)
+        started.append(emp)
+        if wait:
+            wait_for(lambda: control.exists() or proc.poll() is not None, 10, what="control socket")
+            if proc.poll() is not None:
+                raise AssertionError(f"emperor exited with {proc.returncode}:\n{emp.log_text()}")
+        return emp
+
+    yield start
+    for emp in started:
+        emp.stop()
+
+
+def _leftover_processes() -> list[str]:
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "environ"]):
+        try:
+            env = proc.info.get("environ") or {}
+        except psutil.Error:
+            continue
+        if env.get("PYTEST_TAG") == TEST_TAG and proc.pid != os.getpid():
+            try:
+                if proc.status() == psutil.STATUS_ZOMBIE:
+                    continue
+            except psutil.Error:
+                continue
+            found.append(f"{proc.pid} {' '.join(proc.info.get('cmdline') or [])}")
+    return found
+
+
+def _leftover_cgroups() -> list[str]:
+    found = []
+    if not CGROUP_ROOT.exists():
+        return found
+    for hierarchy in [CGROUP_ROOT, *[p for p in CGROUP_ROOT.iterdir() if p.is_dir()]]:
+        try:
+            for entry in hierarchy.rglob("pyemperor.*"):
+                found.append(str(entry))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leak_check():
+    before = set(_leftover_cgroups())
+    yield
+    deadline = time.monotonic() + 5
+    while (procs := _leftover_processes()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    cgroups = sorted(set(_leftover_cgroups()) - before)
+    for line in procs:
+        kill_tree(int(line.split()[0]))
+    assert not procs, f"processes left behind: {procs}"
+    assert not cgroups, f"cgroups left behind: {cgroups}"

@@ -1,0 +1,319 @@
+"""End to end: a real emperor, real vassal processes, real HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.conftest import answers, free_port, hello_ini, wait_for
+
+
+def vassal_pids(emp, name: str) -> set[int]:
+    """Every process of the vassal, from its cgroup (grandchildren included)."""
+    tracking = emp.status()["emperor"]["tracking"]
+    path = os.path.join(tracking, name, "cgroup.procs")
+    with open(path) as handle:
+        return {int(x) for x in handle.read().split()}
+
+
+def test_twenty_vassals_answer(start_emperor):
+    emp = start_emperor()
+    ports = {}
+    for i in range(20):
+        port = free_port()
+        ports[f"app{i}.ini"] = port
+        (emp.dir / f"app{i}.ini").write_text(hello_ini(port))
+    for name, port in ports.items():
+        body = wait_for(lambda p=port: answers(p), 20, what=f"{name} answering")
+        assert f"Hello, {name[:-4]}!".encode() in body
+    doc = emp.status()
+    assert len(doc["vassals"]) == 20
+    for v in doc["vassals"]:
+        for key in ("name", "config", "state", "pid", "restarts", "last_exit", "loyal", "started_at",
+                    "ready_at", "backoff_until", "error", "rss_bytes", "cpu_percent"):
+            assert key in v
+    assert emp.stop() == 0
+
+
+def test_touch_reloads_with_new_workers(start_emperor):
+    emp = start_emperor()
+    port = free_port()
+    (emp.dir / "t.ini").write_text(hello_ini(port))
+    first = wait_for(lambda: answers(port), what="first answer")
+    top_pid = emp.wait_state("t.ini", "ready")["pid"]
+    os.utime(emp.dir / "t.ini")
+    second = wait_for(lambda: (b := answers(port)) and b != first and b, what="answer from a new worker")
+    assert second != first
+    v = emp.wait_state("t.ini", "ready")
+    assert v["pid"] == top_pid  # graceful: same top process
+
+
+def test_rewrite_with_new_port(start_emperor):
+    emp = start_emperor()
+    old, new = free_port(), free_port()
+    path = emp.dir / "p.ini"
+    path.write_text(hello_ini(old))
+    wait_for(lambda: answers(old), what="old port")
+    path.write_text(hello_ini(new))
+    wait_for(lambda: answers(new), what="new port")
+    wait_for(lambda: answers(old) is None, what="old port closed")
+
+
+def test_rename_in_out_and_over(start_emperor, tmp_path):
+    emp = start_emperor()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    port = free_port()
+    (outside / "r.ini").write_text(hello_ini(port))
+    os.rename(outside / "r.ini", emp.dir / "r.ini")  # rename in
+    wait_for(lambda: answers(port), what="renamed-in vassal")
+    port2 = free_port()
+    (outside / "r.ini").write_text(hello_ini(port2))
+    os.rename(outside / "r.ini", emp.dir / "r.ini")  # rename over
+    wait_for(lambda: answers(port2), what="renamed-over config")
+    wait_for(lambda: answers(port) is None, what="old port closed")
+    os.rename(emp.dir / "r.ini", outside / "r.ini")  # rename away
+    wait_for(lambda: emp.vassal("r.ini") is None, what="vassal gone")
+    assert answers(port2) is None
+    # A file with another extension is ignored.
+    (emp.dir / "notes.txt").write_text("[uwsgi]\n")
+    time.sleep(0.3)
+    assert emp.vassal("notes.txt") is None
+
+
+def test_delete_leaves_nothing(start_emperor, tmp_path):
+    emp = start_emperor()
+    port = free_port()
+    marker = tmp_path / "escapee.pid"
+    # A daemon that double-forks and setsids away from its process group.
+    daemon = f"python3 -c \"import os,time; os.fork() and os._exit(0); os.setsid(); os.fork() and os._exit(0); open('{marker}','w').write(str(os.getpid())); time.sleep(600)\""
+    (emp.dir / "d.ini").write_text(hello_ini(port, processes=2, extra=f"attach-daemon = {daemon}\n"))
+    wait_for(lambda: answers(port), what="vassal up")
+    wait_for(marker.exists, what="escapee started")
+    escapee = int(wait_for(lambda: marker.read_text().strip(), what="escapee pid"))
+    pids = vassal_pids(emp, "d.ini")
+    assert escapee in pids
+    assert len(pids) >= 5  # top, master, 2 workers, escapee
+    os.unlink(emp.dir / "d.ini")
+    wait_for(lambda: emp.vassal("d.ini") is None, what="vassal removed")
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, pid
+    assert answers(port) is None
+
+
+def test_invalid_file_and_fix(start_emperor):
+    emp = start_emperor()
+    good = free_port()
+    (emp.dir / "good.ini").write_text(hello_ini(good))
+    wait_for(lambda: answers(good), what="good vassal")
+    good_pid = emp.wait_state("good.ini", "ready")["pid"]
+    bad = free_port()
+    (emp.dir / "bad.ini").write_text(hello_ini(bad) + "no-such-option = 1\n")
+    v = emp.wait_state("bad.ini", "invalid")
+    assert "bad.ini:6" in v["error"] and "no-such-option" in v["error"]
+    time.sleep(0.5)
+    assert emp.vassal("bad.ini")["state"] == "invalid"  # no respawn loop
+    assert emp.vassal("good.ini")["pid"] == good_pid
+    (emp.dir / "bad.ini").write_text(hello_ini(bad))
+    wait_for(lambda: answers(bad), what="fixed vassal")
+    assert emp.vassal("bad.ini")["error"] is None
+
+
+def test_broken_rewrite_keeps_running(start_emperor):
+    emp = start_emperor()
+    port = free_port()
+    path = emp.dir / "k.ini"
+    path.write_text(hello_ini(port))
+    wait_for(lambda: answers(port), what="vassal up")
+    pid = emp.wait_state("k.ini", "ready")["pid"]
+    path.write_text(hello_ini(port) + "processes = many\n")
+    v = wait_for(lambda: (x := emp.vassal("k.ini")) and x["error"] and x, what="error set")
+    assert "processes" in v["error"] and "integer" in v["error"]
+    assert v["state"] == "ready" and v["pid"] == pid
+    assert answers(port)
+
+
+def test_backoff_grows_and_reset(start_emperor):
+    emp = start_emperor()
+    (emp.dir / "crash.ini").write_text(f"[uwsgi]\nwsgi-file = {emp.dir}/missing.py\nhttp-socket = 127.0.0.1:{free_port()}\n")
+    v = emp.wait_state("crash.ini", "backoff")
+    assert v["last_exit"]["reason"] == "app-load"
+    delays = []
+    for _ in range(3):
+        v = wait_for(lambda r=v["restarts"]: (x := emp.vassal("crash.ini")) and x["state"] == "backoff" and x["restarts"] > r and x, 15, what="next backoff")
+        delays.append(v["backoff_until"] - v["last_exit"]["at"])
+    assert delays[0] < delays[1] < delays[2], delays
+    before = v["restarts"]
+    emp.ctl("reset", "crash.ini")
+    wait_for(lambda: emp.vassal("crash.ini")["restarts"] > before, 3, what="reset retried now")
+    after = emp.vassal("crash.ini")
+    assert after["backoff_until"] - after["last_exit"]["at"] < delays[1]
+
+
+def test_killed_master_respawns(start_emperor):
+    emp = start_emperor()
+    port = free_port()
+    (emp.dir / "m.ini").write_text(hello_ini(port))
+    wait_for(lambda: answers(port), what="vassal up")
+    top = emp.wait_state("m.ini", "ready")["pid"]
+    os.kill(top, signal.SIGKILL)
+    wait_for(lambda: (v := emp.vassal("m.ini")) and v["pid"] not in (None, top) and v["state"] == "ready", 15, what="respawned")
+    v = emp.vassal("m.ini")
+    assert v["restarts"] == 1 and v["last_exit"]["reason"] == "signal" and v["last_exit"]["signal"] == 9
+    wait_for(lambda: answers(port), what="answers again")
+
+
+def test_app_master_killed_is_replaced_inside_vassal(start_emperor):
+    emp = start_emperor()
+    port = free_port()
+    (emp.dir / "am.ini").write_text(hello_ini(port))
+    wait_for(lambda: answers(port), what="vassal up")
+    top = emp.wait_state("am.ini", "ready")["pid"]
+    master = psutil.Process(top).children()[0]
+    master.kill()
+    wait_for(lambda: answers(port), what="answers after master kill")
+    assert emp.vassal("am.ini")["pid"] == top
+
+
+def test_sigterm_stops_everything(start_emperor):
+    emp = start_emperor()
+    ports = [free_port() for _ in range(3)]
+    for i, port in enumerate(ports):
+        (emp.dir / f"s{i}.ini").write_text(hello_ini(port, processes=2))
+    for port in ports:
+        wait_for(lambda p=port: answers(p), what="vassal up")
+    tracking = emp.status()["emperor"]["tracking"]
+    pids = set()
+    for i in range(3):
+        pids |= vassal_pids(emp, f"s{i}.ini")
+    emp.proc.send_signal(signal.SIGTERM)
+    assert emp.proc.wait(20) == 0
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not os.path.exists(tracking)
+    assert not emp.control.exists()
+
+
+def test_second_emperor_refused(start_emperor, tmp_path):
+    emp = start_emperor()
+    other = tmp_path / "other"
+    other.mkdir()
+    result = subprocess.run([sys.executable, "-m", "emperor", "--control", str(emp.control), str(other)],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 1
+    assert "another emperor" in result.stderr
+    assert emp.control.exists()
+    assert emp.ctl("status").returncode == 0
+
+
+def test_stop_start_restart(start_emperor):
+    emp = start_emperor()
+    port = free_port()
+    (emp.dir / "h.ini").write_text(hello_ini(port))
+    wait_for(lambda: answers(port), what="up")
+    emp.ctl("stop", "h.ini")
+    emp.wait_state("h.ini", "stopped")
+    assert answers(port) is None
+    time.sleep(0.5)
+    assert emp.vassal("h.ini")["state"] == "stopped"
+    emp.ctl("start", "h.ini")
+    wait_for(lambda: answers(port), what="started")
+    pid = emp.wait_state("h.ini", "ready")["pid"]
+    emp.ctl("restart", "h.ini")
+    wait_for(lambda: (v := emp.vassal("h.ini"))["pid"] not in (None, pid) and v["state"] == "ready", what="restarted")
+
+
+def test_ctl_exit_codes(start_emperor, tmp_path):
+    emp = start_emperor()
+    assert emp.ctl("stop", "nope.ini", check=False).returncode == 1
+    assert emp.ctl("bogus", check=False).returncode == 2
+    missing = subprocess.run([sys.executable, "-m", "emperor.ctl", "--control", str(tmp_path / "none.sock"), "status"],
+                             capture_output=True, text=True)
+    assert missing.returncode == 3
+    for verb in ("status", "stats", "router", "help"):
+        out = emp.ctl("--json", verb)
+        json.loads(out.stdout)
+
+
+def test_logs_and_follow(start_emperor):
+    emp = start_emperor()
+    port = free_port()
+    (emp.dir / "l.ini").write_text(hello_ini(port))
+    wait_for(lambda: answers(port), what="up")
+    out = emp.ctl("logs", "l.ini", "-n", "5").stdout
+    assert "ready" in out
+    follower = subprocess.Popen([sys.executable, "-m", "emperor.ctl", "--control", str(emp.control), "logs", "l.ini", "-n", "0", "-f"],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        os.utime(emp.dir / "l.ini")
+        line = follower.stdout.readline()
+        assert "reload" in line
+    finally:
+        follower.kill()
+        follower.wait()
+
+
+def test_stats_server(start_emperor, tmp_path):
+    stats = tmp_path / "stats.sock"
+    emp = start_emperor("--emperor-stats", str(stats))
+    port = free_port()
+    (emp.dir / "st.ini").write_text(hello_ini(port))
+    wait_for(lambda: answers(port), what="up")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(stats))
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    doc = json.loads(data)
+    assert doc["vassals"][0]["id"] == "st.ini"
+    assert "emperor" in doc and "blacklist" in doc
+
+
+def test_sighup_reloads_all(start_emperor):
+    emp = start_emperor()
+    port = free_port()
+    (emp.dir / "hup.ini").write_text(hello_ini(port))
+    first = wait_for(lambda: answers(port), what="up")
+    emp.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: (b := answers(port)) and b != first, what="reloaded worker")
+
+
+def test_heartbeat_missing_curses(start_emperor, tmp_path):
+    # A wrapped vassal that sends ready and one heartbeat, then goes silent.
+    wrapper = tmp_path / "beat-wrapper"
+    wrapper.write_text(
+        f"#!{sys.executable}\n"
+        "import os, socket, time\n"
+        "s = socket.socket(fileno=int(os.environ['UWSGI_EMPEROR_FD']))\n"
+        "s.send(bytes([5, 26]))\n"
+        "time.sleep(600)\n"
+    )
+    wrapper.chmod(0o755)
+    emp = start_emperor("--emperor-required-heartbeat", "1", "--emperor-wrapper", str(wrapper))
+    (emp.dir / "hb.ini").write_text("[uwsgi]\nmaster = true\nsome-uwsgi-only-option = 1\n")
+    v = wait_for(lambda: (x := emp.vassal("hb.ini")) and x["last_exit"] and x, 20, what="exit")
+    assert v["last_exit"]["reason"] == "curse"
+    assert v["state"] in ("backoff", "starting", "ready")
+
+
+@pytest.mark.parametrize("ext", [".ini", ".toml"])
+def test_toml_and_ini_vassals(start_emperor, ext):
+    emp = start_emperor()
+    port = free_port()
+    if ext == ".toml":
+        from tests.conftest import HELLO
+
+        (emp.dir / "x.toml").write_text(f'[vassal]\nwsgi-file = "{HELLO}"\nhttp-socket = "127.0.0.1:{port}"\nenv = ["HELLO_NAME=%n"]\n')
+    else:
+        (emp.dir / "x.ini").write_text(hello_ini(port))
+    body = wait_for(lambda: answers(port), what="answer")
+    assert b"Hello, x!" in body
