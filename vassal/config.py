@@ -245,6 +245,19 @@ def magic_vars(path: str) -> dict[str, str]:
     }
 
 
+def _expand_magic(text: str, magic: dict[str, str]) -> str:
+    """Only the file-derived placeholders (a template path cannot use %(key))."""
+
+    def sub(match: re.Match[str]) -> str:
+        if match.group(2) is not None:
+            return "%" if match.group(2) == "%" else magic.get(match.group(2), match.group(0))
+        if match.group(3) is not None:
+            return os.environ.get(match.group(3), match.group(0))
+        return match.group(0)
+
+    return _PLACEHOLDER_RE.sub(sub, text)
+
+
 # --- the validated config ------------------------------------------------------
 
 
@@ -365,7 +378,13 @@ def load(
         own = read_entries(path, kind, emperor=scope == options.EMPEROR)
     except ConfigError as exc:
         problems.extend(exc.problems)
-    templates = list(inherit) + [e.value for e in own if e.key == "vassals-inherit" and scope == options.VASSAL]
+    magic = magic_vars(path)
+    own_templates = [
+        os.path.join(os.path.dirname(os.path.abspath(path)), _expand_magic(e.value, magic))
+        for e in own
+        if e.key == "vassals-inherit" and scope == options.VASSAL
+    ]
+    templates = list(inherit) + own_templates
     for template in templates:
         try:
             entries.extend(e for e in read_entries(template, emperor=False) if e.key != "vassals-inherit")
