@@ -19,7 +19,16 @@ from collections.abc import Callable
 from emperor import commands
 from emperor.commands import CommandError, Peer
 from emperor.control import ControlServer, StatsServer
-from emperor.instance import INVALID, READY, RELOADING, STARTING, STOPPED, STOPPING, Signature, Vassal
+from emperor.instance import (
+    INVALID,
+    READY,
+    RELOADING,
+    STARTING,
+    STOPPED,
+    STOPPING,
+    Signature,
+    Vassal,
+)
 from emperor.monitor import DirMonitor, Source
 from jails.tracking import CgroupTree, VassalCgroup
 from vassal import options

@@ -36,7 +36,7 @@ def add_option_flags(parser: argparse.ArgumentParser, scope: str, skip: tuple[st
         if opt.jail:
             extra.append("restart on change")
         help_text = opt.help + (f" ({', '.join(extra)})" if extra else "")
-        kwargs: dict = {"dest": opt.name, "action": _Collect, "help": help_text}
+        kwargs: dict = {"dest": opt.name, "action": _Collect, "help": help_text.replace("%", "%%")}
         if opt.boolean:
             kwargs.update(nargs=0)
         else:

@@ -201,7 +201,10 @@ class _Expander:
                     return Entry(name, entry.value.partition("=")[2], entry.file, entry.line)
         return None
 
-    def expand(self, entry: Entry, stack: tuple[str, ...] = ()) -> str:
+    def expand(self, entry: Entry, stack: tuple[str, ...] = (), root: Entry | None = None) -> str:
+        # Errors name the option being read (root), wherever the chain leads.
+        root = root or entry
+
         def sub(match: re.Match[str]) -> str:
             ref, magic, var = match.group(1), match.group(2), match.group(3)
             if var is not None:
@@ -210,7 +213,7 @@ class _Expander:
                 if magic == "%":
                     return "%"
                 return self.magic.get(magic, match.group(0))
-            return self.resolve(ref, entry, stack)
+            return self.resolve(ref, root, stack)
 
         return _PLACEHOLDER_RE.sub(sub, entry.value)
 
@@ -225,7 +228,7 @@ class _Expander:
         target = self.named(name)
         if target is None:
             raise ConfigError([Problem(origin.file, origin.line, origin.key, f"undefined placeholder %({name})")])
-        value = self.expand(target, (*stack, name))
+        value = self.expand(target, (*stack, name), origin)
         self.cache[name] = value
         return value
 

@@ -145,6 +145,11 @@ class HttpConnection:
             # No websocket support: answer what was parsed, then close.
             self.closing = True
         except httptools.HttpParserError as exc:
+            # httptools wraps what a callback raised.
+            cause = exc.__context__ or exc.__cause__
+            if isinstance(cause, RequestTooLarge):
+                self._send_error(cause.status)
+                return False
             self._answer_queued()
             self._send_error(400, str(exc))
             return False

@@ -343,7 +343,9 @@ def lookup(name: str, scope: str) -> Option | None:
     return opt
 
 
-_ALIASES = {alias: opt for opt in _OPTIONS.values() for alias in opt.aliases}
+# One-letter aliases are command-line flags only (-p 4), as in uWSGI: in a
+# file, "b" or "s" are far more likely a user's own placeholder keys.
+_ALIASES = {alias: opt for opt in _OPTIONS.values() for alias in opt.aliases if len(alias) > 1}
 
 
 def help_text(scope: str) -> str:

@@ -1,0 +1,198 @@
+"""The vassal's app server on http-socket, run with ``vassal FILE`` in the foreground."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import TEST_TAG, answers, free_port, hello_ini, http_get, wait_for
+
+
+class VassalProc:
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path):
+        self.proc = proc
+        self.port = port
+        self.log = log
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def raw(self, data: bytes, timeout: float = 5.0) -> bytes:
+        """Send raw bytes, return everything until the server closes."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
+            sock.sendall(data)
+            out = b""
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            return out
+
+
+@pytest.fixture
+def run_vassal(tmp_path):
+    started: list[VassalProc] = []
+
+    def start(extra: str = "", processes: int = 1, app: str | None = None, wait: bool = True) -> VassalProc:
+        port = free_port()
+        cfg = tmp_path / f"v{len(started)}.ini"
+        text = hello_ini(port, extra=extra, processes=processes)
+        if app is not None:
+            text = text.replace(text.splitlines()[1], f"wsgi-file = {app}")
+        cfg.write_text(text)
+        log = tmp_path / f"v{len(started)}.log"
+        with open(log, "wb") as handle:
+            proc = subprocess.Popen([sys.executable, "-m", "vassal", str(cfg)], stdout=handle, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "PYTEST_TAG": TEST_TAG})
+        v = VassalProc(proc, port, log)
+        started.append(v)
+        if wait:
+            wait_for(lambda: answers(port) or proc.poll() is not None, 15, what="vassal answering")
+        return v
+
+    yield start
+    for v in started:
+        if v.proc.poll() is None:
+            v.proc.send_signal(signal.SIGTERM)
+            try:
+                v.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                v.proc.kill()
+                v.proc.wait()
+
+
+def responses(data: bytes) -> list[bytes]:
+    return [b"HTTP/1.1" + part for part in data.split(b"HTTP/1.1")[1:]]
+
+
+def test_keepalive_and_pipelining(run_vassal):
+    v = run_vassal()
+    req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    out = v.raw(req * 3 + b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    parts = responses(out)
+    assert len(parts) == 4
+    assert all(p.startswith(b"HTTP/1.1 200 OK") for p in parts)
+    assert b"Connection: close" in parts[-1]
+    assert b"Connection: keep-alive" in parts[0]
+
+
+def test_chunked_request_body(run_vassal):
+    v = run_vassal()
+    body = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    out = v.raw(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + body)
+    assert out.startswith(b"HTTP/1.1 200")
+    assert out.endswith(b"hello world")
+
+
+def test_content_length_body(run_vassal):
+    v = run_vassal()
+    status, body = http_get(v.port, "/echo", method="POST", body=b"x" * 100000)
+    assert status == 200 and body == b"x" * 100000
+
+
+def test_streaming_response_is_chunked(run_vassal):
+    v = run_vassal()
+    out = v.raw(b"GET /stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in out
+    assert out.endswith(b"0\r\n\r\n")
+    status, body = http_get(v.port, "/stream")
+    assert body == b"chunk 0\nchunk 1\nchunk 2\n"
+
+
+def test_http10_closes(run_vassal):
+    v = run_vassal()
+    out = v.raw(b"GET /stream HTTP/1.0\r\n\r\n")
+    assert b"Connection: close" in out and b"chunked" not in out
+    assert out.endswith(b"chunk 2\n")
+
+
+def test_head_has_no_body(run_vassal):
+    v = run_vassal()
+    out = v.raw(b"HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert b"Content-Length:" in head and body == b""
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GARBAGE\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"GET / HTTP/9.9\r\n\r\n",
+    b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+])
+def test_malformed_gets_400(run_vassal, request_bytes):
+    v = run_vassal()
+    out = v.raw(request_bytes)
+    assert out.startswith(b"HTTP/1.1 400"), out
+    assert answers(v.port)  # the worker lives on
+
+
+def test_huge_header_431(run_vassal):
+    v = run_vassal(extra="buffer-size = 4096\n")
+    out = v.raw(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 8000 + b"\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 431")
+
+
+def test_expect_continue(run_vassal):
+    v = run_vassal()
+    with socket.create_connection(("127.0.0.1", v.port), timeout=5) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(b"ping")
+        assert sock.recv(1000).endswith(b"ping")
+
+
+def test_app_error_500_and_traceback(run_vassal):
+    v = run_vassal()
+    status, _ = http_get(v.port, "/error")
+    assert status == 500
+    wait_for(lambda: "RuntimeError: this app fails on purpose" in v.text(), what="traceback logged")
+    assert answers(v.port)
+
+
+def test_dead_worker_respawned(run_vassal):
+    v = run_vassal(processes=2)
+    top = psutil.Process(v.proc.pid)
+    master = top.children()[0]
+    workers = master.children()
+    assert len(workers) == 2
+    workers[0].kill()
+    wait_for(lambda: len(master.children()) == 2 and workers[0].pid not in [w.pid for w in master.children()], what="worker respawned")
+    assert answers(v.port)
+
+
+def test_sighup_graceful_reload(run_vassal):
+    v = run_vassal()
+    first = answers(v.port)
+    v.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: (b := answers(v.port)) and b != first, what="new worker")
+    assert v.proc.poll() is None
+
+
+def test_app_load_failure_exit_code(run_vassal, tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("raise ImportError('broken on purpose')\n")
+    v = run_vassal(app=str(bad), wait=False)
+    assert v.proc.wait(15) == 3
+    assert "broken on purpose" in v.text()
+
+
+def test_sigterm_stops_everything(run_vassal):
+    v = run_vassal(processes=3)
+    procs = [psutil.Process(v.proc.pid), *psutil.Process(v.proc.pid).children(recursive=True)]
+    v.proc.send_signal(signal.SIGTERM)
+    assert v.proc.wait(10) == 0
+    time.sleep(0.2)
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs)
