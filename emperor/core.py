@@ -30,6 +30,7 @@ from emperor.instance import (
     Vassal,
 )
 from emperor.monitor import DirMonitor, Source
+from emperor.spawn import Zygote
 from jails.tracking import CgroupTree, VassalCgroup
 from vassal import options
 from vassal.config import Config, ConfigError, load
@@ -74,6 +75,10 @@ class Emperor:
         self.control: ControlServer | None = None
         self.stats: StatsServer | None = None
         self.subreaper = False
+        self.zygote: Zygote | None = None
+        self.pending_spawns: dict[int, Vassal] = {}
+        # Exits reaped before the zygote told us whose pid it was: pid -> (status, when).
+        self.early_exits: dict[int, tuple[int, float]] = {}
 
     # --- logging -----------------------------------------------------------
     @staticmethod
@@ -106,6 +111,9 @@ class Emperor:
             self.stats.open()
         self.subreaper = become_subreaper()
         self.cgroups = CgroupTree.create(f"pyemperor.{os.getpid()}")
+        if self.subreaper and self.settings.get("emperor-zygote"):
+            # Vassals forked by the zygote are re-parented to us: only as a subreaper.
+            self._start_zygote()
         loop = self.loop
         loop.add_signal(signal.SIGCHLD, lambda s: self.reap())
         loop.add_signal(signal.SIGTERM, lambda s: self._signal_command("shutdown"))
@@ -130,6 +138,45 @@ class Emperor:
         for source in self.sources:
             self.rescan(source)
 
+    def _start_zygote(self) -> None:
+        if self.shutting_down:
+            return
+        self.zygote = Zygote(self._zygote_reply, self._zygote_want_write)
+        self.zygote.start()
+        self.loop.add_reader(self.zygote.sock, self.zygote.on_readable)
+
+    def _zygote_want_write(self, wanted: bool) -> None:
+        if self.zygote is None or self.zygote.sock is None:
+            return
+        if wanted:
+            self.loop.add_writer(self.zygote.sock, self.zygote.flush)
+        else:
+            self.loop.remove_writer(self.zygote.sock)
+
+    def _zygote_reply(self, request_id: int, pid: int | None, error: str | None) -> None:
+        vassal = self.pending_spawns.pop(request_id, None)
+        if vassal is None:
+            return
+        vassal.spawned(pid, error)
+        if pid is not None and pid in self.early_exits:
+            status, _ = self.early_exits.pop(pid)
+            self.by_pid.pop(pid, None)
+            vassal.exited(status)
+
+    def _zygote_died(self, status: int) -> None:
+        zygote = self.zygote
+        self.zygote = None
+        if zygote is not None:
+            if zygote.sock is not None:
+                self.loop.forget(zygote.sock)
+            zygote.fail_pending("the zygote died")
+            zygote.close()
+        for request_id in list(self.pending_spawns):
+            self._zygote_reply(request_id, None, "the zygote died")
+        if not self.shutting_down:
+            self.log(f"zygote died ({os.waitstatus_to_exitcode(status)}), starting a new one")
+            self.loop.call_later(1.0, self._start_zygote)
+
     def run(self) -> int:
         self.loop.run(until=self._done)
         self.cleanup()
@@ -139,6 +186,14 @@ class Emperor:
         return self.shutting_down and not self.vassals
 
     def cleanup(self) -> None:
+        if self.zygote is not None:
+            zygote, self.zygote = self.zygote, None
+            zygote.close()  # end of file: it exits
+            if zygote.pid:
+                try:
+                    os.waitpid(zygote.pid, 0)
+                except ChildProcessError:
+                    pass
         if self.monitor:
             self.monitor.close()
         if self.stats:
@@ -301,10 +356,20 @@ class Emperor:
                 return
             if pid == 0:
                 return
+            if self.zygote is not None and pid == self.zygote.pid:
+                self._zygote_died(status)
+                continue
             vassal = self.by_pid.pop(pid, None)
             if vassal is not None and vassal.pid == pid:
                 vassal.exited(status)
-            # Anything else: a vassal's orphan reparented to us (subreaper); reaped.
+            elif self.pending_spawns:
+                # Maybe a zygote-forked vassal that died before its pid reached us.
+                now = time.monotonic()
+                self.early_exits[pid] = (status, now)
+                for old, (_, when) in list(self.early_exits.items()):
+                    if now - when > 30:
+                        del self.early_exits[old]
+            # Anything else: a vassal's orphan re-parented to us (subreaper); reaped.
 
     # --- status ----------------------------------------------------------------------
     def emperor_status(self) -> dict:

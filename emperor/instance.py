@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import psutil
 
 from emperor.logbuf import LogBuffer, read_available
-from emperor.spawn import SpawnRequest, spawn
+from emperor.spawn import Spawned, SpawnRequest, spawn
 from jails.tracking import ProcessGroupTracker, VassalCgroup
 from vassal import protocol
 from vassal.config import Config
@@ -84,6 +84,7 @@ class Vassal:
     ready_at: float | None = None
     backoff_until: float | None = None
     throttle_ms: int = 0
+    spawning: bool = False  # asked the zygote, pid not known yet
     held: bool = False  # stopped by the operator
     removing: bool = False  # its file is gone
     restart_pending: bool = False
@@ -125,7 +126,7 @@ class Vassal:
 
     # --- spawning ------------------------------------------------------------------
     def spawn(self) -> None:
-        assert self.pid is None
+        assert self.pid is None and not self.spawning
         for name in ("backoff", "heartbeat", "curse", "term", "reload"):
             self._cancel(name)
         self.backoff_until = None
@@ -144,17 +145,25 @@ class Vassal:
             wrapper=self.emperor.wrapper if self.wrapped else None,
             cgroup_procs=os.path.join(cgroup.path, "cgroup.procs") if cgroup else None,
         )
+        zygote = self.emperor.zygote if not req.wrapper else None
         try:
-            spawned = spawn(req)
+            if zygote is not None:
+                request_id, spawned = zygote.spawn(req)
+                self.emperor.pending_spawns[request_id] = self
+                self.spawning = True
+            else:
+                spawned = spawn(req)
         except OSError as exc:
             self.note(f"cannot spawn: {exc}")
             self._record_exit(None, None, "exit", f"spawn failed: {exc}")
             self._schedule_respawn()
             return
-        self.pid = spawned.pid
+        self._attach(spawned, cgroup)
+
+    def _attach(self, spawned: Spawned, cgroup: VassalCgroup | None) -> None:
         self.pipe = spawned.pipe
         self.log_fd = spawned.log_fd
-        self.tracker = cgroup if cgroup else ProcessGroupTracker(spawned.pid)
+        self.tracker = cgroup
         self.state = STARTING
         self.started_at = time.time()
         self.ready_at = None
@@ -164,7 +173,20 @@ class Vassal:
         loop = self.emperor.loop
         loop.add_reader(self.pipe, self._on_pipe)
         loop.add_reader(self.log_fd, self._on_log)
-        self.note(f"spawned (pid {self.pid})")
+        if spawned.pid is not None:
+            self.spawned(spawned.pid, None)
+
+    def spawned(self, pid: int | None, error: str | None) -> None:
+        """The top process exists (pid known), or could not be made."""
+        self.spawning = False
+        if pid is None:
+            self.note(f"cannot spawn: {error}")
+            self.exited(127 << 8, failed_spawn=error)
+            return
+        self.pid = pid
+        if self.tracker is None:
+            self.tracker = ProcessGroupTracker(pid)
+        self.note(f"spawned (pid {pid})")
         self.emperor.after_spawn(self)
 
     # --- the emperor pipe ----------------------------------------------------------
@@ -263,7 +285,7 @@ class Vassal:
             self.state = READY
 
     def restart(self) -> None:
-        if self.pid is None:
+        if self.pid is None and not self.spawning:
             self.held = False
             self.start_now()
             return
@@ -274,7 +296,7 @@ class Vassal:
         """Stop byte, then SIGTERM, then SIGKILL to everything after the curse tolerance."""
         for name in ("backoff", "heartbeat", "reload"):
             self._cancel(name)
-        if self.pid is None:
+        if self.pid is None and not self.spawning:
             if self.state in (BACKOFF, STARTING, READY, RELOADING):
                 self.state = STOPPED
             self.backoff_until = None
@@ -319,20 +341,21 @@ class Vassal:
         """Spawn now if nothing runs (operator start/reset, a fixed file)."""
         self._cancel("backoff")
         self.backoff_until = None
-        if self.pid is None and not self.removing and self.config is not None:
+        if self.pid is None and not self.spawning and not self.removing and self.config is not None:
             self.spawn()
 
     def reset(self) -> None:
         self.throttle_ms = 0
         self.held = False
-        if self.pid is None:
+        if self.pid is None and not self.spawning:
             self.start_now()
 
     # --- exit ------------------------------------------------------------------------
-    def exited(self, status: int) -> None:
+    def exited(self, status: int, failed_spawn: str | None = None) -> None:
         """The top process was reaped; leftovers are killed before anything else."""
         pid = self.pid
         self.pid = None
+        self.spawning = False
         if self.pipe is not None:
             self.emperor.loop.forget(self.pipe)
             self.pipe.close()
@@ -345,6 +368,8 @@ class Vassal:
         if reason == "exit" and self.emperor.oom_killed(self):
             reason = "oom"
         detail = f"killed by signal {sig}" if sig is not None else f"exit code {code}"
+        if failed_spawn:
+            detail = f"spawn failed: {failed_spawn}"
         self.note(f"pid {pid} exited ({detail}, reason {reason})")
         self._record_exit(code, sig, reason, detail)
         self._collect_leftovers()
@@ -397,7 +422,7 @@ class Vassal:
     def _backoff_done(self) -> None:
         self.timers.pop("backoff", None)
         self.backoff_until = None
-        if self.state == BACKOFF and self.pid is None:
+        if self.state == BACKOFF and self.pid is None and not self.spawning:
             self.spawn()
 
     # --- status ----------------------------------------------------------------

@@ -8,10 +8,14 @@ F]... [--set K=V]... --ini FILE``, so our ``vassal`` and a real uWSGI (via
 
 from __future__ import annotations
 
+import array
+import itertools
+import json
 import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vassal import protocol
@@ -33,16 +37,18 @@ class SpawnRequest:
 
 @dataclass
 class Spawned:
-    pid: int
+    pid: int | None  # None until the zygote reports it
     pipe: socket.socket
     log_fd: int
 
 
 def build_argv(req: SpawnRequest) -> list[str]:
-    if req.wrapper:
-        argv = [req.wrapper]
-    else:
-        argv = [sys.executable, "-m", "vassal"]
+    program = [req.wrapper] if req.wrapper else [sys.executable, "-m", "vassal"]
+    return program + vassal_args(req)
+
+
+def vassal_args(req: SpawnRequest) -> list[str]:
+    argv: list[str] = []
     for template in req.inherit:
         argv += ["--inherit", template]
     for key, value in req.overrides:
@@ -103,3 +109,113 @@ def spawn(req: SpawnRequest) -> Spawned:
     ours.setblocking(False)
     os.set_blocking(log_r, False)
     return Spawned(pid, ours, log_r)
+
+
+class Zygote:
+    """The emperor's side of the zygote (see emperor/zygote.py)."""
+
+    def __init__(self, on_reply: Callable[[int, int | None, str | None], None], want_write: Callable[[bool], None]):
+        self.on_reply = on_reply
+        self.want_write = want_write
+        self.sock: socket.socket | None = None
+        self.pid: int | None = None
+        self.ids = itertools.count(1)
+        # Requests not yet taken by the socket: (id, message, fds to close once sent).
+        self.queue: list[tuple[int, bytes, list[int]]] = []
+
+    def start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        theirs.set_inheritable(True)
+        argv = [sys.executable, "-m", "emperor.zygote", str(theirs.fileno())]
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - execs
+            try:
+                ours.close()
+                signal.set_wakeup_fd(-1)
+                for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGPIPE):
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, [])
+                os.execv(argv[0], argv)
+            finally:
+                os._exit(127)
+        theirs.close()
+        ours.setblocking(False)
+        self.sock = ours
+        self.pid = pid
+
+    def spawn(self, req: SpawnRequest) -> tuple[int, Spawned]:
+        assert self.sock is not None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        log_r, log_w = os.pipe2(os.O_CLOEXEC)
+        devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        request_id = next(self.ids)
+        message = {
+            "id": request_id,
+            "name": req.name,
+            "argv": build_argv(req),
+            "args": vassal_args(req),
+            "env": build_env(req),
+            "cwd": os.path.dirname(req.path),
+            "cgroup_procs": req.cgroup_procs,
+            "pipe_fd": VASSAL_PIPE_FD,
+        }
+        theirs_fd = theirs.detach()
+        self.queue.append((request_id, json.dumps(message).encode(), [theirs_fd, log_w, devnull]))
+        self.flush()
+        ours.setblocking(False)
+        os.set_blocking(log_r, False)
+        return request_id, Spawned(None, ours, log_r)
+
+    def flush(self) -> None:
+        """Send queued requests; a full socket waits for writability (never blocks)."""
+        while self.queue and self.sock is not None:
+            request_id, payload, fds = self.queue[0]
+            try:
+                self.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            except (BlockingIOError, InterruptedError):
+                self.want_write(True)
+                return
+            except OSError as exc:
+                self.queue.pop(0)
+                self._close_fds(fds)
+                self.on_reply(request_id, None, f"zygote unreachable: {exc}")
+                continue
+            self.queue.pop(0)
+            self._close_fds(fds)
+        self.want_write(False)
+
+    @staticmethod
+    def _close_fds(fds: list[int]) -> None:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def fail_pending(self, reason: str) -> None:
+        for request_id, _, fds in self.queue:
+            self._close_fds(fds)
+            self.on_reply(request_id, None, reason)
+        self.queue.clear()
+
+    def on_readable(self) -> None:
+        assert self.sock is not None
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                return
+            reply = json.loads(data)
+            self.on_reply(int(reply["id"]), reply.get("pid"), reply.get("error"))
+
+    def close(self) -> None:
+        for _, _, fds in self.queue:
+            self._close_fds(fds)
+        self.queue.clear()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None

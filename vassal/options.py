@@ -211,8 +211,8 @@ def _opt(name: str, parse: Callable[[str], object], help: str, **kw: object) -> 
     _OPTIONS[name] = opt
 
 
-def _bool(name: str, help: str, **kw: object) -> None:
-    _opt(name, parse_bool, help, boolean=True, default=False, metavar="BOOL", **kw)
+def _bool(name: str, help: str, default: bool = False, **kw: object) -> None:
+    _opt(name, parse_bool, help, boolean=True, default=default, metavar="BOOL", **kw)
 
 
 BOTH = (VASSAL, EMPEROR)
@@ -312,6 +312,7 @@ _opt("emperor-curse-tolerance", parse_nonneg_int, "seconds between SIGTERM and S
 _opt("emperor-freq", parse_positive_int, "scan interval in seconds where inotify is not available", default=3, metavar="S", scope=E, group="emperor")
 _opt("emperor-log-lines", parse_positive_int, "log lines kept per vassal", default=2000, metavar="N", scope=E, group="emperor")
 _opt("emperor-wrapper", parse_nonempty, "run .ini vassals with this binary", metavar="BINARY", scope=E, group="emperor")
+_bool("emperor-zygote", "fork vassals from a pre-imported template process (=false: a fresh interpreter each)", default=True, scope=E, group="emperor")
 _bool("emperor-nofollow", "do not follow symlinks when checking mtime", scope=E, group="emperor", compat=True)
 _opt("vassals-inherit", parse_nonempty, "template read before every vassal", multi=True, metavar="FILE", scope=BOTH, group="emperor")
 _opt("vassal-set", parse_kv, "set KEY=VALUE in every vassal", multi=True, metavar="KEY=VALUE", scope=E, group="emperor")

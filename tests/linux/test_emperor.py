@@ -24,8 +24,9 @@ def vassal_pids(emp, name: str) -> set[int]:
         return {int(x) for x in handle.read().split()}
 
 
-def test_twenty_vassals_answer(start_emperor):
-    emp = start_emperor()
+@pytest.mark.parametrize("zygote", ["true", "false"])
+def test_twenty_vassals_answer(start_emperor, zygote):
+    emp = start_emperor(f"--emperor-zygote={zygote}")
     ports = {}
     for i in range(20):
         port = free_port()
@@ -89,8 +90,9 @@ def test_rename_in_out_and_over(start_emperor, tmp_path):
     assert emp.vassal("notes.txt") is None
 
 
-def test_delete_leaves_nothing(start_emperor, tmp_path):
-    emp = start_emperor()
+@pytest.mark.parametrize("zygote", ["true", "false"])
+def test_delete_leaves_nothing(start_emperor, tmp_path, zygote):
+    emp = start_emperor(f"--emperor-zygote={zygote}")
     port = free_port()
     marker = tmp_path / "escapee.pid"
     # A daemon that double-forks and setsids away from its process group.
@@ -317,3 +319,19 @@ def test_toml_and_ini_vassals(start_emperor, ext):
         (emp.dir / "x.ini").write_text(hello_ini(port))
     body = wait_for(lambda: answers(port), what="answer")
     assert b"Hello, x!" in body
+
+
+def test_zygote_killed_is_replaced(start_emperor):
+    emp = start_emperor()
+    port = free_port()
+    (emp.dir / "z1.ini").write_text(hello_ini(port))
+    wait_for(lambda: answers(port), what="first vassal")
+    zygotes = [c for c in psutil.Process(emp.proc.pid).children() if "emperor.zygote" in " ".join(c.cmdline()) or c.name() == "emperor zygote"]
+    assert len(zygotes) == 1
+    zygotes[0].kill()
+    wait_for(lambda: "starting a new one" in emp.log_text(), what="zygote restart logged")
+    time.sleep(1.2)
+    port2 = free_port()
+    (emp.dir / "z2.ini").write_text(hello_ini(port2))
+    wait_for(lambda: answers(port2), what="vassal spawned by the new zygote")
+    assert answers(port)  # the running vassal was not disturbed
