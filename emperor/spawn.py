@@ -154,6 +154,7 @@ class Zygote:
             "name": req.name,
             "argv": build_argv(req),
             "args": vassal_args(req),
+            "spec": {"path": req.path, "kind": req.kind, "inherit": req.inherit, "sets": [f"{k}={v}" for k, v in req.overrides]},
             "env": build_env(req),
             "cwd": os.path.dirname(req.path),
             "cgroup_procs": req.cgroup_procs,

@@ -21,12 +21,14 @@ import array
 import gc
 import json
 import os
+
+# Everything a vassal's top process, app master and workers import, so that
+# it is shared with every vassal instead of loaded by each.
+import runpy  # noqa: F401  (wsgi-file loading)
 import signal
 import socket
 import sys
 
-# Everything a vassal's top process, app master and workers import, so that
-# it is shared with every vassal instead of loaded by each.
 import httptools  # noqa: F401
 
 import vassal.app  # noqa: F401
@@ -81,14 +83,15 @@ def run_vassal(request: dict, fds: list[int], sock: socket.socket) -> None:
             os.dup2(pipe_fd, target)
         os.set_inheritable(target, True)
         os.closerange(target + 1, os.sysconf("SC_OPEN_MAX"))
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
         sys.argv = list(request["argv"])
         gc.enable()
-        code = vassal.cli.main(list(request["args"]))
+        spec = request["spec"]
+        code = vassal.cli.run_file(spec["path"], spec["kind"], spec["inherit"], spec["sets"])
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:
@@ -108,9 +111,10 @@ def run_vassal(request: dict, fds: list[int], sock: socket.socket) -> None:
 def handle(request: dict, fds: list[int], sock: socket.socket) -> None:
     middle = os.fork()
     if middle != 0:
+        # Not waited for: joining a cgroup can take milliseconds, and spawns
+        # must not queue behind each other (SIGCHLD is ignored: auto-reaped).
         for fd in fds:
             os.close(fd)
-        os.waitpid(middle, 0)  # exits right after its fork
         return
     # The intermediate child.
     try:
@@ -136,6 +140,7 @@ def main() -> int:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     if setproctitle is not None:
         setproctitle.setproctitle("emperor zygote")
     gc.collect()

@@ -8,6 +8,7 @@ first request. End of file on ``ctl`` means the top process is gone.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -87,6 +88,7 @@ class Master:
     def _spawn(self, index: int) -> None:
         if self.stopping:
             return
+        gc.freeze()  # the loaded app is shared with the workers: keep it unscanned
         pid = os.fork()
         if pid == 0:
             code = 0

@@ -10,6 +10,7 @@ direct child) keeps seeing the same vassal.
 
 from __future__ import annotations
 
+import gc
 import os
 import shlex
 import signal
@@ -271,6 +272,8 @@ class Top:
         self.generation += 1
         parent_end, child_end = socket.socketpair()
         listeners = list(self.listeners.values())
+        # What exists now is shared with the master: keep the collector off it.
+        gc.freeze()
         pid = os.fork()
         if pid == 0:
             # Only our own end may stay open here: an inherited copy of the
