@@ -140,10 +140,10 @@ def kill_tree(pid: int) -> None:
 def start_emperor(tmp_path: Path) -> Iterator[Callable[..., EmperorProc]]:
     started: list[EmperorProc] = []
 
-    def start(*extra: str, vassal_dir: Path | None = None, wait: bool = True) -> EmperorProc:
+    def start(*extra: str, vassal_dir: Path | None = None, wait: bool = True, control_dir: Path | None = None) -> EmperorProc:
         directory = vassal_dir or (tmp_path / "vassals")
         directory.mkdir(exist_ok=True)
-        control = tmp_path / f"control-{uuid.uuid4().hex[:8]}.sock"
+        control = (control_dir or tmp_path) / f"control-{uuid.uuid4().hex[:8]}.sock"
         log = tmp_path / f"emperor-{len(started)}.log"
         handle = open(log, "wb")
         proc = subprocess.Popen(

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -335,3 +338,137 @@ def test_zygote_killed_is_replaced(start_emperor):
     (emp.dir / "z2.ini").write_text(hello_ini(port2))
     wait_for(lambda: answers(port2), what="vassal spawned by the new zygote")
     assert answers(port)  # the running vassal was not disturbed
+
+
+def test_vassal_dir_replaced(start_emperor, tmp_path):
+    emp = start_emperor()
+    port = free_port()
+    (emp.dir / "one.ini").write_text(hello_ini(port))
+    wait_for(lambda: answers(port), what="first vassal")
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    port2 = free_port()
+    (fresh / "two.ini").write_text(hello_ini(port2))
+    old = tmp_path / "old"
+    os.rename(emp.dir, old)
+    os.rename(fresh, emp.dir)  # the watched dir is replaced as a whole
+    wait_for(lambda: answers(port2), what="vassal of the new dir")
+    wait_for(lambda: emp.vassal("one.ini") is None, what="vassal of the old dir gone")
+    port3 = free_port()
+    (emp.dir / "three.ini").write_text(hello_ini(port3))  # and it is watched
+    wait_for(lambda: answers(port3), what="new file in the new dir")
+
+
+def test_scan_fallback(start_emperor):
+    emp = start_emperor("--scan", "--emperor-freq", "1")
+    assert emp.status()["emperor"]["monitor"].startswith("scan")
+    port = free_port()
+    path = emp.dir / "sc.ini"
+    path.write_text(hello_ini(port))
+    first = wait_for(lambda: answers(port), 10, what="scanned vassal")
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    wait_for(lambda: (b := answers(port)) and b != first, 10, what="reload on touch")
+    path.unlink()
+    wait_for(lambda: emp.vassal("sc.ini") is None, 10, what="stopped on delete")
+
+
+def test_control_socket_mode_and_pidfile(start_emperor, tmp_path):
+    pidfile = tmp_path / "emperor.pid"
+    emp = start_emperor("--emperor-pidfile", str(pidfile))
+    assert (os.stat(emp.control).st_mode & 0o777) == 0o600
+    assert int(pidfile.read_text()) == emp.proc.pid
+    other = tmp_path / "other"
+    other.mkdir()
+    result = subprocess.run([sys.executable, "-m", "emperor", "--control", str(tmp_path / "c2.sock"),
+                             "--emperor-pidfile", str(pidfile), str(other)], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 1 and "pidfile" in result.stderr
+    assert emp.stop() == 0
+    assert not pidfile.exists()
+
+
+def _world_reachable(path) -> bool:
+    path = os.path.abspath(path)
+    while path != "/":
+        if not os.stat(path).st_mode & 0o001:
+            return False
+        path = os.path.dirname(path)
+    return True
+
+
+def test_unprivileged_peer_refused(start_emperor, request):
+    from tests.conftest import ROOT
+
+    if not (_world_reachable(ROOT) and _world_reachable(sys.executable)):
+        pytest.skip("the checkout or the interpreter is not reachable by an unprivileged user")
+    public = Path(tempfile.mkdtemp(prefix="pyemperor-ctl-"))
+    request.addfinalizer(lambda: shutil.rmtree(public, ignore_errors=True))
+    public.chmod(0o755)
+    emp = start_emperor("--emperor-control-mode", "666", control_dir=public)
+    port = free_port()
+    (emp.dir / "priv.ini").write_text(hello_ini(port))
+    wait_for(lambda: answers(port), what="up")
+    cmd = [sys.executable, "-m", "emperor.ctl", "--control", str(emp.control)]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([*cmd, "stop", "priv.ini"], capture_output=True, text=True, user=65534, group=65534, env=env, cwd="/")
+    assert result.returncode == 1, result.stderr
+    assert "not permitted" in result.stderr
+    result = subprocess.run([*cmd, "--json", "status"], capture_output=True, text=True, user=65534, group=65534, env=env, cwd="/")
+    assert result.returncode == 0 and json.loads(result.stdout)["vassals"] == []  # sees nothing it does not own
+    assert emp.vassal("priv.ini")["state"] == "ready"
+
+
+def test_vassals_exit_when_emperor_dies(start_emperor):
+    emp = start_emperor()
+    port = free_port()
+    (emp.dir / "orphan.ini").write_text(hello_ini(port, processes=2))
+    wait_for(lambda: answers(port), what="up")
+    tracking = emp.status()["emperor"]["tracking"]
+    pids = vassal_pids(emp, "orphan.ini")
+    emp.proc.kill()
+    emp.proc.wait()
+    try:
+        # End of file on the emperor pipe: the vassal shuts itself down.
+        wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids), 15,
+                 what="vassal gone after its emperor")
+    finally:
+        for sub in (os.path.join(tracking, "orphan.ini"), tracking):
+            wait_for(lambda s=sub: not os.path.exists(s) or (os.rmdir(s) or True), 10, what=f"rmdir {sub}")
+        stale = emp.control
+        for path in (stale, stale.with_name(stale.name + ".lock")):
+            if path.exists():
+                path.unlink()
+
+
+def test_heartbeat_from_our_vassal(start_emperor):
+    emp = start_emperor()
+    port = free_port()
+    (emp.dir / "beat.ini").write_text(hello_ini(port, extra="heartbeat = 1\n"))
+    wait_for(lambda: answers(port), what="up")
+    v = wait_for(lambda: (x := emp.vassal("beat.ini")) and x["last_heartbeat_age"] is not None and x, 5, what="heartbeat seen")
+    assert v["last_heartbeat_age"] < 2
+
+
+def test_sigusr1_logs_status_and_top(start_emperor):
+    emp = start_emperor()
+    port = free_port()
+    (emp.dir / "u1.ini").write_text(hello_ini(port))
+    wait_for(lambda: answers(port), what="up")
+    emp.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: "1 vassal(s):" in emp.log_text() and "u1.ini" in emp.log_text(), what="status table logged")
+    out = emp.ctl("top", "--iterations", "1").stdout
+    assert "u1.ini" in out
+
+
+def test_examples_run(start_emperor):
+    """The README's demo: the example vassals answer HTTP."""
+    from tests.conftest import ROOT
+
+    for port in (8001, 8002, 8003):
+        if answers(port) is not None:
+            pytest.skip(f"port {port} is busy")
+    emp = start_emperor(vassal_dir=ROOT / "examples" / "vassals")
+    for port, name in ((8001, b"world"), (8002, b"shop"), (8003, b"blog from vassals")):
+        body = wait_for(lambda p=port: answers(p), 20, what=f"example on {port}")
+        assert b"Hello, " + name in body
+    wait_for(lambda: (v := emp.vassal("ticker.ini")) and v["state"] == "ready", what="daemon-only vassal ready")
+    wait_for(lambda: "tick from ticker" in emp.ctl("logs", "ticker.ini").stdout, what="daemon output in logs")
