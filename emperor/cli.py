@@ -8,7 +8,7 @@ import sys
 
 from vassal import options
 from vassal.cliopts import add_option_flags, preprocess_argv
-from vassal.config import ConfigError, Entry, Problem, build, read_entries
+from vassal.config import ConfigError, Entry, Problem, build, read_entries, unsupported
 
 DEFAULT_DIR = "/etc/vassals"
 
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(preprocess_argv(list(sys.argv[1:] if argv is None else argv), options.EMPEROR))
     try:
         settings = load_settings(args)
+        if problems := unsupported(settings):
+            raise ConfigError(problems)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"emperor: {problem}", file=sys.stderr)

@@ -33,7 +33,7 @@ from emperor.monitor import DirMonitor, Source
 from emperor.spawn import Zygote
 from jails.tracking import CgroupTree, VassalCgroup
 from vassal import options
-from vassal.config import Config, ConfigError, load
+from vassal.config import Config, ConfigError, load, unsupported
 from vassal.loop import Loop
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -243,7 +243,10 @@ class Emperor:
 
     def _read_config(self, path: str) -> Config:
         lenient = bool(self.wrapper) and path.endswith(".ini")
-        return load(path, inherit=self.inherit, overrides=self.vassal_set, lenient=lenient)
+        config = load(path, inherit=self.inherit, overrides=self.vassal_set, lenient=lenient)
+        if not lenient and (problems := unsupported(config)):
+            raise ConfigError(problems)
+        return config
 
     def on_path(self, path: str) -> None:
         """Something happened to ``path``: decide what it means."""
@@ -396,9 +399,12 @@ class Emperor:
         return {"emperor": self.emperor_status(), "vassals": [v.status() for v in vassals]}
 
     def stats_document(self) -> dict:
-        """uWSGI's emperor stats layout (its fields kept) plus our status."""
+        """uWSGI's emperor stats layout (its fields kept) plus our status:
+        each vassal has uWSGI's fields and ours (``loyal`` is uWSGI's 0/1)."""
         doc = self.status()
         emperor = doc["emperor"]
+        for entry in doc["vassals"]:
+            entry.update(self.vassals[entry["name"]].uwsgi_stats())
         return {
             "version": "pyemperor",
             "pid": emperor["pid"],
@@ -410,7 +416,8 @@ class Emperor:
             "throttle_level": self.throttle_ms,
             "vassals": doc["vassals"],
             "blacklist": [
-                {"id": v["name"], "throttle_level": v["restarts"], "attempt": v["restarts"], "first_attempt": 0, "last_attempt": 0}
+                {"id": v["name"], "reason": (v["last_exit"] or {}).get("reason", ""), "throttle_level": self.vassals[v["name"]].throttle_ms,
+                 "attempt": v["restarts"], "first_attempt": int(v["started_at"] or 0), "last_attempt": int((v["last_exit"] or {}).get("at", 0))}
                 for v in doc["vassals"]
                 if v["state"] == "backoff"
             ],

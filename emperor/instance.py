@@ -489,16 +489,36 @@ class Vassal:
             "held": self.held,
             "wrapped": self.wrapped,
             "last_heartbeat_age": None if self.last_heartbeat is None else round(time.monotonic() - self.last_heartbeat, 1),
-            # uWSGI emperor stats fields, for uwsgitop-style tools.
+        }
+
+    def uwsgi_stats(self) -> dict:
+        """The per-vassal fields of uWSGI's emperor stats, for uwsgitop-style tools."""
+        try:
+            st = os.stat(self.path)
+            uid, gid = st.st_uid, st.st_gid
+        except OSError:
+            uid = gid = 0
+        heartbeat = int(time.time() - (time.monotonic() - self.last_heartbeat)) if self.last_heartbeat else 0
+        born = int(self.started_at or 0)
+        return {
             "id": self.name,
-            "modifier1": 0,
-            "modifier2": 0,
+            "pid": self.pid or 0,
+            "born": born,
+            "last_mod": int((self.signature.mtime_ns if self.signature else 0) / 1e9),
+            "last_heartbeat": heartbeat,
+            "loyal": 1 if self.loyal else 0,
             "ready": 1 if self.state == READY else 0,
             "accepting": 1 if self.state in (READY, RELOADING) else 0,
+            "last_loyal": 0,
+            "last_ready": int(self.ready_at or 0),
+            "last_accepting": int(self.ready_at or 0),
+            "first_run": born,
+            "last_run": born,
             "cursed": 1 if self.last_exit and self.last_exit.get("reason") == "curse" else 0,
-            "born": int(self.started_at or 0),
-            "last_mod": int((self.signature.mtime_ns if self.signature else 0) / 1e9),
-            "last_heartbeat": int(time.time() - (time.monotonic() - self.last_heartbeat)) if self.last_heartbeat else 0,
-            "uid": os.stat(self.path).st_uid if os.path.exists(self.path) else 0,
-            "gid": os.stat(self.path).st_gid if os.path.exists(self.path) else 0,
+            "zerg": 0,
+            "on_demand": "",
+            "uid": uid,
+            "gid": gid,
+            "monitor": os.path.dirname(self.path),
+            "respawns": self.restarts,
         }

@@ -9,7 +9,7 @@ import sys
 
 from vassal import options, protocol
 from vassal.cliopts import add_option_flags, preprocess_argv
-from vassal.config import Config, ConfigError, load
+from vassal.config import Config, ConfigError, load, unsupported
 
 _PARSER: argparse.ArgumentParser | None = None
 
@@ -71,6 +71,8 @@ def run_file(path: str, kind: str | None, inherit: list[str], sets: list[str]) -
 
     try:
         config = reload_config()
+        if problems := unsupported(config):
+            raise ConfigError(problems)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"vassal: {problem}", file=sys.stderr)
@@ -94,9 +96,16 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"vassal: {problem}", file=sys.stderr)
         return 1 if args.check else protocol.EXIT_CONFIG
+    missing = unsupported(config)
     if args.check:
+        for problem in missing:
+            print(f"vassal: warning: {problem}", file=sys.stderr)
         print(f"{path}: OK")
         return 0
+    if missing:
+        for problem in missing:
+            print(f"vassal: {problem}", file=sys.stderr)
+        return protocol.EXIT_CONFIG
     return run(config, lambda: load_from_args(args, path, kind))
 
 

@@ -302,6 +302,17 @@ class Config:
         return out
 
 
+def unsupported(config: Config) -> list[Problem]:
+    """Keys this version validates but cannot act on yet."""
+    found = []
+    for key, entries in config.sources.items():
+        opt = options.get(key)
+        if opt is not None and not opt.implemented:
+            entry = entries[0]
+            found.append(Problem(entry.file, entry.line, key, "not implemented yet in this version of pyemperor"))
+    return found
+
+
 def _referenced_names(entries: Sequence[Entry]) -> set[str]:
     names: set[str] = set()
     for entry in entries:

@@ -66,7 +66,11 @@ def module_for(name: str):
 
 
 def execute(emperor: Emperor, name: str, args: dict, peer: Peer):
-    return module_for(name).execute(emperor, args, peer)
+    module = module_for(name)
+    # Outside tyrant mode only root (or the emperor's own user) may ask anything.
+    if not peer.privileged and not emperor.tyrant and name != "help":
+        raise CommandError("not permitted")
+    return module.execute(emperor, args, peer)
 
 
 def select_vassals(emperor: Emperor, args: dict, peer: Peer, allow_all: bool = True) -> list[Vassal]:
