@@ -8,11 +8,17 @@ from collections import deque
 from collections.abc import Callable
 
 MAX_LINE = 16384
+# Lines are also bounded in bytes: hundreds of vassals each keeping thousands
+# of long lines would otherwise cost gigabytes.
+MAX_BYTES = 1 << 20
 
 
 class LogBuffer:
-    def __init__(self, max_lines: int, echo: Callable[[str], None] | None = None):
-        self.lines: deque[str] = deque(maxlen=max_lines)
+    def __init__(self, max_lines: int, echo: Callable[[str], None] | None = None, max_bytes: int = MAX_BYTES):
+        self.lines: deque[str] = deque()
+        self.max_lines = max_lines
+        self.max_bytes = max_bytes
+        self.size = 0
         self.partial = b""
         self.followers: list[Callable[[str], bool]] = []
         self.echo = echo
@@ -33,6 +39,9 @@ class LogBuffer:
 
     def add(self, line: str) -> None:
         self.lines.append(line)
+        self.size += len(line)
+        while self.lines and (len(self.lines) > self.max_lines or self.size > self.max_bytes):
+            self.size -= len(self.lines.popleft())
         if self.echo is not None:
             self.echo(line)
         # A follower returns False once its client is gone.

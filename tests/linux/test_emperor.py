@@ -480,3 +480,26 @@ def test_not_yet_implemented_key_is_refused_clearly(start_emperor):
     (emp.dir / "future.ini").write_text(hello_ini(port) + "uid = www-data\n")
     v = emp.wait_state("future.ini", "invalid")
     assert "future.ini:6: key 'uid': not implemented yet" in v["error"]
+
+
+def test_emperor_options_from_ini_and_tcp_stats(start_emperor, tmp_path):
+    stats_port = free_port()
+    ini = tmp_path / "emperor.ini"
+    ini.write_text(f"[emperor]\nemperor-stats = 127.0.0.1:{stats_port}\nemperor-max-throttle = 4000\n")
+    emp = start_emperor("--ini", str(ini))
+    assert emp.status()["emperor"]["max_throttle_ms"] == 4000
+    with socket.create_connection(("127.0.0.1", stats_port), timeout=5) as sock:
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert json.loads(data)["pid"] == emp.proc.pid
+
+
+def test_bad_emperor_option_names_it(tmp_path):
+    ini = tmp_path / "emperor.ini"
+    ini.write_text("[emperor]\nemperor-throttle = fast\nemperor-bogus = 1\n")
+    result = subprocess.run([sys.executable, "-m", "emperor", "--ini", str(ini), "--control", str(tmp_path / "c.sock"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2
+    assert f"{ini}:2: key 'emperor-throttle'" in result.stderr
+    assert f"{ini}:3: key 'emperor-bogus': unknown option" in result.stderr
