@@ -34,7 +34,7 @@ from emperor.spawn import Zygote
 from jails.tracking import CgroupTree, VassalCgroup
 from vassal import options
 from vassal.config import Config, ConfigError, load, unsupported
-from vassal.loop import Loop
+from vassal.loop import Loop, reaped
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -352,13 +352,7 @@ class Emperor:
         return False
 
     def reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in reaped():
             if self.zygote is not None and pid == self.zygote.pid:
                 self._zygote_died(status)
                 continue

@@ -14,10 +14,23 @@ import os
 import selectors
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 Callback = Callable[[], Any]
+
+
+def reaped() -> Iterator[tuple[int, int]]:
+    """Every exited child (pid, wait status) without blocking: waitpid(-1,
+    WNOHANG) in a loop, as one SIGCHLD may stand for many exits."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
 
 
 class Timer:

@@ -19,7 +19,7 @@ from vassal import protocol
 from vassal.app import load_app
 from vassal.config import Config
 from vassal.log import log, set_role
-from vassal.loop import Loop
+from vassal.loop import Loop, reaped
 from vassal.sockets import Listener
 from vassal.worker import Worker
 
@@ -115,13 +115,7 @@ class Master:
         self.workers[pid] = (index, time.monotonic())
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in reaped():
             entry = self.workers.pop(pid, None)
             if entry is None:
                 continue

@@ -23,7 +23,7 @@ from vassal import protocol
 from vassal.app import has_app
 from vassal.config import Config, ConfigError
 from vassal.log import log, set_role
-from vassal.loop import Loop, Timer
+from vassal.loop import Loop, Timer, reaped
 from vassal.master import Master, set_title
 from vassal.sockets import Listener, SocketError, bind
 
@@ -407,13 +407,7 @@ class Top:
     # --- reaping -----------------------------------------------------------------
     def _reap(self) -> None:
         # waitpid(-1): in a pid namespace we are PID 1 and must reap orphans too.
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in reaped():
             for handle in self._masters():
                 if handle.pid == pid:
                     self._master_exited(handle, status)
