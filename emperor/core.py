@@ -32,7 +32,7 @@ from emperor.instance import (
 from emperor.monitor import DirMonitor, Source
 from emperor.spawn import Zygote
 from jails.tracking import CgroupTree, VassalCgroup
-from vassal import options
+from vassal import hooks, jail, options
 from vassal.config import Config, ConfigError, load, unsupported
 from vassal.loop import Loop, reaped
 
@@ -66,6 +66,7 @@ class Emperor:
         self.inherit: list[str] = [os.path.abspath(p) for p in settings.getlist("vassals-inherit")]
         self.vassal_set: list[tuple[str, str]] = list(settings.getlist("vassal-set"))
         self.tyrant = bool(settings.get("emperor-tyrant"))
+        self.clone: list[str] = ["fs" if n == "mount" else n for n in (settings.get("emperor-use-clone") or ())]  # type: ignore[union-attr]
         self._log = log or self._default_log
         self.started_at = time.time()
         self.shutting_down = False
@@ -79,6 +80,8 @@ class Emperor:
         self.pending_spawns: dict[int, Vassal] = {}
         # Exits reaped before the zygote told us whose pid it was: pid -> (status, when).
         self.early_exits: dict[int, tuple[int, float]] = {}
+        self.hook_pids: dict[int, str] = {}
+        self.as_vassal = [(h.action, h.args, h.entry.key, h.entry.value) for h in hooks.hooks_for(settings, "as-vassal")]
 
     # --- logging -----------------------------------------------------------
     @staticmethod
@@ -111,6 +114,8 @@ class Emperor:
             self.stats.open()
         self.subreaper = become_subreaper()
         self.cgroups = CgroupTree.create(f"pyemperor.{os.getpid()}")
+        # exec-as-root / hook-as-root: once, at start, before any vassal.
+        hooks.run_phase(self.settings, "as-root")
         if self.subreaper and self.settings.get("emperor-zygote"):
             # Vassals forked by the zygote are re-parented to us: only as a subreaper.
             self._start_zygote()
@@ -244,7 +249,7 @@ class Emperor:
     def _read_config(self, path: str) -> Config:
         lenient = bool(self.wrapper) and path.endswith(".ini")
         config = load(path, inherit=self.inherit, overrides=self.vassal_set, lenient=lenient)
-        if not lenient and (problems := unsupported(config)):
+        if not lenient and (problems := unsupported(config) + jail.problems(config, set(self.clone))):
             raise ConfigError(problems)
         return config
 
@@ -344,9 +349,41 @@ class Emperor:
             return None
         return cgroup
 
+    def cgroup_procs_for(self, vassal: Vassal, cgroup: VassalCgroup | None) -> list[str]:
+        return [os.path.join(cgroup.path, "cgroup.procs")] if cgroup else []
+
     def after_spawn(self, vassal: Vassal) -> None:
         assert vassal.pid is not None
         self.by_pid[vassal.pid] = vassal
+        self._run_as_emperor(vassal)
+
+    def _run_as_emperor(self, vassal: Vassal) -> None:
+        """hook-as-emperor / exec-as-emperor: for every spawn, in the emperor,
+        never waited for (a command's exit is reaped by the SIGCHLD loop)."""
+        found = hooks.hooks_for(self.settings, "as-emperor")
+        if not found:
+            return
+        try:
+            st = os.stat(vassal.path)
+            uid, gid = st.st_uid, st.st_gid
+        except OSError:
+            uid = gid = 0
+        env = {
+            **os.environ,
+            "UWSGI_VASSAL_CONFIG": vassal.path,
+            "UWSGI_VASSAL_PID": str(vassal.pid),
+            "UWSGI_VASSAL_UID": str(uid),
+            "UWSGI_VASSAL_GID": str(gid),
+        }
+        for hook in found:
+            try:
+                if hook.action == "exec":
+                    pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", hook.args], env, setsigdef=(signal.SIGPIPE, signal.SIGCHLD))
+                    self.hook_pids[pid] = f"{hook.describe()} for {vassal.name}"
+                else:
+                    hooks.run_hook(hook)
+            except Exception as exc:
+                self.log(f"hook failed in phase as-emperor for {vassal.name}: {hook.describe()}: {exc}")
 
     def oom_killed(self, vassal: Vassal) -> bool:
         return False
@@ -355,6 +392,11 @@ class Emperor:
         for pid, status in reaped():
             if self.zygote is not None and pid == self.zygote.pid:
                 self._zygote_died(status)
+                continue
+            if pid in self.hook_pids:
+                what = self.hook_pids.pop(pid)
+                if status != 0:
+                    self.log(f"hook failed in phase as-emperor: {what}: exited with {os.waitstatus_to_exitcode(status)}")
                 continue
             vassal = self.by_pid.pop(pid, None)
             if vassal is not None and vassal.pid == pid:

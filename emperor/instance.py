@@ -143,7 +143,9 @@ class Vassal:
             inherit=list(self.emperor.inherit),
             overrides=list(self.emperor.vassal_set),
             wrapper=self.emperor.wrapper if self.wrapped else None,
-            cgroup_procs=os.path.join(cgroup.path, "cgroup.procs") if cgroup else None,
+            cgroup_procs=self.emperor.cgroup_procs_for(self, cgroup),
+            clone=list(self.emperor.clone),
+            as_vassal=self.emperor.as_vassal,
         )
         zygote = self.emperor.zygote if not req.wrapper else None
         try:

@@ -16,8 +16,9 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from jails import linux
 from vassal import protocol
 
 # The vassal end of the emperor pipe always lands on this fd in the child.
@@ -32,7 +33,9 @@ class SpawnRequest:
     inherit: list[str]
     overrides: list[tuple[str, str]]
     wrapper: str | None
-    cgroup_procs: str | None  # the vassal cgroup's cgroup.procs file, if tracked
+    cgroup_procs: list[str]  # cgroup.procs files to join (tracking and limits)
+    clone: list[str] = field(default_factory=list)  # emperor-use-clone namespaces
+    as_vassal: list[tuple[str, str, str, str]] = field(default_factory=list)  # (action, args, key, value)
 
 
 @dataclass
@@ -62,7 +65,36 @@ def build_env(req: SpawnRequest) -> dict[str, str]:
     env[protocol.ENV_FD] = str(VASSAL_PIPE_FD)
     env["UWSGI_VASSAL_NAME"] = req.name
     env["UWSGI_VASSAL_CONFIG"] = req.path
+    env["PYEMPEROR_CLONED"] = ",".join(req.clone)
+    if req.as_vassal:
+        env["PYEMPEROR_AS_VASSAL"] = json.dumps(req.as_vassal)
     return env
+
+
+def join_cgroups(procs_files: list[str]) -> None:
+    for procs in procs_files:
+        with open(procs, "w") as handle:
+            handle.write(str(os.getpid()))
+
+
+def enter_clone(clone: list[str]) -> None:
+    """In a spawned child: unshare the emperor-use-clone namespaces. With a
+    pid namespace only our next child is inside it (as PID 1): this process
+    forks it and stays behind as a proxy forwarding signals and exit status."""
+    if not clone:
+        return
+    flags = linux.namespace_flags(clone)
+    linux.unshare(flags)
+    if not flags & linux.CLONE_NEWPID:
+        return
+    child = os.fork()
+    if child == 0:
+        return
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, lambda s, f: os.kill(child, s))
+    _, status = os.waitpid(child, 0)
+    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 
 
 def spawn(req: SpawnRequest) -> Spawned:
@@ -76,9 +108,7 @@ def spawn(req: SpawnRequest) -> Spawned:
     if pid == 0:  # pragma: no cover - the child execs or exits
         try:
             os.setsid()
-            if req.cgroup_procs:
-                with open(req.cgroup_procs, "w") as handle:
-                    handle.write(str(os.getpid()))
+            join_cgroups(req.cgroup_procs)
             signal.set_wakeup_fd(-1)
             for sig in range(1, signal.NSIG):
                 try:
@@ -96,6 +126,7 @@ def spawn(req: SpawnRequest) -> Spawned:
                 os.dup2(theirs.fileno(), VASSAL_PIPE_FD)
             os.closerange(VASSAL_PIPE_FD + 1, os.sysconf("SC_OPEN_MAX"))
             os.chdir(cwd)
+            enter_clone(req.clone)
             os.execve(argv[0], argv, env)
         except BaseException as exc:
             try:
@@ -158,6 +189,7 @@ class Zygote:
             "env": build_env(req),
             "cwd": os.path.dirname(req.path),
             "cgroup_procs": req.cgroup_procs,
+            "clone": req.clone,
             "pipe_fd": VASSAL_PIPE_FD,
         }
         theirs_fd = theirs.detach()

@@ -37,6 +37,8 @@ import vassal.http  # noqa: F401
 import vassal.master  # noqa: F401
 import vassal.top  # noqa: F401
 import vassal.worker  # noqa: F401
+from emperor.spawn import join_cgroups
+from jails import linux
 
 try:
     import setproctitle
@@ -118,10 +120,11 @@ def handle(request: dict, fds: list[int], sock: socket.socket) -> None:
         return
     # The intermediate child.
     try:
-        procs = request.get("cgroup_procs")
-        if procs:
-            with open(procs, "w") as handle_:
-                handle_.write(str(os.getpid()))
+        join_cgroups(request.get("cgroup_procs") or [])
+        clone = request.get("clone") or []
+        if clone:
+            # Our next child is PID 1 of a new pid namespace, if one is asked for.
+            linux.unshare(linux.namespace_flags(clone))
         pid = os.fork()
         if pid == 0:
             run_vassal(request, fds, sock)

@@ -271,6 +271,8 @@ class Config:
     values: dict[str, list[object]] = field(default_factory=dict)
     sources: dict[str, list[Entry]] = field(default_factory=dict)
     raw: list[Entry] = field(default_factory=list)
+    # Every validated value in file order (hooks of one phase run in this order).
+    items: list[tuple[str, object, Entry]] = field(default_factory=list)
 
     def get(self, key: str, default: object = None) -> object:
         found = self.values.get(key)
@@ -364,6 +366,7 @@ def build(
         else:
             config.values[name] = [value]
         config.sources.setdefault(name, []).append(entry)
+        config.items.append((name, value, entry))
     if problems:
         raise ConfigError(problems)
     return config

@@ -15,7 +15,8 @@ import socket
 import time
 import traceback
 
-from vassal import protocol
+from jails.linux import JailError
+from vassal import hooks, jail, protocol
 from vassal.app import load_app
 from vassal.config import Config
 from vassal.log import log, set_role
@@ -68,10 +69,26 @@ class Master:
         set_title(f"vassal master {self.name}")
         self.parent_loop.reset_signals_in_child()
         try:
+            jail.drop_privileges(self.config)
+            hooks.run_phase(self.config, "as-user")
+            hooks.run_phase(self.config, "pre-app")
+        except hooks.HookExit as exc:
+            return exc.code
+        except (hooks.HookError, JailError, OSError) as exc:
+            log(str(exc))
+            return protocol.EXIT_HOOK
+        try:
             self.app = load_app(self.config)
         except BaseException:
             log(f"app-load failed:\n{traceback.format_exc().rstrip()}")
             return protocol.EXIT_APP_LOAD
+        try:
+            hooks.run_phase(self.config, "post-app")
+        except hooks.HookExit as exc:
+            return exc.code
+        except hooks.HookError as exc:
+            log(str(exc))
+            return protocol.EXIT_HOOK
         loop = self.loop
         loop.add_signal(signal.SIGCHLD, lambda s: self._reap())
         loop.add_signal(signal.SIGTERM, lambda s: self.stop(graceful=True))
@@ -83,6 +100,7 @@ class Master:
             self._spawn(index)
         self.ctl.send(b"R")
         loop.run(until=lambda: self.stopping and not self.workers)
+        hooks.run_phase(self.config, "as-user-atexit", fatal=False)
         return 0
 
     def _spawn(self, index: int) -> None:

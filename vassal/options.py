@@ -321,8 +321,11 @@ _opt("vassal-set", parse_kv, "set KEY=VALUE in every vassal", multi=True, metava
 _opt("tuntap-router", parse_words(2, 3), "run the netrouter", multi=True, metavar="DEV SOCKET [STATS]", scope=E, group="emperor")
 _opt("tuntap-router-firewall-in", parse_nonempty, "router → vassal rule", multi=True, metavar="RULE", scope=E, group="emperor")
 _opt("tuntap-router-firewall-out", parse_nonempty, "vassal → router rule", multi=True, metavar="RULE", scope=E, group="emperor")
-_opt("exec-as-root", parse_nonempty, "run CMD in the emperor at start", multi=True, metavar="CMD", scope=E, group="emperor")
-_opt("hook-as-root", parse_hook, "run ACTION:ARGS in the emperor at start", multi=True, metavar="ACTION:ARGS", scope=E, group="emperor")
+# exec-as-root / hook-as-root are both a vassal phase and an emperor option
+# (run by the emperor at start): one key, valid in both scopes.
+for _name, _help in (("exec-as-root", "run CMD in phase as-root (in the emperor's config: run by the emperor at start)"),
+                     ("hook-as-root", "run ACTION:ARGS in phase as-root (in the emperor's config: run by the emperor at start)")):
+    _OPTIONS[_name] = Option(**{**_OPTIONS[_name].__dict__, "scope": frozenset(BOTH), "help": _help})
 for _phase in ("as-emperor", "as-vassal"):
     _opt(f"hook-{_phase}", parse_hook, f"run ACTION:ARGS {_phase} for every vassal", multi=True, metavar="ACTION:ARGS", scope=E, group="emperor")
     _opt(f"exec-{_phase}", parse_nonempty, f"run CMD {_phase} for every vassal", multi=True, metavar="CMD", scope=E, group="emperor")
@@ -334,13 +337,11 @@ for _phase in ("as-emperor", "as-vassal"):
 NOT_YET = {
     "lazy-apps", "harakiri", "reload-on-rss", "socket", "cheaper", "cheaper-initial", "cheaper-step",
     "cheaper-rss-limit-soft", "cheaper-rss-limit-hard", "smart-attach-daemon", "logto", "log-encoder",
-    "unshare", "pivot-root", "chroot", "uid", "gid", "hostname", "memory-limit", "pids-limit", "cpu-limit",
+    "memory-limit", "pids-limit", "cpu-limit",
     "uid-map", "gid-map", "jail", "jail2", "jail-ip4", "jail-ip6", "jidfile", "jail-attach",
     "tuntap-device", "net-iface", "net-route",
-    "emperor-use-clone", "emperor-tyrant", "emperor-tyrant-nofollow", "tuntap-router",
-    "tuntap-router-firewall-in", "tuntap-router-firewall-out", "exec-as-root", "hook-as-root",
-    *(f"{kind}-{phase}" for kind in ("hook", "exec", "mount", "umount", "call") for phase in HOOK_PHASES),
-    *(f"{kind}-{phase}" for kind in ("hook", "exec") for phase in ("as-emperor", "as-vassal")),
+    "emperor-tyrant", "emperor-tyrant-nofollow", "tuntap-router",
+    "tuntap-router-firewall-in", "tuntap-router-firewall-out",
 }
 for _name in NOT_YET:
     _opt_obj = _OPTIONS[_name]

@@ -19,7 +19,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vassal import protocol
+from jails.linux import JailError
+from vassal import hooks, jail, protocol
 from vassal.app import has_app
 from vassal.config import Config, ConfigError
 from vassal.log import log, set_role
@@ -130,10 +131,22 @@ class Top:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         self._attach_emperor()
         self.send(protocol.SPAWNED)
+        bad = jail.problems(self.config, jail.cloned_namespaces())
+        if bad:
+            for problem in bad:
+                log(str(problem))
+            return protocol.EXIT_CONFIG
         try:
+            jail.enter(self.config)
             apply_process_settings(self.config)
             self._sync_listeners(self.config)
-        except (SocketError, OSError) as exc:
+        except hooks.HookExit as exc:
+            log(f"exit hook: stopping with code {exc.code}")
+            return exc.code
+        except hooks.HookError as exc:
+            log(str(exc))
+            return protocol.EXIT_HOOK
+        except (SocketError, JailError, OSError) as exc:
             log(str(exc))
             return protocol.EXIT_ERROR
         if has_app(self.config):
@@ -338,7 +351,7 @@ class Top:
             if self.current is None:
                 # Nothing serves: the vassal cannot start (DESIGN: app-load is fatal).
                 log(f"app master exited with {code} before it was ready")
-                self.exit_code = protocol.EXIT_APP_LOAD if code == protocol.EXIT_APP_LOAD else protocol.EXIT_ERROR
+                self.exit_code = code if code in (protocol.EXIT_APP_LOAD, protocol.EXIT_HOOK) else protocol.EXIT_ERROR
                 self.stop(graceful=True)
             else:
                 log(f"reload failed (app master exited with {code}), still serving the previous generation")
@@ -378,6 +391,7 @@ class Top:
         if pid == 0:
             try:
                 os.setpgid(0, 0)
+                jail.drop_privileges(self.config)
                 signal.set_wakeup_fd(-1)
                 for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE):
                     signal.signal(sig, signal.SIG_DFL)

@@ -1,0 +1,252 @@
+"""Linux kernel calls for jails: namespaces, mounts, pivot_root, hostname,
+interfaces, privileges. Direct syscalls through libc (no mount, ip or
+hostname binaries needed inside a jail)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import grp
+import os
+import platform
+import pwd
+import socket
+import struct
+from collections.abc import Iterable
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+NAMESPACE_FLAGS = {
+    "ipc": CLONE_NEWIPC,
+    "uts": CLONE_NEWUTS,
+    "fs": CLONE_NEWNS,
+    "mount": CLONE_NEWNS,
+    "pid": CLONE_NEWPID,
+    "net": CLONE_NEWNET,
+    "user": CLONE_NEWUSER,
+    "cgroup": CLONE_NEWCGROUP,
+}
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_MOVE = 8192
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_SHARED = 1 << 20
+
+MOUNT_FLAGS = {
+    "bind": MS_BIND,
+    "rec": MS_REC,
+    "recursive": MS_REC,
+    "private": MS_PRIVATE,
+    "slave": MS_SLAVE,
+    "shared": MS_SHARED,
+    "readonly": MS_RDONLY,
+    "ro": MS_RDONLY,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+    "nosuid": MS_NOSUID,
+    "remount": MS_REMOUNT,
+    "move": MS_MOVE,
+}
+MNT_FORCE = 1
+MNT_DETACH = 2
+UMOUNT_FLAGS = {"detach": MNT_DETACH, "force": MNT_FORCE}
+
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAPBSET_DROP = 24
+PR_SET_PDEATHSIG = 1
+
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "armv7l": 218, "i686": 217, "ppc64le": 203, "s390x": 217, "riscv64": 41}
+
+
+class JailError(Exception):
+    pass
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise JailError(f"{what}: {os.strerror(err)} (errno {errno.errorcode.get(err, err)})")
+
+
+def namespace_flags(names: Iterable[str]) -> int:
+    flags = 0
+    for name in names:
+        flags |= NAMESPACE_FLAGS[name]
+    return flags
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), f"unshare({flags:#x})")
+
+
+def sethostname(name: str) -> None:
+    data = name.encode()
+    _check(_libc.sethostname(data, len(data)), f"sethostname({name!r})")
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
+    _check(
+        _libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, ctypes.c_ulong(flags), data.encode() if data else None),
+        f"mount {fstype or ''} {source} on {target}",
+    )
+
+
+def umount(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(target.encode(), flags), f"umount {target}")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    number = _SYS_PIVOT_ROOT.get(platform.machine())
+    if number is None:
+        raise JailError(f"pivot_root: unknown syscall number on {platform.machine()}")
+    _check(_libc.syscall(number, new_root.encode(), put_old.encode()), f"pivot_root({new_root}, {put_old})")
+
+
+def parse_mount_flags(words: Iterable[str]) -> int:
+    flags = 0
+    for word in words:
+        for part in word.split(","):
+            if not part:
+                continue
+            if part not in MOUNT_FLAGS:
+                raise JailError(f"unknown mount flag {part!r} (known: {', '.join(MOUNT_FLAGS)})")
+            flags |= MOUNT_FLAGS[part]
+    return flags
+
+
+def parse_umount_flags(words: Iterable[str]) -> int:
+    flags = 0
+    for word in words:
+        for part in word.split(","):
+            if part and part not in UMOUNT_FLAGS:
+                raise JailError(f"unknown umount flag {part!r} (known: detach, force)")
+            flags |= UMOUNT_FLAGS.get(part, 0)
+    return flags
+
+
+def make_mounts_private() -> None:
+    """Nothing mounted from here on may propagate back to the host."""
+    mount("none", "/", None, MS_REC | MS_PRIVATE)
+
+
+def mount_proc() -> None:
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+def mount_sys() -> None:
+    # sysfs shows the mounter's net namespace until it is mounted anew.
+    try:
+        umount("/sys", MNT_DETACH)
+    except JailError:
+        pass
+    mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
+
+
+def is_mount_point(path: str) -> bool:
+    path = os.path.realpath(path)
+    if path == "/":
+        return True
+    try:
+        with open("/proc/self/mountinfo") as handle:
+            return any(line.split()[4] == path for line in handle)
+    except OSError:
+        return os.path.ismount(path)
+
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+
+def interface_up(name: str) -> None:
+    """Bring an interface up with an ioctl (no ip binary, no netlink import)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        ifreq = struct.pack("16sH14s", name.encode(), 0, b"")
+        flags = struct.unpack("16sH14s", fcntl.ioctl(sock, SIOCGIFFLAGS, ifreq))[1]
+        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14s", name.encode(), flags | IFF_UP, b""))
+
+
+def set_no_new_privs() -> None:
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as handle:
+            return int(handle.read())
+    except OSError:
+        return 40
+
+
+def drop_bounding_set(keep: Iterable[int] = ()) -> None:
+    """Drop every capability but ``keep`` from the bounding set, so that no
+    exec (setuid binary or file capabilities) can bring them back."""
+    keep = set(keep)
+    for cap in range(last_cap() + 1):
+        if cap not in keep:
+            _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+
+
+def resolve_user(user: str) -> tuple[int, int, str | None]:
+    """(uid, primary gid, name) for a user name or number."""
+    if user.isdigit():
+        uid = int(user)
+        try:
+            entry = pwd.getpwuid(uid)
+            return uid, entry.pw_gid, entry.pw_name
+        except KeyError:
+            return uid, uid, None
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise JailError(f"uid: unknown user {user!r}") from None
+    return entry.pw_uid, entry.pw_gid, entry.pw_name
+
+
+def resolve_group(group: str) -> int:
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise JailError(f"gid: unknown group {group!r}") from None
+
+
+def drop_privileges(uid: int | None, gid: int | None, user_name: str | None) -> None:
+    """gid, supplementary groups, then uid; no_new_privs and a bare bounding set."""
+    set_no_new_privs()
+    if uid is None and gid is None:
+        return
+    drop_bounding_set()
+    if gid is not None:
+        if user_name:
+            os.initgroups(user_name, gid)
+        else:
+            os.setgroups([gid])
+        os.setresgid(gid, gid, gid)
+    if uid is not None:
+        os.setresuid(uid, uid, uid)
+    if uid not in (None, 0):
+        try:
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:
+            raise JailError("privileges could be regained after the drop")

@@ -1,0 +1,186 @@
+"""The hooks subsystem: ``hook-PHASE = ACTION:ARGS`` and the fixed forms
+``exec-``, ``mount-``, ``umount-``, ``call-PHASE``, run in file order within
+their phase. Only the ``exec`` action goes through a shell.
+
+A failing hook raises :class:`HookError` naming the phase, the hook (key,
+file, line) and the error; the caller decides whether the phase is fatal
+(every phase is, except ``as-user-atexit``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from jails import linux
+from vassal.config import Config, Entry
+from vassal.log import log
+from vassal.options import HOOK_PHASES
+
+WAIT_DEFAULT_TIMEOUT = 10.0
+FIXED_FORMS = ("exec", "mount", "umount", "call")
+
+
+class HookError(Exception):
+    pass
+
+
+class HookExit(Exception):
+    """The ``exit`` action: stop the vassal with this code."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Hook:
+    phase: str
+    action: str
+    args: str
+    entry: Entry
+
+    def describe(self) -> str:
+        where = f"{self.entry.file}:{self.entry.line}" if self.entry.line else self.entry.file
+        return f"{self.entry.key} = {self.entry.value} ({where})"
+
+
+def hooks_for(config: Config, phase: str) -> list[Hook]:
+    found = []
+    for key, value, entry in config.items:
+        if key == f"hook-{phase}":
+            action, args = value  # type: ignore[misc]
+            found.append(Hook(phase, action, args, entry))
+            continue
+        for form in FIXED_FORMS:
+            if key == f"{form}-{phase}":
+                args = " ".join(value) if isinstance(value, tuple) else str(value)
+                found.append(Hook(phase, form, args, entry))
+    return found
+
+
+def needs(config: Config) -> set[str]:
+    """Namespaces the configured hooks need (validation: hostname needs uts...)."""
+    wanted = set()
+    for phase in HOOK_PHASES:
+        for hook in hooks_for(config, phase):
+            if hook.action == "hostname":
+                wanted.add("uts")
+            elif hook.action in ("mount", "umount"):
+                wanted.add("fs")
+    return wanted
+
+
+def run_phase(config: Config, phase: str, fatal: bool = True) -> None:
+    for hook in hooks_for(config, phase):
+        try:
+            run_hook(hook)
+        except HookExit:
+            raise
+        except Exception as exc:
+            message = f"hook failed in phase {phase}: {hook.describe()}: {exc}"
+            if fatal:
+                raise HookError(message) from None
+            log(message)
+
+
+def run_hook(hook: Hook) -> None:
+    action, args = hook.action, hook.args
+    if action == "exec":
+        # Waited for by pid: no other reaper runs while a hook does.
+        result = subprocess.run(["/bin/sh", "-c", args], stdin=subprocess.DEVNULL, check=False)
+        if result.returncode != 0:
+            raise HookError(f"command exited with {result.returncode}")
+    elif action == "cd":
+        os.chdir(args)
+    elif action == "mkdir":
+        os.mkdir(args)
+    elif action == "putenv":
+        key, sep, value = args.partition("=")
+        if not sep:
+            raise HookError("putenv wants KEY=VALUE")
+        os.environ[key] = value
+    elif action == "write":
+        path, _, content = args.partition(" ")
+        with open(path, "w") as handle:
+            handle.write(content)
+    elif action == "unlink":
+        os.unlink(args)
+    elif action == "mount":
+        words = args.split()
+        if len(words) < 3:
+            raise HookError("mount wants FS SRC DST [FLAGS]")
+        fstype, source, target = words[:3]
+        flags = linux.parse_mount_flags(words[3:])
+        linux.mount(source, target, None if fstype in ("none", "bind") and flags & linux.MS_BIND else fstype, flags)
+    elif action == "umount":
+        words = args.split()
+        if not words:
+            raise HookError("umount wants DST [FLAGS]")
+        linux.umount(words[0], linux.parse_umount_flags(words[1:]))
+    elif action == "hostname":
+        linux.sethostname(args.strip())
+    elif action == "call":
+        call(args)
+    elif action == "print":
+        log(args)
+    elif action == "exit":
+        raise HookExit(int(args) if args.strip() else 0)
+    elif action == "wait_for_file":
+        path, timeout = _with_timeout(args)
+        _wait(lambda: os.path.exists(path), timeout, f"file {path}")
+    elif action == "wait_for_socket":
+        address, timeout = _with_timeout(args)
+        _wait(lambda: _connects(address), timeout, f"socket {address}")
+    else:  # the option table refuses unknown actions; kept as a guard
+        raise HookError(f"unknown action {action!r}")
+
+
+def call(spec: str) -> object:
+    """``pkg.mod.func [ARGS...]``: import and call a Python function."""
+    dotted, *arguments = spec.split()
+    module_name, _, attr = dotted.rpartition(".")
+    if not module_name:
+        raise HookError(f"call wants a dotted path, got {dotted!r}")
+    module = importlib.import_module(module_name)
+    func = getattr(module, attr, None)
+    if not callable(func):
+        raise HookError(f"{dotted} is not a callable")
+    return func(*arguments)
+
+
+def _with_timeout(args: str) -> tuple[str, float]:
+    words = args.split()
+    if not words:
+        raise HookError("expects a path or address")
+    timeout = float(words[1]) if len(words) > 1 else WAIT_DEFAULT_TIMEOUT
+    return words[0], timeout
+
+
+def _connects(address: str) -> bool:
+    try:
+        if "/" in address:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(1)
+                sock.connect(address)
+        else:
+            host, _, port = address.rpartition(":")
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=1):
+                pass
+        return True
+    except OSError:
+        return False
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise HookError(f"{what} did not appear within {timeout:g}s")
+        time.sleep(0.05)
+    sys.stdout.flush()

@@ -1,0 +1,162 @@
+"""The jail phases of a vassal's top process, in the order of DESIGN 3a:
+
+pre-jail → unshare → private mounts, fresh /proc and /sys → lo up, hostname
+→ post-jail, in-jail → pivot-root / chroot → as-root. (Sockets are bound
+next, by the top process; privileges are dropped in the app master and the
+daemons, see :func:`drop_privileges`.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+from jails import linux
+from vassal import hooks
+from vassal.config import Config, Entry, Problem
+from vassal.log import log
+
+# Namespaces the emperor cloned for us (emperor-use-clone), set at spawn.
+ENV_CLONED = "PYEMPEROR_CLONED"
+
+
+def cloned_namespaces() -> set[str]:
+    return {n for n in os.environ.get(ENV_CLONED, "").split(",") if n}
+
+
+def own_namespaces(config: Config) -> set[str]:
+    return {"fs" if n == "mount" else n for n in (config.get("unshare") or ())}  # type: ignore[union-attr]
+
+
+def problems(config: Config, cloned: set[str]) -> list[Problem]:
+    """Actions that need a namespace the vassal will not have (DESIGN 3a)."""
+    have = cloned | own_namespaces(config)
+    found: list[Problem] = []
+
+    def need(key: str, namespace: str, what: str) -> None:
+        for entry in config.sources.get(key, []):
+            if namespace not in have:
+                found.append(Problem(entry.file, entry.line, key, f"{what} needs the {namespace} namespace (add it to unshare or emperor-use-clone)"))
+
+    if "user" in have:
+        for key in ("unshare",):
+            for entry in config.sources.get(key, []):
+                found.append(Problem(entry.file, entry.line, key, "user namespaces are not implemented yet in this version of pyemperor"))
+        if "user" in cloned:
+            found.append(Problem(config.path, None, "emperor-use-clone", "user namespaces are not implemented yet in this version of pyemperor"))
+    need("hostname", "uts", "hostname")
+    need("pivot-root", "fs", "pivot-root")
+    for phase in ("pre-jail", "post-jail", "in-jail", "as-root", "as-user", "pre-app", "post-app", "as-user-atexit"):
+        for hook in hooks.hooks_for(config, phase):
+            namespace = {"hostname": "uts", "mount": "fs", "umount": "fs"}.get(hook.action)
+            if namespace and namespace not in have:
+                found.append(Problem(hook.entry.file, hook.entry.line, hook.entry.key, f"action {hook.action} needs the {namespace} namespace (add it to unshare or emperor-use-clone)"))
+    return found
+
+
+def enter(config: Config) -> None:
+    """Run every root phase up to and including as-root. Raises HookError,
+    JailError or OSError; the caller exits with the matching reason."""
+    cloned = cloned_namespaces()
+    run_as_vassal()
+    hooks.run_phase(config, "pre-jail")
+    own = own_namespaces(config)
+    fresh = own - cloned
+    if fresh:
+        linux.unshare(linux.namespace_flags(fresh))
+        if "pid" in fresh:
+            _become_pid1()
+    have = cloned | own
+    if "fs" in have:
+        linux.make_mounts_private()
+        if "pid" in have:
+            linux.mount_proc()
+        if "net" in have:
+            linux.mount_sys()
+    if "net" in have:
+        linux.interface_up("lo")
+    if config.has("hostname"):
+        linux.sethostname(str(config.get("hostname")))
+    hooks.run_phase(config, "post-jail")
+    hooks.run_phase(config, "in-jail")
+    if config.has("pivot-root"):
+        new_root, old_root = config.get("pivot-root")  # type: ignore[misc]
+        pivot_root(new_root, old_root)
+    if config.has("chroot"):
+        directory = str(config.get("chroot"))
+        os.chroot(directory)
+        os.chdir("/")
+    hooks.run_phase(config, "as-root")
+
+
+def run_as_vassal() -> None:
+    """The emperor's hook-as-vassal / exec-as-vassal, before our own phases."""
+    raw = os.environ.pop("PYEMPEROR_AS_VASSAL", "")
+    if not raw:
+        return
+    for action, args, key, value in json.loads(raw):
+        hook = hooks.Hook("as-vassal", action, args, Entry(key, value, "<emperor>", None))
+        try:
+            hooks.run_hook(hook)
+        except hooks.HookExit:
+            raise
+        except Exception as exc:
+            raise hooks.HookError(f"hook failed in phase as-vassal: {hook.describe()}: {exc}") from None
+
+
+def pivot_root(new_root: str, old_root: str) -> None:
+    """pivot_root into NEW (bound onto itself if it is not a mount point),
+    then detach the old root so no host path stays reachable."""
+    new_root = os.path.abspath(new_root)
+    if not os.path.isdir(new_root):
+        raise linux.JailError(f"pivot-root: {new_root} is not a directory")
+    if not linux.is_mount_point(new_root):
+        log(f"pivot-root: {new_root} is not a mount point, binding it onto itself")
+        linux.mount(new_root, new_root, None, linux.MS_BIND | linux.MS_REC)
+    put_old = os.path.join(new_root, old_root.lstrip("/"))
+    os.makedirs(put_old, exist_ok=True)
+    linux.pivot_root(new_root, put_old)
+    os.chdir("/")
+    inside = "/" + old_root.lstrip("/")
+    linux.umount(inside, linux.MNT_DETACH)
+    try:
+        os.rmdir(inside)
+    except OSError:
+        pass
+
+
+def _become_pid1() -> None:
+    """After unshare(CLONE_NEWPID) only our next child is in the namespace,
+    as its PID 1. That child carries on as the top process; this process
+    stays as a proxy that forwards signals and exits with its status, so a
+    uWSGI emperor (which tracks this pid) still sees one vassal."""
+    child = os.fork()
+    if child == 0:
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, lambda s, f: os.kill(child, s))
+    signal.set_wakeup_fd(-1)
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+            break
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            status = 1 << 8
+            break
+    sys.stdout.flush()
+    os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+
+
+def drop_privileges(config: Config) -> None:
+    """In the app master and the daemons: gid, groups, uid, no_new_privs."""
+    uid = gid = None
+    name = None
+    if config.has("uid"):
+        uid, gid, name = linux.resolve_user(str(config.get("uid")))
+    if config.has("gid"):
+        gid = linux.resolve_group(str(config.get("gid")))
+    linux.drop_privileges(uid, gid, name)
