@@ -1,0 +1,229 @@
+"""Real jails: namespaces, pivot-root, hook phases, privileges (as root)."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT, free_port, hello_ini, wait_for
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="jails need root")
+
+INFO_APP = '''
+import ctypes, json, os, socket
+
+def proc1():
+    try:
+        return open("/proc/1/cmdline").read().split("\\0")[0].strip()
+    except OSError:
+        return None
+
+
+def application(environ, start_response):
+    libc = ctypes.CDLL(None, use_errno=True)
+    key = int(os.environ.get("SEM_KEY", "0"))
+    sem = libc.semget(key, 0, 0) if key else -2
+    info = {
+        "pid": os.getpid(),
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "host": socket.gethostname(),
+        "ifaces": sorted(os.listdir("/sys/class/net")) if os.path.isdir("/sys/class/net") else None,
+        "proc1": proc1(),
+        "sem": sem,
+        "visible": {p: os.path.exists(p) for p in os.environ.get("CHECK_PATHS", "").split(":") if p},
+    }
+    body = json.dumps(info).encode()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+'''
+
+
+def unix_get(path: str, timeout: float = 5.0) -> dict | None:
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+    except OSError:
+        return None
+    head, _, body = data.partition(b"\r\n\r\n")
+    return json.loads(body) if head.startswith(b"HTTP/1.1 200") else None
+
+
+@pytest.fixture
+def shared_dir(tmp_path_factory, request):
+    """A world-traversable dir (tmp_path is 0700) for apps and sockets."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="pyemperor-jail-"))
+    path.chmod(0o755)
+    request.addfinalizer(lambda: shutil.rmtree(path, ignore_errors=True))
+    (path / "info.py").write_text(INFO_APP)
+    (path / "info.py").chmod(0o644)
+    return path
+
+
+def jail_ini(shared: Path, name: str, extra: str = "") -> str:
+    return (
+        "[uwsgi]\n"
+        f"wsgi-file = {shared}/info.py\n"
+        f"http-socket = {shared}/{name}.sock\n"
+        "chmod-socket = 666\n"
+        f"{extra}"
+    )
+
+
+def semget_host(key: int) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    semid = libc.semget(key, 1, 0o600 | 0o1000)  # IPC_CREAT
+    assert semid >= 0
+    return semid
+
+
+def semrm(semid: int) -> None:
+    ctypes.CDLL(None).semctl(semid, 0, 0)  # IPC_RMID
+
+
+def test_emperor_use_clone_namespaces(start_emperor, shared_dir):
+    key = 0x5EED0000 + os.getpid() % 0xFFFF
+    semid = semget_host(key)
+    try:
+        emp = start_emperor("--emperor-use-clone", "ipc,uts,fs,pid,net")
+        (emp.dir / "ns.ini").write_text(jail_ini(shared_dir, "ns", f"hostname = jailed-ns\nenv = SEM_KEY={key}\n"))
+        info = wait_for(lambda: unix_get(f"{shared_dir}/ns.sock"), 20, what="namespaced vassal answering")
+        assert info["pid"] < 50  # a pid of its own namespace
+        assert info["proc1"].startswith("vassal ns.ini")  # a fresh /proc whose PID 1 is the top process
+        assert info["host"] == "jailed-ns"
+        assert info["ifaces"] == ["lo"]
+        assert info["sem"] == -1  # the host's semaphore is not visible
+        # The host's view is unchanged.
+        assert socket.gethostname() != "jailed-ns"
+        assert psutil.Process(emp.vassal("ns.ini")["pid"]).name() != ""
+        assert os.path.exists("/proc/1") and psutil.Process(1).pid == 1
+        with open("/proc/self/mountinfo") as handle:
+            assert str(shared_dir) not in handle.read()
+    finally:
+        semrm(semid)
+
+
+def test_unshare_key_with_pid_proxy(start_emperor, shared_dir):
+    emp = start_emperor()
+    (emp.dir / "un.ini").write_text(jail_ini(shared_dir, "un", "unshare = pid,fs,uts,ipc\nhostname = jailed-un\n"))
+    info = wait_for(lambda: unix_get(f"{shared_dir}/un.sock"), 20, what="unshared vassal")
+    assert info["proc1"].startswith("vassal un.ini")
+    assert info["host"] == "jailed-un" and info["pid"] < 50
+    assert len(info["ifaces"]) > 1  # no net namespace: the host's interfaces
+    top = emp.vassal("un.ini")["pid"]
+    os.unlink(emp.dir / "un.ini")
+    wait_for(lambda: emp.vassal("un.ini") is None, 15, what="stopped")
+    assert not psutil.pid_exists(top) or psutil.Process(top).status() == psutil.STATUS_ZOMBIE
+
+
+def test_hook_phases_in_order_with_uid(start_emperor, shared_dir):
+    log = shared_dir / "phases.log"
+    log.write_text("")
+    log.chmod(0o666)
+    lines = "".join(f"exec-{phase} = echo {phase} $(id -u) >> {log}\n" for phase in
+                    ("pre-jail", "post-jail", "in-jail", "as-root", "as-user", "pre-app", "post-app", "as-user-atexit"))
+    emp = start_emperor("--emperor-use-clone", "fs,uts")
+    (emp.dir / "ph.ini").write_text(jail_ini(shared_dir, "ph", lines + "uid = nobody\ngid = nogroup\nhook-as-root = print:hello from as-root\n"))
+    info = wait_for(lambda: unix_get(f"{shared_dir}/ph.sock"), 20, what="vassal up")
+    assert info["uid"] == 65534
+    os.unlink(emp.dir / "ph.ini")
+    wait_for(lambda: emp.vassal("ph.ini") is None, 15, what="stopped")
+    got = log.read_text().split("\n")
+    assert got[:8] == ["pre-jail 0", "post-jail 0", "in-jail 0", "as-root 0", "as-user 65534", "pre-app 65534",
+                       "post-app 65534", "as-user-atexit 65534"]
+    assert "hello from as-root" in emp.log_text()
+
+
+def test_failing_hook_is_fatal_and_named(start_emperor, shared_dir):
+    emp = start_emperor()
+    (emp.dir / "bad.ini").write_text(jail_ini(shared_dir, "bad", "exec-pre-jail = exit 7\n"))
+    v = wait_for(lambda: (x := emp.vassal("bad.ini")) and x["last_exit"] and x, 15, what="exit")
+    assert v["last_exit"]["reason"] == "hook"
+    assert v["state"] == "backoff"
+    assert "hook failed in phase pre-jail: exec-pre-jail = exit 7" in emp.log_text()
+    assert "command exited with 7" in emp.log_text()
+
+
+def test_hostname_without_uts_is_invalid(start_emperor, shared_dir):
+    emp = start_emperor()
+    (emp.dir / "h.ini").write_text(jail_ini(shared_dir, "h", "hostname = nope\nhook-post-jail = mount:tmpfs none /mnt\n"))
+    v = emp.wait_state("h.ini", "invalid")
+    assert "h.ini:5: key 'hostname': hostname needs the uts namespace" in v["error"]
+    assert "h.ini:6: key 'hook-post-jail': action mount needs the fs namespace" in v["error"]
+
+
+def test_pivot_root_hides_the_host(start_emperor, shared_dir, tmp_path):
+    marker = tmp_path / "host-only-marker"
+    marker.write_text("secret")
+    newroot = shared_dir / "root"
+    binds = ["/usr", "/lib", "/etc", "/opt/pyemperor", str(ROOT), str(shared_dir)]
+    if os.path.isdir("/lib64") and not os.path.islink("/lib64"):
+        binds.append("/lib64")
+    extra = [f"hook-in-jail = mkdir:{newroot}"]
+    extra += [f"hook-in-jail = mount:tmpfs none {newroot}"]
+    for source in binds:
+        extra.append(f"exec-in-jail = mkdir -p {newroot}{source}")
+        extra.append(f"mount-in-jail = none {source} {newroot}{source} bind,rec")
+    for link in ("/bin", "/sbin", "/lib64"):
+        if os.path.islink(link):
+            extra.append(f"exec-in-jail = ln -s {os.readlink(link)} {newroot}{link}")
+    extra.append(f"exec-in-jail = mkdir -p {newroot}/proc {newroot}/tmp")
+    extra.append(f"mount-in-jail = proc proc {newroot}/proc")
+    extra.append(f"pivot-root = {newroot} /.oldroot")
+    extra.append(f"env = CHECK_PATHS={marker}:/.oldroot:{shared_dir}/info.py:/usr/bin")
+    emp = start_emperor("--emperor-use-clone", "fs,pid,ipc,uts")
+    (emp.dir / "pr.ini").write_text(jail_ini(shared_dir, "pr", "\n".join(extra) + "\n"))
+    info = wait_for(lambda: unix_get(f"{shared_dir}/pr.sock"), 20, what="pivoted vassal")
+    assert info["visible"] == {str(marker): False, "/.oldroot": False, f"{shared_dir}/info.py": True, "/usr/bin": True}
+    with open("/proc/self/mountinfo") as handle:
+        assert str(newroot) not in handle.read()  # nothing leaked to the host
+
+
+def test_chroot(start_emperor, shared_dir):
+    emp = start_emperor("--emperor-use-clone", "fs")
+    root = shared_dir / "croot"
+    lines = [f"hook-post-jail = mkdir:{root}", f"hook-post-jail = mount:tmpfs none {root}"]
+    for source in ["/usr", "/lib", "/etc", "/opt/pyemperor", str(ROOT), str(shared_dir)] + (["/lib64"] if os.path.isdir("/lib64") and not os.path.islink("/lib64") else []):
+        lines += [f"exec-post-jail = mkdir -p {root}{source}", f"mount-post-jail = none {source} {root}{source} bind,rec"]
+    lines += [f"chroot = {root}", "env = CHECK_PATHS=/work:/usr"]
+    (emp.dir / "ch.ini").write_text(jail_ini(shared_dir, "ch", "\n".join(lines) + "\n"))
+    info = wait_for(lambda: unix_get(f"{shared_dir}/ch.sock"), 20, what="chrooted vassal")
+    assert info["visible"]["/usr"] is True
+    if not str(ROOT).startswith("/work"):
+        assert info["visible"]["/work"] is False
+
+
+def test_attach_daemon_drops_privileges(start_emperor, shared_dir):
+    out = shared_dir / "daemon.out"
+    out.write_text("")
+    out.chmod(0o666)
+    emp = start_emperor()
+    (emp.dir / "dd.ini").write_text(
+        f"[uwsgi]\nuid = nobody\ngid = nogroup\nattach-daemon = sh -c 'id -u > {out}; sleep 600'\n")
+    wait_for(lambda: out.exists() and out.read_text().strip(), 15, what="daemon ran")
+    assert out.read_text().strip() == "65534"
+
+
+def test_vassal_cli_check_and_unknown_user(tmp_path):
+    import subprocess
+
+    f = tmp_path / "u.ini"
+    f.write_text(hello_ini(free_port()) + "uid = no-such-user-xyz\n")
+    result = subprocess.run([sys.executable, "-m", "vassal", str(f)], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 4
+    assert "unknown user 'no-such-user-xyz'" in result.stderr
