@@ -31,7 +31,14 @@ from emperor.instance import (
 )
 from emperor.monitor import DirMonitor, Source
 from emperor.spawn import Zygote
-from jails.tracking import CgroupTree, VassalCgroup
+from jails.tracking import (
+    CgroupTree,
+    LimitError,
+    Limits,
+    VassalCgroup,
+    limit_groups,
+    remove_v1_bases,
+)
 from vassal import hooks, jail, options
 from vassal.config import Config, ConfigError, load, unsupported
 from vassal.loop import Loop, reaped
@@ -207,6 +214,7 @@ class Emperor:
             self.control.close()
         if self.cgroups:
             self.cgroups.remove()
+            remove_v1_bases(os.path.basename(self.cgroups.base))
         self.log("bye")
 
     def shutdown(self) -> None:
@@ -334,6 +342,8 @@ class Emperor:
         vassal.timers.clear()
         if isinstance(vassal.tracker, VassalCgroup):
             vassal.tracker.remove()
+        if vassal.limit_groups is not None:
+            vassal.limit_groups.remove()
         vassal.state = STOPPED
         self.log(f"[{vassal.name}] removed")
 
@@ -350,7 +360,23 @@ class Emperor:
         return cgroup
 
     def cgroup_procs_for(self, vassal: Vassal, cgroup: VassalCgroup | None) -> list[str]:
-        return [os.path.join(cgroup.path, "cgroup.procs")] if cgroup else []
+        """The cgroups a new vassal process joins: tracking, and limits (set now)."""
+        procs = [os.path.join(cgroup.path, "cgroup.procs")] if cgroup else []
+        config = vassal.config
+        limits = Limits(
+            memory=config.get("memory-limit") if config else None,  # type: ignore[arg-type]
+            pids=config.get("pids-limit") if config else None,  # type: ignore[arg-type]
+            cpu=config.get("cpu-limit") if config else None,  # type: ignore[arg-type]
+        )
+        vassal.limit_groups = None
+        if not limits:
+            return procs
+        if self.cgroups is None:
+            raise LimitError("memory-limit, pids-limit and cpu-limit need a writable cgroup tree (run the emperor as root)")
+        groups = limit_groups(self.cgroups, vassal.name, limits)
+        groups.apply(limits)
+        vassal.limit_groups = groups
+        return sorted(set(procs) | set(groups.procs_files()))
 
     def after_spawn(self, vassal: Vassal) -> None:
         assert vassal.pid is not None
@@ -386,7 +412,8 @@ class Emperor:
                 self.log(f"hook failed in phase as-emperor for {vassal.name}: {hook.describe()}: {exc}")
 
     def oom_killed(self, vassal: Vassal) -> bool:
-        return False
+        groups = vassal.limit_groups
+        return groups is not None and groups.oom_kills() > groups.oom_baseline
 
     def reap(self) -> None:
         for pid, status in reaped():

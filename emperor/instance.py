@@ -20,7 +20,7 @@ import psutil
 
 from emperor.logbuf import LogBuffer, read_available
 from emperor.spawn import Spawned, SpawnRequest, spawn
-from jails.tracking import ProcessGroupTracker, VassalCgroup
+from jails.tracking import LimitError, LimitGroups, ProcessGroupTracker, VassalCgroup
 from vassal import protocol
 from vassal.config import Config
 from vassal.loop import Timer
@@ -92,6 +92,8 @@ class Vassal:
     exit_reason: str | None = None  # set when we kill it (curse)
     last_heartbeat: float | None = None
     tracker: VassalCgroup | ProcessGroupTracker | None = None
+    limit_groups: LimitGroups | None = None
+    oom_fd: int | None = None
     timers: dict[str, Timer] = field(default_factory=dict)
     log: LogBuffer | None = None
     _cpu_sample: tuple[float, float] | None = None
@@ -136,6 +138,14 @@ class Vassal:
         self.last_heartbeat = None
         self.restart_pending = False
         cgroup = self.emperor.cgroup_for(self)
+        try:
+            procs = self.emperor.cgroup_procs_for(self, cgroup)
+        except (LimitError, OSError) as exc:
+            self.note(f"cannot apply limits: {exc}")
+            self.error = str(exc)
+            self._record_exit(None, None, "exit", f"limits: {exc}")
+            self._schedule_respawn()
+            return
         req = SpawnRequest(
             name=self.name,
             path=self.path,
@@ -143,7 +153,7 @@ class Vassal:
             inherit=list(self.emperor.inherit),
             overrides=list(self.emperor.vassal_set),
             wrapper=self.emperor.wrapper if self.wrapped else None,
-            cgroup_procs=self.emperor.cgroup_procs_for(self, cgroup),
+            cgroup_procs=procs,
             clone=list(self.emperor.clone),
             as_vassal=self.emperor.as_vassal,
         )
@@ -175,6 +185,10 @@ class Vassal:
         loop = self.emperor.loop
         loop.add_reader(self.pipe, self._on_pipe)
         loop.add_reader(self.log_fd, self._on_log)
+        if self.limit_groups is not None:
+            self.oom_fd = self.limit_groups.oom_eventfd()
+            if self.oom_fd is not None:
+                loop.add_reader(self.oom_fd, self._on_oom)
         if spawned.pid is not None:
             self.spawned(spawned.pid, None)
 
@@ -240,6 +254,33 @@ class Vassal:
             pass
         else:
             self.note(f"ignoring unknown message {byte}")
+
+    def _on_oom(self) -> None:
+        """v1: the memory cgroup hit OOM; an OOM kill anywhere stops the whole vassal."""
+        try:
+            os.eventfd_read(self.oom_fd)  # type: ignore[arg-type]
+        except (BlockingIOError, OSError):
+            return
+        # The event comes as the cgroup goes under OOM, a moment before the
+        # kernel's kill is counted: look again on a short timer.
+        self._check_oom(40)
+
+    def _check_oom(self, tries: int) -> None:
+        self.timers.pop("oom", None)
+        if self.limit_groups is None or self.pid is None or self.exit_reason == "oom":
+            return
+        if self.limit_groups.oom_kills() > self.limit_groups.oom_baseline:
+            self.note("out of memory (memory-limit reached): stopping the whole vassal")
+            self.exit_reason = "oom"
+            self.curse()
+        elif tries > 1:
+            self._timer("oom", 0.05, lambda: self._check_oom(tries - 1))
+
+    def _close_oom(self) -> None:
+        if self.oom_fd is not None:
+            self.emperor.loop.forget(self.oom_fd)
+            os.close(self.oom_fd)
+            self.oom_fd = None
 
     def _heartbeat_lost(self) -> None:
         self.timers.pop("heartbeat", None)
@@ -367,7 +408,7 @@ class Vassal:
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
         reason = self.exit_reason or ("signal" if sig is not None else protocol.EXIT_REASONS.get(code or 0, "exit"))
-        if reason == "exit" and self.emperor.oom_killed(self):
+        if reason in ("exit", "signal") and self.emperor.oom_killed(self):
             reason = "oom"
         detail = f"killed by signal {sig}" if sig is not None else f"exit code {code}"
         if failed_spawn:
@@ -390,6 +431,7 @@ class Vassal:
             return
         self._cancel("empty")
         self._close_log()
+        self._close_oom()
         self._after_exit()
 
     def _after_exit(self) -> None:

@@ -174,3 +174,148 @@ class ProcessGroupTracker:
             return False
         except (ProcessLookupError, PermissionError):
             return True
+
+
+# --- resource limits ----------------------------------------------------------
+
+V1_LIMIT_HIERARCHIES = {"memory": "memory", "pids": "pids", "cpu": "cpu"}
+CPU_PERIOD_US = 100000
+
+
+class LimitError(Exception):
+    pass
+
+
+@dataclass
+class Limits:
+    memory: int | None = None  # bytes
+    pids: int | None = None
+    cpu: float | None = None  # cores
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in (self.memory, self.pids, self.cpu))
+
+
+@dataclass
+class LimitGroups:
+    """A vassal's limit cgroups: one dir on v2, one per controller on v1."""
+
+    dirs: dict[str, str]  # controller -> cgroup dir
+    unified: bool
+    oom_baseline: int = 0
+
+    def procs_files(self) -> list[str]:
+        return sorted({os.path.join(d, "cgroup.procs") for d in self.dirs.values()})
+
+    def _write(self, controller: str, name: str, value: str) -> None:
+        path = os.path.join(self.dirs[controller], name)
+        try:
+            with open(path, "w") as handle:
+                handle.write(value)
+        except OSError as exc:
+            raise LimitError(f"cannot set {path} to {value}: {exc.strerror}") from None
+
+    def apply(self, limits: Limits) -> None:
+        if limits.memory is not None:
+            if self.unified:
+                self._write("memory", "memory.max", str(limits.memory))
+                if os.path.exists(os.path.join(self.dirs["memory"], "memory.swap.max")):
+                    self._write("memory", "memory.swap.max", "0")
+                # An OOM kill takes the whole vassal, not one random process.
+                self._write("memory", "memory.oom.group", "1")
+            else:
+                self._write("memory", "memory.limit_in_bytes", str(limits.memory))
+        if limits.pids is not None:
+            self._write("pids", "pids.max", str(limits.pids))
+        if limits.cpu is not None:
+            quota = max(1000, int(limits.cpu * CPU_PERIOD_US))
+            if self.unified:
+                self._write("cpu", "cpu.max", f"{quota} {CPU_PERIOD_US}")
+            else:
+                self._write("cpu", "cpu.cfs_period_us", str(CPU_PERIOD_US))
+                self._write("cpu", "cpu.cfs_quota_us", str(quota))
+        self.oom_baseline = self.oom_kills()
+
+    def oom_kills(self) -> int:
+        """The kernel's count of OOM kills in this vassal's memory cgroup."""
+        directory = self.dirs.get("memory")
+        if directory is None:
+            return 0
+        name = "memory.events" if self.unified else "memory.oom_control"
+        try:
+            with open(os.path.join(directory, name)) as handle:
+                for line in handle:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except OSError:
+            pass
+        return 0
+
+    def oom_eventfd(self) -> int | None:
+        """v1: an eventfd that becomes readable when the cgroup hits OOM."""
+        directory = self.dirs.get("memory")
+        if self.unified or directory is None or not hasattr(os, "eventfd"):
+            return None
+        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        control = os.open(os.path.join(directory, "memory.oom_control"), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with open(os.path.join(directory, "cgroup.event_control"), "w") as handle:
+                handle.write(f"{efd} {control}")
+        except OSError:
+            os.close(efd)
+            return None
+        finally:
+            os.close(control)
+        return efd
+
+    def remove(self) -> None:
+        for directory in set(self.dirs.values()):
+            _rmdir(directory)
+
+
+def limit_groups(tree: CgroupTree, name: str, limits: Limits) -> LimitGroups:
+    """Create (or reuse) the cgroups that hold ``limits`` for vassal ``name``."""
+    wanted = [c for c, v in (("memory", limits.memory), ("pids", limits.pids), ("cpu", limits.cpu)) if v is not None]
+    vassal_dir = tree.vassal(name).path
+    if tree.unified:
+        parent = os.path.dirname(tree.base)
+        for directory in (parent, tree.base):
+            try:
+                with open(os.path.join(directory, "cgroup.subtree_control"), "w") as handle:
+                    handle.write(" ".join(f"+{c}" for c in wanted))
+            except OSError as exc:
+                raise LimitError(f"cannot enable the {', '.join(wanted)} controller(s) in {directory}: {exc.strerror}"
+                                 " (the emperor needs a delegated cgroup; see the systemd unit)") from None
+        return LimitGroups({c: vassal_dir for c in wanted}, True)
+    dirs: dict[str, str] = {}
+    label = os.path.basename(tree.base)
+    leaf = os.path.basename(vassal_dir)
+    for controller in wanted:
+        mount = os.path.join(CGROUP_ROOT, V1_LIMIT_HIERARCHIES[controller])
+        if not os.path.isfile(os.path.join(mount, "cgroup.procs")):
+            raise LimitError(f"{controller}-limit: no cgroup v1 {controller} hierarchy at {mount}")
+        own = _own_cgroup(controller)
+        if own is None:
+            raise LimitError(f"{controller}-limit: this process is in no {controller} cgroup")
+        directory = os.path.join(mount, own.lstrip("/"), label, leaf)
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise LimitError(f"cannot create {directory}: {exc.strerror}") from None
+        dirs[controller] = directory
+    return LimitGroups(dirs, False)
+
+
+def remove_v1_bases(label: str) -> None:
+    """At emperor exit: the per-emperor dirs in the v1 limit hierarchies."""
+    for controller, hierarchy in V1_LIMIT_HIERARCHIES.items():
+        own = _own_cgroup(controller)
+        if own is None:
+            continue
+        base = os.path.join(CGROUP_ROOT, hierarchy, own.lstrip("/"), label)
+        if os.path.isdir(base):
+            for entry in os.scandir(base):
+                if entry.is_dir():
+                    _rmdir(entry.path)
+            _rmdir(base)

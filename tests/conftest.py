@@ -196,10 +196,25 @@ def _leftover_cgroups() -> list[str]:
     return found
 
 
+def _mounts() -> set[str]:
+    with open("/proc/self/mountinfo") as handle:
+        return {line.split()[4] for line in handle}
+
+
+def _netns() -> set[str]:
+    try:
+        return set(os.listdir("/run/netns"))
+    except OSError:
+        return set()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def leak_check():
     before = set(_leftover_cgroups())
+    mounts_before, netns_before = _mounts(), _netns()
     yield
+    assert _mounts() <= mounts_before, f"mounts left behind: {sorted(_mounts() - mounts_before)}"
+    assert _netns() <= netns_before, f"netns left behind: {sorted(_netns() - netns_before)}"
     deadline = time.monotonic() + 5
     while (procs := _leftover_processes()) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -227,3 +227,61 @@ def test_vassal_cli_check_and_unknown_user(tmp_path):
     result = subprocess.run([sys.executable, "-m", "vassal", str(f)], capture_output=True, text=True, timeout=20)
     assert result.returncode == 4
     assert "unknown user 'no-such-user-xyz'" in result.stderr
+
+
+LIMITS_APP = '''
+import os, time
+
+def application(environ, start_response):
+    path = environ["PATH_INFO"]
+    body = b"ok"
+    if path == "/hog":
+        hoard = [bytearray(1024 * 1024) for _ in range(200)]
+        body = b"survived %d" % len(hoard)
+    elif path == "/forkbomb":
+        count = 0
+        for _ in range(200):
+            try:
+                pid = os.fork()
+            except OSError:
+                break
+            if pid == 0:
+                time.sleep(3)
+                os._exit(0)
+            count += 1
+        body = b"%d" % count
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+'''
+
+
+def test_limits_oom_and_forkbomb(start_emperor, shared_dir):
+    from tests.conftest import answers, http_get
+
+    (shared_dir / "limits.py").write_text(LIMITS_APP)
+    emp = start_emperor()
+    hog_port, bomb_port, neighbour = free_port(), free_port(), free_port()
+    (emp.dir / "hog.ini").write_text(f"[uwsgi]\nwsgi-file = {shared_dir}/limits.py\nhttp-socket = 127.0.0.1:{hog_port}\nmemory-limit = 64M\ncpu-limit = 0.5\n")
+    (emp.dir / "bomb.ini").write_text(f"[uwsgi]\nwsgi-file = {shared_dir}/limits.py\nhttp-socket = 127.0.0.1:{bomb_port}\npids-limit = 16\n")
+    (emp.dir / "neighbour.ini").write_text(hello_ini(neighbour))
+    for port in (hog_port, bomb_port, neighbour):
+        wait_for(lambda p=port: answers(p), 20, what="vassals up")
+    tracking = emp.status()["emperor"]["tracking"]
+    with open(os.path.join(tracking, "bomb.ini", "pids.max")) as handle:
+        assert handle.read().strip() == "16"
+    # The fork bomb stays contained.
+    status, body = http_get(bomb_port, "/forkbomb", timeout=20)
+    assert status == 200 and int(body) < 16
+    assert answers(neighbour)
+    # The hog is OOM-killed as a whole, reported, and respawned with backoff.
+    first_pid = emp.vassal("hog.ini")["pid"]
+    try:
+        http_get(hog_port, "/hog", timeout=20)
+    except OSError:
+        pass
+    v = wait_for(lambda: (x := emp.vassal("hog.ini")) and x["last_exit"] and x, 15, what="OOM reported")
+    assert v["last_exit"]["reason"] == "oom"
+    v = wait_for(lambda: (x := emp.vassal("hog.ini"))["state"] == "ready" and x["pid"] != first_pid and x, 15, what="respawned")
+    assert v["restarts"] >= 1 and v["last_exit"]["reason"] == "oom"
+    assert answers(neighbour)
+    assert answers(hog_port)
