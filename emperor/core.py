@@ -40,7 +40,7 @@ from jails.tracking import (
     remove_v1_bases,
 )
 from vassal import hooks, jail, options
-from vassal.config import Config, ConfigError, load, unsupported
+from vassal.config import Config, ConfigError, Problem, load, unsupported
 from vassal.loop import Loop, reaped
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -254,10 +254,33 @@ class Emperor:
             if os.path.dirname(vassal.path) == source.directory and vassal.path not in present and self.source_for(vassal.path) is source:
                 self.on_path(vassal.path)
 
+    def overrides_for(self, path: str) -> list[tuple[str, str]]:
+        """``vassal-set`` values, then in tyrant mode the file owner's uid/gid
+        (last, so the file cannot override them)."""
+        overrides = list(self.vassal_set)
+        owner = self.tyrant_owner(path)
+        if owner is not None:
+            overrides += [("uid", str(owner[0])), ("gid", str(owner[1]))]
+        return overrides
+
+    def tyrant_owner(self, path: str) -> tuple[int, int] | None:
+        if not self.tyrant:
+            return None
+        st = os.lstat(path) if self.settings.get("emperor-tyrant-nofollow") else os.stat(path)
+        return st.st_uid, st.st_gid
+
     def _read_config(self, path: str) -> Config:
         lenient = bool(self.wrapper) and path.endswith(".ini")
-        config = load(path, inherit=self.inherit, overrides=self.vassal_set, lenient=lenient)
-        if not lenient and (problems := unsupported(config) + jail.problems(config, set(self.clone))):
+        owner = None
+        if self.tyrant:
+            try:
+                owner = self.tyrant_owner(path)
+            except OSError as exc:
+                raise ConfigError([Problem(path, None, None, f"tyrant mode: cannot stat: {exc.strerror}")]) from None
+            if owner is not None and (owner[0] == 0 or owner[1] == 0):
+                raise ConfigError([Problem(path, None, None, f"tyrant mode: refusing a file owned by root (uid {owner[0]}, gid {owner[1]}); chown it to the tenant")])
+        config = load(path, inherit=self.inherit, overrides=self.overrides_for(path), lenient=lenient)
+        if not lenient and (problems := unsupported(config) + jail.problems(config, set(self.clone), tyrant=self.tyrant)):
             raise ConfigError(problems)
         return config
 

@@ -36,6 +36,7 @@ class SpawnRequest:
     cgroup_procs: list[str]  # cgroup.procs files to join (tracking and limits)
     clone: list[str] = field(default_factory=list)  # emperor-use-clone namespaces
     as_vassal: list[tuple[str, str, str, str]] = field(default_factory=list)  # (action, args, key, value)
+    tyrant: tuple[int, int] | None = None  # the file owner, in tyrant mode
 
 
 @dataclass
@@ -68,6 +69,10 @@ def build_env(req: SpawnRequest) -> dict[str, str]:
     env["PYEMPEROR_CLONED"] = ",".join(req.clone)
     if req.as_vassal:
         env["PYEMPEROR_AS_VASSAL"] = json.dumps(req.as_vassal)
+    if req.tyrant is not None:
+        env["PYEMPEROR_TYRANT"] = f"{req.tyrant[0]}:{req.tyrant[1]}"
+    else:
+        env.pop("PYEMPEROR_TYRANT", None)
     return env
 
 

@@ -30,10 +30,48 @@ def own_namespaces(config: Config) -> set[str]:
     return {"fs" if n == "mount" else n for n in (config.get("unshare") or ())}  # type: ignore[union-attr]
 
 
-def problems(config: Config, cloned: set[str]) -> list[Problem]:
-    """Actions that need a namespace the vassal will not have (DESIGN 3a)."""
-    have = cloned | own_namespaces(config)
+ROOT_PHASES = ("pre-jail", "post-jail", "in-jail", "as-root")
+# Hook actions harmless when run as root for a tenant (tyrant mode).
+TYRANT_SAFE_ACTIONS = ("print", "putenv", "hostname", "cd")
+ENV_TYRANT = "PYEMPEROR_TYRANT"
+
+
+def tyrant_owner() -> tuple[int, int] | None:
+    raw = os.environ.get(ENV_TYRANT, "")
+    if not raw:
+        return None
+    uid, _, gid = raw.partition(":")
+    return int(uid), int(gid)
+
+
+def tyrant_problems(config: Config) -> list[Problem]:
+    """In tyrant mode a tenant's file never runs anything as host root: root
+    phases, mounts, pivot-root and chroot are refused (user namespaces mapped
+    to the owner, which would allow them, are not implemented yet)."""
     found: list[Problem] = []
+    for key in ("pivot-root", "chroot"):
+        for entry in config.sources.get(key, []):
+            found.append(Problem(entry.file, entry.line, key, f"{key} is not allowed in tyrant mode (it would run as root)"))
+    for phase in ROOT_PHASES:
+        for hook in hooks.hooks_for(config, phase):
+            if hook.action not in TYRANT_SAFE_ACTIONS:
+                found.append(Problem(hook.entry.file, hook.entry.line, hook.entry.key,
+                                     f"action {hook.action} in root phase {phase} is not allowed in tyrant mode (it would run as root)"))
+    for key in ("http-socket", "socket"):
+        for value, entry in zip(config.getlist(key), config.sources.get(key, []), strict=False):
+            address = str(value)
+            if "/" not in address and not address.startswith("@"):
+                port = int(address.rpartition(":")[2])
+                if 0 < port < 1024:
+                    found.append(Problem(entry.file, entry.line, key, f"port {port} is privileged: not allowed in tyrant mode"))
+    return found
+
+
+def problems(config: Config, cloned: set[str], tyrant: bool = False) -> list[Problem]:
+    """Actions that need a namespace the vassal will not have (DESIGN 3a),
+    and, in tyrant mode, what would run as root."""
+    have = cloned | own_namespaces(config)
+    found: list[Problem] = tyrant_problems(config) if tyrant else []
 
     def need(key: str, namespace: str, what: str) -> None:
         for entry in config.sources.get(key, []):

@@ -339,7 +339,7 @@ NOT_YET = {
     "cheaper-rss-limit-soft", "cheaper-rss-limit-hard", "smart-attach-daemon", "logto", "log-encoder",
     "uid-map", "gid-map", "jail", "jail2", "jail-ip4", "jail-ip6", "jidfile", "jail-attach",
     "tuntap-device", "net-iface", "net-route",
-    "emperor-tyrant", "emperor-tyrant-nofollow", "tuntap-router",
+    "tuntap-router",
     "tuntap-router-firewall-in", "tuntap-router-firewall-out",
 }
 for _name in NOT_YET:

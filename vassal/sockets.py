@@ -46,8 +46,26 @@ def _split_host_port(address: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
-def bind(kind: str, address: str, backlog: int, mode: int | None = None, owner: str | None = None) -> Listener:
+def _check_tenant_dir(path: str, tenant: tuple[int, int]) -> None:
+    """Tyrant mode: a tenant's unix socket goes only where the tenant may
+    write anyway (its own dir, or a sticky world-writable one like /tmp)."""
+    directory = os.path.dirname(os.path.abspath(path)) or "/"
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        raise SocketError(f"cannot bind {path}: {exc.strerror}") from None
+    sticky_public = st.st_mode & 0o1002 == 0o1002
+    if st.st_uid != tenant[0] and not sticky_public:
+        raise SocketError(f"tyrant mode: {directory} is not owned by uid {tenant[0]}, refusing to create {path} there")
+    if sticky_public and os.path.lexists(path) and os.lstat(path).st_uid != tenant[0]:
+        raise SocketError(f"tyrant mode: {path} belongs to another user")
+
+
+def bind(kind: str, address: str, backlog: int, mode: int | None = None, owner: str | None = None,
+         tenant: tuple[int, int] | None = None) -> Listener:
     if "/" in address or address.startswith("@"):
+        if tenant is not None and not address.startswith("@"):
+            _check_tenant_dir(address, tenant)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         path = "\0" + address[1:] if address.startswith("@") else address
         if not address.startswith("@"):
@@ -62,6 +80,8 @@ def bind(kind: str, address: str, backlog: int, mode: int | None = None, owner: 
             sock.close()
             raise SocketError(f"cannot bind {kind} socket {address}: {exc.strerror}") from None
         if not address.startswith("@"):
+            if tenant is not None:
+                os.chown(address, tenant[0], tenant[1])
             if mode is not None:
                 os.chmod(address, mode)
             if owner:

@@ -131,7 +131,7 @@ class Top:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         self._attach_emperor()
         self.send(protocol.SPAWNED)
-        bad = jail.problems(self.config, jail.cloned_namespaces())
+        bad = jail.problems(self.config, jail.cloned_namespaces(), tyrant=jail.tyrant_owner() is not None)
         if bad:
             for problem in bad:
                 log(str(problem))
@@ -263,7 +263,7 @@ class Top:
             for key in wanted:
                 if key in self.listeners or key in fresh:
                     continue
-                fresh[key] = bind(key[0], key[1], backlog, mode, owner)  # type: ignore[arg-type]
+                fresh[key] = bind(key[0], key[1], backlog, mode, owner, tenant=jail.tyrant_owner())  # type: ignore[arg-type]
         except SocketError:
             for listener in fresh.values():
                 listener.close()

@@ -285,3 +285,36 @@ def test_limits_oom_and_forkbomb(start_emperor, shared_dir):
     assert v["restarts"] >= 1 and v["last_exit"]["reason"] == "oom"
     assert answers(neighbour)
     assert answers(hog_port)
+
+
+def test_tyrant_mode(start_emperor, shared_dir):
+    tenant_dir = shared_dir / "tenant"
+    tenant_dir.mkdir()
+    os.chown(tenant_dir, 65534, 65534)
+    emp = start_emperor("--emperor-tyrant")
+    os.chmod(emp.dir, 0o755)
+    # A tenant file runs as its owner, whatever uid it asks for.
+    f = emp.dir / "tenant.ini"
+    f.write_text(f"[uwsgi]\nwsgi-file = {shared_dir}/info.py\nhttp-socket = {tenant_dir}/t.sock\nuid = root\n")
+    os.chown(f, 65534, 65534)
+    info = wait_for(lambda: unix_get(f"{tenant_dir}/t.sock"), 20, what="tenant vassal")
+    assert info["uid"] == 65534 and info["gid"] == 65534
+    assert os.stat(f"{tenant_dir}/t.sock").st_uid == 65534
+    # A root-owned file is refused, clearly.
+    (emp.dir / "rooty.ini").write_text(jail_ini(shared_dir, "rooty"))
+    v = emp.wait_state("rooty.ini", "invalid")
+    assert "tyrant mode: refusing a file owned by root" in v["error"]
+    # Root phases and privileged ports are refused for tenants.
+    bad = emp.dir / "bad.ini"
+    bad.write_text(f"[uwsgi]\nwsgi-file = {shared_dir}/info.py\nhttp-socket = 127.0.0.1:80\nexec-as-root = touch /etc/owned\nchroot = /tmp\n")
+    os.chown(bad, 65534, 65534)
+    v = emp.wait_state("bad.ini", "invalid")
+    assert "port 80 is privileged" in v["error"]
+    assert "action exec in root phase as-root is not allowed in tyrant mode" in v["error"]
+    assert "chroot is not allowed in tyrant mode" in v["error"]
+    # A tenant socket outside its own dirs is refused at bind time.
+    elsewhere = emp.dir / "else.ini"
+    elsewhere.write_text(f"[uwsgi]\nwsgi-file = {shared_dir}/info.py\nhttp-socket = {shared_dir}/not-yours.sock\n")
+    os.chown(elsewhere, 65534, 65534)
+    wait_for(lambda: "is not owned by uid 65534, refusing to create" in emp.log_text(), 15, what="socket refused")
+    assert not os.path.exists(f"{shared_dir}/not-yours.sock")
