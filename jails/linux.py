@@ -204,6 +204,56 @@ def drop_bounding_set(keep: Iterable[int] = ()) -> None:
             _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
 
 
+# Capabilities an app running as root never needs (DESIGN: drop what the
+# vassal does not need): module loading, raw I/O, reboot, clock, tracing,
+# mounts and namespaces (done by the top process already), MAC, audit, bpf.
+UNNEEDED_CAPS = {
+    "CAP_LINUX_IMMUTABLE": 9, "CAP_NET_ADMIN": 12, "CAP_SYS_MODULE": 16, "CAP_SYS_RAWIO": 17,
+    "CAP_SYS_PTRACE": 19, "CAP_SYS_PACCT": 20, "CAP_SYS_ADMIN": 21, "CAP_SYS_BOOT": 22,
+    "CAP_SYS_TIME": 25, "CAP_MKNOD": 27, "CAP_AUDIT_CONTROL": 30, "CAP_MAC_OVERRIDE": 32,
+    "CAP_MAC_ADMIN": 33, "CAP_SYSLOG": 34, "CAP_WAKE_ALARM": 35, "CAP_BLOCK_SUSPEND": 36,
+    "CAP_AUDIT_READ": 37, "CAP_PERFMON": 38, "CAP_BPF": 39, "CAP_CHECKPOINT_RESTORE": 40,
+}
+_CAP_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def drop_capabilities(caps: Iterable[int]) -> None:
+    """Remove ``caps`` from the bounding, effective, permitted and inheritable sets."""
+    caps = [c for c in caps if c <= last_cap()]
+    for cap in caps:
+        _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(header), data), "capget")
+    for cap in caps:
+        word, bit = divmod(cap, 32)
+        mask = ~(1 << bit) & 0xFFFFFFFF
+        data[word].effective &= mask
+        data[word].permitted &= mask
+        data[word].inheritable &= mask
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
+def capabilities() -> tuple[int, int]:
+    """(effective, bounding) capability masks of this process, from /proc."""
+    eff = bnd = 0
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("CapEff:"):
+                eff = int(line.split()[1], 16)
+            elif line.startswith("CapBnd:"):
+                bnd = int(line.split()[1], 16)
+    return eff, bnd
+
+
 def resolve_user(user: str) -> tuple[int, int, str | None]:
     """(uid, primary gid, name) for a user name or number."""
     if user.isdigit():
@@ -232,9 +282,13 @@ def resolve_group(group: str) -> int:
 def drop_privileges(uid: int | None, gid: int | None, user_name: str | None) -> None:
     """gid, supplementary groups, then uid; no_new_privs and a bare bounding set."""
     set_no_new_privs()
-    if uid is None and gid is None:
-        return
-    drop_bounding_set()
+    if uid is None and gid is None or uid == 0:
+        # Root stays root, without the capabilities no app needs.
+        drop_capabilities(UNNEEDED_CAPS.values())
+        if uid is None and gid is None:
+            return
+    else:
+        drop_bounding_set()
     if gid is not None:
         if user_name:
             os.initgroups(user_name, gid)

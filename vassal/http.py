@@ -8,7 +8,6 @@ order, one at a time, since a WSGI call blocks.
 
 from __future__ import annotations
 
-import io
 import socket
 import sys
 import traceback
@@ -20,6 +19,7 @@ from urllib.parse import unquote_to_bytes
 import httptools
 
 from vassal.log import log
+from vassal.spool import BodySpool
 
 STATUS_TEXT = {
     400: "Bad Request",
@@ -36,7 +36,7 @@ class Request:
     method: bytes = b""
     url: bytes = b""
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    body: io.BytesIO = field(default_factory=io.BytesIO)
+    body: BodySpool = field(default_factory=BodySpool)
     version: str = "1.1"
     keep_alive: bool = True
     expect_continue: bool = False
@@ -103,7 +103,6 @@ class _Parser:
 
     def on_message_complete(self) -> None:
         assert self.current is not None
-        self.current.body.seek(0)
         self.done.append(self.current)
         self.current = None
 
@@ -194,7 +193,7 @@ class HttpConnection:
             "SERVER_PROTOCOL": f"HTTP/{req.version}",
             "wsgi.version": (1, 0),
             "wsgi.url_scheme": "http",
-            "wsgi.input": req.body,
+            "wsgi.input": req.body.finish(),
             "wsgi.errors": sys.stderr,
             "wsgi.multithread": False,
             "wsgi.multiprocess": True,
@@ -219,8 +218,8 @@ class HttpConnection:
                 env[key] += ("; " if key == "HTTP_COOKIE" else ", ") + text
             else:
                 env[key] = text
-        if "CONTENT_LENGTH" not in env and req.body.getbuffer().nbytes:
-            env["CONTENT_LENGTH"] = str(req.body.getbuffer().nbytes)
+        if "CONTENT_LENGTH" not in env and req.body.size:
+            env["CONTENT_LENGTH"] = str(req.body.size)
         return env
 
     def handle(self, req: Request) -> bool:
@@ -245,6 +244,7 @@ class HttpConnection:
                 self._send_error(500)
             return False
         finally:
+            req.body.close()
             close = getattr(result, "close", None)
             if close is not None:
                 try:

@@ -196,3 +196,10 @@ def test_sigterm_stops_everything(run_vassal):
     assert v.proc.wait(10) == 0
     time.sleep(0.2)
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs)
+
+
+def test_large_body_spooled(run_vassal):
+    v = run_vassal()
+    payload = os.urandom(3 * 1024 * 1024)
+    status, body = http_get(v.port, "/echo", method="POST", body=payload, timeout=20)
+    assert status == 200 and body == payload

@@ -318,3 +318,32 @@ def test_tyrant_mode(start_emperor, shared_dir):
     os.chown(elsewhere, 65534, 65534)
     wait_for(lambda: "is not owned by uid 65534, refusing to create" in emp.log_text(), 15, what="socket refused")
     assert not os.path.exists(f"{shared_dir}/not-yours.sock")
+
+
+CAPS_APP = '''
+import json
+
+def application(environ, start_response):
+    status = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith(("Cap", "NoNewPrivs")))
+    body = json.dumps({k: v.strip() for k, v in status.items()}).encode()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+'''
+
+
+@pytest.mark.parametrize("user", ["", "uid = nobody\ngid = nogroup\n"])
+def test_capabilities_dropped(start_emperor, shared_dir, user):
+    from jails.linux import UNNEEDED_CAPS
+
+    (shared_dir / "caps.py").write_text(CAPS_APP)
+    emp = start_emperor()
+    (emp.dir / "caps.ini").write_text(f"[uwsgi]\nwsgi-file = {shared_dir}/caps.py\nhttp-socket = {shared_dir}/caps.sock\nchmod-socket = 666\n{user}")
+    info = wait_for(lambda: unix_get(f"{shared_dir}/caps.sock"), 20, what="vassal")
+    eff, bnd = int(info["CapEff"], 16), int(info["CapBnd"], 16)
+    assert info["NoNewPrivs"] == "1"
+    if user:
+        assert eff == 0 and bnd == 0
+    else:
+        assert eff != 0  # still root, but without what no app needs
+        for cap in UNNEEDED_CAPS.values():
+            assert not eff & (1 << cap) and not bnd & (1 << cap)
