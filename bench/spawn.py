@@ -4,6 +4,9 @@
 (a) vassal file created -> first HTTP 200, median of N (default 20)
 (b) M vassal files dropped at once (default 200) -> all answering
 (c) PSS per vassal with M running (from /proc/PID/smaps_rollup)
+(d) as (a), but every vassal in new ipc,uts,fs,pid,net namespaces
+    (emperor-use-clone; HTTP over a unix socket, since the vassal has its own
+    network namespace)
 
 Each vassal is a hello-world app with one worker on http-socket (loopback).
 uWSGI runs with --emperor-freq 1 for (a) and its default freq for (b).
@@ -32,6 +35,17 @@ BIN = Path(sys.executable).parent
 BASE_PORT = 21000
 
 
+def answers_unix(path: str) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(1)
+            sock.connect(path)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+            return sock.recv(16).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
 def answers(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
@@ -58,8 +72,9 @@ def wait(predicate, timeout: float, interval: float = 0.0005) -> float:
     raise TimeoutError("timed out")
 
 
-def ini(kind: str, port: int) -> str:
-    text = f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nwsgi-file = {HELLO}\nprocesses = 1\n"
+def ini(kind: str, port: int | str) -> str:
+    address = port if isinstance(port, str) else f"127.0.0.1:{port}"
+    text = f"[uwsgi]\nhttp-socket = {address}\nwsgi-file = {HELLO}\nprocesses = 1\n"
     if kind == "uwsgi":
         text += "master = true\ndisable-logging = true\n"
     return text
@@ -95,8 +110,11 @@ def pss_kb(pid: int) -> int:
     return 0
 
 
+CLONE = "ipc,uts,fs,pid,net"
+
+
 class Emperor:
-    def __init__(self, kind: str, workdir: Path, freq: int | None):
+    def __init__(self, kind: str, workdir: Path, freq: int | None, clone: bool = False):
         self.kind = kind
         self.dir = workdir / f"{kind}-vassals"
         self.dir.mkdir()
@@ -106,8 +124,12 @@ class Emperor:
             argv = [uwsgi, "--emperor", str(self.dir)]
             if freq:
                 argv += ["--emperor-freq", str(freq)]
+            if clone:
+                argv += ["--emperor-use-clone", CLONE]
         else:
             argv = [str(BIN / "emperor"), "--control", str(workdir / "control.sock"), str(self.dir)]
+            if clone:
+                argv += ["--emperor-use-clone", CLONE]
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=workdir)
         time.sleep(1.0)
 
@@ -146,6 +168,27 @@ def bench_first_request(kind: str, workdir: Path, samples: int) -> list[float]:
             times.append(time.perf_counter() - start)
             path.unlink()
             wait(lambda p=port: closed(p), 30, 0.005)
+    finally:
+        emperor.stop()
+    return times
+
+
+def bench_namespaced(kind: str, workdir: Path, samples: int) -> list[float]:
+    (workdir / "d").mkdir(exist_ok=True)
+    emperor = Emperor(kind, workdir / "d", freq=1, clone=True)
+    times = []
+    try:
+        for i in range(samples):
+            sock = str(workdir / "d" / f"d{i}.sock")
+            path = emperor.dir / f"d{i}.ini"
+            tmp = emperor.dir / f".d{i}.tmp"
+            tmp.write_text(ini(kind, sock))
+            start = time.perf_counter()
+            os.rename(tmp, path)
+            wait(lambda s=sock: answers_unix(s), 30)
+            times.append(time.perf_counter() - start)
+            path.unlink()
+            wait(lambda s=sock: not answers_unix(s), 30, 0.005)
     finally:
         emperor.stop()
     return times
@@ -193,17 +236,22 @@ def main() -> int:
             work = Path(tmp)
             firsts = bench_first_request(kind, work, args.samples)
             many, pss = bench_many(kind, work, args.count)
-            results[kind] = {"a_median_ms": statistics.median(firsts) * 1000, "b_seconds": many, "c_pss_mb": pss}
+            namespaced = bench_namespaced(kind, work, args.samples)
+            results[kind] = {"a_median_ms": statistics.median(firsts) * 1000, "b_seconds": many, "c_pss_mb": pss,
+                             "d_median_ms": statistics.median(namespaced) * 1000}
             print(f"{kind:>6}: (a) first 200 median {results[kind]['a_median_ms']:.1f} ms "
                   f"(min {min(firsts) * 1000:.1f}, max {max(firsts) * 1000:.1f}); "
                   f"(b) {args.count} vassals answering in {many:.2f} s; "
-                  f"(c) PSS per vassal {pss:.2f} MB", flush=True)
+                  f"(c) PSS per vassal {pss:.2f} MB; "
+                  f"(d) namespaced first 200 median {results[kind]['d_median_ms']:.1f} ms "
+                  f"(+{results[kind]['d_median_ms'] - results[kind]['a_median_ms']:.1f} ms over (a))", flush=True)
     if "uwsgi" in results:
         ours, theirs = results["ours"], results["uwsgi"]
         print("ratios ours/uWSGI (lower is better): "
               f"(a) {ours['a_median_ms'] / theirs['a_median_ms']:.3f}  "
               f"(b) {ours['b_seconds'] / theirs['b_seconds']:.3f}  "
-              f"(c) {ours['c_pss_mb'] / theirs['c_pss_mb']:.3f}")
+              f"(c) {ours['c_pss_mb'] / theirs['c_pss_mb']:.3f}  "
+              f"(d) {ours['d_median_ms'] / theirs['d_median_ms']:.3f}")
     return 0
 
 

@@ -17,6 +17,10 @@ import struct
 from collections.abc import Iterable
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# Resolved once at import (in the zygote), so forked vassals share them
+# instead of each building its own function pointers.
+for _fn in ("unshare", "sethostname", "mount", "umount2", "syscall", "prctl", "capget", "capset"):
+    getattr(_libc, _fn)
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -185,6 +189,11 @@ def interface_up(name: str) -> None:
 
 def set_no_new_privs() -> None:
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def die_with_parent(sig: int) -> None:
+    """Get ``sig`` when the parent dies (PR_SET_PDEATHSIG)."""
+    _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
 def last_cap() -> int:

@@ -15,7 +15,7 @@ import socket
 import time
 import traceback
 
-from jails.linux import JailError
+from jails.linux import JailError, die_with_parent
 from vassal import hooks, jail, protocol
 from vassal.app import load_app
 from vassal.config import Config
@@ -67,6 +67,7 @@ class Master:
     def _run(self) -> int:
         set_role(f"{self.name} master")
         set_title(f"vassal master {self.name}")
+        die_with_parent(signal.SIGTERM)  # if the top process is killed outright
         self.parent_loop.reset_signals_in_child()
         try:
             jail.drop_privileges(self.config)
@@ -89,6 +90,8 @@ class Master:
         except hooks.HookError as exc:
             log(str(exc))
             return protocol.EXIT_HOOK
+        if self.processes == 1 and not self.config.has("cheaper"):
+            return self._run_single()
         loop = self.loop
         loop.add_signal(signal.SIGCHLD, lambda s: self._reap())
         loop.add_signal(signal.SIGTERM, lambda s: self.stop(graceful=True))
@@ -103,6 +106,28 @@ class Master:
         hooks.run_phase(self.config, "as-user-atexit", fatal=False)
         return 0
 
+    def _worker(self, index: int) -> Worker:
+        return Worker(
+            index + 1,
+            self.listeners,
+            self.app,  # type: ignore[arg-type]
+            self.ctl.fileno(),
+            max_head=int(self.config.get("buffer-size")),  # type: ignore[arg-type]
+            max_body=int(self.config.get("limit-post")),  # type: ignore[arg-type]
+            keepalive=int(self.config.get("http-keepalive")),  # type: ignore[arg-type]
+            max_requests=int(self.config.get("max-requests")),  # type: ignore[arg-type]
+        )
+
+    def _run_single(self) -> int:
+        """One worker: the master serves requests itself, as uWSGI does
+        without --master. A forked worker would only add a process (~3 MB)
+        per vassal; the top process already supervises this one, replacing
+        it if it dies or recycles (max-requests)."""
+        self.ctl.send(b"R")
+        self._worker(0).run()
+        hooks.run_phase(self.config, "as-user-atexit", fatal=False)
+        return 0
+
     def _spawn(self, index: int) -> None:
         if self.stopping:
             return
@@ -114,17 +139,8 @@ class Master:
                 self.loop.reset_signals_in_child()
                 set_role(f"{self.name} worker {index + 1}")
                 set_title(f"vassal worker {index + 1} {self.name}")
-                worker = Worker(
-                    index + 1,
-                    self.listeners,
-                    self.app,  # type: ignore[arg-type]
-                    self.ctl.fileno(),
-                    max_head=int(self.config.get("buffer-size")),  # type: ignore[arg-type]
-                    max_body=int(self.config.get("limit-post")),  # type: ignore[arg-type]
-                    keepalive=int(self.config.get("http-keepalive")),  # type: ignore[arg-type]
-                    max_requests=int(self.config.get("max-requests")),  # type: ignore[arg-type]
-                )
-                worker.run()
+                die_with_parent(signal.SIGTERM)
+                self._worker(index).run()
             except BaseException:
                 log(f"worker crashed:\n{traceback.format_exc().rstrip()}")
                 code = 1

@@ -347,3 +347,27 @@ def test_capabilities_dropped(start_emperor, shared_dir, user):
         assert eff != 0  # still root, but without what no app needs
         for cap in UNNEEDED_CAPS.values():
             assert not eff & (1 << cap) and not bnd & (1 << cap)
+
+
+def test_emperor_hooks_and_prejail_not_rerun(start_emperor, shared_dir):
+    log = shared_dir / "ehooks.log"
+    log.write_text("")
+    log.chmod(0o666)
+    emp = start_emperor(
+        "--exec-as-root", f"echo emperor-as-root >> {log}",
+        "--exec-as-emperor", f"echo as-emperor $UWSGI_VASSAL_CONFIG $UWSGI_VASSAL_PID $UWSGI_VASSAL_UID >> {log}",
+        "--hook-as-vassal", f"write:{shared_dir}/as-vassal.txt ran",
+    )
+    f = emp.dir / "eh.ini"
+    f.write_text(jail_ini(shared_dir, "eh", f"exec-pre-jail = echo pre-jail >> {log}\nexec-pre-app = echo pre-app >> {log}\n"))
+    first = wait_for(lambda: unix_get(f"{shared_dir}/eh.sock"), 20, what="vassal")
+    pid = emp.vassal("eh.ini")["pid"]
+    wait_for(lambda: "as-emperor" in log.read_text(), 10, what="as-emperor hook")
+    assert (shared_dir / "as-vassal.txt").read_text() == "ran"
+    os.utime(f)
+    wait_for(lambda: (i := unix_get(f"{shared_dir}/eh.sock")) and i["pid"] != first["pid"], 15, what="reloaded")
+    wait_for(lambda: log.read_text().count("pre-app") == 2, 10, what="pre-app again")
+    lines = log.read_text().splitlines()
+    assert lines[0] == "emperor-as-root"
+    assert f"as-emperor {f} {pid} 0" in lines
+    assert lines.count("pre-jail") == 1  # not run again on a graceful reload
