@@ -259,9 +259,27 @@ class Emperor:
         (last, so the file cannot override them)."""
         overrides = list(self.vassal_set)
         owner = self.tyrant_owner(path)
-        if owner is not None:
+        if owner is not None and "user" not in self.clone and not self._unshares_user(path):
+            # Without a user namespace mapped to the owner, the owner's ids are forced.
             overrides += [("uid", str(owner[0])), ("gid", str(owner[1]))]
         return overrides
+
+    def _unshares_user(self, path: str) -> bool:
+        vassal = self.vassals.get(os.path.basename(path))
+        config = vassal.config if vassal is not None else None
+        if config is None:
+            try:
+                config = load(path, inherit=self.inherit, overrides=list(self.vassal_set))
+            except ConfigError:
+                return False
+        return "user" in jail.own_namespaces(config)
+
+    def id_maps_for(self, vassal: Vassal) -> tuple[str, str] | None:
+        """uid/gid maps for an emperor-use-clone user namespace: the vassal's
+        uid-map/gid-map, else root's subordinate range."""
+        if "user" not in self.clone or vassal.config is None:
+            return None
+        return jail.id_maps(vassal.config, self.tyrant_owner(vassal.path))
 
     def tyrant_owner(self, path: str) -> tuple[int, int] | None:
         if not self.tyrant:

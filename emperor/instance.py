@@ -153,6 +153,7 @@ class Vassal:
             inherit=list(self.emperor.inherit),
             overrides=self.emperor.overrides_for(self.path),
             tyrant=self.emperor.tyrant_owner(self.path),
+            id_maps=self.emperor.id_maps_for(self),
             wrapper=self.emperor.wrapper if self.wrapped else None,
             cgroup_procs=procs,
             clone=list(self.emperor.clone),

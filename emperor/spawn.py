@@ -37,6 +37,7 @@ class SpawnRequest:
     clone: list[str] = field(default_factory=list)  # emperor-use-clone namespaces
     as_vassal: list[tuple[str, str, str, str]] = field(default_factory=list)  # (action, args, key, value)
     tyrant: tuple[int, int] | None = None  # the file owner, in tyrant mode
+    id_maps: tuple[str, str] | None = None  # (uid_map, gid_map) when clone has "user"
 
 
 @dataclass
@@ -82,14 +83,25 @@ def join_cgroups(procs_files: list[str]) -> None:
             handle.write(str(os.getpid()))
 
 
-def enter_clone(clone: list[str]) -> None:
+def unshare_clone(clone: list[str], id_maps: tuple[str, str] | list[str] | None) -> int:
+    """Unshare the emperor-use-clone namespaces (with a user namespace: made
+    first, mapped, and owning the others); the flags used."""
+    flags = linux.namespace_flags(clone)
+    if flags & linux.CLONE_NEWUSER:
+        uid_map, gid_map = id_maps or (linux.default_id_map("uid"), linux.default_id_map("gid"))
+        linux.unshare_user(flags & ~linux.CLONE_NEWUSER, uid_map, gid_map)
+    elif flags:
+        linux.unshare(flags)
+    return flags
+
+
+def enter_clone(clone: list[str], id_maps: tuple[str, str] | None = None) -> None:
     """In a spawned child: unshare the emperor-use-clone namespaces. With a
     pid namespace only our next child is inside it (as PID 1): this process
     forks it and stays behind as a proxy forwarding signals and exit status."""
     if not clone:
         return
-    flags = linux.namespace_flags(clone)
-    linux.unshare(flags)
+    flags = unshare_clone(clone, id_maps)
     if not flags & linux.CLONE_NEWPID:
         return
     child = os.fork()
@@ -131,7 +143,7 @@ def spawn(req: SpawnRequest) -> Spawned:
                 os.dup2(theirs.fileno(), VASSAL_PIPE_FD)
             os.closerange(VASSAL_PIPE_FD + 1, os.sysconf("SC_OPEN_MAX"))
             os.chdir(cwd)
-            enter_clone(req.clone)
+            enter_clone(req.clone, req.id_maps)
             os.execve(argv[0], argv, env)
         except BaseException as exc:
             try:
@@ -195,6 +207,7 @@ class Zygote:
             "cwd": os.path.dirname(req.path),
             "cgroup_procs": req.cgroup_procs,
             "clone": req.clone,
+            "id_maps": req.id_maps,
             "pipe_fd": VASSAL_PIPE_FD,
         }
         theirs_fd = theirs.detach()

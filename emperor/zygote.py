@@ -37,8 +37,7 @@ import vassal.http  # noqa: F401
 import vassal.master  # noqa: F401
 import vassal.top  # noqa: F401
 import vassal.worker  # noqa: F401
-from emperor.spawn import join_cgroups
-from jails import linux
+from emperor.spawn import join_cgroups, unshare_clone
 
 try:
     import setproctitle
@@ -98,7 +97,7 @@ def run_vassal(request: dict, fds: list[int], sock: socket.socket) -> None:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:
         try:
-            os.write(2, f"zygote: vassal {request.get('name')} failed: {exc!r}\n".encode())
+            os.write(2, f"vassal {request.get('name')} could not start: {type(exc).__name__}: {exc}\n".encode())
         except OSError:
             pass
     finally:
@@ -121,10 +120,8 @@ def handle(request: dict, fds: list[int], sock: socket.socket) -> None:
     # The intermediate child.
     try:
         join_cgroups(request.get("cgroup_procs") or [])
-        clone = request.get("clone") or []
-        if clone:
-            # Our next child is PID 1 of a new pid namespace, if one is asked for.
-            linux.unshare(linux.namespace_flags(clone))
+        # Our next child is PID 1 of a new pid namespace, if one is asked for.
+        unshare_clone(request.get("clone") or [], request.get("id_maps"))
         pid = os.fork()
         if pid == 0:
             run_vassal(request, fds, sock)

@@ -100,6 +100,87 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), f"unshare({flags:#x})")
 
 
+DEFAULT_SUBID = (100000, 65536)
+
+
+def default_id_map(kind: str) -> str:
+    """root's range in /etc/subuid (or /etc/subgid), as podman does; else
+    100000:65536. Inside ids 0.. map onto it."""
+    start, count = DEFAULT_SUBID
+    try:
+        with open(f"/etc/sub{kind}") as handle:
+            for line in handle:
+                name, _, rest = line.strip().partition(":")
+                if name in ("root", "0") and rest:
+                    first, _, size = rest.partition(":")
+                    start, count = int(first), int(size)
+                    break
+    except (OSError, ValueError):
+        pass
+    return f"0 {start} {count}"
+
+
+def parse_id_map(text: str, key: str) -> str:
+    lines = []
+    for chunk in text.replace(",", "\n").splitlines():
+        words = chunk.split()
+        if not words:
+            continue
+        if len(words) != 3 or not all(w.isdigit() for w in words):
+            raise JailError(f"{key}: expected INSIDE OUTSIDE COUNT, got {chunk.strip()!r}")
+        lines.append(" ".join(words))
+    return "\n".join(lines)
+
+
+def unshare_user(flags: int, uid_map: str, gid_map: str) -> None:
+    """unshare a user namespace (with ``flags``: the other namespaces are
+    then owned by it) and become its root. The maps must be written from
+    the parent namespace, so a helper forked first writes them for us."""
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    me = os.getpid()
+    helper = os.fork()
+    if helper == 0:
+        os.close(ready_w)
+        os.close(done_r)
+        result = b"0"
+        try:
+            if os.read(ready_r, 1) == b"1":
+                for name, text in (("uid_map", uid_map), ("gid_map", gid_map)):
+                    with open(f"/proc/{me}/{name}", "w") as handle:
+                        handle.write(text + "\n")
+                result = b"1"
+        except OSError as exc:
+            os.write(2, f"user namespace map: {exc}\n".encode())
+        os.write(done_w, result)
+        os._exit(0)
+    os.close(ready_r)
+    os.close(done_w)
+    try:
+        try:
+            unshare(flags | CLONE_NEWUSER)
+        except JailError:
+            os.write(ready_w, b"0")
+            raise
+        os.write(ready_w, b"1")
+        ok = os.read(done_r, 1)
+    finally:
+        os.close(ready_w)
+        os.close(done_r)
+        try:
+            os.waitpid(helper, 0)
+        except ChildProcessError:
+            pass  # SIGCHLD ignored (the zygote's children are auto-reaped)
+    if ok != b"1":
+        raise JailError(f"user namespace: could not write uid_map {uid_map!r} / gid_map {gid_map!r}")
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+    try:
+        os.setgroups([])
+    except PermissionError:
+        pass
+
+
 def sethostname(name: str) -> None:
     data = name.encode()
     _check(_libc.sethostname(data, len(data)), f"sethostname({name!r})")

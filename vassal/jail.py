@@ -44,11 +44,25 @@ def tyrant_owner() -> tuple[int, int] | None:
     return int(uid), int(gid)
 
 
-def tyrant_problems(config: Config) -> list[Problem]:
-    """In tyrant mode a tenant's file never runs anything as host root: root
-    phases, mounts, pivot-root and chroot are refused (user namespaces mapped
-    to the owner, which would allow them, are not implemented yet)."""
+def socket_tenant(config: Config) -> tuple[int, int] | None:
+    """Whose unix sockets we bind in tyrant mode; in a user namespace root
+    already is the tenant and the kernel checks every path itself."""
+    if "user" in cloned_namespaces() | own_namespaces(config):
+        return None
+    return tyrant_owner()
+
+
+def tyrant_problems(config: Config, user_ns: bool) -> list[Problem]:
+    """In tyrant mode a tenant's file never runs anything as host root. In a
+    user namespace whose root is the file's owner the kernel enforces that,
+    so everything is allowed there but choosing the id maps; without one,
+    root phases, mounts, pivot-root, chroot and privileged ports are refused."""
     found: list[Problem] = []
+    for key in ("uid-map", "gid-map"):
+        for entry in config.sources.get(key, []):
+            found.append(Problem(entry.file, entry.line, key, f"{key} is not allowed in tyrant mode (root in the namespace is the file's owner)"))
+    if user_ns:
+        return found
     for key in ("pivot-root", "chroot"):
         for entry in config.sources.get(key, []):
             found.append(Problem(entry.file, entry.line, key, f"{key} is not allowed in tyrant mode (it would run as root)"))
@@ -71,19 +85,21 @@ def problems(config: Config, cloned: set[str], tyrant: bool = False) -> list[Pro
     """Actions that need a namespace the vassal will not have (DESIGN 3a),
     and, in tyrant mode, what would run as root."""
     have = cloned | own_namespaces(config)
-    found: list[Problem] = tyrant_problems(config) if tyrant else []
+    found: list[Problem] = tyrant_problems(config, "user" in have) if tyrant else []
 
     def need(key: str, namespace: str, what: str) -> None:
         for entry in config.sources.get(key, []):
             if namespace not in have:
                 found.append(Problem(entry.file, entry.line, key, f"{what} needs the {namespace} namespace (add it to unshare or emperor-use-clone)"))
 
-    if "user" in have:
-        for key in ("unshare",):
-            for entry in config.sources.get(key, []):
-                found.append(Problem(entry.file, entry.line, key, "user namespaces are not implemented yet in this version of pyemperor"))
-        if "user" in cloned:
-            found.append(Problem(config.path, None, "emperor-use-clone", "user namespaces are not implemented yet in this version of pyemperor"))
+    for key in ("uid-map", "gid-map"):
+        for value, entry in zip(config.getlist(key), config.sources.get(key, []), strict=False):
+            try:
+                linux.parse_id_map(str(value), key)
+            except linux.JailError as exc:
+                found.append(Problem(entry.file, entry.line, key, str(exc)))
+            if "user" not in have:
+                found.append(Problem(entry.file, entry.line, key, f"{key} needs the user namespace (add it to unshare or emperor-use-clone)"))
     need("hostname", "uts", "hostname")
     need("pivot-root", "fs", "pivot-root")
     for phase in ("pre-jail", "post-jail", "in-jail", "as-root", "as-user", "pre-app", "post-app", "as-user-atexit"):
@@ -103,7 +119,12 @@ def enter(config: Config) -> None:
     own = own_namespaces(config)
     fresh = own - cloned
     if fresh:
-        linux.unshare(linux.namespace_flags(fresh))
+        flags = linux.namespace_flags(fresh)
+        if "user" in fresh:
+            uid_map, gid_map = id_maps(config)
+            linux.unshare_user(flags & ~linux.CLONE_NEWUSER, uid_map, gid_map)
+        else:
+            linux.unshare(flags)
         if "pid" in fresh:
             _become_pid1()
     have = cloned | own
@@ -187,6 +208,16 @@ def _become_pid1() -> None:
             break
     sys.stdout.flush()
     os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+
+
+def id_maps(config: Config, owner: tuple[int, int] | None = None) -> tuple[str, str]:
+    """The vassal's uid/gid maps; in tyrant mode always root -> the file's owner."""
+    owner = owner or tyrant_owner()
+    if owner is not None:
+        return f"0 {owner[0]} 1", f"0 {owner[1]} 1"
+    uid_map = linux.parse_id_map(str(config.get("uid-map")), "uid-map") if config.has("uid-map") else linux.default_id_map("uid")
+    gid_map = linux.parse_id_map(str(config.get("gid-map")), "gid-map") if config.has("gid-map") else linux.default_id_map("gid")
+    return uid_map, gid_map
 
 
 def drop_privileges(config: Config) -> None:

@@ -337,7 +337,7 @@ for _phase in ("as-emperor", "as-vassal"):
 NOT_YET = {
     "lazy-apps", "harakiri", "reload-on-rss", "socket", "cheaper", "cheaper-initial", "cheaper-step",
     "cheaper-rss-limit-soft", "cheaper-rss-limit-hard", "smart-attach-daemon", "logto", "log-encoder",
-    "uid-map", "gid-map", "jail", "jail2", "jail-ip4", "jail-ip6", "jidfile", "jail-attach",
+    "jail", "jail2", "jail-ip4", "jail-ip6", "jidfile", "jail-attach",
     "tuntap-device", "net-iface", "net-route",
     "tuntap-router",
     "tuntap-router-firewall-in", "tuntap-router-firewall-out",

@@ -263,7 +263,7 @@ class Top:
             for key in wanted:
                 if key in self.listeners or key in fresh:
                     continue
-                fresh[key] = bind(key[0], key[1], backlog, mode, owner, tenant=jail.tyrant_owner())  # type: ignore[arg-type]
+                fresh[key] = bind(key[0], key[1], backlog, mode, owner, tenant=jail.socket_tenant(config))  # type: ignore[arg-type]
         except SocketError:
             for listener in fresh.values():
                 listener.close()

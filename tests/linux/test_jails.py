@@ -371,3 +371,43 @@ def test_emperor_hooks_and_prejail_not_rerun(start_emperor, shared_dir):
     assert lines[0] == "emperor-as-root"
     assert f"as-emperor {f} {pid} 0" in lines
     assert lines.count("pre-jail") == 1  # not run again on a graceful reload
+
+
+def test_user_namespace(start_emperor, shared_dir):
+    public = shared_dir / "pub"
+    public.mkdir()
+    public.chmod(0o777)
+    # Root in the namespace is uid 200000 outside: its config must be readable by it.
+    emp = start_emperor("--emperor-use-clone", "user,ipc,uts,fs,pid,net", vassal_dir=shared_dir / "vassals")
+    (emp.dir / "us.ini").write_text(
+        f"[uwsgi]\nwsgi-file = {shared_dir}/info.py\nhttp-socket = {public}/us.sock\nchmod-socket = 666\n"
+        "hostname = in-userns\nuid-map = 0 200000 65536\ngid-map = 0 200000 65536\n")
+    info = wait_for(lambda: unix_get(f"{public}/us.sock"), 20, what="user-namespaced vassal")
+    assert info["uid"] == 0 and info["host"] == "in-userns"  # root inside...
+    top = emp.vassal("us.ini")["pid"]
+    assert psutil.Process(top).uids().real == 200000  # ...an unprivileged uid outside
+    assert os.stat(f"{public}/us.sock").st_uid == 200000
+
+
+def test_unshare_user_key_and_tyrant_composition(start_emperor, shared_dir):
+    tenant_dir = shared_dir / "tenant2"
+    tenant_dir.mkdir()
+    os.chown(tenant_dir, 65534, 65534)
+    log = tenant_dir / "hook.log"
+    emp = start_emperor("--emperor-tyrant", vassal_dir=shared_dir / "vassals")
+    f = emp.dir / "tu.ini"
+    # Root phases and mounts are fine for a tenant inside a user namespace mapped to it.
+    f.write_text(f"[uwsgi]\nwsgi-file = {shared_dir}/info.py\nhttp-socket = {tenant_dir}/tu.sock\n"
+                 f"unshare = user,fs,uts\nhostname = tenant-ns\nexec-as-root = id -u > {log}\n"
+                 "hook-post-jail = mount:tmpfs none /mnt\n")
+    os.chown(f, 65534, 65534)
+    info = wait_for(lambda: unix_get(f"{tenant_dir}/tu.sock"), 20, what="tenant in a user namespace")
+    assert info["uid"] == 0 and info["host"] == "tenant-ns"
+    assert psutil.Process(emp.vassal("tu.ini")["pid"]).uids().real == 65534
+    assert log.read_text().strip() == "0" and log.stat().st_uid == 65534
+    # A tenant cannot choose its own id maps.
+    g = emp.dir / "maps.ini"
+    g.write_text(f"[uwsgi]\nwsgi-file = {shared_dir}/info.py\nhttp-socket = {tenant_dir}/m.sock\nunshare = user\nuid-map = 0 0 1\n")
+    os.chown(g, 65534, 65534)
+    v = emp.wait_state("maps.ini", "invalid")
+    assert "uid-map is not allowed in tyrant mode" in v["error"]
