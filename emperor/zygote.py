@@ -117,7 +117,9 @@ def handle(request: dict, fds: list[int], sock: socket.socket) -> None:
         for fd in fds:
             os.close(fd)
         return
-    # The intermediate child.
+    # The intermediate child. SIGCHLD must not stay ignored here: a vassal
+    # that dies before we exit would be auto-reaped and its status lost.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         join_cgroups(request.get("cgroup_procs") or [])
         # Our next child is PID 1 of a new pid namespace, if one is asked for.

@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.conftest import HELLO as HELLO_PATH
 from tests.conftest import answers, free_port, hello_ini, wait_for
 
 
@@ -503,3 +504,13 @@ def test_bad_emperor_option_names_it(tmp_path):
     assert result.returncode == 2
     assert f"{ini}:2: key 'emperor-throttle'" in result.stderr
     assert f"{ini}:3: key 'emperor-bogus': unknown option" in result.stderr
+
+
+def test_vassal_dying_at_once_is_seen(start_emperor):
+    """A vassal that exits before the zygote reports its pid still counts."""
+    emp = start_emperor()
+    (emp.dir / "quick.ini").write_text(f"[uwsgi]\nwsgi-file = {HELLO_PATH}\nhttp-socket = /nonexistent/dir/quick.sock\n")
+    v = wait_for(lambda: (x := emp.vassal("quick.ini")) and x["restarts"] >= 2 and x, 15, what="repeated exits seen")
+    assert v["last_exit"]["code"] == 1
+    assert "cannot bind http socket /nonexistent/dir/quick.sock" in emp.log_text()
+    assert emp.stop() == 0

@@ -411,3 +411,36 @@ def test_unshare_user_key_and_tyrant_composition(start_emperor, shared_dir):
     os.chown(g, 65534, 65534)
     v = emp.wait_state("maps.ini", "invalid")
     assert "uid-map is not allowed in tyrant mode" in v["error"]
+
+
+def test_tyrant_control_socket_per_owner(start_emperor, shared_dir):
+    import subprocess
+
+    from tests.linux.test_emperor import _world_reachable
+
+    if not (_world_reachable(ROOT) and _world_reachable(sys.executable)):
+        pytest.skip("the checkout or the interpreter is not reachable by an unprivileged user")
+    tenant_dir = shared_dir / "t3"
+    tenant_dir.mkdir()
+    os.chown(tenant_dir, 65534, 65534)
+    emp = start_emperor("--emperor-tyrant", "--emperor-control-mode", "666", control_dir=shared_dir)
+    mine = emp.dir / "mine.ini"
+    mine.write_text(f"[uwsgi]\nwsgi-file = {shared_dir}/info.py\nhttp-socket = {tenant_dir}/mine.sock\n")
+    os.chown(mine, 65534, 65534)
+    other = emp.dir / "other.ini"
+    other.write_text(f"[uwsgi]\nwsgi-file = {shared_dir}/info.py\nhttp-socket = {shared_dir}/other.sock\n")
+    os.chown(other, 1, 1)
+    emp.wait_state("mine.ini", "ready")
+    cmd = [sys.executable, "-m", "emperor.ctl", "--control", str(emp.control)]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+
+    def as_tenant(*args):
+        return subprocess.run([*cmd, *args], capture_output=True, text=True, user=65534, group=65534, env=env, cwd="/", timeout=30)
+
+    result = as_tenant("--json", "status")
+    assert result.returncode == 0
+    assert [v["name"] for v in json.loads(result.stdout)["vassals"]] == ["mine.ini"]
+    assert as_tenant("reload", "mine.ini").returncode == 0
+    refused = as_tenant("stop", "other.ini")
+    assert refused.returncode == 1 and "not permitted" in refused.stderr
+    assert as_tenant("stats").returncode == 1
