@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from emperor.control import AlreadyRunning
     from emperor.core import Emperor
+    from netrouter.firewall import RuleError
+    from netrouter.tun import TunError
+    from vassal.hooks import HookError
 
     emperor = Emperor(settings)
     try:
@@ -62,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         emperor.cleanup()
         print(f"emperor: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
+    except RuleError as exc:
+        emperor.cleanup()
+        print(f"emperor: tuntap-router firewall: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, TunError, HookError) as exc:
         emperor.cleanup()
         print(f"emperor: cannot start: {exc}", file=sys.stderr)
         return 1

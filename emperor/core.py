@@ -30,6 +30,7 @@ from emperor.instance import (
     Vassal,
 )
 from emperor.monitor import DirMonitor, Source
+from emperor.netrouter import RouterSupervisor
 from emperor.spawn import Zygote
 from jails.tracking import (
     CgroupTree,
@@ -88,6 +89,7 @@ class Emperor:
         # Exits reaped before the zygote told us whose pid it was: pid -> (status, when).
         self.early_exits: dict[int, tuple[int, float]] = {}
         self.hook_pids: dict[int, str] = {}
+        self.routers: list[RouterSupervisor] = []
         self.as_vassal = [(h.action, h.args, h.entry.key, h.entry.value) for h in hooks.hooks_for(settings, "as-vassal")]
 
     # --- logging -----------------------------------------------------------
@@ -121,8 +123,16 @@ class Emperor:
             self.stats.open()
         self.subreaper = become_subreaper()
         self.cgroups = CgroupTree.create(f"pyemperor.{os.getpid()}")
+        self.routers = [
+            RouterSupervisor(self, spec, self.settings.getlist("tuntap-router-firewall-in"), self.settings.getlist("tuntap-router-firewall-out"))
+            for spec in self.settings.getlist("tuntap-router")
+        ]
+        for router in self.routers:
+            router.create_device()  # before exec-as-root, which may configure it
         # exec-as-root / hook-as-root: once, at start, before any vassal.
         hooks.run_phase(self.settings, "as-root")
+        for router in self.routers:
+            router.start()
         if self.subreaper and self.settings.get("emperor-zygote"):
             # Vassals forked by the zygote are re-parented to us: only as a subreaper.
             self._start_zygote()
@@ -198,6 +208,8 @@ class Emperor:
         return self.shutting_down and not self.vassals
 
     def cleanup(self) -> None:
+        for router in self.routers:
+            router.stop()
         if self.zygote is not None:
             zygote, self.zygote = self.zygote, None
             zygote.close()  # end of file: it exits
@@ -461,6 +473,10 @@ class Emperor:
             if self.zygote is not None and pid == self.zygote.pid:
                 self._zygote_died(status)
                 continue
+            router = next((r for r in self.routers if r.pid == pid), None)
+            if router is not None:
+                router.exited(status)
+                continue
             if pid in self.hook_pids:
                 what = self.hook_pids.pop(pid)
                 if status != 0:
@@ -502,6 +518,15 @@ class Emperor:
             vassals = [v for v in vassals if peer.may_see(v)]
         return {"emperor": self.emperor_status(), "vassals": [v.status() for v in vassals]}
 
+    def router_stats(self) -> dict:
+        if not self.routers:
+            return {"running": False, "connections": [], "rules": {"in": [], "out": []},
+                    "drops": {"firewall": 0, "spoofed": 0, "unknown_destination": 0, "ipv6": 0, "oversize": 0, "malformed": 0}}
+        doc = self.routers[0].stats()
+        if len(self.routers) > 1:
+            doc["routers"] = [r.stats() for r in self.routers]
+        return doc
+
     def stats_document(self) -> dict:
         """uWSGI's emperor stats layout (its fields kept) plus our status:
         each vassal has uWSGI's fields and ours (``loyal`` is uWSGI's 0/1)."""
@@ -519,6 +544,7 @@ class Emperor:
             "emperor_tyrant": 1 if self.tyrant else 0,
             "throttle_level": self.throttle_ms,
             "vassals": doc["vassals"],
+            "router": self.router_stats(),
             "blacklist": [
                 {"id": v["name"], "reason": (v["last_exit"] or {}).get("reason", ""), "throttle_level": self.vassals[v["name"]].throttle_ms,
                  "attempt": v["restarts"], "first_attempt": int(v["started_at"] or 0), "last_attempt": int((v["last_exit"] or {}).get("at", 0))}

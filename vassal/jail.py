@@ -101,6 +101,9 @@ def problems(config: Config, cloned: set[str], tyrant: bool = False) -> list[Pro
             if "user" not in have:
                 found.append(Problem(entry.file, entry.line, key, f"{key} needs the user namespace (add it to unshare or emperor-use-clone)"))
     need("hostname", "uts", "hostname")
+    need("tuntap-device", "net", "tuntap-device")
+    need("net-iface", "net", "net-iface")
+    need("net-route", "net", "net-route")
     need("pivot-root", "fs", "pivot-root")
     for phase in ("pre-jail", "post-jail", "in-jail", "as-root", "as-user", "pre-app", "post-app", "as-user-atexit"):
         for hook in hooks.hooks_for(config, phase):
@@ -110,7 +113,7 @@ def problems(config: Config, cloned: set[str], tyrant: bool = False) -> list[Pro
     return found
 
 
-def enter(config: Config) -> None:
+def enter(config: Config) -> list:
     """Run every root phase up to and including as-root. Raises HookError,
     JailError or OSError; the caller exits with the matching reason."""
     cloned = cloned_namespaces()
@@ -136,6 +139,7 @@ def enter(config: Config) -> None:
             linux.mount_sys()
     if "net" in have:
         linux.interface_up("lo")
+    links = setup_network(config)
     if config.has("hostname"):
         linux.sethostname(str(config.get("hostname")))
     hooks.run_phase(config, "post-jail")
@@ -148,6 +152,26 @@ def enter(config: Config) -> None:
         os.chroot(directory)
         os.chdir("/")
     hooks.run_phase(config, "as-root")
+    return links
+
+
+def setup_network(config: Config) -> list:
+    """tuntap-device, then net-iface and net-route over netlink (no binaries)."""
+    from jails import netlink
+    from vassal.tuntap import TunLink
+
+    links = []
+    for words in config.getlist("tuntap-device"):
+        links.append(TunLink(words[0], words[1] if len(words) > 1 else None))
+    for device, cidr in config.getlist("net-iface"):
+        netlink.add_address(device, cidr)
+        linux.interface_up(device)
+        for link in links:
+            if link.device == device:
+                link.set_address(cidr.partition("/")[0])
+    for destination, gateway in config.getlist("net-route"):
+        netlink.add_route(destination, gateway)
+    return links
 
 
 def run_as_vassal() -> None:

@@ -338,9 +338,6 @@ NOT_YET = {
     "lazy-apps", "harakiri", "reload-on-rss", "socket", "cheaper", "cheaper-initial", "cheaper-step",
     "cheaper-rss-limit-soft", "cheaper-rss-limit-hard", "smart-attach-daemon", "logto", "log-encoder",
     "jail", "jail2", "jail-ip4", "jail-ip6", "jidfile", "jail-attach",
-    "tuntap-device", "net-iface", "net-route",
-    "tuntap-router",
-    "tuntap-router-firewall-in", "tuntap-router-firewall-out",
 }
 for _name in NOT_YET:
     _opt_obj = _OPTIONS[_name]

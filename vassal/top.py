@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from jails.linux import JailError
+from jails.netlink import NetlinkError
+from netrouter.tun import TunError
 from vassal import hooks, jail, protocol
 from vassal.app import has_app
 from vassal.config import Config, ConfigError
@@ -68,6 +70,7 @@ class Top:
         self.ready_sent = False
         self.emperor: socket.socket | None = None
         self.heartbeat_timer: Timer | None = None
+        self.tun_links: list = []
 
     # --- emperor pipe ------------------------------------------------------
     def _attach_emperor(self) -> None:
@@ -137,7 +140,9 @@ class Top:
                 log(str(problem))
             return protocol.EXIT_CONFIG
         try:
-            jail.enter(self.config)
+            self.tun_links = jail.enter(self.config)
+            for link in self.tun_links:
+                link.start(self.loop)
             apply_process_settings(self.config)
             self._sync_listeners(self.config)
         except hooks.HookExit as exc:
@@ -146,7 +151,7 @@ class Top:
         except hooks.HookError as exc:
             log(str(exc))
             return protocol.EXIT_HOOK
-        except (SocketError, JailError, OSError) as exc:
+        except (SocketError, JailError, NetlinkError, TunError, OSError) as exc:
             log(str(exc))
             return protocol.EXIT_ERROR
         if has_app(self.config):
@@ -294,6 +299,10 @@ class Top:
             parent_end.close()
             for other in self._masters():
                 other.ctl.close()
+            for link in self.tun_links:
+                os.close(link.fd)
+                if link.sock is not None:
+                    link.sock.close()
             if self.emperor is not None:
                 self.emperor.close()
             Master(self.name, self.config, listeners, child_end, self.loop).run()

@@ -1,6 +1,10 @@
-"""router: the netrouter's connections, rules and drop counters."""
+"""router: the netrouter's connections (vassal, address, packets and bytes
+each way, drops), firewall rule counters and drops by reason, as reported by
+the router within the last second."""
+
+from emperor.commands import require_privileged
 
 
 def execute(emperor, args, peer):
-    return {"running": False, "connections": [], "rules": {"in": [], "out": []},
-            "drops": {"firewall": 0, "spoofed": 0, "unknown_destination": 0, "ipv6": 0, "oversize": 0, "malformed": 0}}
+    require_privileged(peer)
+    return emperor.router_stats()

@@ -1,0 +1,5 @@
+import sys
+
+from netrouter.cli import main
+
+sys.exit(main())

@@ -1,0 +1,274 @@
+"""The userspace router: one tun device in the host namespace, one unix
+socket that vassal tun devices connect to (uWSGI's framing), routing of IPv4
+by destination, the in/out firewall chains, and counters.
+
+Addresses are claimed by the first IPv4 packet with a non-zero source on a
+connection (before the firewall, as in uWSGI); a claimed address belongs to
+that connection while it lives (the same peer process reconnecting takes it
+over). IPv6 is dropped and counted: the firewall is IPv4-only.
+
+Nothing blocks: a peer that stops reading gets its packets dropped (and is
+closed once its backlog passes MAX_BACKLOG); a bad frame closes only its
+own connection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import struct
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from netrouter.firewall import Chain
+from netrouter.wire import (
+    MAX_PLAIN_FRAME,
+    PACKET,
+    RULE_BLOCK,
+    FrameError,
+    FrameReader,
+    frame,
+    ipv4_addresses,
+)
+from vassal.loop import Loop
+
+MAX_BACKLOG = 4 * 1024 * 1024
+READ_BATCH = 64
+DROP_REASONS = ("firewall", "spoofed", "unknown_destination", "ipv6", "oversize", "malformed")
+
+
+def ip_text(value: int | None) -> str | None:
+    return None if value is None else str(ipaddress.IPv4Address(value))
+
+
+@dataclass
+class Connection:
+    sock: socket.socket
+    peer_pid: int
+    vassal: str
+    address: int | None = None
+    reader: FrameReader = field(default_factory=FrameReader)
+    outbuf: bytearray = field(default_factory=bytearray)
+    packets_in: int = 0  # router -> vassal
+    packets_out: int = 0  # vassal -> router
+    bytes_in: int = 0
+    bytes_out: int = 0
+    drops: int = 0
+    since: float = field(default_factory=time.time)
+
+    def stats(self) -> dict:
+        return {
+            "vassal": self.vassal,
+            "address": ip_text(self.address),
+            "peer_pid": self.peer_pid,
+            "packets_in": self.packets_in,
+            "packets_out": self.packets_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "drops": self.drops,
+            "since": self.since,
+        }
+
+
+class Router:
+    def __init__(self, tun_fd: int, socket_path: str, rules_in: list[str], rules_out: list[str],
+                 loop: Loop | None = None, socket_mode: int = 0o600, socket_gid: int | None = None):
+        self.loop = loop or Loop()
+        self.tun_fd = tun_fd
+        self.socket_path = socket_path
+        self.chain_in = Chain("in", rules_in)
+        self.chain_out = Chain("out", rules_out)
+        self.connections: dict[socket.socket, Connection] = {}
+        self.claims: dict[int, Connection] = {}
+        self.drops: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
+        self.tun_packets_in = 0
+        self.tun_packets_out = 0
+        self.server = self._listen(socket_path, socket_mode, socket_gid)
+        os.set_blocking(tun_fd, False)
+        self.loop.add_reader(self.server, self._accept)
+        self.loop.add_reader(tun_fd, self._on_tun)
+
+    @staticmethod
+    def _listen(path: str, mode: int, gid: int | None) -> socket.socket:
+        if os.path.exists(path):
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        if gid is not None:
+            os.chown(path, -1, gid)
+        os.chmod(path, mode)
+        sock.listen(256)
+        sock.setblocking(False)
+        return sock
+
+    # --- connections -----------------------------------------------------------
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.server.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            sock.setblocking(False)
+            try:
+                pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            except OSError:
+                pid = 0
+            conn = Connection(sock, pid, f"pid:{pid}")
+            self.connections[sock] = conn
+            self.loop.add_reader(sock, lambda c=conn: self._on_conn(c))
+
+    def close(self, conn: Connection) -> None:
+        if self.connections.pop(conn.sock, None) is None:
+            return
+        if conn.address is not None and self.claims.get(conn.address) is conn:
+            del self.claims[conn.address]
+        self.loop.forget(conn.sock)
+        conn.sock.close()
+
+    def _on_conn(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(262144)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close(conn)
+            return
+        try:
+            frames = conn.reader.feed(data)
+        except FrameError:
+            self.drops["malformed"] += 1
+            self.close(conn)
+            return
+        for modifier2, payload in frames:
+            if modifier2 == PACKET:
+                self._from_vassal(conn, payload)
+            elif modifier2 == RULE_BLOCK:
+                continue  # uWSGI's tuntap-device-rule block: never parsed as IP
+            else:
+                self.drops["malformed"] += 1
+                conn.drops += 1
+
+    def _from_vassal(self, conn: Connection, packet: bytes) -> None:
+        conn.packets_out += 1
+        conn.bytes_out += len(packet)
+        if packet and packet[0] >> 4 == 6:
+            self.drops["ipv6"] += 1
+            conn.drops += 1
+            return
+        addresses = ipv4_addresses(packet)
+        if addresses is None:
+            self.drops["malformed"] += 1
+            conn.drops += 1
+            return
+        src, dst = addresses
+        if conn.address is None and src != 0:
+            self._claim(conn, src)
+        if conn.address is None or src != conn.address:
+            self.drops["spoofed"] += 1
+            conn.drops += 1
+            return
+        if not self.chain_out.allows(src, dst, len(packet)):
+            self.drops["firewall"] += 1
+            conn.drops += 1
+            return
+        target = self.claims.get(dst)
+        if target is not None:
+            # Vassal to vassal hairpins through the router: out, then in.
+            self._to_vassal(target, src, dst, packet)
+            return
+        try:
+            os.write(self.tun_fd, packet)
+            self.tun_packets_out += 1
+        except (BlockingIOError, OSError):
+            self.drops["unknown_destination"] += 1
+
+    def _claim(self, conn: Connection, address: int) -> None:
+        owner = self.claims.get(address)
+        if owner is not None and owner is not conn:
+            if owner.peer_pid != conn.peer_pid or owner.peer_pid == 0:
+                return  # taken: the packet is dropped as spoofed
+            self.close(owner)  # the same vassal reconnecting takes its address over
+        conn.address = address
+        self.claims[address] = conn
+
+    # --- the host side -----------------------------------------------------------
+    def _on_tun(self) -> None:
+        for _ in range(READ_BATCH):
+            try:
+                packet = os.read(self.tun_fd, 65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            self.tun_packets_in += 1
+            if packet and packet[0] >> 4 == 6:
+                self.drops["ipv6"] += 1
+                continue
+            addresses = ipv4_addresses(packet)
+            if addresses is None:
+                self.drops["malformed"] += 1
+                continue
+            src, dst = addresses
+            target = self.claims.get(dst)
+            if target is None:
+                self.drops["unknown_destination"] += 1
+                continue
+            self._to_vassal(target, src, dst, packet)
+
+    def _to_vassal(self, conn: Connection, src: int, dst: int, packet: bytes) -> None:
+        if len(packet) > MAX_PLAIN_FRAME:
+            self.drops["oversize"] += 1
+            conn.drops += 1
+            return
+        if not self.chain_in.allows(src, dst, len(packet)):
+            self.drops["firewall"] += 1
+            conn.drops += 1
+            return
+        if len(conn.outbuf) > MAX_BACKLOG:
+            conn.drops += 1
+            return
+        conn.packets_in += 1
+        conn.bytes_in += len(packet)
+        pending = bool(conn.outbuf)
+        conn.outbuf += frame(packet)
+        if not pending:
+            self._flush(conn)
+
+    def _flush(self, conn: Connection) -> None:
+        while conn.outbuf:
+            try:
+                sent = conn.sock.send(conn.outbuf)
+            except (BlockingIOError, InterruptedError):
+                self.loop.add_writer(conn.sock, lambda c=conn: self._flush(c))
+                return
+            except OSError:
+                self.close(conn)
+                return
+            del conn.outbuf[:sent]
+        self.loop.remove_writer(conn.sock)
+
+    # --- observability -------------------------------------------------------------
+    def stats(self) -> dict:
+        return {
+            "running": True,
+            "pid": os.getpid(),
+            "socket": self.socket_path,
+            "connections": [c.stats() for c in self.connections.values()],
+            "rules": {"in": self.chain_in.stats(), "out": self.chain_out.stats()},
+            "drops": dict(self.drops),
+            "tun": {"packets_in": self.tun_packets_in, "packets_out": self.tun_packets_out},
+        }
+
+    def stats_json(self) -> bytes:
+        return json.dumps(self.stats()).encode()

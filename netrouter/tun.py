@@ -1,0 +1,51 @@
+"""Linux tun devices (/dev/net/tun, IFF_TUN | IFF_NO_PI)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+
+TUNSETIFF = 0x400454CA
+TUNSETPERSIST = 0x400454CB
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+
+
+class TunError(Exception):
+    pass
+
+
+def open_tun(name: str, persist: bool | None = None) -> int:
+    """Create (or attach to) tun device ``name``; a non-blocking fd."""
+    if len(name.encode()) > 15:
+        raise TunError(f"tun device name {name!r} is longer than 15 bytes")
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise TunError(f"cannot open /dev/net/tun: {exc.strerror}") from None
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22s", name.encode(), IFF_TUN | IFF_NO_PI, b""))
+        if persist is not None:
+            fcntl.ioctl(fd, TUNSETPERSIST, 1 if persist else 0)
+    except OSError as exc:
+        os.close(fd)
+        raise TunError(f"cannot create tun device {name}: {exc.strerror}") from None
+    return fd
+
+
+def disable_ipv6(name: str) -> None:
+    """No stray IPv6 packet (router solicitations...) may be taken for a claim."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as handle:
+            handle.write("1")
+    except OSError:
+        pass
+
+
+def delete_persistent(name: str) -> None:
+    fd = open_tun(name)
+    try:
+        fcntl.ioctl(fd, TUNSETPERSIST, 0)
+    finally:
+        os.close(fd)

@@ -1,0 +1,59 @@
+"""uWSGI's tuntap framing (DESIGN section 6): each IP packet is preceded by
+``0, len & 0xff, len >> 8, modifier2``. modifier2 0 is a packet; 1 is
+uWSGI's ``tuntap-device-rule`` block (recognised, never parsed as IP).
+"""
+
+from __future__ import annotations
+
+import struct
+
+PACKET = 0
+RULE_BLOCK = 1
+HEADER = 4
+MAX_FRAME = 0xFFFF
+# uWSGI allocates 8196 bytes per read and does not bound-check: never send a
+# plain peer a frame over this.
+MAX_PLAIN_FRAME = 8192
+
+
+class FrameError(Exception):
+    pass
+
+
+def frame(packet: bytes, modifier2: int = PACKET) -> bytes:
+    length = len(packet)
+    if length > MAX_FRAME:
+        raise FrameError(f"packet of {length} bytes does not fit a frame")
+    return bytes((0, length & 0xFF, length >> 8, modifier2)) + packet
+
+
+class FrameReader:
+    """Incremental decoder of a byte stream into (modifier2, payload)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        self.buffer += data
+        out = []
+        while len(self.buffer) >= HEADER:
+            modifier1, low, high, modifier2 = self.buffer[0], self.buffer[1], self.buffer[2], self.buffer[3]
+            if modifier1 != 0:
+                raise FrameError(f"bad frame header (modifier1 {modifier1})")
+            length = low | (high << 8)
+            if len(self.buffer) < HEADER + length:
+                break
+            out.append((modifier2, bytes(self.buffer[HEADER:HEADER + length])))
+            del self.buffer[:HEADER + length]
+        return out
+
+
+def ipv4_addresses(packet: bytes) -> tuple[int, int] | None:
+    """(source, destination) of a well-formed IPv4 packet, else None."""
+    if len(packet) < 20 or packet[0] >> 4 != 4:
+        return None
+    ihl = (packet[0] & 0x0F) * 4
+    total = struct.unpack_from("!H", packet, 2)[0]
+    if ihl < 20 or total < ihl or total > len(packet):
+        return None
+    return struct.unpack_from("!II", packet, 12)

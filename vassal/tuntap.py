@@ -1,0 +1,162 @@
+"""``tuntap-device DEV [SOCKET]``: a tun device in the vassal's network
+namespace, bridged to the router's unix socket by the top process.
+
+It is created after the namespaces exist and before pivot-root and the
+privilege drop, so neither the device nor the socket has to be reachable by
+the app. As soon as ``net-iface`` gives the device an address, a packet from
+that address (a UDP datagram to the limited broadcast address, discarded by
+the host) claims it at the router, so the host can reach a vassal that has
+sent nothing yet. If the router goes away the link reconnects on a timer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import struct
+
+from netrouter.tun import disable_ipv6, open_tun
+from netrouter.wire import PACKET, FrameError, FrameReader, frame
+from vassal.log import log
+from vassal.loop import Loop
+
+DEFAULT_ROUTER_SOCKET = "/run/emperor/tuntap.sock"
+RECONNECT_DELAY = 1.0
+MAX_BACKLOG = 4 * 1024 * 1024
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def claim_packet(address: str) -> bytes:
+    """UDP from ``address`` port 9 to 255.255.255.255 port 9 (discard)."""
+    src = ipaddress.IPv4Address(address).packed
+    dst = b"\xff\xff\xff\xff"
+    udp = struct.pack("!HHHH", 9, 9, 8, 0)
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0x4000, 1, socket.IPPROTO_UDP, 0, src, dst)
+    header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+    return header + udp
+
+
+class TunLink:
+    def __init__(self, device: str, router_socket: str | None):
+        self.device = device
+        self.router_socket = router_socket or DEFAULT_ROUTER_SOCKET
+        self.fd = open_tun(device)
+        disable_ipv6(device)
+        self.sock: socket.socket | None = None
+        self.reader = FrameReader()
+        self.outbuf = bytearray()
+        self.address: str | None = None
+        self.loop: Loop | None = None
+        self.connect()
+
+    def connect(self) -> bool:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.router_socket)
+        except OSError as exc:
+            sock.close()
+            log(f"tuntap-device {self.device}: cannot reach the router at {self.router_socket}: {exc.strerror}")
+            return False
+        sock.setblocking(False)
+        self.sock = sock
+        self.reader = FrameReader()
+        self.outbuf.clear()
+        if self.loop is not None:
+            self.loop.add_reader(sock, self._from_router)
+        if self.address:
+            self.send(claim_packet(self.address))
+        return True
+
+    def set_address(self, address: str) -> None:
+        self.address = address
+        self.send(claim_packet(address))
+
+    def start(self, loop: Loop) -> None:
+        """Shovel packets both ways on the top process's loop."""
+        self.loop = loop
+        loop.add_reader(self.fd, self._from_tun)
+        if self.sock is not None:
+            loop.add_reader(self.sock, self._from_router)
+        else:
+            loop.call_later(RECONNECT_DELAY, self._reconnect)
+
+    def send(self, packet: bytes) -> None:
+        if self.sock is None or len(self.outbuf) > MAX_BACKLOG:
+            return
+        pending = bool(self.outbuf)
+        self.outbuf += frame(packet, PACKET)
+        if not pending:
+            self._flush()
+
+    def _flush(self) -> None:
+        while self.outbuf and self.sock is not None:
+            try:
+                sent = self.sock.send(self.outbuf)
+            except (BlockingIOError, InterruptedError):
+                if self.loop is not None:
+                    self.loop.add_writer(self.sock, self._flush)
+                return
+            except OSError:
+                self._lost()
+                return
+            del self.outbuf[:sent]
+        if self.loop is not None and self.sock is not None:
+            self.loop.remove_writer(self.sock)
+
+    def _from_tun(self) -> None:
+        for _ in range(64):
+            try:
+                packet = os.read(self.fd, 65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            self.send(packet)
+
+    def _from_router(self) -> None:
+        assert self.sock is not None
+        try:
+            data = self.sock.recv(262144)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._lost()
+            return
+        try:
+            frames = self.reader.feed(data)
+        except FrameError as exc:
+            log(f"tuntap-device {self.device}: bad data from the router ({exc}), reconnecting")
+            self._lost()
+            return
+        for modifier2, packet in frames:
+            if modifier2 != PACKET:
+                continue
+            try:
+                os.write(self.fd, packet)
+            except OSError:
+                pass  # the device is full or down: drop, as a NIC would
+
+    def _lost(self) -> None:
+        if self.sock is not None:
+            if self.loop is not None:
+                self.loop.forget(self.sock)
+            self.sock.close()
+            self.sock = None
+            log(f"tuntap-device {self.device}: lost the router, reconnecting")
+        if self.loop is not None:
+            self.loop.call_later(RECONNECT_DELAY, self._reconnect)
+
+    def _reconnect(self) -> None:
+        if self.sock is None and not self.connect() and self.loop is not None:
+            self.loop.call_later(RECONNECT_DELAY, self._reconnect)
