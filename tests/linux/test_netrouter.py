@@ -1,0 +1,323 @@
+"""The netrouter for real: tun devices, network namespaces, packets.
+
+Addresses from 198.18.0.0/15 only, on devices these tests create; nothing is
+routed off the machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import struct
+import tempfile
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/net/tun") or os.geteuid() != 0, reason="needs root and /dev/net/tun")
+
+HOST = "198.18.0.1"
+CANONICAL_OUT = [
+    f"allow 198.18.0.0/24 {HOST}",
+    "deny 198.18.0.0/24 198.18.0.0/24",
+    "allow 198.18.0.0/24 0.0.0.0",
+    "deny",
+]
+CANONICAL_IN = [
+    f"allow {HOST} 198.18.0.0/24",
+    "deny 198.18.0.0/24 198.18.0.0/24",
+    "allow 0.0.0.0 198.18.0.0/24",
+    "deny",
+]
+
+NET_APP = '''
+import json, os, socket, struct
+from urllib.parse import parse_qs
+
+
+def checksum(data):
+    if len(data) % 2:
+        data += b"\\0"
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def ping(host):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    sock.settimeout(2)
+    ident = os.getpid() & 0xFFFF
+    body = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"pyemperor"
+    body = body[:2] + struct.pack("!H", checksum(body)) + body[4:]
+    sock.sendto(body, (host, 0))
+    try:
+        while True:
+            data, addr = sock.recvfrom(2048)
+            icmp = data[(data[0] & 15) * 4:]
+            if icmp[0] == 0 and struct.unpack("!H", icmp[4:6])[0] == ident:
+                return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def connect(host, port):
+    try:
+        with socket.create_connection((host, int(port)), timeout=2) as sock:
+            return sock.recv(100).decode()
+    except OSError as exc:
+        return "error: %s" % exc
+
+
+def spoof(src, dst):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    udp = struct.pack("!HHHH", 9, 9, 8, 0)
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, socket.inet_aton(src), socket.inet_aton(dst))
+    sock.sendto(header + udp, (dst, 0))
+    sock.close()
+    return True
+
+
+def application(environ, start_response):
+    q = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+    path = environ["PATH_INFO"]
+    if path == "/ping":
+        result = ping(q["host"])
+    elif path == "/connect":
+        result = connect(q["host"], q["port"])
+    elif path == "/spoof":
+        result = spoof(q["src"], q["dst"])
+    else:
+        result = "hello from " + os.environ.get("ME", "?")
+    body = json.dumps(result).encode()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+'''
+
+
+def checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def host_ping(address: str, timeout: float = 2.0) -> bool:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    sock.settimeout(timeout)
+    ident = random.randint(1, 0xFFFF)
+    body = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"host"
+    body = body[:2] + struct.pack("!H", checksum(body)) + body[4:]
+    try:
+        sock.sendto(body, (address, 0))
+        while True:
+            data, _ = sock.recvfrom(2048)
+            icmp = data[(data[0] & 15) * 4:]
+            if icmp[0] == 0 and struct.unpack("!H", icmp[4:6])[0] == ident:
+                return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def http(address: str, path: str = "/", port: int = 8080, timeout: float = 5.0):
+    try:
+        with socket.create_connection((address, port), timeout=timeout) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+    except OSError:
+        return None
+    head, _, body = data.partition(b"\r\n\r\n")
+    return json.loads(body) if head.startswith(b"HTTP/1.1 200") else None
+
+
+@pytest.fixture
+def netdir(request):
+    path = Path(tempfile.mkdtemp(prefix="pyemperor-net-"))
+    path.chmod(0o755)
+    (path / "net.py").write_text(NET_APP)
+    request.addfinalizer(lambda: shutil.rmtree(path, ignore_errors=True))
+    return path
+
+
+def vassal_ini(netdir: Path, address: str, name: str, router_socket: Path) -> str:
+    return (
+        "[uwsgi]\n"
+        f"wsgi-file = {netdir}/net.py\n"
+        f"http-socket = {address}:8080\n"
+        "unshare = net,fs\n"
+        f"tuntap-device = uwsgi0 {router_socket}\n"
+        f"net-iface = uwsgi0 {address}/24\n"
+        f"net-route = default {HOST}\n"
+        f"env = ME={name}\n"
+    )
+
+
+def start_network(start_emperor, netdir: Path, rules: bool = True):
+    device = f"pe{random.randint(0, 0xFFFFFF):06x}"
+    router_socket = netdir / "router.sock"
+    args = ["--tuntap-router", f"{device} {router_socket}",
+            "--exec-as-root", f"ip addr add {HOST}/24 dev {device}", "--exec-as-root", f"ip link set {device} up"]
+    if rules:
+        for rule in CANONICAL_OUT:
+            args += ["--tuntap-router-firewall-out", rule]
+        for rule in CANONICAL_IN:
+            args += ["--tuntap-router-firewall-in", rule]
+    emp = start_emperor(*args)
+    return emp, device, router_socket
+
+
+def router_doc(emp) -> dict:
+    return json.loads(emp.ctl("--json", "router").stdout)
+
+
+@pytest.fixture
+def tcp_listener():
+    """A TCP server on the host's router address that greets every client."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("0.0.0.0", 0))
+    server.listen(16)
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(b"hello from the host")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join(2)
+    server.close()
+
+
+def test_host_and_vassals_both_ways_with_canonical_firewall(start_emperor, netdir, tcp_listener):
+    emp, device, router_socket = start_network(start_emperor, netdir)
+    (emp.dir / "a.ini").write_text(vassal_ini(netdir, "198.18.0.2", "a", router_socket))
+    (emp.dir / "b.ini").write_text(vassal_ini(netdir, "198.18.0.3", "b", router_socket))
+    # Host -> vassals: TCP and ping (the vassals claimed their address without sending anything).
+    assert wait_for(lambda: http("198.18.0.2"), 20, what="vassal a over the router") == "hello from a"
+    assert wait_for(lambda: http("198.18.0.3"), 20, what="vassal b over the router") == "hello from b"
+    assert host_ping("198.18.0.2") and host_ping("198.18.0.3")
+    # Vassals -> host: TCP and ping.
+    assert http("198.18.0.2", f"/connect?host={HOST}&port={tcp_listener}") == "hello from the host"
+    assert http("198.18.0.3", f"/ping?host={HOST}") is True
+    # Vassal -> vassal: blocked by the canonical ruleset.
+    before = wait_for(lambda: router_doc(emp)["running"] and router_doc(emp), 5, what="router stats")
+    assert http("198.18.0.2", "/ping?host=198.18.0.3") is False
+    assert http("198.18.0.2", "/connect?host=198.18.0.3&port=8080").startswith("error")
+    doc = wait_for(lambda: (d := router_doc(emp))["drops"]["firewall"] > before["drops"]["firewall"] and d, 5, what="firewall drop counted")
+    addresses = sorted(c["address"] for c in doc["connections"])
+    assert addresses == ["198.18.0.2", "198.18.0.3"]
+    deny = next(r for r in doc["rules"]["out"] if r["rule"] == "deny 198.18.0.0/24 198.18.0.0/24")
+    assert deny["packets"] > 0
+    table = emp.ctl("router").stdout
+    assert "198.18.0.2" in table
+    assert json.loads(emp.ctl("--json", "stats").stdout)["router"]["running"] is True
+
+
+def test_spoofed_source_dropped_and_counted(start_emperor, netdir):
+    emp, device, router_socket = start_network(start_emperor, netdir, rules=False)
+    (emp.dir / "s.ini").write_text(vassal_ini(netdir, "198.18.0.2", "s", router_socket))
+    wait_for(lambda: http("198.18.0.2"), 20, what="vassal up")
+    before = wait_for(lambda: router_doc(emp)["running"] and router_doc(emp), 5, what="stats")["drops"]["spoofed"]
+    assert http("198.18.0.2", f"/spoof?src=198.18.0.99&dst={HOST}") is True
+    wait_for(lambda: router_doc(emp)["drops"]["spoofed"] > before, 5, what="spoofed drop counted")
+
+
+def test_router_restart_traffic_resumes(start_emperor, netdir):
+    emp, device, router_socket = start_network(start_emperor, netdir, rules=False)
+    (emp.dir / "r.ini").write_text(vassal_ini(netdir, "198.18.0.2", "r", router_socket))
+    wait_for(lambda: http("198.18.0.2"), 20, what="vassal up")
+    pid = wait_for(lambda: router_doc(emp).get("pid"), 5, what="router pid")
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: (d := router_doc(emp)).get("pid") not in (None, pid) and d["restarts"] == 1, 10, what="router restarted")
+    assert wait_for(lambda: http("198.18.0.2", timeout=2), 15, what="traffic through the new router") == "hello from r"
+    assert emp.vassal("r.ini")["restarts"] == 0  # the vassal kept running
+
+
+def test_bad_firewall_rule_refuses_emperor(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "emperor", "--control", str(tmp_path / "c.sock"),
+                             "--tuntap-router", f"pebad {tmp_path}/r.sock", "--tuntap-router-firewall-out", "allow 198.18.0.0/24",
+                             str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "rule 'allow 198.18.0.0/24'" in result.stderr
+    assert not os.path.exists("/sys/class/net/pebad")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(junk=st.lists(st.binary(min_size=0, max_size=600), min_size=1, max_size=4))
+def test_fuzz_router_keeps_serving(fuzz_network, junk):
+    emp, router_socket, router_pid = fuzz_network
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(1)
+        try:
+            sock.connect(str(router_socket))
+            for chunk in junk:
+                sock.sendall(chunk)
+        except OSError:
+            pass
+    assert psutil.pid_exists(router_pid)
+
+
+@pytest.fixture(scope="module")
+def fuzz_network(tmp_path_factory):
+    """One emperor + router + healthy vassal for all fuzz examples; checked after."""
+    import subprocess
+    import sys
+    import uuid
+
+    from tests.conftest import TEST_TAG, EmperorProc
+
+    netdir = Path(tempfile.mkdtemp(prefix="pyemperor-fuzz-"))
+    netdir.chmod(0o755)
+    (netdir / "net.py").write_text(NET_APP)
+    vassals = netdir / "vassals"
+    vassals.mkdir()
+    control = netdir / f"c-{uuid.uuid4().hex[:6]}.sock"
+    device = f"pf{random.randint(0, 0xFFFFFF):06x}"
+    router_socket = netdir / "router.sock"
+    log = open(netdir / "emperor.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "emperor", "--control", str(control), "--tuntap-router", f"{device} {router_socket}",
+                             "--exec-as-root", f"ip addr add {HOST}/24 dev {device}", "--exec-as-root", f"ip link set {device} up",
+                             str(vassals)], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTEST_TAG": TEST_TAG})
+    emp = EmperorProc(vassals, control, netdir / "emperor.log", proc)
+    try:
+        wait_for(control.exists, 10, what="emperor")
+        (vassals / "healthy.ini").write_text(vassal_ini(netdir, "198.18.0.2", "healthy", router_socket))
+        wait_for(lambda: http("198.18.0.2"), 20, what="healthy vassal")
+        pid = wait_for(lambda: router_doc(emp).get("pid"), 5, what="router pid")
+        yield emp, router_socket, pid
+        # After all the junk: the same router still serves the healthy vassal.
+        assert http("198.18.0.2") == "hello from healthy"
+        assert router_doc(emp)["pid"] == pid
+    finally:
+        emp.stop()
+        log.close()
+        shutil.rmtree(netdir, ignore_errors=True)

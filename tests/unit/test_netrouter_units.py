@@ -1,0 +1,87 @@
+"""The router's firewall syntax and wire framing, without devices."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+import pytest
+
+from netrouter.firewall import Chain, RuleError, parse_rule
+from netrouter.wire import FrameError, FrameReader, frame, ipv4_addresses
+
+
+def ip(text: str) -> int:
+    return int(ipaddress.IPv4Address(text))
+
+
+def test_rule_forms():
+    assert parse_rule("allow").matches(ip("1.2.3.4"), ip("5.6.7.8"))
+    r = parse_rule("deny 198.18.0.0/24 198.18.0.0/24")
+    assert r.matches(ip("198.18.0.5"), ip("198.18.0.9")) and not r.allow
+    assert not r.matches(ip("198.18.0.5"), ip("198.18.1.9"))
+    r = parse_rule("allow 198.18.0.0/24 198.18.0.1")  # missing mask: /32
+    assert r.matches(ip("198.18.0.7"), ip("198.18.0.1")) and not r.matches(ip("198.18.0.7"), ip("198.18.0.2"))
+    r = parse_rule("allow 0.0.0.0 198.18.0.0/16")  # 0.0.0.0: any
+    assert r.matches(ip("8.8.8.8"), ip("198.18.3.3"))
+    r = parse_rule("deny 198.18.0.0/0 198.18.0.2")  # /0: any, without shifting by 32
+    assert r.matches(ip("1.1.1.1"), ip("198.18.0.2"))
+    assert parse_rule("ALLOW").allow
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("", "empty"),
+    ("permit 1.2.3.4 5.6.7.8", "action must be allow or deny"),
+    ("allow 1.2.3.4", "expected ACTION SRC"),
+    ("deny 1.2.3.4 5.6.7.8 9.9.9.9", "expected ACTION SRC"),
+    ("allow 1.2.3 5.6.7.8", "bad address '1.2.3'"),
+    ("allow 1.2.3.4/33 5.6.7.8", "bad mask '33'"),
+    ("allow 1.2.3.4/x 5.6.7.8", "bad mask 'x'"),
+])
+def test_bad_rules_named(text, fragment):
+    with pytest.raises(RuleError) as exc:
+        parse_rule(text)
+    assert fragment in str(exc.value)
+    if text:
+        assert repr(text) in str(exc.value)
+
+
+def test_canonical_ruleset_first_match_and_counters():
+    out = Chain("out", [
+        "allow 198.18.0.0/24 198.18.0.1",
+        "deny 198.18.0.0/24 198.18.0.0/24",
+        "allow 198.18.0.0/24 0.0.0.0",
+        "deny",
+    ])
+    assert out.allows(ip("198.18.0.2"), ip("198.18.0.1"), 100)  # to the host
+    assert not out.allows(ip("198.18.0.2"), ip("198.18.0.3"), 100)  # to another vassal
+    assert out.allows(ip("198.18.0.2"), ip("203.0.113.9"), 100)  # outside
+    assert not out.allows(ip("203.0.113.9"), ip("198.18.0.2"), 60)  # not from a vassal
+    assert [r["packets"] for r in out.stats()] == [1, 1, 1, 1]
+    assert out.stats()[1]["bytes"] == 100
+    assert Chain("in", []).allows(1, 2, 3)  # default allow
+
+
+def test_frames_split_and_joined():
+    packets = [b"a" * 10, b"", b"b" * 300]
+    stream = b"".join(frame(p) for p in packets) + frame(b"rules", 1)
+    reader = FrameReader()
+    got = []
+    for i in range(0, len(stream), 7):
+        got += reader.feed(stream[i:i + 7])
+    assert got == [(0, p) for p in packets] + [(1, b"rules")]
+    assert frame(b"x" * 258)[:4] == bytes((0, 2, 1, 0))
+
+
+def test_bad_frame_header():
+    with pytest.raises(FrameError):
+        FrameReader().feed(b"\x05\x00\x00\x00")
+
+
+def test_ipv4_addresses():
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20, 0, 0, 64, 17, 0, bytes([198, 18, 0, 2]), bytes([198, 18, 0, 1]))
+    assert ipv4_addresses(header) == (ip("198.18.0.2"), ip("198.18.0.1"))
+    assert ipv4_addresses(header[:19]) is None
+    assert ipv4_addresses(b"\x60" + header[1:]) is None  # IPv6
+    bad_length = header[:2] + struct.pack("!H", 400) + header[4:]
+    assert ipv4_addresses(bad_length) is None
