@@ -26,6 +26,7 @@ from tests.conftest import wait_for
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/net/tun") or os.geteuid() != 0, reason="needs root and /dev/net/tun")
 
 HOST = "198.18.0.1"
+FUZZ_HOST, FUZZ_VASSAL = "198.19.0.1", "198.19.0.2"
 CANONICAL_OUT = [
     f"allow 198.18.0.0/24 {HOST}",
     "deny 198.18.0.0/24 198.18.0.0/24",
@@ -106,6 +107,22 @@ def application(environ, start_response):
 '''
 
 
+def local_route(address: str) -> bool:
+    """True only if ``address`` is routed through a device these tests made.
+    Every packet a test sends is checked first: without our route, traffic
+    to 198.18.0.0/15 would head for the machine's real uplink."""
+    import subprocess
+
+    result = subprocess.run(["ip", "-j", "route", "get", address], capture_output=True, text=True)
+    if result.returncode != 0:
+        return False
+    try:
+        routes = json.loads(result.stdout)
+    except ValueError:
+        return False
+    return bool(routes) and str(routes[0].get("dev", "")).startswith(("pe", "pf", "emperor0")) and "gateway" not in routes[0]
+
+
 def checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
@@ -116,6 +133,8 @@ def checksum(data: bytes) -> int:
 
 
 def host_ping(address: str, timeout: float = 2.0) -> bool:
+    if not local_route(address):
+        return False
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     sock.settimeout(timeout)
     ident = random.randint(1, 0xFFFF)
@@ -135,6 +154,8 @@ def host_ping(address: str, timeout: float = 2.0) -> bool:
 
 
 def http(address: str, path: str = "/", port: int = 8080, timeout: float = 5.0):
+    if not local_route(address):
+        return None
     try:
         with socket.create_connection((address, port), timeout=timeout) as sock:
             sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
@@ -156,7 +177,7 @@ def netdir(request):
     return path
 
 
-def vassal_ini(netdir: Path, address: str, name: str, router_socket: Path) -> str:
+def vassal_ini(netdir: Path, address: str, name: str, router_socket: Path, gateway: str = HOST) -> str:
     return (
         "[uwsgi]\n"
         f"wsgi-file = {netdir}/net.py\n"
@@ -164,7 +185,7 @@ def vassal_ini(netdir: Path, address: str, name: str, router_socket: Path) -> st
         "unshare = net,fs\n"
         f"tuntap-device = uwsgi0 {router_socket}\n"
         f"net-iface = uwsgi0 {address}/24\n"
-        f"net-route = default {HOST}\n"
+        f"net-route = default {gateway}\n"
         f"env = ME={name}\n"
     )
 
@@ -288,7 +309,8 @@ def test_fuzz_router_keeps_serving(fuzz_network, junk):
 
 @pytest.fixture(scope="module")
 def fuzz_network(tmp_path_factory):
-    """One emperor + router + healthy vassal for all fuzz examples; checked after."""
+    """One emperor + router + healthy vassal for all fuzz examples; checked
+    after. Its own subnet (198.19.0.0/24): it outlives the other tests here."""
     import subprocess
     import sys
     import uuid
@@ -305,19 +327,58 @@ def fuzz_network(tmp_path_factory):
     router_socket = netdir / "router.sock"
     log = open(netdir / "emperor.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "emperor", "--control", str(control), "--tuntap-router", f"{device} {router_socket}",
-                             "--exec-as-root", f"ip addr add {HOST}/24 dev {device}", "--exec-as-root", f"ip link set {device} up",
+                             "--exec-as-root", f"ip addr add {FUZZ_HOST}/24 dev {device}", "--exec-as-root", f"ip link set {device} up",
                              str(vassals)], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTEST_TAG": TEST_TAG})
     emp = EmperorProc(vassals, control, netdir / "emperor.log", proc)
     try:
         wait_for(control.exists, 10, what="emperor")
-        (vassals / "healthy.ini").write_text(vassal_ini(netdir, "198.18.0.2", "healthy", router_socket))
-        wait_for(lambda: http("198.18.0.2"), 20, what="healthy vassal")
+        (vassals / "healthy.ini").write_text(vassal_ini(netdir, FUZZ_VASSAL, "healthy", router_socket, FUZZ_HOST))
+        wait_for(lambda: http(FUZZ_VASSAL), 20, what="healthy vassal")
         pid = wait_for(lambda: router_doc(emp).get("pid"), 5, what="router pid")
         yield emp, router_socket, pid
         # After all the junk: the same router still serves the healthy vassal.
-        assert http("198.18.0.2") == "hello from healthy"
+        assert http(FUZZ_VASSAL) == "hello from healthy"
         assert router_doc(emp)["pid"] == pid
     finally:
         emp.stop()
         log.close()
         shutil.rmtree(netdir, ignore_errors=True)
+
+
+def test_tuntap_example(tmp_path):
+    """examples/tuntap: the seed's example emperor and vassal, as shipped."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, TEST_TAG, EmperorProc
+
+    if os.path.exists("/sys/class/net/emperor0"):
+        pytest.skip("an emperor0 device exists already")
+    ini = ROOT / "examples" / "tuntap" / "emperor.ini"
+    control = Path("/run/emperor/tuntap-demo.sock")
+    log = open(tmp_path / "emperor.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "emperor", "--ini", str(ini)], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTEST_TAG": TEST_TAG})
+    emp = EmperorProc(ROOT / "examples" / "tuntap" / "vassals", control, tmp_path / "emperor.log", proc)
+    try:
+        body = wait_for(lambda: _raw_http("198.18.0.10", 8080), 20, what="the example vassal over the router")
+        assert b"Hello, world!" in body
+        assert emp.vassal("net1.ini")["state"] == "ready"
+    finally:
+        assert emp.stop() == 0
+        log.close()
+    assert not os.path.exists("/sys/class/net/emperor0")
+
+
+def _raw_http(address: str, port: int) -> bytes | None:
+    if not local_route(address):
+        return None
+    try:
+        with socket.create_connection((address, port), timeout=2) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            return data
+    except OSError:
+        return None
