@@ -153,6 +153,7 @@ class Vassal:
             inherit=list(self.emperor.inherit),
             overrides=self.emperor.overrides_for(self.path),
             tyrant=self.emperor.tyrant_owner(self.path),
+            brokered=any(router.serves(self) for router in self.emperor.routers),
             id_maps=self.emperor.id_maps_for(self),
             wrapper=self.emperor.wrapper if self.wrapped else None,
             cgroup_procs=procs,
@@ -191,6 +192,9 @@ class Vassal:
             self.oom_fd = self.limit_groups.oom_eventfd()
             if self.oom_fd is not None:
                 loop.add_reader(self.oom_fd, self._on_oom)
+        for router in self.emperor.routers:
+            if router.serves(self):
+                router.broker(self)
         if spawned.pid is not None:
             self.spawned(spawned.pid, None)
 

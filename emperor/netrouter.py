@@ -19,9 +19,15 @@ from typing import TYPE_CHECKING
 
 from netrouter.firewall import Chain
 from netrouter.tun import TunError, delete_persistent, open_tun
+from netrouter.wire import BROKER, frame
+from vassal import protocol
+from vassal.tuntap import DEFAULT_ROUTER_SOCKET
 
 if TYPE_CHECKING:
     from emperor.core import Emperor
+    from emperor.instance import Vassal
+
+BROKER_RETRY = 0.5
 
 RESTART_DELAY = 1.0
 REPORT_FD = 3
@@ -79,6 +85,42 @@ class RouterSupervisor:
         self.started_at = time.time()
         self.emperor.loop.add_reader(ours, self._on_report)
         self.emperor.log(f"netrouter started (pid {pid}) on {self.device} <-> {self.socket_path}")
+        # A new router: every running vassal of ours gets a fresh connection.
+        for vassal in list(self.emperor.vassals.values()):
+            if vassal.pipe is not None and self.serves(vassal):
+                self.emperor.loop.call_later(BROKER_RETRY, lambda v=vassal: self.broker(v))
+
+    def serves(self, vassal: Vassal) -> bool:
+        """Whether ``vassal``'s first tuntap-device connects to this router."""
+        config = vassal.config
+        if config is None or vassal.wrapped:
+            return False
+        devices = config.getlist("tuntap-device")
+        if not devices:
+            return False
+        path = devices[0][1] if len(devices[0]) > 1 else DEFAULT_ROUTER_SOCKET
+        return os.path.abspath(path) == self.socket_path
+
+    def broker(self, vassal: Vassal, tries: int = 20) -> None:
+        """Connect to the router as root, tell it whose connection this is and
+        which address net-iface gives it, and pass the fd to the vassal."""
+        if vassal.pipe is None or vassal.config is None or self.pid is None:
+            return
+        device = vassal.config.getlist("tuntap-device")[0][0]
+        address = next((cidr.partition("/")[0] for dev, cidr in vassal.config.getlist("net-iface") if dev == device), None)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(self.socket_path)
+            sock.send(frame(json.dumps({"vassal": vassal.name, "address": address}).encode(), BROKER))
+            socket.send_fds(vassal.pipe, [bytes([protocol.ROUTER_FD])], [sock.fileno()])
+        except OSError as exc:
+            if tries > 1:
+                self.emperor.loop.call_later(BROKER_RETRY, lambda: self.broker(vassal, tries - 1))
+            else:
+                vassal.note(f"cannot broker a router connection: {exc}")
+        finally:
+            sock.close()
 
     def _on_report(self) -> None:
         assert self.report is not None

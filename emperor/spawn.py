@@ -38,6 +38,7 @@ class SpawnRequest:
     as_vassal: list[tuple[str, str, str, str]] = field(default_factory=list)  # (action, args, key, value)
     tyrant: tuple[int, int] | None = None  # the file owner, in tyrant mode
     id_maps: tuple[str, str] | None = None  # (uid_map, gid_map) when clone has "user"
+    brokered: bool = False  # the emperor passes the router connection over the pipe
 
 
 @dataclass
@@ -70,6 +71,10 @@ def build_env(req: SpawnRequest) -> dict[str, str]:
     env["PYEMPEROR_CLONED"] = ",".join(req.clone)
     if req.as_vassal:
         env["PYEMPEROR_AS_VASSAL"] = json.dumps(req.as_vassal)
+    if req.brokered:
+        env[protocol.ENV_BROKERED] = "1"
+    else:
+        env.pop(protocol.ENV_BROKERED, None)
     if req.tyrant is not None:
         env["PYEMPEROR_TYRANT"] = f"{req.tyrant[0]}:{req.tyrant[1]}"
     else:

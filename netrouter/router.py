@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from netrouter.firewall import Chain
 from netrouter.wire import (
+    BROKER,
     MAX_PLAIN_FRAME,
     PACKET,
     RULE_BLOCK,
@@ -49,6 +50,8 @@ class Connection:
     sock: socket.socket
     peer_pid: int
     vassal: str
+    peer_uid: int = -1
+    brokered: bool = False
     address: int | None = None
     reader: FrameReader = field(default_factory=FrameReader)
     outbuf: bytearray = field(default_factory=bytearray)
@@ -121,8 +124,8 @@ class Router:
             try:
                 pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
             except OSError:
-                pid = 0
-            conn = Connection(sock, pid, f"pid:{pid}")
+                pid, uid = 0, -1
+            conn = Connection(sock, pid, f"pid:{pid}", peer_uid=uid)
             self.connections[sock] = conn
             self.loop.add_reader(sock, lambda c=conn: self._on_conn(c))
 
@@ -155,6 +158,8 @@ class Router:
                 self._from_vassal(conn, payload)
             elif modifier2 == RULE_BLOCK:
                 continue  # uWSGI's tuntap-device-rule block: never parsed as IP
+            elif modifier2 == BROKER and conn.peer_uid == 0 and conn.packets_out == 0 and not conn.brokered:
+                self._register(conn, payload)
             else:
                 self.drops["malformed"] += 1
                 conn.drops += 1
@@ -192,6 +197,28 @@ class Router:
             self.tun_packets_out += 1
         except (BlockingIOError, OSError):
             self.drops["unknown_destination"] += 1
+
+    def _register(self, conn: Connection, payload: bytes) -> None:
+        """A connection brokered by the emperor: its vassal and address are
+        bound to it now (a previous connection of the same vassal is replaced)."""
+        try:
+            info = json.loads(payload)
+            name = str(info["vassal"])
+            address = int(ipaddress.IPv4Address(info["address"])) if info.get("address") else None
+        except (ValueError, KeyError, TypeError):
+            self.drops["malformed"] += 1
+            return
+        conn.vassal = name
+        conn.brokered = True
+        for other in list(self.connections.values()):
+            if other is not conn and other.brokered and other.vassal == name:
+                self.close(other)
+        if address is not None:
+            owner = self.claims.get(address)
+            if owner is not None and owner is not conn:
+                self.close(owner)
+            conn.address = address
+            self.claims[address] = conn
 
     def _claim(self, conn: Connection, address: int) -> None:
         owner = self.claims.get(address)

@@ -9,6 +9,9 @@ import struct
 
 PACKET = 0
 RULE_BLOCK = 1
+# Our extension: the emperor (root, by SO_PEERCRED) registers a brokered
+# connection with a JSON payload {"vassal": NAME, "address": "A.B.C.D"}.
+BROKER = 80
 HEADER = 4
 MAX_FRAME = 0xFFFF
 # uWSGI allocates 8196 bytes per read and does not bound-check: never send a

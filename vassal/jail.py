@@ -14,7 +14,7 @@ import signal
 import sys
 
 from jails import linux
-from vassal import hooks
+from vassal import hooks, protocol
 from vassal.config import Config, Entry, Problem
 from vassal.log import log
 
@@ -161,8 +161,9 @@ def setup_network(config: Config) -> list:
     from vassal.tuntap import TunLink
 
     links = []
-    for words in config.getlist("tuntap-device"):
-        links.append(TunLink(words[0], words[1] if len(words) > 1 else None))
+    brokered = os.environ.get(protocol.ENV_BROKERED) == "1"
+    for index, words in enumerate(config.getlist("tuntap-device")):
+        links.append(TunLink(words[0], words[1] if len(words) > 1 else None, brokered=brokered and index == 0))
     for device, cidr in config.getlist("net-iface"):
         netlink.add_address(device, cidr)
         linux.interface_up(device)

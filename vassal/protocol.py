@@ -15,6 +15,10 @@ LOYAL = 17
 VOLUNTARY_SHUTDOWN = 22
 HEARTBEAT = 26
 BROODLORD = 30
+# emperor -> vassal, our extension: this byte carries an fd (SCM_RIGHTS), a
+# connection to the netrouter brokered for the vassal's first tuntap-device.
+ROUTER_FD = 40
+ENV_BROKERED = "PYEMPEROR_TUNTAP_BROKERED"
 
 NAMES = {
     SPAWNED: "spawned",

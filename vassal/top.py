@@ -100,11 +100,11 @@ class Top:
 
     def _on_emperor(self) -> None:
         try:
-            data = self.emperor.recv(64)  # type: ignore[union-attr]
+            data, fds, _, _ = socket.recv_fds(self.emperor, 64, 8)  # type: ignore[arg-type]
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
+            data, fds = b"", []
         if not data:
             log("the emperor is gone, shutting down")
             self.loop.remove_reader(self.emperor)
@@ -118,8 +118,16 @@ class Top:
             elif byte == protocol.RELOAD:
                 log("graceful reload requested by the emperor")
                 self.reload()
+            elif byte == protocol.ROUTER_FD and fds:
+                fd = fds.pop(0)
+                if self.tun_links:
+                    self.tun_links[0].adopt(fd)
+                else:
+                    os.close(fd)
             else:
                 log(f"ignoring unknown emperor message {byte}")
+        for fd in fds:
+            os.close(fd)
 
     # --- lifecycle -------------------------------------------------------------
     def run(self) -> int:

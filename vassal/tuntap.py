@@ -46,8 +46,11 @@ def claim_packet(address: str) -> bytes:
 
 
 class TunLink:
-    def __init__(self, device: str, router_socket: str | None):
+    def __init__(self, device: str, router_socket: str | None, brokered: bool = False):
         self.device = device
+        # Brokered: the emperor passes connections over its pipe (the socket
+        # path may be unreachable after pivot-root); never dial it ourselves.
+        self.brokered = brokered
         self.router_socket = router_socket or DEFAULT_ROUTER_SOCKET
         self.fd = open_tun(device)
         disable_ipv6(device)
@@ -56,7 +59,8 @@ class TunLink:
         self.outbuf = bytearray()
         self.address: str | None = None
         self.loop: Loop | None = None
-        self.connect()
+        if not brokered:
+            self.connect()
 
     def connect(self) -> bool:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -66,6 +70,19 @@ class TunLink:
             sock.close()
             log(f"tuntap-device {self.device}: cannot reach the router at {self.router_socket}: {exc.strerror}")
             return False
+        self._use(sock)
+        return True
+
+    def adopt(self, fd: int) -> None:
+        """A connection brokered by the emperor (replacing any previous one)."""
+        if self.sock is not None:
+            if self.loop is not None:
+                self.loop.forget(self.sock)
+            self.sock.close()
+        self._use(socket.socket(fileno=fd))
+        log(f"tuntap-device {self.device}: connected to the router (brokered by the emperor)")
+
+    def _use(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.reader = FrameReader()
@@ -74,7 +91,6 @@ class TunLink:
             self.loop.add_reader(sock, self._from_router)
         if self.address:
             self.send(claim_packet(self.address))
-        return True
 
     def set_address(self, address: str) -> None:
         self.address = address
@@ -86,7 +102,7 @@ class TunLink:
         loop.add_reader(self.fd, self._from_tun)
         if self.sock is not None:
             loop.add_reader(self.sock, self._from_router)
-        else:
+        elif not self.brokered:
             loop.call_later(RECONNECT_DELAY, self._reconnect)
 
     def send(self, packet: bytes) -> None:
@@ -153,8 +169,8 @@ class TunLink:
                 self.loop.forget(self.sock)
             self.sock.close()
             self.sock = None
-            log(f"tuntap-device {self.device}: lost the router, reconnecting")
-        if self.loop is not None:
+            log(f"tuntap-device {self.device}: lost the router" + (", waiting for the emperor" if self.brokered else ", reconnecting"))
+        if self.loop is not None and not self.brokered:
             self.loop.call_later(RECONNECT_DELAY, self._reconnect)
 
     def _reconnect(self) -> None:

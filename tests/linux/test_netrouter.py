@@ -251,8 +251,8 @@ def test_host_and_vassals_both_ways_with_canonical_firewall(start_emperor, netdi
     assert http("198.18.0.2", "/ping?host=198.18.0.3") is False
     assert http("198.18.0.2", "/connect?host=198.18.0.3&port=8080").startswith("error")
     doc = wait_for(lambda: (d := router_doc(emp))["drops"]["firewall"] > before["drops"]["firewall"] and d, 5, what="firewall drop counted")
-    addresses = sorted(c["address"] for c in doc["connections"])
-    assert addresses == ["198.18.0.2", "198.18.0.3"]
+    addresses = sorted((c["vassal"], c["address"]) for c in doc["connections"])
+    assert addresses == [("a.ini", "198.18.0.2"), ("b.ini", "198.18.0.3")]  # brokered by the emperor
     deny = next(r for r in doc["rules"]["out"] if r["rule"] == "deny 198.18.0.0/24 198.18.0.0/24")
     assert deny["packets"] > 0
     table = emp.ctl("router").stdout
@@ -267,6 +267,24 @@ def test_spoofed_source_dropped_and_counted(start_emperor, netdir):
     before = wait_for(lambda: router_doc(emp)["running"] and router_doc(emp), 5, what="stats")["drops"]["spoofed"]
     assert http("198.18.0.2", f"/spoof?src=198.18.0.99&dst={HOST}") is True
     wait_for(lambda: router_doc(emp)["drops"]["spoofed"] > before, 5, what="spoofed drop counted")
+
+
+def test_claimed_address_cannot_be_stolen(start_emperor, netdir):
+    from netrouter.wire import frame
+
+    emp, device, router_socket = start_network(start_emperor, netdir, rules=False)
+    (emp.dir / "v.ini").write_text(vassal_ini(netdir, "198.18.0.2", "v", router_socket))
+    wait_for(lambda: http("198.18.0.2"), 20, what="vassal up")
+    before = wait_for(lambda: router_doc(emp)["running"] and router_doc(emp), 5, what="stats")["drops"]["spoofed"]
+    udp = struct.pack("!HHHH", 9, 9, 8, 0)
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, socket.inet_aton("198.18.0.2"), socket.inet_aton(HOST))
+    with socket.socket(socket.AF_UNIX) as thief:
+        thief.connect(str(router_socket))
+        thief.sendall(frame(header + udp))
+        wait_for(lambda: router_doc(emp)["drops"]["spoofed"] > before, 5, what="the thief's packet dropped")
+        owners = {c["address"]: c["vassal"] for c in router_doc(emp)["connections"]}
+        assert owners["198.18.0.2"] == "v.ini"
+        assert http("198.18.0.2") == "hello from v"
 
 
 def test_router_restart_traffic_resumes(start_emperor, netdir):
