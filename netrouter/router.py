@@ -19,6 +19,7 @@ import json
 import os
 import socket
 import struct
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -129,9 +130,11 @@ class Router:
             self.connections[sock] = conn
             self.loop.add_reader(sock, lambda c=conn: self._on_conn(c))
 
-    def close(self, conn: Connection) -> None:
+    def close(self, conn: Connection, why: str = "") -> None:
         if self.connections.pop(conn.sock, None) is None:
             return
+        if why:
+            print(f"netrouter: closing {conn.vassal} ({ip_text(conn.address) or 'no address'}): {why}", file=sys.stderr, flush=True)
         if conn.address is not None and self.claims.get(conn.address) is conn:
             del self.claims[conn.address]
         self.loop.forget(conn.sock)
@@ -149,9 +152,9 @@ class Router:
             return
         try:
             frames = conn.reader.feed(data)
-        except FrameError:
+        except FrameError as exc:
             self.drops["malformed"] += 1
-            self.close(conn)
+            self.close(conn, str(exc))
             return
         for modifier2, payload in frames:
             if modifier2 == PACKET:
@@ -279,8 +282,8 @@ class Router:
             except (BlockingIOError, InterruptedError):
                 self.loop.add_writer(conn.sock, lambda c=conn: self._flush(c))
                 return
-            except OSError:
-                self.close(conn)
+            except OSError as exc:
+                self.close(conn, f"send failed: {exc.strerror}")
                 return
             del conn.outbuf[:sent]
         self.loop.remove_writer(conn.sock)

@@ -120,7 +120,7 @@ def local_route(address: str) -> bool:
         routes = json.loads(result.stdout)
     except ValueError:
         return False
-    return bool(routes) and str(routes[0].get("dev", "")).startswith(("pe", "pf", "emperor0")) and "gateway" not in routes[0]
+    return bool(routes) and str(routes[0].get("dev", "")).startswith(("pe", "pf", "pu", "emperor0")) and "gateway" not in routes[0]
 
 
 def checksum(data: bytes) -> int:
@@ -400,3 +400,61 @@ def _raw_http(address: str, port: int) -> bytes | None:
             return data
     except OSError:
         return None
+
+
+UWSGI_TUNTAP = os.environ.get("PYEMPEROR_UWSGI_TUNTAP", "/opt/uwsgi-tuntap/bin/uwsgi")
+needs_uwsgi_tuntap = pytest.mark.skipif(not os.path.exists(UWSGI_TUNTAP),
+                                        reason="uWSGI with the tuntap plugin is not built (see .ci/run)")
+
+
+def _kill(proc) -> None:
+    import subprocess
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            proc.kill()
+            proc.wait()
+
+
+@needs_uwsgi_tuntap
+def test_our_tuntap_device_on_uwsgi_router(netdir, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import TEST_TAG
+
+    device = f"pu{random.randint(0, 0xFFFFFF):06x}"
+    usock = netdir / "uwsgi-router.sock"
+    log = open(tmp_path / "uwsgi-router.log", "wb")
+    router = subprocess.Popen([UWSGI_TUNTAP, "--master", "--tuntap-router", f"{device} {usock}"], stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTEST_TAG": TEST_TAG})
+    vassal = None
+    try:
+        wait_for(lambda: os.path.exists(f"/sys/class/net/{device}") and usock.exists(), 10, what="uWSGI's router")
+        subprocess.run(["ip", "addr", "add", f"{HOST}/24", "dev", device], check=True)
+        subprocess.run(["ip", "link", "set", device, "up"], check=True)
+        cfg = netdir / "ours.ini"
+        cfg.write_text(
+            "[uwsgi]\n"
+            f"wsgi-file = {netdir}/net.py\n"
+            "http-socket = 198.18.0.30:8080\n"
+            "unshare = net,fs\n"
+            f"tuntap-device = uwsgi0 {usock}\n"
+            "net-iface = uwsgi0 198.18.0.30/24\n"
+            f"net-route = default {HOST}\n"
+            "env = ME=ours\n")
+        vassal = subprocess.Popen([sys.executable, "-m", "vassal", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "PYTEST_TAG": TEST_TAG})
+        assert wait_for(lambda: local_route("198.18.0.30") and http("198.18.0.30"), 20, what="our vassal via uWSGI's router") == "hello from ours"
+        assert http("198.18.0.30", f"/ping?host={HOST}") is True
+    finally:
+        if vassal is not None:
+            vassal.send_signal(signal.SIGTERM)
+            vassal.wait(15)
+        _kill(router)
+        log.close()
