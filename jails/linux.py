@@ -268,6 +268,17 @@ def interface_up(name: str) -> None:
         fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14s", name.encode(), flags | IFF_UP, b""))
 
 
+SIOCSIFMTU = 0x8922
+
+
+def set_mtu(name: str, mtu: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            fcntl.ioctl(sock, SIOCSIFMTU, struct.pack("16si12s", name.encode(), mtu, b""))
+        except OSError as exc:
+            raise JailError(f"net-mtu {name} {mtu}: {exc.strerror}") from None
+
+
 def set_no_new_privs() -> None:
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
 

@@ -26,8 +26,11 @@ from dataclasses import dataclass, field
 
 from netrouter.firewall import Chain
 from netrouter.wire import (
+    BIG_FRAMES,
     BROKER,
+    MAX_FRAME,
     MAX_PLAIN_FRAME,
+    OFFER_PAYLOAD,
     PACKET,
     RULE_BLOCK,
     FrameError,
@@ -42,6 +45,15 @@ READ_BATCH = 64
 DROP_REASONS = ("firewall", "spoofed", "unknown_destination", "ipv6", "oversize", "malformed")
 
 
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
 def ip_text(value: int | None) -> str | None:
     return None if value is None else str(ipaddress.IPv4Address(value))
 
@@ -53,6 +65,7 @@ class Connection:
     vassal: str
     peer_uid: int = -1
     brokered: bool = False
+    big_frames: bool = False  # accepted our offer of frames up to 65535 bytes
     address: int | None = None
     reader: FrameReader = field(default_factory=FrameReader)
     outbuf: bytearray = field(default_factory=bytearray)
@@ -73,6 +86,8 @@ class Connection:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "drops": self.drops,
+            "brokered": self.brokered,
+            "big_frames": self.big_frames,
             "since": self.since,
         }
 
@@ -129,6 +144,8 @@ class Router:
             conn = Connection(sock, pid, f"pid:{pid}", peer_uid=uid)
             self.connections[sock] = conn
             self.loop.add_reader(sock, lambda c=conn: self._on_conn(c))
+            conn.outbuf += frame(OFFER_PAYLOAD, BIG_FRAMES)  # the router speaks first
+            self._flush(conn)
 
     def close(self, conn: Connection, why: str = "") -> None:
         if self.connections.pop(conn.sock, None) is None:
@@ -163,6 +180,8 @@ class Router:
                 continue  # uWSGI's tuntap-device-rule block: never parsed as IP
             elif modifier2 == BROKER and conn.peer_uid == 0 and conn.packets_out == 0 and not conn.brokered:
                 self._register(conn, payload)
+            elif modifier2 == BIG_FRAMES:
+                conn.big_frames = True
             else:
                 self.drops["malformed"] += 1
                 conn.drops += 1
@@ -254,12 +273,32 @@ class Router:
             if target is None:
                 self.drops["unknown_destination"] += 1
                 continue
-            self._to_vassal(target, src, dst, packet)
+            self._to_vassal(target, src, dst, packet, from_tun=True)
 
-    def _to_vassal(self, conn: Connection, src: int, dst: int, packet: bytes) -> None:
-        if len(packet) > MAX_PLAIN_FRAME:
+    def _fragmentation_needed(self, packet: bytes, mtu: int) -> None:
+        """ICMP "fragmentation needed" to the sender, so its path MTU drops."""
+        if len(packet) < 28 or packet[9] == 1 and len(packet) > 20 and packet[(packet[0] & 15) * 4] == 3:
+            return  # never answer an ICMP error with another
+        quoted = packet[: (packet[0] & 15) * 4 + 8]
+        icmp = struct.pack("!BBHHH", 3, 4, 0, 0, mtu) + quoted
+        icmp = icmp[:2] + struct.pack("!H", _checksum(icmp)) + icmp[4:]
+        total = 20 + len(icmp)
+        header = struct.pack("!BBHHHBBH4s4s", 0x45, 0xC0, total, 0, 0, 64, 1, 0, packet[16:20], packet[12:16])
+        header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+        try:
+            os.write(self.tun_fd, header + icmp)
+        except OSError:
+            pass
+
+    def _to_vassal(self, conn: Connection, src: int, dst: int, packet: bytes, from_tun: bool = False) -> None:
+        # Brokered peers are ours: any frame fits. A plain peer (uWSGI reads
+        # into 8196 bytes without a bound check) never gets more than 8192.
+        limit = MAX_FRAME if conn.brokered or conn.big_frames else MAX_PLAIN_FRAME
+        if len(packet) > limit:
             self.drops["oversize"] += 1
             conn.drops += 1
+            if from_tun:
+                self._fragmentation_needed(packet, limit)
             return
         if not self.chain_in.allows(src, dst, len(packet)):
             self.drops["firewall"] += 1

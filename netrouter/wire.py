@@ -12,6 +12,12 @@ RULE_BLOCK = 1
 # Our extension: the emperor (root, by SO_PEERCRED) registers a brokered
 # connection with a JSON payload {"vassal": NAME, "address": "A.B.C.D"}.
 BROKER = 80
+# Our extension: the router speaks first with an offer of frames up to
+# 65535 bytes; a peer of ours answers with the same modifier2. The payload is
+# a harmless IPv4 packet (0.0.0.0 -> 0.0.0.0, dropped by any kernel), so a
+# uWSGI peer that writes it to its tun device as a packet does no harm.
+BIG_FRAMES = 81
+OFFER_PAYLOAD = bytes.fromhex("4500001c00000000401100000000000000000000") + bytes(8)
 HEADER = 4
 MAX_FRAME = 0xFFFF
 # uWSGI allocates 8196 bytes per read and does not bound-check: never send a

@@ -104,6 +104,7 @@ def problems(config: Config, cloned: set[str], tyrant: bool = False) -> list[Pro
     need("tuntap-device", "net", "tuntap-device")
     need("net-iface", "net", "net-iface")
     need("net-route", "net", "net-route")
+    need("net-mtu", "net", "net-mtu")
     need("pivot-root", "fs", "pivot-root")
     for phase in ("pre-jail", "post-jail", "in-jail", "as-root", "as-user", "pre-app", "post-app", "as-user-atexit"):
         for hook in hooks.hooks_for(config, phase):
@@ -164,6 +165,10 @@ def setup_network(config: Config) -> list:
     brokered = os.environ.get(protocol.ENV_BROKERED) == "1"
     for index, words in enumerate(config.getlist("tuntap-device")):
         links.append(TunLink(words[0], words[1] if len(words) > 1 else None, brokered=brokered and index == 0))
+    for device, mtu in config.getlist("net-mtu"):
+        if not mtu.isdigit() or not 68 <= int(mtu) <= 65535:
+            raise linux.JailError(f"net-mtu {device}: MTU must be 68..65535, not {mtu!r}")
+        linux.set_mtu(device, int(mtu))
     for device, cidr in config.getlist("net-iface"):
         netlink.add_address(device, cidr)
         linux.interface_up(device)

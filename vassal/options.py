@@ -283,6 +283,7 @@ _opt("jail-attach", parse_nonempty, "attach to an existing jail", metavar="JID|N
 # --- network --------------------------------------------------------------
 _opt("tuntap-device", parse_words(1, 2), "tun device bridged to the router", multi=True, metavar="DEV [SOCKET]", jail=True, group="network")
 _opt("net-iface", parse_words(2, 2), "bring DEV up with ADDR/PREFIX", multi=True, metavar="DEV ADDR/PREFIX", jail=True, group="network")
+_opt("net-mtu", parse_words(2, 2), "set the MTU of DEV (e.g. 65000 on a tuntap-device to a brokered router)", multi=True, metavar="DEV MTU", jail=True, group="network")
 _opt("net-route", parse_words(2, 2), "route DEST via GATEWAY", multi=True, metavar="DEST GATEWAY", jail=True, group="network")
 
 # --- hooks ------------------------------------------------------------------

@@ -17,7 +17,7 @@ import socket
 import struct
 
 from netrouter.tun import disable_ipv6, open_tun
-from netrouter.wire import PACKET, FrameError, FrameReader, frame
+from netrouter.wire import BIG_FRAMES, OFFER_PAYLOAD, PACKET, FrameError, FrameReader, frame
 from vassal.log import log
 from vassal.loop import Loop
 
@@ -156,6 +156,10 @@ class TunLink:
             self._lost()
             return
         for modifier2, packet in frames:
+            if modifier2 == BIG_FRAMES:
+                self.outbuf += frame(OFFER_PAYLOAD, BIG_FRAMES)  # yes: we take any frame size
+                self._flush()
+                continue
             if modifier2 != PACKET:
                 continue
             try:
