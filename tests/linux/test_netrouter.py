@@ -14,6 +14,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -458,3 +459,66 @@ def test_our_tuntap_device_on_uwsgi_router(netdir, tmp_path):
             vassal.wait(15)
         _kill(router)
         log.close()
+
+
+def test_big_frames_only_for_peers_that_accept(netdir, tmp_path):
+    """The router offers frames up to 65535 bytes; a peer that does not
+    answer (as uWSGI) never gets one over 8192, the packet is counted."""
+    import subprocess
+    import sys
+
+    from netrouter.wire import BIG_FRAMES, OFFER_PAYLOAD, FrameReader, frame
+    from tests.conftest import TEST_TAG
+    from vassal.tuntap import claim_packet
+
+    device = f"pe{random.randint(0, 0xFFFFFF):06x}"
+    sock_path, stats_path = netdir / "r.sock", netdir / "stats.sock"
+    router = subprocess.Popen([sys.executable, "-m", "netrouter", device, str(sock_path), "--stats", str(stats_path)],
+                              stderr=subprocess.DEVNULL, env={**os.environ, "PYTEST_TAG": TEST_TAG})
+    peers = []
+    try:
+        wait_for(lambda: sock_path.exists() and os.path.exists(f"/sys/class/net/{device}"), 10, what="router")
+        subprocess.run(["ip", "addr", "add", "198.18.2.1/24", "dev", device], check=True)
+        subprocess.run(["ip", "link", "set", device, "mtu", "9000", "up"], check=True)
+
+        def peer(address: str, accept: bool) -> tuple[socket.socket, FrameReader]:
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(str(sock_path))
+            reader = FrameReader()
+            frames = reader.feed(sock.recv(4096))
+            assert frames[0][0] == BIG_FRAMES  # the router speaks first
+            if accept:
+                sock.sendall(frame(OFFER_PAYLOAD, BIG_FRAMES))
+            sock.sendall(frame(claim_packet(address)))
+            peers.append(sock)
+            return sock, reader
+
+        plain, _ = peer("198.18.2.2", accept=False)
+        ours, reader = peer("198.18.2.3", accept=True)
+        time.sleep(0.3)
+        assert local_route("198.18.2.2") and local_route("198.18.2.3")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.setsockopt(socket.IPPROTO_IP, 10, 2)  # IP_MTU_DISCOVER = IP_PMTUDISC_DO: no fragments
+            for address in ("198.18.2.2", "198.18.2.3"):
+                udp.sendto(b"x" * 8900, (address, 9))
+        ours.settimeout(3)
+        got = []
+        while not got:
+            got = [p for m, p in reader.feed(ours.recv(65536)) if m == 0 and len(p) > 8192]
+        assert len(got[0]) == 8928
+        plain.settimeout(0.5)
+        try:
+            data = plain.recv(65536)
+        except TimeoutError:
+            data = b""
+        assert all(len(p) <= 8192 for _, p in FrameReader().feed(data)) if data else True
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(stats_path))
+            stats = json.loads(s.recv(65536))
+        assert stats["drops"]["oversize"] >= 1
+    finally:
+        for sock in peers:
+            sock.close()
+        router.send_signal(signal.SIGTERM)
+        router.wait(10)
+        subprocess.run(["ip", "link", "del", device], capture_output=True)
