@@ -36,6 +36,7 @@ from netrouter.wire import (
     FrameError,
     FrameReader,
     frame,
+    header,
     ipv4_addresses,
 )
 from vassal.loop import Loop
@@ -310,7 +311,8 @@ class Router:
         conn.packets_in += 1
         conn.bytes_in += len(packet)
         pending = bool(conn.outbuf)
-        conn.outbuf += frame(packet)
+        conn.outbuf += header(len(packet))
+        conn.outbuf += packet
         if not pending:
             self._flush(conn)
 

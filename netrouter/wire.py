@@ -29,11 +29,14 @@ class FrameError(Exception):
     pass
 
 
-def frame(packet: bytes, modifier2: int = PACKET) -> bytes:
-    length = len(packet)
+def header(length: int, modifier2: int = PACKET) -> bytes:
     if length > MAX_FRAME:
         raise FrameError(f"packet of {length} bytes does not fit a frame")
-    return bytes((0, length & 0xFF, length >> 8, modifier2)) + packet
+    return bytes((0, length & 0xFF, length >> 8, modifier2))
+
+
+def frame(packet: bytes, modifier2: int = PACKET) -> bytes:
+    return header(len(packet), modifier2) + packet
 
 
 class FrameReader:
@@ -43,17 +46,21 @@ class FrameReader:
         self.buffer = bytearray()
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        self.buffer += data
+        # Parse at an offset and trim once: trimming per frame would move the
+        # rest of a 256 KB read for every packet in it.
+        buffer = self.buffer + data if self.buffer else data
         out = []
-        while len(self.buffer) >= HEADER:
-            modifier1, low, high, modifier2 = self.buffer[0], self.buffer[1], self.buffer[2], self.buffer[3]
+        offset, end = 0, len(buffer)
+        while end - offset >= HEADER:
+            modifier1, low, high, modifier2 = buffer[offset], buffer[offset + 1], buffer[offset + 2], buffer[offset + 3]
             if modifier1 != 0:
                 raise FrameError(f"bad frame header (modifier1 {modifier1})")
-            length = low | (high << 8)
-            if len(self.buffer) < HEADER + length:
+            stop = offset + HEADER + (low | (high << 8))
+            if stop > end:
                 break
-            out.append((modifier2, bytes(self.buffer[HEADER:HEADER + length])))
-            del self.buffer[:HEADER + length]
+            out.append((modifier2, bytes(buffer[offset + HEADER:stop])))
+            offset = stop
+        self.buffer = bytearray(buffer[offset:]) if offset < end else bytearray()
         return out
 
 

@@ -17,7 +17,7 @@ import socket
 import struct
 
 from netrouter.tun import disable_ipv6, open_tun
-from netrouter.wire import BIG_FRAMES, OFFER_PAYLOAD, PACKET, FrameError, FrameReader, frame
+from netrouter.wire import BIG_FRAMES, OFFER_PAYLOAD, PACKET, FrameError, FrameReader, frame, header
 from vassal.log import log
 from vassal.loop import Loop
 
@@ -109,7 +109,8 @@ class TunLink:
         if self.sock is None or len(self.outbuf) > MAX_BACKLOG:
             return
         pending = bool(self.outbuf)
-        self.outbuf += frame(packet, PACKET)
+        self.outbuf += header(len(packet), PACKET)
+        self.outbuf += packet
         if not pending:
             self._flush()
 
