@@ -19,6 +19,7 @@ from collections.abc import Callable
 from vassal.http import HttpConnection
 from vassal.log import log
 from vassal.sockets import Listener
+from vassal.uwsgiproto import UwsgiConnection
 
 
 class Worker:
@@ -103,7 +104,8 @@ class Worker:
         conn.settimeout(60)
         if conn.family != socket.AF_UNIX:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        handler = HttpConnection(
+        kind = UwsgiConnection if listener.kind == "uwsgi" else HttpConnection
+        handler = kind(
             conn,
             peer or "unix",
             listener.server,

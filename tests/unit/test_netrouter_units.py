@@ -85,3 +85,14 @@ def test_ipv4_addresses():
     assert ipv4_addresses(b"\x60" + header[1:]) is None  # IPv6
     bad_length = header[:2] + struct.pack("!H", 400) + header[4:]
     assert ipv4_addresses(bad_length) is None
+
+
+def test_uwsgi_vars_roundtrip_and_truncation():
+    from vassal.uwsgiproto import ProtocolError, encode_vars, parse_vars
+
+    env = {"REQUEST_METHOD": "GET", "PATH_INFO": "/x", "EMPTY": ""}
+    block = encode_vars(env)
+    assert parse_vars(block) == env
+    for cut in (1, 3, len(block) - 1):
+        with pytest.raises(ProtocolError):
+            parse_vars(block[:cut])
