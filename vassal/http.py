@@ -251,8 +251,8 @@ class HttpConnection:
                     close()
                 except Exception:
                     log(f"error closing app response:\n{traceback.format_exc().rstrip()}")
-        if self.on_request is not None:
-            self.on_request()
+            if self.on_request is not None:
+                self.on_request()
         return response.keep_alive
 
 

@@ -21,6 +21,7 @@ from vassal.app import load_app
 from vassal.config import Config
 from vassal.log import log, set_role
 from vassal.loop import Loop, reaped
+from vassal.scoreboard import Scoreboard
 from vassal.sockets import Listener
 from vassal.worker import Worker
 
@@ -50,6 +51,11 @@ class Master:
         self.processes = int(config.get("processes"))  # type: ignore[arg-type]
         self.stopping = False
         self.app = None
+        self.lazy = bool(config.get("lazy-apps"))
+        self.harakiri = int(config.get("harakiri") or 0)  # type: ignore[arg-type]
+        self.reload_on_rss = int(config.get("reload-on-rss") or 0) * 1024 * 1024  # type: ignore[arg-type]
+        self.scoreboard = Scoreboard(self.processes)
+        self.exit_code = 0
 
     def run(self) -> None:
         """Runs in the forked child; never returns."""
@@ -78,11 +84,12 @@ class Master:
         except (hooks.HookError, JailError, OSError) as exc:
             log(str(exc))
             return protocol.EXIT_HOOK
-        try:
-            self.app = load_app(self.config)
-        except BaseException:
-            log(f"app-load failed:\n{traceback.format_exc().rstrip()}")
-            return protocol.EXIT_APP_LOAD
+        if not self.lazy:
+            try:
+                self.app = load_app(self.config)
+            except BaseException:
+                log(f"app-load failed:\n{traceback.format_exc().rstrip()}")
+                return protocol.EXIT_APP_LOAD
         try:
             hooks.run_phase(self.config, "post-app")
         except hooks.HookExit as exc:
@@ -90,7 +97,8 @@ class Master:
         except hooks.HookError as exc:
             log(str(exc))
             return protocol.EXIT_HOOK
-        if self.processes == 1 and not self.config.has("cheaper"):
+        # One worker and nothing to watch it for: serve from this process.
+        if self.processes == 1 and not (self.config.has("cheaper") or self.lazy or self.harakiri or self.reload_on_rss):
             return self._run_single()
         loop = self.loop
         loop.add_signal(signal.SIGCHLD, lambda s: self._reap())
@@ -101,10 +109,12 @@ class Master:
         loop.add_reader(self.ctl, self._on_ctl)
         for index in range(self.processes):
             self._spawn(index)
+        if self.harakiri or self.reload_on_rss:
+            loop.call_later(1.0, self._watch_workers)
         self.ctl.send(b"R")
         loop.run(until=lambda: self.stopping and not self.workers)
         hooks.run_phase(self.config, "as-user-atexit", fatal=False)
-        return 0
+        return self.exit_code
 
     def _worker(self, index: int) -> Worker:
         return Worker(
@@ -116,7 +126,25 @@ class Master:
             max_body=int(self.config.get("limit-post")),  # type: ignore[arg-type]
             keepalive=int(self.config.get("http-keepalive")),  # type: ignore[arg-type]
             max_requests=int(self.config.get("max-requests")),  # type: ignore[arg-type]
+            scoreboard=self.scoreboard,
         )
+
+    def _watch_workers(self) -> None:
+        """harakiri: a worker stuck on one request too long is killed (and
+        replaced by the reaper); reload-on-rss: a worker past the limit is
+        recycled gracefully."""
+        now = time.time()
+        for pid, (index, _) in list(self.workers.items()):
+            started, _, line = self.scoreboard.read(index)
+            if self.harakiri and started and now - started > self.harakiri:
+                log(f"HARAKIRI: worker {index + 1} (pid {pid}) stuck for {now - started:.0f}s on {line!r}, killing it")
+                self.scoreboard.clear(index)
+                _kill(pid, signal.SIGKILL)
+            elif self.reload_on_rss and _rss(pid) > self.reload_on_rss:
+                log(f"worker {index + 1} (pid {pid}) uses {_rss(pid) // 1048576} MB > reload-on-rss, recycling it")
+                _kill(pid, signal.SIGTERM)
+        if not self.stopping:
+            self.loop.call_later(1.0, self._watch_workers)
 
     def _run_single(self) -> int:
         """One worker: the master serves requests itself, as uWSGI does
@@ -140,12 +168,22 @@ class Master:
                 set_role(f"{self.name} worker {index + 1}")
                 set_title(f"vassal worker {index + 1} {self.name}")
                 die_with_parent(signal.SIGTERM)
+                if self.lazy:
+                    try:
+                        self.app = load_app(self.config)
+                    except BaseException:
+                        log(f"app-load failed in worker {index + 1}:\n{traceback.format_exc().rstrip()}")
+                        code = protocol.EXIT_APP_LOAD
+                        raise SystemExit(code) from None
                 self._worker(index).run()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:
                 log(f"worker crashed:\n{traceback.format_exc().rstrip()}")
                 code = 1
             finally:
                 os._exit(code)
+        self.scoreboard.clear(index)
         self.workers[pid] = (index, time.monotonic())
 
     def _reap(self) -> None:
@@ -155,6 +193,11 @@ class Master:
                 continue
             index, started = entry
             if self.stopping:
+                continue
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == protocol.EXIT_APP_LOAD:
+                log("lazy-apps: a worker could not load the app; stopping the vassal (app-load is fatal)")
+                self.exit_code = protocol.EXIT_APP_LOAD
+                self.stop(graceful=False)
                 continue
             if os.WIFSIGNALED(status):
                 log(f"worker {index + 1} (pid {pid}) killed by signal {os.WTERMSIG(status)}, respawning")
@@ -184,3 +227,18 @@ class Master:
                 pass
         if not graceful:
             self.loop.remove_reader(self.ctl)
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -336,7 +336,7 @@ for _phase in ("as-emperor", "as-vassal"):
 # vassal or emperor that uses them is refused at start with a clear error
 # rather than run without them.
 NOT_YET = {
-    "lazy-apps", "harakiri", "reload-on-rss", "cheaper", "cheaper-initial", "cheaper-step",
+    "cheaper", "cheaper-initial", "cheaper-step",
     "cheaper-rss-limit-soft", "cheaper-rss-limit-hard", "smart-attach-daemon", "logto", "log-encoder",
     "jail", "jail2", "jail-ip4", "jail-ip6", "jidfile", "jail-attach",
 }

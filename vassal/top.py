@@ -373,6 +373,12 @@ class Top:
             else:
                 log(f"reload failed (app master exited with {code}), still serving the previous generation")
             return
+        if handle is self.current and code == protocol.EXIT_APP_LOAD:
+            self.current = None
+            log("the app could not be loaded (lazy-apps worker): stopping")
+            self.exit_code = protocol.EXIT_APP_LOAD
+            self.stop(graceful=True)
+            return
         if handle is self.current:
             self.current = None
             log(f"app master (pid {handle.pid}) died with {code}, starting a new one")

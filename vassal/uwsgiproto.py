@@ -167,5 +167,5 @@ class UwsgiConnection:
                     close()
                 except Exception:
                     log(f"error closing app response:\n{traceback.format_exc().rstrip()}")
-        if self.on_request is not None:
-            self.on_request()
+            if self.on_request is not None:
+                self.on_request()

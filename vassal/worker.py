@@ -34,6 +34,7 @@ class Worker:
         max_body: int,
         keepalive: int,
         max_requests: int,
+        scoreboard=None,
     ):
         self.index = index
         self.listeners = listeners
@@ -44,6 +45,9 @@ class Worker:
         self.keepalive = keepalive
         self.max_requests = max_requests
         self.requests = 0
+        self.scoreboard = scoreboard
+        if scoreboard is not None:
+            self.app = self._recorded(app)
         self.stopping = False
         self.selector = selectors.DefaultSelector()
         self.last_seen: dict[socket.socket, float] = {}
@@ -51,8 +55,21 @@ class Worker:
     def _on_term(self, signum: int, frame: object) -> None:
         self.stopping = True
 
+    def _recorded(self, app: Callable) -> Callable:
+        """The app, with each request's start written to the scoreboard."""
+        index = self.index - 1
+
+        def recorded(environ, start_response):
+            line = f"{environ.get('REQUEST_METHOD', '?')} {environ.get('REQUEST_URI') or environ.get('PATH_INFO', '')}"
+            self.scoreboard.begin(index, line, self.requests)
+            return app(environ, start_response)
+
+        return recorded
+
     def _served(self) -> None:
         self.requests += 1
+        if self.scoreboard is not None:
+            self.scoreboard.end(self.index - 1, self.requests)
         if self.requests == 1:
             try:
                 os.write(self.notify_fd, b"L")

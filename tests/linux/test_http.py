@@ -203,3 +203,72 @@ def test_large_body_spooled(run_vassal):
     payload = os.urandom(3 * 1024 * 1024)
     status, body = http_get(v.port, "/echo", method="POST", body=payload, timeout=20)
     assert status == 200 and body == payload
+
+
+WORKERS_APP = '''
+import os, time
+loaded_in = os.getpid()
+
+def application(env, start_response):
+    path = env["PATH_INFO"]
+    if path == "/sleep":
+        time.sleep(60)
+    elif path == "/grow":
+        global hoard
+        hoard = bytearray(80 * 1024 * 1024)
+        hoard[::4096] = b"x" * len(hoard[::4096])
+    body = b"%d %d" % (os.getpid(), loaded_in)
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+'''
+
+
+@pytest.fixture
+def workers_app(tmp_path):
+    app = tmp_path / "workers_app.py"
+    app.write_text(WORKERS_APP)
+    return str(app)
+
+
+def pids(port: int) -> tuple[int, int]:
+    status, body = http_get(port, "/")
+    worker, loaded = body.split()
+    return int(worker), int(loaded)
+
+
+def test_harakiri_kills_stuck_worker(run_vassal, workers_app):
+    v = run_vassal(app=workers_app, extra="harakiri = 2\n")
+    first, _ = pids(v.port)
+    with pytest.raises(OSError):
+        http_get(v.port, "/sleep", timeout=20)  # the worker dies under it
+    wait_for(lambda: "HARAKIRI: worker 1" in v.text() and "'GET /sleep'" in v.text(), 10, what="harakiri logged")
+    second, _ = wait_for(lambda: pids(v.port), 10, what="a new worker")
+    assert second != first
+
+
+def test_max_requests_recycles(run_vassal, workers_app):
+    v = run_vassal(app=workers_app, extra="max-requests = 3\n")
+    seen = [pids(v.port)[0] for _ in range(7)]  # one more was served by the readiness check
+    assert [seen.count(p) for p in dict.fromkeys(seen)][:2] == [2, 3]
+    assert "max-requests 3 reached, recycling" in v.text()
+
+
+def test_reload_on_rss(run_vassal, workers_app):
+    v = run_vassal(app=workers_app, extra="reload-on-rss = 60\n")
+    first, _ = pids(v.port)
+    assert http_get(v.port, "/grow")[0] == 200
+    wait_for(lambda: "reload-on-rss, recycling it" in v.text(), 10, what="recycled for RSS")
+    assert wait_for(lambda: (p := pids(v.port)[0]) != first and p, 10, what="new worker")
+
+
+def test_lazy_apps_load_per_worker(run_vassal, workers_app, tmp_path):
+    v = run_vassal(app=workers_app, extra="lazy-apps = true\n", processes=2)
+    worker, loaded = pids(v.port)
+    assert worker == loaded  # loaded in the worker itself
+    eager = run_vassal(app=workers_app, processes=2)
+    worker, loaded = pids(eager.port)
+    assert worker != loaded  # loaded once in the master
+    bad = tmp_path / "bad.py"
+    bad.write_text("raise RuntimeError('no')\n")
+    failing = run_vassal(app=str(bad), extra="lazy-apps = true\n", wait=False)
+    assert failing.proc.wait(20) == 3
