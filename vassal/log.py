@@ -10,6 +10,13 @@ import os
 import time
 
 _role = "vassal"
+# Where log lines go instead of fd 2 (the top process's log pipe, if any).
+_sink = None
+
+
+def set_sink(sink) -> None:
+    global _sink
+    _sink = sink
 
 
 def set_role(role: str) -> None:
@@ -20,7 +27,11 @@ def set_role(role: str) -> None:
 def log(message: str) -> None:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     text = "".join(f"{stamp} [{_role} {os.getpid()}] {line}\n" for line in message.splitlines() or [""])
+    data = text.encode("utf-8", "replace")
+    if _sink is not None:
+        _sink(data)
+        return
     try:
-        os.write(2, text.encode("utf-8", "replace"))
+        os.write(2, data)
     except OSError:
         pass

@@ -174,6 +174,16 @@ HOOK_ACTIONS = (
 )
 
 
+LOG_ENCODERS = ("prefix", "suffix", "nl", "format", "json", "gzip", "compress")
+
+
+def _log_encoder(text: str) -> str:
+    name = text.strip().partition(" ")[0]
+    if name not in LOG_ENCODERS:
+        raise ValueError_(f"unknown log encoder {name!r} (known: {', '.join(LOG_ENCODERS)})")
+    return text.strip() if name not in ("prefix", "suffix") else text.lstrip()
+
+
 def parse_str(text: str) -> str:
     return text
 
@@ -297,7 +307,7 @@ for _phase in HOOK_PHASES:
 
 # --- logging ------------------------------------------------------------------
 _opt("logto", parse_nonempty, "write the log to FILE", metavar="FILE", group="logging", scope=BOTH)
-_opt("log-encoder", parse_nonempty, "encode every log line", multi=True, metavar="ENCODER [ARGS]", group="logging")
+_opt("log-encoder", lambda text: _log_encoder(text), "encode every log line", multi=True, metavar="ENCODER [ARGS]", group="logging")
 
 # --- emperor ------------------------------------------------------------------
 _opt("emperor", parse_nonempty, "vassal dir, dir://DIR or glob://PATTERN", multi=True, metavar="DIR", scope=E, group="emperor")
@@ -337,7 +347,7 @@ for _phase in ("as-emperor", "as-vassal"):
 # rather than run without them.
 NOT_YET = {
     "cheaper", "cheaper-initial", "cheaper-step",
-    "cheaper-rss-limit-soft", "cheaper-rss-limit-hard", "smart-attach-daemon", "logto", "log-encoder",
+    "cheaper-rss-limit-soft", "cheaper-rss-limit-hard", "smart-attach-daemon",
     "jail", "jail2", "jail-ip4", "jail-ip6", "jidfile", "jail-attach",
 }
 for _name in NOT_YET:

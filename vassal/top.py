@@ -25,7 +25,8 @@ from netrouter.tun import TunError
 from vassal import hooks, jail, protocol
 from vassal.app import has_app
 from vassal.config import Config, ConfigError
-from vassal.log import log, set_role
+from vassal.log import log, set_role, set_sink
+from vassal.logpipe import LogPipe
 from vassal.loop import Loop, Timer, reaped
 from vassal.master import Master, set_title
 from vassal.sockets import Listener, SocketError, bind
@@ -71,6 +72,7 @@ class Top:
         self.emperor: socket.socket | None = None
         self.heartbeat_timer: Timer | None = None
         self.tun_links: list = []
+        self.logpipe: LogPipe | None = None
 
     # --- emperor pipe ------------------------------------------------------
     def _attach_emperor(self) -> None:
@@ -139,7 +141,16 @@ class Top:
         loop.add_signal(signal.SIGINT, lambda s: self.stop(graceful=True))
         loop.add_signal(signal.SIGQUIT, lambda s: self.stop(graceful=False))
         loop.add_signal(signal.SIGHUP, lambda s: self.reload())
+        loop.add_signal(signal.SIGUSR2, lambda s: self.logpipe and self.logpipe.reopen())
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        if self.config.has("logto") or self.config.has("log-encoder"):
+            try:
+                self.logpipe = LogPipe(self.config.get("logto"), self.config.getlist("log-encoder"))  # type: ignore[arg-type]
+            except OSError as exc:
+                log(f"logto {self.config.get('logto')}: {exc.strerror}")
+                return protocol.EXIT_ERROR
+            set_sink(self.logpipe.emit)
+            self.logpipe.start(loop)
         self._attach_emperor()
         self.send(protocol.SPAWNED)
         bad = jail.problems(self.config, jail.cloned_namespaces(), tyrant=jail.tyrant_owner() is not None)
@@ -171,6 +182,8 @@ class Top:
         loop.run(until=self._finished)
         for listener in self.listeners.values():
             listener.close()
+        if self.logpipe is not None:
+            self.logpipe.close()
         return self.exit_code
 
     def _finished(self) -> bool:
@@ -255,6 +268,11 @@ class Top:
             log(f"reload refused: {exc}")
             return
         self.config = new
+        if self.logpipe is not None:
+            try:
+                self.logpipe.update(new.get("logto"), new.getlist("log-encoder"))  # type: ignore[arg-type]
+            except OSError as exc:
+                log(f"logto {new.get('logto')}: {exc.strerror}")
         if has_app(new):
             self._start_master()
         elif has_app(old):
@@ -313,6 +331,9 @@ class Top:
                     link.sock.close()
             if self.emperor is not None:
                 self.emperor.close()
+            if self.logpipe is not None:
+                self.logpipe.child_fds()
+                set_sink(None)
             Master(self.name, self.config, listeners, child_end, self.loop).run()
         child_end.close()
         parent_end.setblocking(False)
@@ -414,6 +435,9 @@ class Top:
         if pid == 0:
             try:
                 os.setpgid(0, 0)
+                if self.logpipe is not None:
+                    self.logpipe.child_fds()
+                    set_sink(None)
                 jail.drop_privileges(self.config)
                 signal.set_wakeup_fd(-1)
                 for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE):

@@ -272,3 +272,22 @@ def test_lazy_apps_load_per_worker(run_vassal, workers_app, tmp_path):
     bad.write_text("raise RuntimeError('no')\n")
     failing = run_vassal(app=str(bad), extra="lazy-apps = true\n", wait=False)
     assert failing.proc.wait(20) == 3
+
+
+def test_logto_with_encoders_all_processes(run_vassal, tmp_path):
+    logfile = tmp_path / "app.log"
+    v = run_vassal(extra=f"logto = {logfile}\nlog-encoder = format {{\"m\": \"${{msg}}\"}}\nlog-encoder = nl\n"
+                         "attach-daemon = sh -c 'echo from-daemon; sleep 600'\n", processes=2)
+    wait_for(lambda: "from-daemon" in logfile.read_text(), 10, what="daemon line")
+    http_get(v.port, "/error")
+    wait_for(lambda: "this app fails on purpose" in logfile.read_text(), 10, what="worker traceback")
+    lines = logfile.read_text().splitlines()
+    assert all(line.startswith('{"m": "') and line.endswith('"}') for line in lines), lines[:5]
+    text = logfile.read_text()
+    assert "master" in text and "worker" in text and "ready" in text
+    # logrotate: move the file away, SIGUSR2, a new file appears.
+    logfile.rename(tmp_path / "app.log.1")
+    v.proc.send_signal(signal.SIGUSR2)
+    time.sleep(0.3)
+    http_get(v.port, "/error")
+    wait_for(lambda: logfile.exists() and "fails on purpose" in logfile.read_text(), 10, what="reopened log file")

@@ -1,0 +1,169 @@
+"""``logto`` and ``log-encoder``: every line the vassal's processes write
+(top, app master, workers, attached daemons) goes through one pipe read by
+the top process, which encodes it and writes it to the log file (reopened on
+reload and on SIGUSR2, for logrotate) or to its own stderr (the emperor).
+
+Encoders (uWSGI 1.9.16's log encoders) run in chain order on each line,
+which arrives with its trailing newline:
+
+- ``prefix ARGS`` / ``suffix ARGS``: add text before / after the line
+- ``nl``: add a newline
+- ``format TEMPLATE`` / ``json TEMPLATE``: replace the line with TEMPLATE,
+  where ``${msg}`` is the line without its newline, ``${msgnl}`` with it,
+  ``${unix}`` the time in seconds, ``${micros}`` in microseconds and
+  ``${strftime:FMT}`` the local time formatted; ``json`` escapes msg/msgnl
+  for a JSON string
+- ``gzip`` / ``compress``: gzip or zlib the line
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import time
+import zlib
+from collections.abc import Callable
+
+from vassal.loop import Loop
+
+Encoder = Callable[[bytes], bytes]
+_VAR_RE = re.compile(rb"\$\{(msgnl|msg|unix|micros|strftime:[^}]*)\}")
+
+
+class EncoderError(ValueError):
+    pass
+
+
+def _template(template: str, escape: bool) -> Encoder:
+    raw = template.encode()
+
+    def encode(line: bytes) -> bytes:
+        now = time.time()
+        msg = line[:-1] if line.endswith(b"\n") else line
+
+        def sub(match: re.Match[bytes]) -> bytes:
+            name = match.group(1)
+            if name in (b"msg", b"msgnl"):
+                value = msg if name == b"msg" else line
+                if escape:
+                    return json.dumps(value.decode("utf-8", "replace"))[1:-1].encode()
+                return value
+            if name == b"unix":
+                return str(int(now)).encode()
+            if name == b"micros":
+                return str(int(now * 1_000_000)).encode()
+            return time.strftime(name[len(b"strftime:"):].decode(), time.localtime(now)).encode()
+
+        return _VAR_RE.sub(sub, raw)
+
+    return encode
+
+
+def build_encoder(spec: str) -> Encoder:
+    name, _, args = spec.partition(" ")
+    if name == "prefix":
+        data = args.encode()
+        return lambda line: data + line
+    if name == "suffix":
+        data = args.encode()
+        return lambda line: line + data
+    if name == "nl":
+        return lambda line: line + b"\n"
+    if name == "format":
+        return _template(args, escape=False)
+    if name == "json":
+        return _template(args, escape=True)
+    if name == "gzip":
+        return lambda line: gzip.compress(line, mtime=0)
+    if name == "compress":
+        return zlib.compress
+    raise EncoderError(f"unknown log encoder {name!r} (known: prefix, suffix, nl, format, json, gzip, compress)")
+
+
+def chain(specs: list[str]) -> Encoder:
+    encoders = [build_encoder(spec) for spec in specs]
+
+    def encode(line: bytes) -> bytes:
+        for encoder in encoders:
+            line = encoder(line)
+        return line
+
+    return encode
+
+
+class LogPipe:
+    def __init__(self, logto: str | None, encoders: list[str]):
+        self.logto = logto
+        self.encode = chain(encoders)
+        # The top process's original stderr: the emperor's log pipe, or a tty.
+        self.stderr = os.dup(2)
+        self.dest = self.stderr
+        self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self.read_fd, False)
+        self.partial = b""
+        self.reopen()
+
+    def reopen(self) -> None:
+        if self.logto is None:
+            return
+        fd = os.open(self.logto, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        if self.dest != self.stderr:
+            os.close(self.dest)
+        self.dest = fd
+
+    def update(self, logto: str | None, encoders: list[str]) -> None:
+        self.encode = chain(encoders)
+        if logto != self.logto:
+            self.logto = logto
+            if logto is None:
+                if self.dest != self.stderr:
+                    os.close(self.dest)
+                self.dest = self.stderr
+        self.reopen()
+
+    def child_fds(self) -> None:
+        """In a forked child: stdout and stderr into the pipe."""
+        os.dup2(self.write_fd, 1)
+        os.dup2(self.write_fd, 2)
+
+    def start(self, loop: Loop) -> None:
+        loop.add_reader(self.read_fd, self._drain)
+
+    def emit(self, data: bytes) -> None:
+        """Whole lines (with their newline) from anywhere in the top process."""
+        out = b"".join(self.encode(line) for line in data.splitlines(keepends=True))
+        try:
+            os.write(self.dest, out)
+        except OSError:
+            pass
+
+    def _drain(self) -> None:
+        try:
+            data = os.read(self.read_fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:
+            return
+        data = self.partial + data
+        cut = data.rfind(b"\n") + 1
+        self.partial = data[cut:]
+        if cut:
+            self.emit(data[:cut])
+
+    def close(self) -> None:
+        """At exit: everything still in the pipe is written out."""
+        os.close(self.write_fd)
+        while True:
+            try:
+                data = os.read(self.read_fd, 65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not data:
+                break
+            self.partial += data
+        if self.partial:
+            tail = self.partial if self.partial.endswith(b"\n") else self.partial + b"\n"
+            self.partial = b""
+            self.emit(tail)
