@@ -21,6 +21,9 @@ from vassal.log import log
 from vassal.sockets import Listener
 from vassal.uwsgiproto import UwsgiConnection
 
+# Seconds a draining worker waits for a just-accepted connection's first request.
+DRAIN_FIRST_REQUEST = 5.0
+
 
 class Worker:
     def __init__(
@@ -51,6 +54,8 @@ class Worker:
         self.stopping = False
         self.selector = selectors.DefaultSelector()
         self.last_seen: dict[socket.socket, float] = {}
+        self.handlers: dict[socket.socket, object] = {}
+        self.served: dict[socket.socket, int] = {}
 
     def _on_term(self, signum: int, frame: object) -> None:
         self.stopping = True
@@ -92,26 +97,45 @@ class Worker:
         self.selector.register(wake_r, selectors.EVENT_READ, None)
         for listener in self.listeners:
             self.selector.register(listener.sock, selectors.EVENT_READ, listener)
-        while not self.stopping:
+        draining_since = None
+        while True:
+            if self.stopping and draining_since is None:
+                # Drain: stop accepting (the next master's workers take new
+                # connections from the same sockets), finish what is in hand.
+                draining_since = time.monotonic()
+                for listener in self.listeners:
+                    self.selector.unregister(listener.sock)
+            if draining_since is not None:
+                self._close_drained(draining_since)
+                if not self.last_seen:
+                    break
             try:
-                events = self.selector.select(1.0)
+                events = self.selector.select(0.2 if draining_since is not None else 1.0)
             except InterruptedError:
                 continue
             for key, _ in events:
-                if self.stopping:
-                    break
                 if key.data is None:
                     try:
                         os.read(wake_r, 512)
                     except BlockingIOError:
                         pass
                 elif isinstance(key.data, Listener):
-                    self._accept(key.data)
+                    if not self.stopping:
+                        self._accept(key.data)
                 else:
                     self._read(key.fileobj, key.data)  # type: ignore[arg-type]
             self._expire_idle()
         for conn in list(self.last_seen):
             self._close(conn)
+
+    def _close_drained(self, since: float) -> None:
+        """While draining, a keep-alive connection between requests is closed
+        (clients retry such requests); one accepted but not yet sent its first
+        request is given DRAIN_FIRST_REQUEST seconds to do so."""
+        late = time.monotonic() - since > DRAIN_FIRST_REQUEST
+        for conn, handler in list(self.handlers.items()):
+            if handler.idle and (self.served.get(conn, 0) > 0 or late):
+                self._close(conn)
 
     def _accept(self, listener: Listener) -> None:
         try:
@@ -133,6 +157,7 @@ class Worker:
         )
         self.selector.register(conn, selectors.EVENT_READ, handler)
         self.last_seen[conn] = time.monotonic()
+        self.handlers[conn] = handler
         # Most clients send the request right after connecting.
         self._read(conn, handler)
 
@@ -151,8 +176,10 @@ class Worker:
         except Exception:
             log(f"worker {self.index}: unexpected error:\n{traceback.format_exc().rstrip()}")
             keep = False
-        if keep and not self.stopping:
+        if keep:
             self.last_seen[conn] = time.monotonic()
+            if handler.idle:  # a whole request was answered
+                self.served[conn] = self.served.get(conn, 0) + 1
         else:
             self._close(conn)
 
@@ -166,6 +193,8 @@ class Worker:
 
     def _close(self, conn: socket.socket) -> None:
         self.last_seen.pop(conn, None)
+        self.handlers.pop(conn, None)
+        self.served.pop(conn, None)
         try:
             self.selector.unregister(conn)
         except (KeyError, ValueError):

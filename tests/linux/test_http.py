@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -291,3 +292,49 @@ def test_logto_with_encoders_all_processes(run_vassal, tmp_path):
     time.sleep(0.3)
     http_get(v.port, "/error")
     wait_for(lambda: logfile.exists() and "fails on purpose" in logfile.read_text(), 10, what="reopened log file")
+
+
+LOAD_CLIENT = r'''
+import http.client, json, sys, time
+port, seconds, rate = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+ok = failed = 0
+errors = []
+start = time.monotonic()
+n = 0
+while time.monotonic() - start < seconds:
+    n += 1
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/", headers={"Connection": "close"})
+        resp = conn.getresponse()
+        body = resp.read()
+        conn.close()
+        if resp.status == 200 and body.startswith(b"Hello"):
+            ok += 1
+        else:
+            failed += 1
+            errors.append(resp.status)
+    except Exception as exc:
+        failed += 1
+        errors.append(repr(exc))
+    delay = start + n / rate - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+print(json.dumps({"ok": ok, "failed": failed, "errors": errors[:5]}))
+'''
+
+
+def test_graceful_reload_under_load_drops_nothing(run_vassal, tmp_path):
+    v = run_vassal(processes=2)
+    client = tmp_path / "load.py"
+    client.write_text(LOAD_CLIENT)
+    load = subprocess.Popen([sys.executable, str(client), str(v.port), "4", "200"], stdout=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    v.proc.send_signal(signal.SIGHUP)
+    time.sleep(1.2)
+    v.proc.send_signal(signal.SIGHUP)
+    out, _ = load.communicate(timeout=60)
+    result = json.loads(out)
+    assert result["failed"] == 0, result
+    assert result["ok"] >= 600
+    assert v.text().count("ready (pid") >= 1 and v.text().count("app master generation 3 ready") == 1
