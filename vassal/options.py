@@ -347,7 +347,7 @@ for _phase in ("as-emperor", "as-vassal"):
 # rather than run without them.
 NOT_YET = {
     "cheaper", "cheaper-initial", "cheaper-step",
-    "cheaper-rss-limit-soft", "cheaper-rss-limit-hard", "smart-attach-daemon",
+    "cheaper-rss-limit-soft", "cheaper-rss-limit-hard",
     "jail", "jail2", "jail-ip4", "jail-ip6", "jidfile", "jail-attach",
 }
 for _name in NOT_YET:

@@ -29,6 +29,7 @@ from vassal.log import log, set_role, set_sink
 from vassal.logpipe import LogPipe
 from vassal.loop import Loop, Timer, reaped
 from vassal.master import Master, set_title
+from vassal.smartdaemon import SmartDaemon
 from vassal.sockets import Listener, SocketError, bind
 
 DAEMON_RESPAWN_DELAY = 1.0
@@ -73,6 +74,8 @@ class Top:
         self.heartbeat_timer: Timer | None = None
         self.tun_links: list = []
         self.logpipe: LogPipe | None = None
+        self.smart_daemons: dict[tuple[str, str], SmartDaemon] = {}
+        self.smart_starters: dict[int, str] = {}
 
     # --- emperor pipe ------------------------------------------------------
     def _attach_emperor(self) -> None:
@@ -224,6 +227,8 @@ class Top:
             self._signal(handle.pid, sig)
             if graceful and handle.kill_timer is None:
                 handle.kill_timer = self.loop.call_later(mercy, lambda p=handle.pid: self._signal(p, signal.SIGKILL))
+        for smart in self.smart_daemons.values():
+            smart.stop(sig)
         for daemon in self.daemons.values():
             if daemon.timer:
                 daemon.timer.cancel()
@@ -411,7 +416,24 @@ class Top:
             self._start_master()
 
     # --- attached daemons --------------------------------------------------------
+    def _sync_smart_daemons(self, config: Config) -> None:
+        wanted = {(pidfile, " ".join(rest)) for pidfile, *rest in config.getlist("smart-attach-daemon")}
+        for key in list(self.smart_daemons):
+            if key not in wanted:
+                self.smart_daemons.pop(key).stop()
+        for key in sorted(wanted - set(self.smart_daemons)):
+            self.smart_daemons[key] = SmartDaemon(key[0], key[1], self.loop, self._start_smart)
+
+    def _start_smart(self, command: str) -> int | None:
+        """Fork the daemonizing command; its starter is reaped like any child."""
+        daemon = Daemon(command)
+        self._spawn_daemon(daemon)
+        if daemon.pid is not None:
+            self.smart_starters[daemon.pid] = command
+        return daemon.pid
+
     def _sync_daemons(self, config: Config) -> None:
+        self._sync_smart_daemons(config)
         wanted = list(config.getlist("attach-daemon"))
         for command, daemon in list(self.daemons.items()):
             if command not in wanted:
@@ -474,6 +496,8 @@ class Top:
                     self._master_exited(handle, status)
                     break
             else:
+                if self.smart_starters.pop(pid, None) is not None:
+                    continue  # a smart daemon's starter: the daemon lives on
                 for daemon in self.daemons.values():
                     if daemon.pid == pid:
                         self._daemon_exited(daemon, status)

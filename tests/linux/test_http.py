@@ -338,3 +338,23 @@ def test_graceful_reload_under_load_drops_nothing(run_vassal, tmp_path):
     assert result["failed"] == 0, result
     assert result["ok"] >= 600
     assert v.text().count("ready (pid") >= 1 and v.text().count("app master generation 3 ready") == 1
+
+
+def test_smart_attach_daemon(run_vassal, tmp_path):
+    import psutil
+
+    pidfile = tmp_path / "d.pid"
+    v = run_vassal(extra=f"smart-attach-daemon = {pidfile} sh -c 'sleep 600 & echo $! > {pidfile}'\n")
+    first = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, what="pidfile"))
+    assert psutil.pid_exists(first)
+    v.proc.send_signal(signal.SIGHUP)  # a graceful reload keeps it, same pid
+    wait_for(lambda: "app master generation 2 ready" in v.text(), 10, what="reloaded")
+    time.sleep(1.5)
+    assert int(pidfile.read_text()) == first and psutil.pid_exists(first)
+    os.kill(first, signal.SIGKILL)
+    second = int(wait_for(lambda: (p := pidfile.read_text().strip()) and int(p) != first and p, 10, what="restarted daemon"))
+    assert psutil.pid_exists(second)
+    v.proc.send_signal(signal.SIGTERM)
+    v.proc.wait(15)
+    wait_for(lambda: not psutil.pid_exists(second) or psutil.Process(second).status() == psutil.STATUS_ZOMBIE, 10,
+             what="daemon stopped with the vassal")

@@ -1,0 +1,85 @@
+"""``smart-attach-daemon PIDFILE CMD``: a program that daemonizes itself,
+tracked by its pidfile rather than as our child.
+
+It is started only if the pidfile does not name a live process (so a
+graceful reload, or a restart of the vassal while it still runs, never
+starts it twice); a slow starter is waited for until its pidfile appears;
+its liveness is checked on a timer and it is started again if it died; it is
+stopped with the vassal.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+
+from vassal.log import log
+from vassal.loop import Loop
+
+CHECK_INTERVAL = 1.0
+START_WAIT = 30.0
+
+
+def read_pid(path: str) -> int | None:
+    try:
+        with open(path) as handle:
+            text = handle.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class SmartDaemon:
+    def __init__(self, pidfile: str, command: str, loop: Loop, start: Callable[[str], int | None]):
+        self.pidfile = os.path.abspath(pidfile)
+        self.command = command
+        self.loop = loop
+        self.start_command = start  # forks the command like an attach-daemon; returns its pid
+        self.pid: int | None = None
+        self.starting_since: float | None = None
+        self.stopped = False
+        self.check()
+
+    def check(self) -> None:
+        if self.stopped:
+            return
+        pid = read_pid(self.pidfile)
+        if pid is not None and alive(pid):
+            if pid != self.pid:
+                log(f"smart-attach-daemon {self.command!r}: running as pid {pid}")
+            self.pid = pid
+            self.starting_since = None
+        elif self.starting_since is not None and time.monotonic() - self.starting_since < START_WAIT:
+            pass  # a slow starter: its pidfile is not there yet
+        else:
+            if self.pid is not None:
+                log(f"smart-attach-daemon {self.command!r}: pid {self.pid} is gone, starting it again")
+            self.pid = None
+            self.starting_since = time.monotonic()
+            self.start_command(self.command)
+        self.loop.call_later(CHECK_INTERVAL, self.check)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        self.stopped = True
+        pid = self.pid or read_pid(self.pidfile)
+        if pid is not None and alive(pid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
