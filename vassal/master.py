@@ -18,6 +18,7 @@ import traceback
 from jails.linux import JailError, die_with_parent
 from vassal import hooks, jail, protocol
 from vassal.app import load_app
+from vassal.cheaper import Cheaper, listen_backlog
 from vassal.config import Config
 from vassal.log import log, set_role
 from vassal.loop import Loop, reaped
@@ -56,6 +57,17 @@ class Master:
         self.reload_on_rss = int(config.get("reload-on-rss") or 0) * 1024 * 1024  # type: ignore[arg-type]
         self.scoreboard = Scoreboard(self.processes)
         self.exit_code = 0
+        self.cheaper: Cheaper | None = None
+        self.cheapened: set[int] = set()
+        if config.has("cheaper"):
+            self.cheaper = Cheaper(
+                int(config.get("cheaper")),  # type: ignore[arg-type]
+                self.processes,
+                config.get("cheaper-initial"),  # type: ignore[arg-type]
+                int(config.get("cheaper-step") or 1),  # type: ignore[arg-type]
+                config.get("cheaper-rss-limit-soft"),  # type: ignore[arg-type]
+                config.get("cheaper-rss-limit-hard"),  # type: ignore[arg-type]
+            )
 
     def run(self) -> None:
         """Runs in the forked child; never returns."""
@@ -107,9 +119,9 @@ class Master:
         loop.add_signal(signal.SIGINT, lambda s: self.stop(graceful=False))
         loop.add_signal(signal.SIGQUIT, lambda s: self.stop(graceful=False))
         loop.add_reader(self.ctl, self._on_ctl)
-        for index in range(self.processes):
+        for index in range(self.cheaper.initial if self.cheaper else self.processes):
             self._spawn(index)
-        if self.harakiri or self.reload_on_rss:
+        if self.harakiri or self.reload_on_rss or self.cheaper:
             loop.call_later(1.0, self._watch_workers)
         self.ctl.send(b"R")
         loop.run(until=lambda: self.stopping and not self.workers)
@@ -143,8 +155,32 @@ class Master:
             elif self.reload_on_rss and _rss(pid) > self.reload_on_rss:
                 log(f"worker {index + 1} (pid {pid}) uses {_rss(pid) // 1048576} MB > reload-on-rss, recycling it")
                 _kill(pid, signal.SIGTERM)
+        if self.cheaper is not None and not self.stopping:
+            self._cheaper_step()
         if not self.stopping:
             self.loop.call_later(1.0, self._watch_workers)
+
+    def _cheaper_step(self) -> None:
+        assert self.cheaper is not None
+        live = {pid: index for pid, (index, _) in self.workers.items() if pid not in self.cheapened}
+        rss = {pid: _rss(pid) for pid in live}
+        busy = sum(1 for index in live.values() if self.scoreboard.read(index)[0])
+        backlog = max((listen_backlog(listener.sock) for listener in self.listeners), default=0)
+        decision = self.cheaper.decide(len(live), busy, backlog, sum(rss.values()))
+        if decision.action == "spawn":
+            used = {index for index, _ in self.workers.values()}
+            free = [i for i in range(self.processes) if i not in used][: decision.count]
+            for index in free:
+                self._spawn(index)
+            log(f"cheaper: +{len(free)} worker(s) ({decision.reason})")
+        elif decision.action == "remove" and live:
+            # The idlest (or, over the hard limit, the largest) worker goes.
+            over = "hard" in decision.reason
+            victim = max(live, key=lambda p: rss[p]) if over else min(
+                live, key=lambda p: (bool(self.scoreboard.read(live[p])[0]), -live[p]))
+            self.cheapened.add(victim)
+            _kill(victim, signal.SIGKILL if over else signal.SIGTERM)
+            log(f"cheaper: -1 worker (pid {victim}; {decision.reason})")
 
     def _run_single(self) -> int:
         """One worker: the master serves requests itself, as uWSGI does
@@ -192,8 +228,12 @@ class Master:
             if entry is None:
                 continue
             index, started = entry
+            self.scoreboard.clear(index)
             if self.stopping:
                 continue
+            if pid in self.cheapened:
+                self.cheapened.discard(pid)
+                continue  # removed on purpose
             if os.WIFEXITED(status) and os.WEXITSTATUS(status) == protocol.EXIT_APP_LOAD:
                 log("lazy-apps: a worker could not load the app; stopping the vassal (app-load is fatal)")
                 self.exit_code = protocol.EXIT_APP_LOAD

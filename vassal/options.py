@@ -346,8 +346,6 @@ for _phase in ("as-emperor", "as-vassal"):
 # vassal or emperor that uses them is refused at start with a clear error
 # rather than run without them.
 NOT_YET = {
-    "cheaper", "cheaper-initial", "cheaper-step",
-    "cheaper-rss-limit-soft", "cheaper-rss-limit-hard",
     "jail", "jail2", "jail-ip4", "jail-ip6", "jidfile", "jail-attach",
 }
 for _name in NOT_YET:

@@ -358,3 +358,70 @@ def test_smart_attach_daemon(run_vassal, tmp_path):
     v.proc.wait(15)
     wait_for(lambda: not psutil.pid_exists(second) or psutil.Process(second).status() == psutil.STATUS_ZOMBIE, 10,
              what="daemon stopped with the vassal")
+
+
+CHEAPER_APP = '''
+import os, time
+hoard = []
+
+def application(env, start_response):
+    if env["PATH_INFO"] == "/slow":
+        time.sleep(1.5)
+    elif env["PATH_INFO"] == "/grow":
+        hoard.append(bytearray(120 * 1024 * 1024))
+        hoard[-1][::4096] = b"x" * len(hoard[-1][::4096])
+    body = str(os.getpid()).encode()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+'''
+
+
+def worker_count(v) -> int:
+    import psutil
+
+    master = psutil.Process(v.proc.pid).children()[0]
+    return len(master.children())
+
+
+def test_cheaper_grows_and_shrinks(run_vassal, tmp_path):
+    import threading
+
+    app = tmp_path / "cheaper_app.py"
+    app.write_text(CHEAPER_APP)
+    v = run_vassal(app=str(app), extra="cheaper = 1\ncheaper-step = 1\n", processes=4)
+    assert worker_count(v) == 1
+    stop = threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            try:
+                http_get(v.port, "/slow", timeout=10)
+            except OSError:
+                pass
+
+    threads = [threading.Thread(target=hammer) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: worker_count(v) == 4, 20, what="grown to 4 workers")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(15)
+    assert "cheaper: +1 worker(s)" in v.text()
+    wait_for(lambda: worker_count(v) == 1, 30, what="shrunk back to 1 worker")
+    assert "idle for 3s" in v.text()
+
+
+def test_cheaper_rss_hard_limit(run_vassal, tmp_path):
+    app = tmp_path / "cheaper_app.py"
+    app.write_text(CHEAPER_APP)
+    v = run_vassal(app=str(app), extra="cheaper = 1\ncheaper-initial = 2\ncheaper-rss-limit-hard = 150M\n", processes=2)
+    wait_for(lambda: worker_count(v) == 2, 10, what="two workers")
+    for _ in range(2):
+        try:
+            http_get(v.port, "/grow", timeout=10)
+        except OSError:
+            pass
+    wait_for(lambda: "cheaper-rss-limit-hard" in v.text(), 10, what="hard limit decision")
+    assert "cheaper: -1 worker" in v.text()
