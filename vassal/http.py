@@ -8,6 +8,7 @@ order, one at a time, since a WSGI call blocks.
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import traceback
@@ -198,6 +199,7 @@ class HttpConnection:
             "wsgi.multithread": False,
             "wsgi.multiprocess": True,
             "wsgi.run_once": False,
+            "wsgi.file_wrapper": FileWrapper,
         }
         if isinstance(self.peer, tuple):
             env["REMOTE_ADDR"] = str(self.peer[0])
@@ -230,11 +232,7 @@ class HttpConnection:
         result = None
         try:
             result = self.app(env, response.start_response)
-            if isinstance(result, (list, tuple)) and response.status is not None:
-                response.set_length_if_missing(sum(len(part) for part in result))
-            for chunk in result:
-                if chunk:
-                    response.write(chunk)
+            send_body(response, result)
             response.finish()
         except (BrokenPipeError, ConnectionResetError):
             return False
@@ -254,6 +252,50 @@ class HttpConnection:
             if self.on_request is not None:
                 self.on_request()
         return response.keep_alive
+
+
+class FileWrapper:
+    """``wsgi.file_wrapper``: a file the server may send with sendfile(2)."""
+
+    def __init__(self, filelike, block_size: int = 65536):
+        self.filelike = filelike
+        self.block_size = block_size
+        self.close = getattr(filelike, "close", None) or (lambda: None)
+
+    def __iter__(self):
+        while chunk := self.filelike.read(self.block_size):
+            yield chunk
+
+
+def send_body(response: _Response, result) -> None:
+    """Iterate the app's result into ``response``; a FileWrapper around a real
+    file with a known length goes out with sendfile, without passing through
+    Python."""
+    if isinstance(result, FileWrapper) and not response.chunked and not response.head_only:
+        try:
+            fd = result.filelike.fileno()
+            offset = result.filelike.tell()
+            remaining = os.fstat(fd).st_size - offset
+        except (AttributeError, OSError, ValueError):
+            fd = None
+        if fd is not None and response.status is not None:
+            response.set_length_if_missing(remaining)
+            response.write(b"")  # the head, which may now say Content-Length
+            if not response.chunked:
+                response.sock.settimeout(None)
+                while remaining > 0:
+                    sent = os.sendfile(response.sock.fileno(), fd, offset, remaining)
+                    if sent == 0:
+                        break
+                    offset += sent
+                    remaining -= sent
+                response.sock.settimeout(60)
+                return
+    if isinstance(result, (list, tuple)) and response.status is not None:
+        response.set_length_if_missing(sum(len(part) for part in result))
+    for chunk in result:
+        if chunk:
+            response.write(chunk)
 
 
 class _Response:

@@ -15,7 +15,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from vassal.http import STATUS_TEXT, _Response
+from vassal.http import STATUS_TEXT, FileWrapper, _Response, send_body
 from vassal.log import log
 from vassal.spool import BodySpool
 
@@ -141,17 +141,14 @@ class UwsgiConnection:
             "wsgi.multithread": False,
             "wsgi.multiprocess": True,
             "wsgi.run_once": False,
+            "wsgi.file_wrapper": FileWrapper,
         })
         head_only = env.get("REQUEST_METHOD") == "HEAD"
         response = _Response(self.sock, False, head_only, False)
         result = None
         try:
             result = self.app(env, response.start_response)
-            if isinstance(result, (list, tuple)):
-                response.set_length_if_missing(sum(len(part) for part in result))
-            for chunk in result:
-                if chunk:
-                    response.write(chunk)
+            send_body(response, result)
             response.finish()
         except (BrokenPipeError, ConnectionResetError):
             pass

@@ -425,3 +425,50 @@ def test_cheaper_rss_hard_limit(run_vassal, tmp_path):
             pass
     wait_for(lambda: "cheaper-rss-limit-hard" in v.text(), 10, what="hard limit decision")
     assert "cheaper: -1 worker" in v.text()
+
+
+VALIDATED_APP = '''
+import os
+from wsgiref.validate import validator
+
+DATA = os.environ["DATA_FILE"]
+
+
+def raw(environ, start_response):
+    if environ["PATH_INFO"] == "/file":
+        f = open(DATA, "rb")
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return environ["wsgi.file_wrapper"](f, 65536)
+    body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body) + 2))])
+    return [b"ok", body]
+
+
+validated = validator(raw)
+
+
+def application(environ, start_response):
+    # /plain/...: without the validator, which hides wsgi.file_wrapper's object.
+    if environ["PATH_INFO"].startswith("/plain"):
+        environ["PATH_INFO"] = environ["PATH_INFO"][len("/plain"):]
+        return raw(environ, start_response)
+    return validated(environ, start_response)
+'''
+
+
+def test_wsgi_compliance_and_file_wrapper(run_vassal, tmp_path):
+    data = tmp_path / "data.bin"
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    data.write_bytes(payload)
+    app = tmp_path / "validated.py"
+    app.write_text(VALIDATED_APP)
+    v = run_vassal(app=str(app), extra=f"env = DATA_FILE={data}\n")
+    status, body = http_get(v.port, "/", method="POST", body=b"abc")
+    assert status == 200 and body == b"okabc", v.text()[-2000:]
+    status, body = http_get(v.port, "/file", timeout=20)
+    assert status == 200 and body == payload
+    out = v.raw(b"GET /plain/file HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head = out.split(b"\r\n\r\n", 1)[0]
+    assert b"Content-Length: %d" % len(payload) in head and b"chunked" not in head  # sendfile path
+    assert out.split(b"\r\n\r\n", 1)[1] == payload
+    assert "AssertionError" not in v.text()
