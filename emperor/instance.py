@@ -98,6 +98,7 @@ class Vassal:
     log: LogBuffer | None = None
     _cpu_sample: tuple[float, float] | None = None
     _procs: dict[int, psutil.Process] = field(default_factory=dict)
+    _detail: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.log = LogBuffer(self.emperor.log_lines, echo=self._echo)
@@ -505,13 +506,17 @@ class Vassal:
         rss = 0
         cpu = 0.0
         procs = self._tree()
+        self._detail = []
         for proc in procs:
             try:
-                rss += proc.memory_info().rss
+                own = proc.memory_info().rss
+                rss += own
                 times = proc.cpu_times()
                 cpu += times.user + times.system
+                title = " ".join(proc.cmdline()).strip("\0 ")
             except psutil.Error:
                 continue
+            self._detail.append({"pid": proc.pid, "rss_bytes": own, "title": title})
         now = time.monotonic()
         percent = 0.0
         if self._cpu_sample is not None and now > self._cpu_sample[0]:
@@ -521,7 +526,15 @@ class Vassal:
 
     def status(self) -> dict:
         rss, cpu, count = self.usage()
+        detail = self._detail
+        workers = [p for p in detail if p["title"].startswith("vassal worker")]
+        cheaper = next((p["title"].split("[", 1)[1].rstrip("]") for p in detail
+                        if p["title"].startswith("vassal master") and "[cheaper:" in p["title"]), None)
         return {
+            "workers": len(workers),
+            "worker_rss_bytes": [p["rss_bytes"] for p in workers],
+            "cheaper": cheaper,
+            "tree": detail,
             "name": self.name,
             "config": self.path,
             "state": self.state,

@@ -167,6 +167,10 @@ class Master:
         busy = sum(1 for index in live.values() if self.scoreboard.read(index)[0])
         backlog = max((listen_backlog(listener.sock) for listener in self.listeners), default=0)
         decision = self.cheaper.decide(len(live), busy, backlog, sum(rss.values()))
+        last = self.cheaper.last
+        if last is not None:
+            # The title is how the emperor's stats see this without a channel.
+            set_title(f"vassal master {self.name} [cheaper: {len(live)} workers; last {last.action}: {last.reason}]")
         if decision.action == "spawn":
             used = {index for index, _ in self.workers.values()}
             free = [i for i in range(self.processes) if i not in used][: decision.count]

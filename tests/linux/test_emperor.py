@@ -514,3 +514,15 @@ def test_vassal_dying_at_once_is_seen(start_emperor):
     assert v["last_exit"]["code"] == 1
     assert "cannot bind http socket /nonexistent/dir/quick.sock" in emp.log_text()
     assert emp.stop() == 0
+
+
+def test_status_shows_workers_and_cheaper(start_emperor):
+    emp = start_emperor()
+    port = free_port()
+    (emp.dir / "ch.ini").write_text(hello_ini(port, extra="cheaper = 1\ncheaper-initial = 2\n", processes=3))
+    wait_for(lambda: answers(port), what="up")
+    v = wait_for(lambda: (x := emp.vassal("ch.ini")) and x["cheaper"] and x, 10, what="cheaper state in status")
+    assert v["workers"] >= 1 and len(v["worker_rss_bytes"]) == v["workers"]
+    assert "workers; last" in v["cheaper"]
+    stats = json.loads(emp.ctl("--json", "stats").stdout)
+    assert stats["vassals"][0]["cheaper"] == v["cheaper"] or stats["vassals"][0]["cheaper"]
