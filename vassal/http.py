@@ -282,14 +282,12 @@ def send_body(response: _Response, result) -> None:
             response.set_length_if_missing(remaining)
             response.write(b"")  # the head, which may now say Content-Length
             if not response.chunked:
-                response.sock.settimeout(None)
                 while remaining > 0:
                     sent = os.sendfile(response.sock.fileno(), fd, offset, remaining)
                     if sent == 0:
                         break
                     offset += sent
                     remaining -= sent
-                response.sock.settimeout(60)
                 return
     if isinstance(result, (list, tuple)) and response.status is not None:
         response.set_length_if_missing(sum(len(part) for part in result))

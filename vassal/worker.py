@@ -12,6 +12,7 @@ import os
 import selectors
 import signal
 import socket
+import struct
 import time
 import traceback
 from collections.abc import Callable
@@ -23,6 +24,9 @@ from vassal.uwsgiproto import UwsgiConnection
 
 # Seconds a draining worker waits for a just-accepted connection's first request.
 DRAIN_FIRST_REQUEST = 5.0
+ACCEPT_BATCH = 16
+# A client that does not read its response for this long is dropped.
+SEND_TIMEOUT = struct.pack("ll", 60, 0)
 
 
 class Worker:
@@ -56,6 +60,7 @@ class Worker:
         self.last_seen: dict[socket.socket, float] = {}
         self.handlers: dict[socket.socket, object] = {}
         self.served: dict[socket.socket, int] = {}
+        self.registered: set[socket.socket] = set()
 
     def _on_term(self, signum: int, frame: object) -> None:
         self.stopping = True
@@ -120,8 +125,11 @@ class Worker:
                     except BlockingIOError:
                         pass
                 elif isinstance(key.data, Listener):
-                    if not self.stopping:
-                        self._accept(key.data)
+                    # Several per wakeup: a burst of short connections (nginx's
+                    # uwsgi upstream) otherwise costs an epoll round each.
+                    for _ in range(ACCEPT_BATCH):
+                        if self.stopping or not self._accept(key.data):
+                            break
                 else:
                     self._read(key.fileobj, key.data)  # type: ignore[arg-type]
             self._expire_idle()
@@ -137,12 +145,16 @@ class Worker:
             if handler.idle and (self.served.get(conn, 0) > 0 or late):
                 self._close(conn)
 
-    def _accept(self, listener: Listener) -> None:
+    def _accept(self, listener: Listener) -> bool:
         try:
             conn, peer = listener.sock.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return  # another worker won the race
-        conn.settimeout(60)
+            return False  # another worker won the race
+        # Blocking with a kernel send timeout: sendall is then one syscall, not
+        # a poll per chunk as with a Python-level timeout; reads never block
+        # (MSG_DONTWAIT, after readiness).
+        conn.setblocking(True)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, SEND_TIMEOUT)
         if conn.family != socket.AF_UNIX:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         kind = UwsgiConnection if listener.kind == "uwsgi" else HttpConnection
@@ -155,11 +167,16 @@ class Worker:
             max_body=self.max_body,
             on_request=self._served,
         )
-        self.selector.register(conn, selectors.EVENT_READ, handler)
         self.last_seen[conn] = time.monotonic()
         self.handlers[conn] = handler
-        # Most clients send the request right after connecting.
+        # Most clients send the request right after connecting: answer it
+        # before paying for a selector registration (nginx's uwsgi upstream
+        # connections then never need one).
         self._read(conn, handler)
+        if conn in self.handlers:
+            self.selector.register(conn, selectors.EVENT_READ, handler)
+            self.registered.add(conn)
+        return True
 
     def _read(self, conn: socket.socket, handler: HttpConnection) -> None:
         try:
@@ -195,8 +212,8 @@ class Worker:
         self.last_seen.pop(conn, None)
         self.handlers.pop(conn, None)
         self.served.pop(conn, None)
-        try:
+        if conn in self.registered:
+            # (Only then: a failed unregister formats the socket's repr, which is slow.)
+            self.registered.discard(conn)
             self.selector.unregister(conn)
-        except (KeyError, ValueError):
-            pass
         conn.close()

@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""HTTP throughput of the vassal app server, side by side in one run:
+
+- our http-socket vs uWSGI's http-socket vs gunicorn's sync worker (direct)
+- nginx + our socket (uwsgi protocol) vs nginx + uWSGI's socket
+
+Hello-world WSGI app, one worker, wrk with keep-alive from another process,
+loopback only. Prints requests/s, p99 latency and ratios to uWSGI.
+Needs wrk (apt-get install wrk), nginx, and pip's uwsgi and gunicorn.
+
+    /opt/pyemperor/bin/python bench/http.py [--seconds 10] [--connections 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HELLO = ROOT / "examples" / "apps" / "hello.py"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def wrk(port: int, seconds: int, connections: int) -> tuple[float, float]:
+    out = subprocess.run(["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", "--latency",
+                          f"http://127.0.0.1:{port}/"], capture_output=True, text=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    return rps, float(p99.group(1)) * scale
+
+
+def start(argv: list[str], work: Path, name: str) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdout=open(work / f"{name}.log", "wb"), stderr=subprocess.STDOUT, cwd=work)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def nginx_front(work: Path, upstream: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    conf = work / f"nginx-{port}.conf"
+    conf.write_text(f"""
+user root; worker_processes 1; pid {work}/nginx-{port}.pid; error_log {work}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{ access_log off; client_body_temp_path {work}/body; proxy_temp_path {work}/proxy;
+  fastcgi_temp_path {work}/fcgi; uwsgi_temp_path {work}/uwsgi; scgi_temp_path {work}/scgi;
+  upstream app {{ server {upstream}; }}
+  server {{ listen 127.0.0.1:{port}; location / {{ include /etc/nginx/uwsgi_params; uwsgi_pass app; }} }} }}
+""")
+    proc = subprocess.Popen(["nginx", "-e", str(work / "nginx-error.log"), "-p", str(work), "-c", str(conf), "-g", "daemon off;"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc, port
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=16)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("bench/http.py needs wrk: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    uwsgi = shutil.which("uwsgi", path=str(BIN))
+    gunicorn = shutil.which("gunicorn", path=str(BIN))
+    results: dict[str, tuple[float, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
+        work = Path(tmp)
+        os.chmod(work, 0o755)
+
+        def measure(name: str, argv: list[str], port: int, front: str | None = None) -> None:
+            proc = start(argv, work, name)
+            nginx = None
+            try:
+                if front is None:
+                    wait_port(port)
+                    target = port
+                else:
+                    time.sleep(1.0)
+                    nginx, target = nginx_front(work, front)
+                wrk(target, 1, args.connections)  # warm up
+                results[name] = wrk(target, args.seconds, args.connections)
+            finally:
+                if nginx is not None:
+                    stop(nginx)
+                stop(proc)
+
+        port = free_port()
+        cfg = work / "ours.ini"
+        cfg.write_text(f"[uwsgi]\nwsgi-file = {HELLO}\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\n")
+        measure("ours http-socket", [str(BIN / "vassal"), str(cfg)], port)
+        if uwsgi:
+            port = free_port()
+            measure("uWSGI http-socket", [uwsgi, "--http-socket", f"127.0.0.1:{port}", "--wsgi-file", str(HELLO),
+                                          "--master", "--processes", "1", "--disable-logging", "--http-keepalive"], port)
+        if gunicorn:
+            port = free_port()
+            measure("gunicorn sync", [gunicorn, "-w", "1", "-b", f"127.0.0.1:{port}", "--chdir", str(HELLO.parent), "hello:application"], port)
+        if shutil.which("nginx"):
+            sock = work / "ours.sock"
+            cfg2 = work / "ours-uwsgi.ini"
+            cfg2.write_text(f"[uwsgi]\nwsgi-file = {HELLO}\nsocket = {sock}\nchmod-socket = 666\nprocesses = 1\n")
+            measure("nginx + ours socket", [str(BIN / "vassal"), str(cfg2)], 0, front=f"unix:{sock}")
+            if uwsgi:
+                usock = work / "uwsgi.sock"
+                measure("nginx + uWSGI socket", [uwsgi, "--socket", str(usock), "--chmod-socket=666", "--wsgi-file", str(HELLO),
+                                                 "--master", "--processes", "1", "--disable-logging"], 0, front=f"unix:{usock}")
+    for name, (rps, p99) in results.items():
+        print(f"{name:>22}: {rps:9.0f} req/s  p99 {p99:7.2f} ms", flush=True)
+    pairs = [("ours http-socket", "uWSGI http-socket"), ("ours http-socket", "gunicorn sync"),
+             ("nginx + ours socket", "nginx + uWSGI socket")]
+    for ours, theirs in pairs:
+        if ours in results and theirs in results:
+            print(f"{ours} / {theirs}: {results[ours][0] / results[theirs][0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
