@@ -120,7 +120,7 @@ def main() -> int:
 
         port = free_port()
         cfg = work / "ours.ini"
-        cfg.write_text(f"[uwsgi]\nwsgi-file = {HELLO}\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\n")
+        cfg.write_text(f"[uwsgi]\nwsgi-file = {HELLO}\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\ndisable-logging = true\n")
         measure("ours http-socket", [str(BIN / "vassal"), str(cfg)], port)
         if uwsgi:
             port = free_port()
@@ -132,7 +132,7 @@ def main() -> int:
         if shutil.which("nginx"):
             sock = work / "ours.sock"
             cfg2 = work / "ours-uwsgi.ini"
-            cfg2.write_text(f"[uwsgi]\nwsgi-file = {HELLO}\nsocket = {sock}\nchmod-socket = 666\nprocesses = 1\n")
+            cfg2.write_text(f"[uwsgi]\nwsgi-file = {HELLO}\nsocket = {sock}\nchmod-socket = 666\nprocesses = 1\ndisable-logging = true\n")
             measure("nginx + ours socket", [str(BIN / "vassal"), str(cfg2)], 0, front=f"unix:{sock}")
             if uwsgi:
                 usock = work / "uwsgi.sock"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -119,7 +120,7 @@ class HttpConnection:
         app: WSGIApp,
         max_head: int = 65536,
         max_body: int = 0,
-        on_request: Callable[[], None] | None = None,
+        on_request: Callable[[str], None] | None = None,
     ):
         self.sock = sock
         self.peer = peer
@@ -227,6 +228,7 @@ class HttpConnection:
     def handle(self, req: Request) -> bool:
         """Run the app for one request; False when the connection must close."""
         env = self.environ(req)
+        started = time.monotonic()
         head_only = req.method == b"HEAD"
         response = _Response(self.sock, req.version == "1.1", head_only, req.keep_alive)
         result = None
@@ -250,8 +252,14 @@ class HttpConnection:
                 except Exception:
                     log(f"error closing app response:\n{traceback.format_exc().rstrip()}")
             if self.on_request is not None:
-                self.on_request()
+                self.on_request(access_line(env, response, started))
         return response.keep_alive
+
+
+def access_line(env: dict, response: _Response, started: float) -> str:
+    status = (response.status or "500")[:3]
+    return (f'{env.get("REMOTE_ADDR", "-")} "{env.get("REQUEST_METHOD")} {env.get("REQUEST_URI") or env.get("PATH_INFO")} '
+            f'{env.get("SERVER_PROTOCOL")}" {status} {response.size} {(time.monotonic() - started) * 1000:.1f}ms')
 
 
 class FileWrapper:
@@ -288,6 +296,7 @@ def send_body(response: _Response, result) -> None:
                         break
                     offset += sent
                     remaining -= sent
+                    response.size += sent
                 return
     if isinstance(result, (list, tuple)) and response.status is not None:
         response.set_length_if_missing(sum(len(part) for part in result))
@@ -299,7 +308,7 @@ def send_body(response: _Response, result) -> None:
 class _Response:
     """WSGI start_response/write for one request, framing the body as needed."""
 
-    __slots__ = ("sock", "http11", "head_only", "keep_alive", "status", "headers", "sent", "chunked")
+    __slots__ = ("sock", "http11", "head_only", "keep_alive", "status", "headers", "sent", "chunked", "size")
 
     def __init__(self, sock: socket.socket, http11: bool, head_only: bool, keep_alive: bool):
         self.sock = sock
@@ -310,6 +319,7 @@ class _Response:
         self.headers: list[tuple[str, str]] = []
         self.sent = False
         self.chunked = False
+        self.size = 0
 
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info=None):
         if exc_info:
@@ -356,6 +366,7 @@ class _Response:
         return "".join(out).encode("latin-1")
 
     def write(self, data: bytes) -> None:
+        self.size += len(data)
         payload = b""
         if data and not self.head_only:
             payload = b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data

@@ -139,6 +139,7 @@ class Master:
             keepalive=int(self.config.get("http-keepalive")),  # type: ignore[arg-type]
             max_requests=int(self.config.get("max-requests")),  # type: ignore[arg-type]
             scoreboard=self.scoreboard,
+            access_log=not self.config.get("disable-logging"),
         )
 
     def _watch_workers(self) -> None:

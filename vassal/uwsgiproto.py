@@ -12,10 +12,11 @@ from __future__ import annotations
 import socket
 import struct
 import sys
+import time
 import traceback
 from collections.abc import Callable
 
-from vassal.http import STATUS_TEXT, FileWrapper, _Response, send_body
+from vassal.http import STATUS_TEXT, FileWrapper, _Response, access_line, send_body
 from vassal.log import log
 from vassal.spool import BodySpool
 
@@ -61,7 +62,7 @@ class UwsgiConnection:
     """One request per connection; ``feed`` returns False once it should close."""
 
     def __init__(self, sock: socket.socket, peer, server: tuple[str, str], app: Callable, max_head: int = 65536,
-                 max_body: int = 0, on_request: Callable[[], None] | None = None):
+                 max_body: int = 0, on_request: Callable[[str], None] | None = None):
         self.sock = sock
         self.app = app
         self.max_head = max_head
@@ -144,6 +145,7 @@ class UwsgiConnection:
             "wsgi.file_wrapper": FileWrapper,
         })
         head_only = env.get("REQUEST_METHOD") == "HEAD"
+        started = time.monotonic()
         response = _Response(self.sock, False, head_only, False)
         result = None
         try:
@@ -165,4 +167,4 @@ class UwsgiConnection:
                 except Exception:
                     log(f"error closing app response:\n{traceback.format_exc().rstrip()}")
             if self.on_request is not None:
-                self.on_request()
+                self.on_request(access_line(env, response, started))

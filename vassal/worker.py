@@ -42,6 +42,7 @@ class Worker:
         keepalive: int,
         max_requests: int,
         scoreboard=None,
+        access_log: bool = True,
     ):
         self.index = index
         self.listeners = listeners
@@ -53,6 +54,7 @@ class Worker:
         self.max_requests = max_requests
         self.requests = 0
         self.scoreboard = scoreboard
+        self.access_log = access_log
         if scoreboard is not None:
             self.app = self._recorded(app)
         self.stopping = False
@@ -76,7 +78,9 @@ class Worker:
 
         return recorded
 
-    def _served(self) -> None:
+    def _served(self, line: str = "") -> None:
+        if self.access_log and line:
+            log(line)
         self.requests += 1
         if self.scoreboard is not None:
             self.scoreboard.end(self.index - 1, self.requests)

@@ -472,3 +472,13 @@ def test_wsgi_compliance_and_file_wrapper(run_vassal, tmp_path):
     assert b"Content-Length: %d" % len(payload) in head and b"chunked" not in head  # sendfile path
     assert out.split(b"\r\n\r\n", 1)[1] == payload
     assert "AssertionError" not in v.text()
+
+
+def test_access_log_lines(run_vassal):
+    v = run_vassal()
+    http_get(v.port, "/stream?x=1")
+    wait_for(lambda: '"GET /stream?x=1 HTTP/1.1" 200 24 ' in v.text(), 5, what="access log line")
+    quiet = run_vassal(extra="disable-logging = true\n")
+    http_get(quiet.port, "/quiet")
+    time.sleep(0.3)
+    assert "/quiet" not in quiet.text()
