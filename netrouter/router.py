@@ -35,6 +35,7 @@ from netrouter.wire import (
     RULE_BLOCK,
     FrameError,
     FrameReader,
+    checksum,
     frame,
     header,
     ipv4_addresses,
@@ -44,15 +45,6 @@ from vassal.loop import Loop
 MAX_BACKLOG = 4 * 1024 * 1024
 READ_BATCH = 64
 DROP_REASONS = ("firewall", "spoofed", "unknown_destination", "ipv6", "oversize", "malformed")
-
-
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
 
 
 def ip_text(value: int | None) -> str | None:
@@ -282,10 +274,10 @@ class Router:
             return  # never answer an ICMP error with another
         quoted = packet[: (packet[0] & 15) * 4 + 8]
         icmp = struct.pack("!BBHHH", 3, 4, 0, 0, mtu) + quoted
-        icmp = icmp[:2] + struct.pack("!H", _checksum(icmp)) + icmp[4:]
+        icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
         total = 20 + len(icmp)
         header = struct.pack("!BBHHHBBH4s4s", 0x45, 0xC0, total, 0, 0, 64, 1, 0, packet[16:20], packet[12:16])
-        header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+        header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
         try:
             os.write(self.tun_fd, header + icmp)
         except OSError:

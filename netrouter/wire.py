@@ -73,3 +73,13 @@ def ipv4_addresses(packet: bytes) -> tuple[int, int] | None:
     if ihl < 20 or total < ihl or total > len(packet):
         return None
     return struct.unpack_from("!II", packet, 12)
+
+
+def checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of IP and ICMP headers."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF

@@ -231,29 +231,38 @@ class HttpConnection:
         started = time.monotonic()
         head_only = req.method == b"HEAD"
         response = _Response(self.sock, req.version == "1.1", head_only, req.keep_alive)
-        result = None
-        try:
-            result = self.app(env, response.start_response)
-            send_body(response, result)
-            response.finish()
-        except (BrokenPipeError, ConnectionResetError):
-            return False
-        except Exception:
-            log(f"error in app for {env['REQUEST_METHOD']} {env['REQUEST_URI']}:\n{traceback.format_exc().rstrip()}")
-            if not response.sent:
-                self._send_error(500)
-            return False
-        finally:
-            req.body.close()
-            close = getattr(result, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:
-                    log(f"error closing app response:\n{traceback.format_exc().rstrip()}")
-            if self.on_request is not None:
-                self.on_request(access_line(env, response, started))
-        return response.keep_alive
+        ok = run_app(self.app, env, response, req.body, started, self.on_request, lambda: self._send_error(500))
+        return ok and response.keep_alive
+
+
+def run_app(app: WSGIApp, env: dict, response: _Response, body, started: float,
+            on_request: Callable[[str], None] | None, send_500: Callable[[], None]) -> bool:
+    """One WSGI call, its body sent, the result closed, the request recorded;
+    False when the connection cannot be used any more."""
+    result = None
+    ok = True
+    try:
+        result = app(env, response.start_response)
+        send_body(response, result)
+        response.finish()
+    except (BrokenPipeError, ConnectionResetError):
+        ok = False
+    except Exception:
+        log(f"error in app for {env.get('REQUEST_METHOD')} {env.get('REQUEST_URI') or env.get('PATH_INFO')}:\n{traceback.format_exc().rstrip()}")
+        if not response.sent:
+            send_500()
+        ok = False
+    finally:
+        body.close()
+        close = getattr(result, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                log(f"error closing app response:\n{traceback.format_exc().rstrip()}")
+        if on_request is not None:
+            on_request(access_line(env, response, started))
+    return ok
 
 
 def access_line(env: dict, response: _Response, started: float) -> str:

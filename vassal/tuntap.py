@@ -17,7 +17,16 @@ import socket
 import struct
 
 from netrouter.tun import disable_ipv6, open_tun
-from netrouter.wire import BIG_FRAMES, OFFER_PAYLOAD, PACKET, FrameError, FrameReader, frame, header
+from netrouter.wire import (
+    BIG_FRAMES,
+    OFFER_PAYLOAD,
+    PACKET,
+    FrameError,
+    FrameReader,
+    checksum,
+    frame,
+    header,
+)
 from vassal.log import log
 from vassal.loop import Loop
 
@@ -26,22 +35,13 @@ RECONNECT_DELAY = 1.0
 MAX_BACKLOG = 4 * 1024 * 1024
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
-
-
 def claim_packet(address: str) -> bytes:
     """UDP from ``address`` port 9 to 255.255.255.255 port 9 (discard)."""
     src = ipaddress.IPv4Address(address).packed
     dst = b"\xff\xff\xff\xff"
     udp = struct.pack("!HHHH", 9, 9, 8, 0)
     header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0x4000, 1, socket.IPPROTO_UDP, 0, src, dst)
-    header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+    header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
     return header + udp
 
 

@@ -13,10 +13,9 @@ import socket
 import struct
 import sys
 import time
-import traceback
 from collections.abc import Callable
 
-from vassal.http import STATUS_TEXT, FileWrapper, _Response, access_line, send_body
+from vassal.http import STATUS_TEXT, FileWrapper, _Response, run_app
 from vassal.log import log
 from vassal.spool import BodySpool
 
@@ -147,24 +146,4 @@ class UwsgiConnection:
         head_only = env.get("REQUEST_METHOD") == "HEAD"
         started = time.monotonic()
         response = _Response(self.sock, False, head_only, False)
-        result = None
-        try:
-            result = self.app(env, response.start_response)
-            send_body(response, result)
-            response.finish()
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        except Exception:
-            log(f"error in app for {env.get('REQUEST_METHOD')} {env.get('REQUEST_URI', env.get('PATH_INFO'))}:\n{traceback.format_exc().rstrip()}")
-            if not response.sent:
-                self._error(500, "app error")
-        finally:
-            self.body.close()
-            close = getattr(result, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:
-                    log(f"error closing app response:\n{traceback.format_exc().rstrip()}")
-            if self.on_request is not None:
-                self.on_request(access_line(env, response, started))
+        run_app(self.app, env, response, self.body, started, self.on_request, lambda: self._error(500, "app error"))
