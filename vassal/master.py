@@ -140,6 +140,7 @@ class Master:
             max_requests=int(self.config.get("max-requests")),  # type: ignore[arg-type]
             scoreboard=self.scoreboard,
             access_log=not self.config.get("disable-logging"),
+            memory_report=bool(self.config.get("memory-report")),
         )
 
     def _watch_workers(self) -> None:

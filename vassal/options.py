@@ -255,6 +255,7 @@ _opt("http-keepalive", parse_nonneg_int, "idle keep-alive timeout in seconds", d
 _opt("reload-mercy", parse_nonneg_int, "seconds an old app master may drain on reload", default=30, metavar="S")
 _opt("procname", parse_nonempty, "process title prefix", metavar="NAME")
 _bool("disable-logging", "no access log line per request (as in uWSGI)")
+_bool("memory-report", "add the worker's RSS to every access log line")
 _opt("set-placeholder", parse_kv, "define a placeholder usable as %(KEY)", multi=True, metavar="KEY=VALUE", aliases=("set-ph",))
 for _name in ("master", "vacuum", "die-on-term", "strict", "enable-threads", "single-interpreter", "need-app", "thunder-lock"):
     _bool(_name, "accepted for uWSGI configs; pyemperor always behaves this way", compat=True)

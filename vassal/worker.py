@@ -43,6 +43,7 @@ class Worker:
         max_requests: int,
         scoreboard=None,
         access_log: bool = True,
+        memory_report: bool = False,
     ):
         self.index = index
         self.listeners = listeners
@@ -55,6 +56,7 @@ class Worker:
         self.requests = 0
         self.scoreboard = scoreboard
         self.access_log = access_log
+        self.memory_report = memory_report
         if scoreboard is not None:
             self.app = self._recorded(app)
         self.stopping = False
@@ -80,6 +82,8 @@ class Worker:
 
     def _served(self, line: str = "") -> None:
         if self.access_log and line:
+            if self.memory_report:
+                line += f" rss={_rss_mb()}MB"
             log(line)
         self.requests += 1
         if self.scoreboard is not None:
@@ -221,3 +225,11 @@ class Worker:
             self.registered.discard(conn)
             self.selector.unregister(conn)
         conn.close()
+
+
+def _rss_mb() -> int:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1048576
+    except (OSError, ValueError, IndexError):
+        return 0

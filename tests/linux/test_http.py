@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -429,6 +430,7 @@ def test_cheaper_rss_hard_limit(run_vassal, tmp_path):
 
 VALIDATED_APP = '''
 import os
+import re
 from wsgiref.validate import validator
 
 DATA = os.environ["DATA_FILE"]
@@ -482,3 +484,16 @@ def test_access_log_lines(run_vassal):
     http_get(quiet.port, "/quiet")
     time.sleep(0.3)
     assert "/quiet" not in quiet.text()
+
+
+def test_memory_report_and_attached_daemon_restart(run_vassal, tmp_path):
+    import psutil
+
+    marker = tmp_path / "daemon.pid"
+    v = run_vassal(extra=f"memory-report = true\nattach-daemon = sh -c 'echo $$ > {marker}; exec sleep 600'\n")
+    http_get(v.port, "/")
+    wait_for(lambda: re.search(r'"GET / HTTP/1.1" 200 \d+ [\d.]+ms rss=\d+MB', v.text()), 5, what="memory report")
+    first = int(wait_for(lambda: marker.exists() and marker.read_text().strip(), 10, what="daemon up"))
+    os.kill(first, signal.SIGKILL)
+    second = int(wait_for(lambda: (p := marker.read_text().strip()) and int(p) != first and p, 10, what="daemon restarted"))
+    assert psutil.pid_exists(second)
