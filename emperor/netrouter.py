@@ -58,7 +58,7 @@ class RouterSupervisor:
         if self.emperor.shutting_down:
             return
         ours, theirs = socket.socketpair()
-        argv = [sys.executable, "-m", "netrouter", self.device, self.socket_path, "--report-fd", str(REPORT_FD)]
+        argv = [sys.executable, "-P", "-m", "netrouter", self.device, self.socket_path, "--report-fd", str(REPORT_FD)]
         for rule in self.rules_in:
             argv += ["--firewall-in", rule]
         for rule in self.rules_out:

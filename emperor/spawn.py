@@ -49,7 +49,7 @@ class Spawned:
 
 
 def build_argv(req: SpawnRequest) -> list[str]:
-    program = [req.wrapper] if req.wrapper else [sys.executable, "-m", "vassal"]
+    program = [req.wrapper] if req.wrapper else [sys.executable, "-P", "-m", "vassal"]
     return program + vassal_args(req)
 
 
@@ -179,7 +179,7 @@ class Zygote:
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         theirs.set_inheritable(True)
-        argv = [sys.executable, "-m", "emperor.zygote", str(theirs.fileno())]
+        argv = [sys.executable, "-P", "-m", "emperor.zygote", str(theirs.fileno())]
         pid = os.fork()
         if pid == 0:  # pragma: no cover - execs
             try:
