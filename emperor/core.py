@@ -58,6 +58,19 @@ def become_subreaper() -> bool:
         return False
 
 
+def _nonblocking_stderr() -> None:
+    """Echoing vassal output must never block the loop. Only a pipe or socket
+    of our own is made non-blocking: a terminal or file is shared with others."""
+    import stat
+
+    try:
+        mode = os.fstat(2).st_mode
+    except OSError:
+        return
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        os.set_blocking(2, False)
+
+
 class Emperor:
     def __init__(self, settings: Config, log: Callable[[str], None] | None = None):
         self.settings = settings
@@ -90,6 +103,7 @@ class Emperor:
         self.early_exits: dict[int, tuple[int, float]] = {}
         self.hook_pids: dict[int, str] = {}
         self.routers: list[RouterSupervisor] = []
+        self.dropped_log_lines = 0
         self.as_vassal = [(h.action, h.args, h.entry.key, h.entry.value) for h in hooks.hooks_for(settings, "as-vassal")]
 
     # --- logging -----------------------------------------------------------
@@ -107,6 +121,10 @@ class Emperor:
     def vassal_log(self, vassal: Vassal, line: str) -> None:
         try:
             os.write(2, f"[{vassal.name}] {line}\n".encode("utf-8", "replace"))
+        except BlockingIOError:
+            # Our stderr (journald, a pipe) is full: the line stays in the
+            # vassal's ring buffer (emperorctl logs); the loop does not wait.
+            self.dropped_log_lines += 1
         except OSError:
             pass
 
@@ -122,6 +140,7 @@ class Emperor:
             self.stats = StatsServer(self, str(self.settings.get("emperor-stats")))
             self.stats.open()
         self.subreaper = become_subreaper()
+        _nonblocking_stderr()
         self.cgroups = CgroupTree.create(f"pyemperor.{os.getpid()}")
         self.routers = [
             RouterSupervisor(self, spec, self.settings.getlist("tuntap-router-firewall-in"), self.settings.getlist("tuntap-router-firewall-out"))
@@ -508,6 +527,7 @@ class Emperor:
             "tyrant": self.tyrant,
             "shutting_down": self.shutting_down,
             "vassal_count": len(self.vassals),
+            "dropped_log_lines": self.dropped_log_lines,
             "throttle_ms": self.throttle_ms,
             "max_throttle_ms": self.max_throttle_ms,
         }

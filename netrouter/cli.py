@@ -13,7 +13,7 @@ import sys
 
 from jails.linux import interface_up
 from netrouter.firewall import RuleError
-from netrouter.router import Router
+from netrouter.router import Router, say
 from netrouter.tun import TunError, disable_ipv6, open_tun
 from vassal.loop import Loop
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     loop.add_signal(signal.SIGTERM, lambda s: loop.stop())
     loop.add_signal(signal.SIGINT, lambda s: loop.stop())
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    print(f"netrouter: routing {args.device} <-> {args.socket} (in: {len(router.chain_in.rules)} rules, out: {len(router.chain_out.rules)} rules)", file=sys.stderr, flush=True)
+    say(f"routing {args.device} <-> {args.socket} (in: {len(router.chain_in.rules)} rules, out: {len(router.chain_out.rules)} rules)")
     loop.run()
     for path in (args.socket, args.stats if stats is not None and args.stats and "/" in args.stats else None):
         if path:

@@ -19,7 +19,6 @@ import json
 import os
 import socket
 import struct
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -45,6 +44,15 @@ from vassal.loop import Loop
 MAX_BACKLOG = 4 * 1024 * 1024
 READ_BATCH = 64
 DROP_REASONS = ("firewall", "spoofed", "unknown_destination", "ipv6", "oversize", "malformed")
+
+
+def say(message: str) -> None:
+    """A diagnostic line; never blocks or raises (stderr may be a full,
+    non-blocking pipe shared with the emperor)."""
+    try:
+        os.write(2, f"netrouter: {message}\n".encode())
+    except OSError:
+        pass
 
 
 def ip_text(value: int | None) -> str | None:
@@ -144,7 +152,7 @@ class Router:
         if self.connections.pop(conn.sock, None) is None:
             return
         if why:
-            print(f"netrouter: closing {conn.vassal} ({ip_text(conn.address) or 'no address'}): {why}", file=sys.stderr, flush=True)
+            say(f"closing {conn.vassal} ({ip_text(conn.address) or 'no address'}): {why}")
         if conn.address is not None and self.claims.get(conn.address) is conn:
             del self.claims[conn.address]
         self.loop.forget(conn.sock)

@@ -526,3 +526,30 @@ def test_status_shows_workers_and_cheaper(start_emperor):
     assert "workers; last" in v["cheaper"]
     stats = json.loads(emp.ctl("--json", "stats").stdout)
     assert stats["vassals"][0]["cheaper"] == v["cheaper"] or stats["vassals"][0]["cheaper"]
+
+
+def test_full_stderr_pipe_never_blocks_the_emperor(tmp_path):
+    """Nobody reads the emperor's stderr (a stuck journald): it keeps serving."""
+    from tests.conftest import TEST_TAG, EmperorProc
+
+    vassals = tmp_path / "vassals"
+    vassals.mkdir()
+    control = tmp_path / "c.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "emperor", "--control", str(control), str(vassals)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTEST_TAG": TEST_TAG})
+    emp = EmperorProc(vassals, control, tmp_path / "none.log", proc)
+    try:
+        wait_for(control.exists, 10, what="control socket")
+        (vassals / "chatty.ini").write_text("[uwsgi]\nattach-daemon = sh -c 'while true; do echo aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa; done'\n")
+        wait_for(lambda: emp.status()["emperor"]["dropped_log_lines"] > 0, 20, what="log lines dropped, not blocking")
+        port = free_port()
+        (vassals / "web.ini").write_text(hello_ini(port))
+        wait_for(lambda: answers(port), 15, what="a new vassal still spawned")
+        assert "aaaa" in emp.ctl("logs", "chatty.ini", "-n", "2").stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
