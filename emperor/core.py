@@ -183,7 +183,8 @@ class Emperor:
         if self.shutting_down:
             return
         self.zygote = Zygote(self._zygote_reply, self._zygote_want_write)
-        self.zygote.start()
+        # Spare pre-moved intermediates need cgroup dirs that can be renamed (v1).
+        self.zygote.start(self.cgroups.base if self.cgroups and not self.cgroups.unified else None)
         self.loop.add_reader(self.zygote.sock, self.zygote.on_readable)
 
     def _zygote_want_write(self, wanted: bool) -> None:

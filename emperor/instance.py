@@ -158,6 +158,7 @@ class Vassal:
             id_maps=self.emperor.id_maps_for(self),
             wrapper=self.emperor.wrapper if self.wrapped else None,
             cgroup_procs=procs,
+            cgroup_dir=cgroup.path if cgroup else None,
             clone=list(self.emperor.clone),
             as_vassal=self.emperor.as_vassal,
         )

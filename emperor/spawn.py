@@ -34,6 +34,7 @@ class SpawnRequest:
     overrides: list[tuple[str, str]]
     wrapper: str | None
     cgroup_procs: list[str]  # cgroup.procs files to join (tracking and limits)
+    cgroup_dir: str | None = None  # the tracking cgroup (a zygote spare may become it)
     clone: list[str] = field(default_factory=list)  # emperor-use-clone namespaces
     as_vassal: list[tuple[str, str, str, str]] = field(default_factory=list)  # (action, args, key, value)
     tyrant: tuple[int, int] | None = None  # the file owner, in tyrant mode
@@ -176,10 +177,12 @@ class Zygote:
         # Requests not yet taken by the socket: (id, message, fds to close once sent).
         self.queue: list[tuple[int, bytes, list[int]]] = []
 
-    def start(self) -> None:
+    def start(self, spare_base: str | None = None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         theirs.set_inheritable(True)
         argv = [sys.executable, "-P", "-m", "emperor.zygote", str(theirs.fileno())]
+        if spare_base:
+            argv.append(spare_base)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - execs
             try:
@@ -211,6 +214,7 @@ class Zygote:
             "env": build_env(req),
             "cwd": os.path.dirname(req.path),
             "cgroup_procs": req.cgroup_procs,
+            "cgroup_dir": req.cgroup_dir,
             "clone": req.clone,
             "id_maps": req.id_maps,
             "pipe_fd": VASSAL_PIPE_FD,

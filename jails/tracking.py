@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -85,13 +86,24 @@ class CgroupTree:
         return VassalCgroup(os.path.join(self.base, safe))
 
     def remove(self) -> None:
-        try:
-            children = [e.path for e in os.scandir(self.base) if e.is_dir()]
-        except OSError:
-            children = []
-        for child in children:
-            _rmdir(child)
-        _rmdir(self.base)
+        """At emperor exit (blocking is fine then): whatever is left in a
+        child cgroup (a zygote's spare) is killed before the dirs go."""
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                children = [e.path for e in os.scandir(self.base) if e.is_dir()]
+            except OSError:
+                children = []
+            for child in children:
+                group = VassalCgroup(child)
+                while not group.is_empty() and time.monotonic() < deadline:
+                    group.kill(signal.SIGKILL)
+                    time.sleep(0.01)
+                _rmdir(child)
+            # A spare being made as we go may add a dir: look again.
+            if _rmdir(self.base) or time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
 
 
 def _rmdir(path: str) -> bool:

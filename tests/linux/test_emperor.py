@@ -432,7 +432,10 @@ def test_vassals_exit_when_emperor_dies(start_emperor):
         wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids), 15,
                  what="vassal gone after its emperor")
     finally:
-        for sub in (os.path.join(tracking, "orphan.ini"), tracking):
+        # An emperor killed outright cannot clean up: every cgroup it made
+        # (the vassal's, the zygote's spare) goes once its processes are gone.
+        subs = [e.path for e in os.scandir(tracking) if e.is_dir()] if os.path.isdir(tracking) else []
+        for sub in [*subs, tracking]:
             wait_for(lambda s=sub: not os.path.exists(s) or (os.rmdir(s) or True), 10, what=f"rmdir {sub}")
         stale = emp.control
         for path in (stale, stale.with_name(stale.name + ".lock")):
