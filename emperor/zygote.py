@@ -25,6 +25,7 @@ import os
 
 # Everything a vassal's top process, app master and workers import, so that
 # it is shared with every vassal instead of loaded by each.
+import pkgutil  # noqa: F401  (runpy.run_path imports it lazily)
 import runpy  # noqa: F401  (wsgi-file loading)
 import select
 import signal

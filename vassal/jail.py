@@ -13,10 +13,11 @@ import os
 import signal
 import sys
 
-from jails import linux
+from jails import linux, netlink
 from vassal import hooks, protocol
 from vassal.config import Config, Entry, Problem
 from vassal.log import log
+from vassal.tuntap import TunLink
 
 # Namespaces the emperor cloned for us (emperor-use-clone), set at spawn.
 ENV_CLONED = "PYEMPEROR_CLONED"
@@ -158,9 +159,6 @@ def enter(config: Config) -> list:
 
 def setup_network(config: Config) -> list:
     """tuntap-device, then net-iface and net-route over netlink (no binaries)."""
-    from jails import netlink
-    from vassal.tuntap import TunLink
-
     links = []
     brokered = os.environ.get(protocol.ENV_BROKERED) == "1"
     for index, words in enumerate(config.getlist("tuntap-device")):
