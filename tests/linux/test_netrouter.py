@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from netrouter.wire import checksum
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/net/tun") or os.geteuid() != 0, reason="needs root and /dev/net/tun")
@@ -122,15 +123,6 @@ def local_route(address: str) -> bool:
     except ValueError:
         return False
     return bool(routes) and str(routes[0].get("dev", "")).startswith(("pe", "pf", "pu", "emperor0")) and "gateway" not in routes[0]
-
-
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
 
 
 def host_ping(address: str, timeout: float = 2.0) -> bool:
