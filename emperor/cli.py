@@ -8,7 +8,7 @@ import sys
 
 from vassal import options
 from vassal.cliopts import add_option_flags, preprocess_argv
-from vassal.config import ConfigError, Entry, Problem, build, read_entries, unsupported
+from vassal.config import ConfigError, Entry, build, read_entries, unsupported
 
 DEFAULT_DIR = "/etc/vassals"
 
@@ -76,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     return emperor.run()
 
 
-__all__ = ["main", "Problem"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -35,7 +35,6 @@ class Connection:
         self.outbuf = bytearray()
         self.close_after_flush = False
         self.closed = False
-        self.following = False
         sock.setblocking(False)
 
     def send(self, obj: object) -> bool:
@@ -221,7 +220,6 @@ class ControlServer(_Server):
         if request["command"] == "logs" and isinstance(result, dict) and result.get("follow"):
             vassal = self.emperor.vassals.get(result["name"])
             if vassal is not None and vassal.log is not None:
-                connection.following = True
                 vassal.log.followers.append(lambda text, c=connection: c.send({"line": text}))
                 return
         connection.finish()

@@ -40,7 +40,7 @@ from jails.tracking import (
     limit_groups,
     remove_v1_bases,
 )
-from vassal import hooks, jail, options
+from vassal import hooks, jail
 from vassal.config import Config, ConfigError, Problem, load, unsupported
 from vassal.loop import Loop, reaped
 
@@ -574,9 +574,3 @@ class Emperor:
             ],
             "status": emperor,
         }
-
-
-def settings_from_options(values: dict[str, list]) -> Config:
-    config = Config(path="<emperor>", scope=options.EMPEROR)
-    config.values.update(values)
-    return config

@@ -343,18 +343,6 @@ def drop_capabilities(caps: Iterable[int]) -> None:
     _check(_libc.capset(ctypes.byref(header), data), "capset")
 
 
-def capabilities() -> tuple[int, int]:
-    """(effective, bounding) capability masks of this process, from /proc."""
-    eff = bnd = 0
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("CapEff:"):
-                eff = int(line.split()[1], 16)
-            elif line.startswith("CapBnd:"):
-                bnd = int(line.split()[1], 16)
-    return eff, bnd
-
-
 def resolve_user(user: str) -> tuple[int, int, str | None]:
     """(uid, primary gid, name) for a user name or number."""
     if user.isdigit():

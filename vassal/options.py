@@ -184,10 +184,6 @@ def _log_encoder(text: str) -> str:
     return text.strip() if name not in ("prefix", "suffix") else text.lstrip()
 
 
-def parse_str(text: str) -> str:
-    return text
-
-
 def parse_nonempty(text: str) -> str:
     if not text.strip():
         raise ValueError_("empty value")
@@ -376,28 +372,3 @@ def lookup(name: str, scope: str) -> Option | None:
 # One-letter aliases are command-line flags only (-p 4), as in uWSGI: in a
 # file, "b" or "s" are far more likely a user's own placeholder keys.
 _ALIASES = {alias: opt for opt in _OPTIONS.values() for alias in opt.aliases if len(alias) > 1}
-
-
-def help_text(scope: str) -> str:
-    """Option reference for ``--help``, grouped as in DESIGN section 5."""
-    lines: list[str] = []
-    groups: dict[str, list[Option]] = {}
-    for opt in _OPTIONS.values():
-        if scope in opt.scope:
-            groups.setdefault(opt.group, []).append(opt)
-    for group, opts in groups.items():
-        lines.append(f"{group} options:")
-        for opt in opts:
-            flag = f"--{opt.name}" + ("" if opt.boolean else f" {opt.metavar}")
-            extra = []
-            if opt.multi:
-                extra.append("repeatable")
-            if opt.default not in (None, False):
-                shown = oct(opt.default)[2:] if opt.name.endswith("-mode") else opt.default
-                extra.append(f"default {shown}")
-            if opt.jail:
-                extra.append("restart on change")
-            suffix = f" ({', '.join(extra)})" if extra else ""
-            lines.append(f"  {flag:<40} {opt.help}{suffix}")
-        lines.append("")
-    return "\n".join(lines)
