@@ -14,7 +14,7 @@ import sys
 from jails.linux import interface_up
 from netrouter.firewall import RuleError
 from netrouter.router import Router, say
-from netrouter.tun import TunError, disable_ipv6, open_tun
+from netrouter.tun import TunError, disable_ipv6, open_tun, set_offloads
 from vassal.loop import Loop
 
 REPORT_INTERVAL = 1.0
@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--firewall-out", action="append", default=[], metavar="RULE", help="vassal -> router rule (repeatable)")
     parser.add_argument("--stats", metavar="ADDR", help="stats server: a unix path or host:port; JSON on connect")
     parser.add_argument("--socket-group", metavar="GROUP", help="group of SOCKET (mode 0660 instead of 0600)")
+    parser.add_argument("--no-offloads", action="store_true",
+                        help="plain packets only: no TUN offloads on DEV, none offered to peers (slower; for debugging)")
     parser.add_argument("--report-fd", type=int, help=argparse.SUPPRESS)
     return parser
 
@@ -73,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"netrouter: unknown group {args.socket_group!r}", file=sys.stderr)
             return 2
     try:
-        tun_fd = open_tun(args.device)
+        tun_fd = open_tun(args.device, vnet=not args.no_offloads)
+        if not args.no_offloads:
+            set_offloads(tun_fd, True)
         disable_ipv6(args.device)
         interface_up(args.device)
     except (TunError, OSError) as exc:
@@ -82,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     loop = Loop()
     try:
         router = Router(tun_fd, os.path.abspath(args.socket), args.firewall_in, args.firewall_out, loop=loop,
-                        socket_mode=0o660 if gid is not None else 0o600, socket_gid=gid)
+                        socket_mode=0o660 if gid is not None else 0o600, socket_gid=gid,
+                        vnet=not args.no_offloads)
     except RuleError as exc:
         print(f"netrouter: firewall: {exc}", file=sys.stderr)
         return 2

@@ -24,6 +24,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from netrouter.firewall import Chain
+from netrouter.offload import (
+    PLAIN_HDR,
+    VNET_HDR_LEN,
+    OffloadError,
+    needs_work,
+    plain_packets,
+    valid_header,
+)
 from netrouter.wire import (
     BIG_FRAMES,
     BROKER,
@@ -32,8 +40,10 @@ from netrouter.wire import (
     OFFER_PAYLOAD,
     PACKET,
     RULE_BLOCK,
+    VNET,
+    VNET_OFFER,
+    FrameBuffer,
     FrameError,
-    FrameReader,
     checksum,
     frame,
     header,
@@ -42,6 +52,7 @@ from netrouter.wire import (
 from vassal.loop import Loop
 
 MAX_BACKLOG = 4 * 1024 * 1024
+CONNECTION_BUFFER = 320 * 1024  # a few 64 KB super-packets per read
 READ_BATCH = 64
 DROP_REASONS = ("firewall", "spoofed", "unknown_destination", "ipv6", "oversize", "malformed")
 
@@ -67,8 +78,9 @@ class Connection:
     peer_uid: int = -1
     brokered: bool = False
     big_frames: bool = False  # accepted our offer of frames up to 65535 bytes
+    vnet: bool = False  # accepted our offer of offloaded packets
     address: int | None = None
-    reader: FrameReader = field(default_factory=FrameReader)
+    frames: FrameBuffer = field(default_factory=lambda: FrameBuffer(CONNECTION_BUFFER))
     outbuf: bytearray = field(default_factory=bytearray)
     packets_in: int = 0  # router -> vassal
     packets_out: int = 0  # vassal -> router
@@ -89,15 +101,18 @@ class Connection:
             "drops": self.drops,
             "brokered": self.brokered,
             "big_frames": self.big_frames,
+            "offloads": self.vnet,
             "since": self.since,
         }
 
 
 class Router:
     def __init__(self, tun_fd: int, socket_path: str, rules_in: list[str], rules_out: list[str],
-                 loop: Loop | None = None, socket_mode: int = 0o600, socket_gid: int | None = None):
+                 loop: Loop | None = None, socket_mode: int = 0o600, socket_gid: int | None = None,
+                 vnet: bool = False):
         self.loop = loop or Loop()
         self.tun_fd = tun_fd
+        self.vnet = vnet  # tun_fd was opened with IFF_VNET_HDR and offloads
         self.socket_path = socket_path
         self.chain_in = Chain("in", rules_in)
         self.chain_out = Chain("out", rules_out)
@@ -145,7 +160,11 @@ class Router:
             conn = Connection(sock, pid, f"pid:{pid}", peer_uid=uid)
             self.connections[sock] = conn
             self.loop.add_reader(sock, lambda c=conn: self._on_conn(c))
-            conn.outbuf += frame(OFFER_PAYLOAD, BIG_FRAMES)  # the router speaks first
+            # The router speaks first; a uWSGI peer writes these harmless
+            # packets to its tun device and never answers.
+            conn.outbuf += frame(OFFER_PAYLOAD, BIG_FRAMES)
+            if self.vnet:
+                conn.outbuf += frame(OFFER_PAYLOAD, VNET_OFFER)
             self._flush(conn)
 
     def close(self, conn: Connection, why: str = "") -> None:
@@ -160,34 +179,38 @@ class Router:
 
     def _on_conn(self, conn: Connection) -> None:
         try:
-            data = conn.sock.recv(262144)
+            received = conn.frames.fill(conn.sock)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:
+            received = 0
+        if not received:
             self.close(conn)
             return
         try:
-            frames = conn.reader.feed(data)
+            for modifier2, payload in conn.frames.frames():
+                if modifier2 == PACKET:
+                    self._from_vassal(conn, None, payload)
+                elif modifier2 == VNET and conn.vnet:
+                    self._from_vassal(conn, payload[:VNET_HDR_LEN], payload[VNET_HDR_LEN:])
+                elif modifier2 == RULE_BLOCK:
+                    continue  # uWSGI's tuntap-device-rule block: never parsed as IP
+                elif modifier2 == BROKER and conn.peer_uid == 0 and conn.packets_out == 0 and not conn.brokered:
+                    self._register(conn, bytes(payload))
+                elif modifier2 == BIG_FRAMES:
+                    conn.big_frames = True
+                elif modifier2 == VNET_OFFER and self.vnet:
+                    conn.vnet = True
+                else:
+                    self.drops["malformed"] += 1
+                    conn.drops += 1
+                if conn.sock not in self.connections:
+                    return  # closed while handling a frame
         except FrameError as exc:
             self.drops["malformed"] += 1
             self.close(conn, str(exc))
-            return
-        for modifier2, payload in frames:
-            if modifier2 == PACKET:
-                self._from_vassal(conn, payload)
-            elif modifier2 == RULE_BLOCK:
-                continue  # uWSGI's tuntap-device-rule block: never parsed as IP
-            elif modifier2 == BROKER and conn.peer_uid == 0 and conn.packets_out == 0 and not conn.brokered:
-                self._register(conn, payload)
-            elif modifier2 == BIG_FRAMES:
-                conn.big_frames = True
-            else:
-                self.drops["malformed"] += 1
-                conn.drops += 1
 
-    def _from_vassal(self, conn: Connection, packet: bytes) -> None:
+    def _from_vassal(self, conn: Connection, hdr: memoryview | None, packet: memoryview) -> None:
         conn.packets_out += 1
         conn.bytes_out += len(packet)
         if packet and packet[0] >> 4 == 6:
@@ -195,7 +218,7 @@ class Router:
             conn.drops += 1
             return
         addresses = ipv4_addresses(packet)
-        if addresses is None:
+        if addresses is None or hdr is not None and not valid_header(hdr, packet):
             self.drops["malformed"] += 1
             conn.drops += 1
             return
@@ -213,12 +236,20 @@ class Router:
         target = self.claims.get(dst)
         if target is not None:
             # Vassal to vassal hairpins through the router: out, then in.
-            self._to_vassal(target, src, dst, packet)
+            self._to_vassal(target, src, dst, hdr, packet)
             return
         try:
-            os.write(self.tun_fd, packet)
+            if self.vnet:
+                os.writev(self.tun_fd, (hdr if hdr is not None else PLAIN_HDR, packet))
+            elif hdr is not None and needs_work(hdr):
+                for piece in plain_packets(hdr, packet):
+                    os.write(self.tun_fd, piece)
+            else:
+                os.write(self.tun_fd, packet)
             self.tun_packets_out += 1
-        except (BlockingIOError, OSError):
+        except OffloadError:
+            self.drops["malformed"] += 1
+        except OSError:
             self.drops["unknown_destination"] += 1
 
     def _register(self, conn: Connection, payload: bytes) -> None:
@@ -254,14 +285,20 @@ class Router:
 
     # --- the host side -----------------------------------------------------------
     def _on_tun(self) -> None:
+        hdr = None
         for _ in range(READ_BATCH):
             try:
-                packet = os.read(self.tun_fd, 65536)
+                data = os.read(self.tun_fd, 65536 + VNET_HDR_LEN)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 return
             self.tun_packets_in += 1
+            if self.vnet:
+                view = memoryview(data)
+                hdr, packet = view[:VNET_HDR_LEN], view[VNET_HDR_LEN:]
+            else:
+                packet = data
             if packet and packet[0] >> 4 == 6:
                 self.drops["ipv6"] += 1
                 continue
@@ -274,7 +311,7 @@ class Router:
             if target is None:
                 self.drops["unknown_destination"] += 1
                 continue
-            self._to_vassal(target, src, dst, packet, from_tun=True)
+            self._to_vassal(target, src, dst, hdr, packet, from_tun=True)
 
     def _fragmentation_needed(self, packet: bytes, mtu: int) -> None:
         """ICMP "fragmentation needed" to the sender, so its path MTU drops."""
@@ -291,7 +328,19 @@ class Router:
         except OSError:
             pass
 
-    def _to_vassal(self, conn: Connection, src: int, dst: int, packet: bytes, from_tun: bool = False) -> None:
+    def _to_vassal(self, conn: Connection, src: int, dst: int, hdr: memoryview | None, packet: memoryview | bytes,
+                   from_tun: bool = False) -> None:
+        if hdr is not None and not conn.vnet and needs_work(hdr):
+            # A peer without offloads gets finished, segmented packets.
+            try:
+                pieces = plain_packets(hdr, packet)
+            except OffloadError:
+                self.drops["malformed"] += 1
+                conn.drops += 1
+                return
+            for piece in pieces:
+                self._to_vassal(conn, src, dst, None, piece, from_tun)
+            return
         # Brokered peers are ours: any frame fits. A plain peer (uWSGI reads
         # into 8196 bytes without a bound check) never gets more than 8192.
         limit = MAX_FRAME if conn.brokered or conn.big_frames else MAX_PLAIN_FRAME
@@ -299,7 +348,7 @@ class Router:
             self.drops["oversize"] += 1
             conn.drops += 1
             if from_tun:
-                self._fragmentation_needed(packet, limit)
+                self._fragmentation_needed(bytes(packet), limit)
             return
         if not self.chain_in.allows(src, dst, len(packet)):
             self.drops["firewall"] += 1
@@ -310,11 +359,24 @@ class Router:
             return
         conn.packets_in += 1
         conn.bytes_in += len(packet)
-        pending = bool(conn.outbuf)
-        conn.outbuf += header(len(packet))
-        conn.outbuf += packet
-        if not pending:
-            self._flush(conn)
+        if conn.vnet and hdr is not None:
+            parts = (header(len(packet), VNET), hdr, packet)
+        else:
+            parts = (header(len(packet)), packet)
+        if conn.outbuf:
+            for part in parts:
+                conn.outbuf += part
+            return
+        try:
+            sent = conn.sock.sendmsg(parts)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self.close(conn, f"send failed: {exc.strerror}")
+            return
+        if sent < sum(map(len, parts)):
+            conn.outbuf += memoryview(b"".join(parts))[sent:]
+            self.loop.add_writer(conn.sock, lambda c=conn: self._flush(c))
 
     def _flush(self, conn: Connection) -> None:
         while conn.outbuf:

@@ -10,14 +10,20 @@ TUNSETIFF = 0x400454CA
 TUNSETPERSIST = 0x400454CB
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO_ECN = 0x01, 0x02, 0x08
+# What our side can finish or pass on: checksums and TCP/IPv4 segmentation.
+OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN
 
 
 class TunError(Exception):
     pass
 
 
-def open_tun(name: str, persist: bool | None = None) -> int:
-    """Create (or attach to) tun device ``name``; a non-blocking fd."""
+def open_tun(name: str, persist: bool | None = None, vnet: bool = False) -> int:
+    """Create (or attach to) tun device ``name``; a non-blocking fd. With
+    ``vnet`` every read and write carries a virtio_net_hdr (netrouter.offload)."""
     if len(name.encode()) > 15:
         raise TunError(f"tun device name {name!r} is longer than 15 bytes")
     try:
@@ -25,13 +31,19 @@ def open_tun(name: str, persist: bool | None = None) -> int:
     except OSError as exc:
         raise TunError(f"cannot open /dev/net/tun: {exc.strerror}") from None
     try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22s", name.encode(), IFF_TUN | IFF_NO_PI, b""))
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22s", name.encode(), IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet else 0), b""))
         if persist is not None:
             fcntl.ioctl(fd, TUNSETPERSIST, 1 if persist else 0)
     except OSError as exc:
         os.close(fd)
         raise TunError(f"cannot create tun device {name}: {exc.strerror}") from None
     return fd
+
+
+def set_offloads(fd: int, enabled: bool) -> None:
+    """Let the kernel hand this fd super-packets and partial checksums (only
+    on a fd opened with ``vnet``)."""
+    fcntl.ioctl(fd, TUNSETOFFLOAD, OFFLOADS if enabled else 0)
 
 
 def disable_ipv6(name: str) -> None:

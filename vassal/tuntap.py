@@ -16,13 +16,16 @@ import os
 import socket
 import struct
 
-from netrouter.tun import disable_ipv6, open_tun
+from netrouter.offload import PLAIN_HDR, VNET_HDR_LEN, OffloadError, needs_work, plain_packets
+from netrouter.tun import disable_ipv6, open_tun, set_offloads
 from netrouter.wire import (
     BIG_FRAMES,
     OFFER_PAYLOAD,
     PACKET,
+    VNET,
+    VNET_OFFER,
+    FrameBuffer,
     FrameError,
-    FrameReader,
     checksum,
     frame,
     header,
@@ -52,10 +55,13 @@ class TunLink:
         # path may be unreachable after pivot-root); never dial it ourselves.
         self.brokered = brokered
         self.router_socket = router_socket or DEFAULT_ROUTER_SOCKET
-        self.fd = open_tun(device)
+        # Always with a virtio header; offloads are switched on only while
+        # the router takes offloaded frames (a uWSGI router never does).
+        self.fd = open_tun(device, vnet=True)
         disable_ipv6(device)
         self.sock: socket.socket | None = None
-        self.reader = FrameReader()
+        self.vnet = False
+        self.frames = FrameBuffer(320 * 1024)
         self.outbuf = bytearray()
         self.address: str | None = None
         self.loop: Loop | None = None
@@ -85,7 +91,8 @@ class TunLink:
     def _use(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self.sock = sock
-        self.reader = FrameReader()
+        self.frames = FrameBuffer(320 * 1024)
+        self._offloads(False)
         self.outbuf.clear()
         if self.loop is not None:
             self.loop.add_reader(sock, self._from_router)
@@ -105,14 +112,34 @@ class TunLink:
         elif not self.brokered:
             loop.call_later(RECONNECT_DELAY, self._reconnect)
 
-    def send(self, packet: bytes) -> None:
+    def _offloads(self, enabled: bool) -> None:
+        if enabled != self.vnet:
+            try:
+                set_offloads(self.fd, enabled)
+            except OSError as exc:
+                log(f"tuntap-device {self.device}: cannot switch offloads: {exc.strerror}")
+                return
+        self.vnet = enabled
+
+    def send(self, packet: bytes | memoryview, hdr: bytes | memoryview | None = None) -> None:
         if self.sock is None or len(self.outbuf) > MAX_BACKLOG:
             return
-        pending = bool(self.outbuf)
-        self.outbuf += header(len(packet), PACKET)
-        self.outbuf += packet
-        if not pending:
-            self._flush()
+        parts = (header(len(packet), VNET), hdr, packet) if hdr is not None else (header(len(packet), PACKET), packet)
+        if self.outbuf:
+            for part in parts:
+                self.outbuf += part
+            return
+        try:
+            sent = self.sock.sendmsg(parts)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._lost()
+            return
+        if sent < sum(map(len, parts)):
+            self.outbuf += memoryview(b"".join(parts))[sent:]
+            if self.loop is not None:
+                self.loop.add_writer(self.sock, self._flush)
 
     def _flush(self) -> None:
         while self.outbuf and self.sock is not None:
@@ -132,41 +159,58 @@ class TunLink:
     def _from_tun(self) -> None:
         for _ in range(64):
             try:
-                packet = os.read(self.fd, 65536)
+                data = os.read(self.fd, 65536 + VNET_HDR_LEN)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 return
-            self.send(packet)
+            view = memoryview(data)
+            hdr, packet = view[:VNET_HDR_LEN], view[VNET_HDR_LEN:]
+            if self.vnet:
+                self.send(packet, hdr)
+            elif needs_work(hdr):
+                # Queued before the offloads went off: finish it here.
+                try:
+                    pieces = plain_packets(hdr, packet)
+                except OffloadError:
+                    continue
+                for piece in pieces:
+                    self.send(piece)
+            else:
+                self.send(packet)
 
     def _from_router(self) -> None:
         assert self.sock is not None
         try:
-            data = self.sock.recv(262144)
+            received = self.frames.fill(self.sock)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:
+            received = 0
+        if not received:
             self._lost()
             return
         try:
-            frames = self.reader.feed(data)
+            for modifier2, payload in self.frames.frames():
+                try:
+                    if modifier2 == PACKET:
+                        os.writev(self.fd, (PLAIN_HDR, payload))
+                    elif modifier2 == VNET:
+                        os.write(self.fd, payload)
+                    elif modifier2 in (BIG_FRAMES, VNET_OFFER):
+                        # Yes: we take any frame size, and offloaded packets.
+                        if modifier2 == VNET_OFFER:
+                            self._offloads(True)
+                        self.send_frame(frame(OFFER_PAYLOAD, modifier2))
+                except OSError:
+                    pass  # the device is full or down, or the kernel refused a header: drop, as a NIC would
         except FrameError as exc:
             log(f"tuntap-device {self.device}: bad data from the router ({exc}), reconnecting")
             self._lost()
-            return
-        for modifier2, packet in frames:
-            if modifier2 == BIG_FRAMES:
-                self.outbuf += frame(OFFER_PAYLOAD, BIG_FRAMES)  # yes: we take any frame size
-                self._flush()
-                continue
-            if modifier2 != PACKET:
-                continue
-            try:
-                os.write(self.fd, packet)
-            except OSError:
-                pass  # the device is full or down: drop, as a NIC would
+
+    def send_frame(self, data: bytes) -> None:
+        self.outbuf += data
+        self._flush()
 
     def _lost(self) -> None:
         if self.sock is not None:
@@ -174,6 +218,7 @@ class TunLink:
                 self.loop.forget(self.sock)
             self.sock.close()
             self.sock = None
+            self._offloads(False)
             log(f"tuntap-device {self.device}: lost the router" + (", waiting for the emperor" if self.brokered else ", reconnecting"))
         if self.loop is not None and not self.brokered:
             self.loop.call_later(RECONNECT_DELAY, self._reconnect)

@@ -5,6 +5,7 @@ routed off the machine."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -92,15 +93,26 @@ def spoof(src, dst):
     return True
 
 
+def blob(size):
+    return bytes(i * 7 % 251 for i in range(251)) * (size // 251) + bytes(size % 251)
+
+
 def application(environ, start_response):
     q = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
     path = environ["PATH_INFO"]
+    if path == "/blob":
+        body = blob(int(q["size"]))
+        start_response("200 OK", [("Content-Length", str(len(body)))])
+        return [body]
     if path == "/ping":
         result = ping(q["host"])
     elif path == "/connect":
         result = connect(q["host"], q["port"])
     elif path == "/spoof":
         result = spoof(q["src"], q["dst"])
+    elif path == "/sha":
+        import hashlib
+        result = hashlib.sha256(environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"]))).hexdigest()
     else:
         result = "hello from " + os.environ.get("ME", "?")
     body = json.dumps(result).encode()
@@ -146,19 +158,28 @@ def host_ping(address: str, timeout: float = 2.0) -> bool:
         sock.close()
 
 
-def http(address: str, path: str = "/", port: int = 8080, timeout: float = 5.0):
+def blob(size: int) -> bytes:
+    return bytes(i * 7 % 251 for i in range(251)) * (size // 251) + bytes(size % 251)
+
+
+def http(address: str, path: str = "/", port: int = 8080, timeout: float = 5.0, body: bytes | None = None, raw: bool = False):
     if not local_route(address):
         return None
+    method = "GET" if body is None else "POST"
     try:
         with socket.create_connection((address, port), timeout=timeout) as sock:
-            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-            data = b""
-            while chunk := sock.recv(65536):
+            sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {len(body or b'')}\r\n\r\n".encode())
+            if body:
+                sock.sendall(body)
+            data = bytearray()
+            while chunk := sock.recv(262144):
                 data += chunk
     except OSError:
         return None
-    head, _, body = data.partition(b"\r\n\r\n")
-    return json.loads(body) if head.startswith(b"HTTP/1.1 200") else None
+    head, _, answer = bytes(data).partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        return None
+    return answer if raw else json.loads(answer)
 
 
 @pytest.fixture
@@ -250,6 +271,11 @@ def test_host_and_vassals_both_ways_with_canonical_firewall(start_emperor, netdi
     assert deny["packets"] > 0
     table = emp.ctl("router").stdout
     assert "198.18.0.2" in table
+    # Bulk both ways: our vassals take offloaded super-packets.
+    assert all(c["offloads"] for c in doc["connections"])
+    payload = os.urandom(8 << 20)
+    assert http("198.18.0.2", "/sha", body=payload, timeout=20) == hashlib.sha256(payload).hexdigest()
+    assert http("198.18.0.3", f"/blob?size={8 << 20}", raw=True, timeout=20) == blob(8 << 20)
     assert json.loads(emp.ctl("--json", "stats").stdout)["router"]["running"] is True
 
 
@@ -514,3 +540,94 @@ def test_big_frames_only_for_peers_that_accept(netdir, tmp_path):
         router.send_signal(signal.SIGTERM)
         router.wait(10)
         subprocess.run(["ip", "link", "del", device], capture_output=True)
+
+
+PLAIN_BRIDGE = """
+import fcntl, os, select, socket, struct, sys
+sys.path.insert(0, sys.argv[4])
+from netrouter.wire import FrameReader, frame
+from vassal.tuntap import claim_packet
+fd = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH22s", b"pt0", 0x0001 | 0x1000, b""))  # IFF_TUN | IFF_NO_PI: no offloads
+os.system(f"ip addr add {sys.argv[2]}/24 dev pt0 && ip link set pt0 up && ip link set lo up")
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+sock.sendall(frame(claim_packet(sys.argv[2])))  # a plain peer: answers no offer
+reader = FrameReader()
+server = socket.create_server((sys.argv[2], int(sys.argv[3])))
+print("ready", flush=True)
+conn = None
+import hashlib
+digest, total = hashlib.sha256(), 0
+while True:
+    ready, _, _ = select.select([fd, sock, server] + ([conn] if conn else []), [], [])
+    if fd in ready:
+        sock.sendall(frame(os.read(fd, 65536)))
+    if sock in ready:
+        data = sock.recv(262144)
+        if not data:
+            break
+        for modifier2, packet in reader.feed(data):
+            assert len(packet) <= 8192, len(packet)
+            if modifier2 == 0:
+                os.write(fd, packet)
+    if server in ready:
+        conn, _ = server.accept()
+    if conn is not None and conn in ready:
+        chunk = conn.recv(262144)
+        digest.update(chunk)
+        total += len(chunk)
+        if not chunk:
+            conn.sendall(digest.hexdigest().encode())
+            conn.close()
+            conn = None
+"""
+
+
+def test_plain_peer_gets_segmented_checksummed_packets(netdir):
+    """The router's device hands it 64 KB TCP super-packets with partial
+    checksums; a peer without offloads (as uWSGI) gets MSS-sized segments
+    with complete checksums, which a kernel without offloads accepts."""
+    import subprocess
+    import sys
+
+    from tests.conftest import TEST_TAG
+
+    tag = f"{random.randint(0, 0xFFFFFF):06x}"
+    device, ns = f"pe{tag}", f"pens{tag}"
+    sock_path, stats_path = netdir / "r.sock", netdir / "stats.sock"
+    env = {**os.environ, "PYTEST_TAG": TEST_TAG}
+    router = subprocess.Popen([sys.executable, "-m", "netrouter", device, str(sock_path), "--stats", str(stats_path)],
+                              stderr=subprocess.DEVNULL, env=env)
+    bridge = None
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        wait_for(lambda: sock_path.exists() and os.path.exists(f"/sys/class/net/{device}"), 10, what="router")
+        subprocess.run(["ip", "addr", "add", "198.18.4.1/24", "dev", device], check=True)
+        subprocess.run(["ip", "link", "set", device, "up"], check=True)
+        bridge = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", PLAIN_BRIDGE, str(sock_path),
+                                   "198.18.4.2", "5001", os.getcwd()], stdout=subprocess.PIPE, env=env)
+        assert bridge.stdout.readline().strip() == b"ready"
+        assert wait_for(lambda: local_route("198.18.4.2") and host_ping("198.18.4.2"), 10, what="plain peer")
+        payload = os.urandom(16 << 20)
+        with socket.create_connection(("198.18.4.2", 5001), timeout=30) as client:
+            client.sendall(payload)
+            client.shutdown(socket.SHUT_WR)
+            answer = client.recv(100)
+        assert answer.decode() == hashlib.sha256(payload).hexdigest()
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(stats_path))
+            stats = json.loads(s.recv(65536))
+        (peer,) = stats["connections"]
+        assert peer["offloads"] is False
+        # Super-packets came off the device: far fewer reads than segments.
+        assert stats["tun"]["packets_in"] < len(payload) // 1448 // 4
+        assert peer["packets_in"] > len(payload) // 1448
+    finally:
+        if bridge is not None:
+            bridge.kill()
+            bridge.wait()
+        router.send_signal(signal.SIGTERM)
+        router.wait(10)
+        subprocess.run(["ip", "link", "del", device], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
