@@ -14,6 +14,7 @@ own connection.
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import json
 import os
@@ -40,6 +41,7 @@ from netrouter.wire import (
     OFFER_PAYLOAD,
     PACKET,
     RULE_BLOCK,
+    TUN_FD,
     VNET,
     VNET_OFFER,
     FrameBuffer,
@@ -53,6 +55,10 @@ from vassal.loop import Loop
 
 MAX_BACKLOG = 4 * 1024 * 1024
 CONNECTION_BUFFER = 320 * 1024  # a few 64 KB super-packets per read
+TUNGETIFF = 0x800454D2
+TUNGETVNETHDRSZ = 0x800454D7
+DIRECT_FLAGS_MASK = 0x0001 | 0x0002 | 0x1000 | 0x4000  # IFF_TUN IFF_TAP IFF_NO_PI IFF_VNET_HDR
+DIRECT_FLAGS = 0x0001 | 0x1000 | 0x4000
 READ_BATCH = 64
 DROP_REASONS = ("firewall", "spoofed", "unknown_destination", "ipv6", "oversize", "malformed")
 
@@ -79,6 +85,8 @@ class Connection:
     brokered: bool = False
     big_frames: bool = False  # accepted our offer of frames up to 65535 bytes
     vnet: bool = False  # accepted our offer of offloaded packets
+    tun_fd: int | None = None  # the peer's own tun device (TUN_FD), read and written directly
+    passed_fds: list[int] = field(default_factory=list)
     address: int | None = None
     frames: FrameBuffer = field(default_factory=lambda: FrameBuffer(CONNECTION_BUFFER))
     outbuf: bytearray = field(default_factory=bytearray)
@@ -102,6 +110,7 @@ class Connection:
             "brokered": self.brokered,
             "big_frames": self.big_frames,
             "offloads": self.vnet,
+            "direct": self.tun_fd is not None,
             "since": self.since,
         }
 
@@ -165,6 +174,7 @@ class Router:
             conn.outbuf += frame(OFFER_PAYLOAD, BIG_FRAMES)
             if self.vnet:
                 conn.outbuf += frame(OFFER_PAYLOAD, VNET_OFFER)
+                conn.outbuf += frame(OFFER_PAYLOAD, TUN_FD)
             self._flush(conn)
 
     def close(self, conn: Connection, why: str = "") -> None:
@@ -176,10 +186,14 @@ class Router:
             del self.claims[conn.address]
         self.loop.forget(conn.sock)
         conn.sock.close()
+        self._drop_tun(conn)
+        for fd in conn.passed_fds:
+            os.close(fd)
+        conn.passed_fds.clear()
 
     def _on_conn(self, conn: Connection) -> None:
         try:
-            received = conn.frames.fill(conn.sock)
+            received = conn.frames.fill(conn.sock, conn.passed_fds)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -187,6 +201,8 @@ class Router:
         if not received:
             self.close(conn)
             return
+        while len(conn.passed_fds) > 1:  # only the one a TUN_FD frame may claim is kept
+            os.close(conn.passed_fds.pop(0))
         try:
             for modifier2, payload in conn.frames.frames():
                 if modifier2 == PACKET:
@@ -201,6 +217,8 @@ class Router:
                     conn.big_frames = True
                 elif modifier2 == VNET_OFFER and self.vnet:
                     conn.vnet = True
+                elif modifier2 == TUN_FD and conn.vnet and conn.tun_fd is None and conn.passed_fds:
+                    self._adopt_tun(conn, conn.passed_fds.pop(0))
                 else:
                     self.drops["malformed"] += 1
                     conn.drops += 1
@@ -251,6 +269,46 @@ class Router:
             self.drops["malformed"] += 1
         except OSError:
             self.drops["unknown_destination"] += 1
+
+    def _adopt_tun(self, conn: Connection, fd: int) -> None:
+        """The peer's tun device, read and written by the router from now on.
+        Only a tun device with our framing is taken (anything else could
+        make the router read or write some other file for the peer)."""
+        try:
+            flags = struct.unpack_from("H", fcntl.ioctl(fd, TUNGETIFF, bytes(40)), 16)[0]
+            header_size = struct.unpack("i", fcntl.ioctl(fd, TUNGETVNETHDRSZ, bytes(4)))[0]
+        except OSError:
+            flags, header_size = 0, 0
+        if flags & DIRECT_FLAGS_MASK != DIRECT_FLAGS or header_size != VNET_HDR_LEN:
+            os.close(fd)
+            self.drops["malformed"] += 1
+            conn.drops += 1
+            say(f"{conn.vassal}: refused a passed fd that is not a tun device with offload headers")
+            return
+        os.set_blocking(fd, False)
+        conn.tun_fd = fd
+        self.loop.add_reader(fd, lambda c=conn: self._on_peer_tun(c))
+
+    def _drop_tun(self, conn: Connection) -> None:
+        if conn.tun_fd is not None:
+            self.loop.forget(conn.tun_fd)
+            os.close(conn.tun_fd)
+            conn.tun_fd = None
+
+    def _on_peer_tun(self, conn: Connection) -> None:
+        fd = conn.tun_fd
+        for _ in range(READ_BATCH):
+            try:
+                data = os.read(fd, 65536 + VNET_HDR_LEN)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._drop_tun(conn)  # the device is gone with its namespace
+                return
+            view = memoryview(data)
+            self._from_vassal(conn, view[:VNET_HDR_LEN], view[VNET_HDR_LEN:])
+            if conn.tun_fd != fd:
+                return
 
     def _register(self, conn: Connection, payload: bytes) -> None:
         """A connection brokered by the emperor: its vassal and address are
@@ -359,6 +417,12 @@ class Router:
             return
         conn.packets_in += 1
         conn.bytes_in += len(packet)
+        if conn.tun_fd is not None:
+            try:
+                os.writev(conn.tun_fd, (hdr if hdr is not None else PLAIN_HDR, packet))
+            except OSError:
+                conn.drops += 1  # full, or a header the kernel refused: dropped, as a NIC would
+            return
         if conn.vnet and hdr is not None:
             parts = (header(len(packet), VNET), hdr, packet)
         else:

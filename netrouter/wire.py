@@ -5,6 +5,7 @@ uWSGI's ``tuntap-device-rule`` block (recognised, never parsed as IP).
 
 from __future__ import annotations
 
+import array
 import socket
 import struct
 
@@ -29,6 +30,15 @@ OFFER_PAYLOAD = bytes.fromhex("4500001c00000000401100000000000000000000") + byte
 # counted, so a 64 KB super-packet still fits the 16-bit length).
 VNET_OFFER = 82
 VNET = 83
+# Our extension: the tun device itself. Offered (plain frame, same payload)
+# after VNET_OFFER to peers on this host; a peer of ours that took offloads
+# answers with the same frame carrying its tun fd (SCM_RIGHTS) and stops
+# reading the device: the router then reads and writes the vassal's device
+# directly, the packets no longer cross the socket (half the copies, one
+# process on the path). The socket stays the vassal's lifeline: when it
+# closes, so does the router's copy of the fd, and the peer goes back to
+# framing packets over a new connection.
+TUN_FD = 84
 HEADER = 4
 MAX_FRAME = 0xFFFF
 # uWSGI allocates 8196 bytes per read and does not bound-check: never send a
@@ -75,6 +85,9 @@ class FrameReader:
         return out
 
 
+FD_SPACE = socket.CMSG_SPACE(4 * 4)
+
+
 class FrameBuffer:
     """Frames received straight into one fixed buffer (no copy per frame).
 
@@ -89,12 +102,19 @@ class FrameBuffer:
         self.start = 0
         self.end = 0
 
-    def fill(self, sock: socket.socket) -> int:
+    def fill(self, sock: socket.socket, fds: list[int] | None = None) -> int:
+        """Receive what is there; with ``fds``, passed descriptors go there."""
         if self.start:
             rest = self.end - self.start
             self.buffer[:rest] = self.view[self.start:self.end]
             self.start, self.end = 0, rest
-        received = sock.recv_into(self.view[self.end:])
+        if fds is None:
+            received = sock.recv_into(self.view[self.end:])
+        else:
+            received, ancillary, _, _ = sock.recvmsg_into([self.view[self.end:]], FD_SPACE)
+            for level, kind, data in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
         self.end += received
         return received
 

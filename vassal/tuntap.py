@@ -11,6 +11,7 @@ sent nothing yet. If the router goes away the link reconnects on a timer.
 
 from __future__ import annotations
 
+import array
 import ipaddress
 import os
 import socket
@@ -22,6 +23,7 @@ from netrouter.wire import (
     BIG_FRAMES,
     OFFER_PAYLOAD,
     PACKET,
+    TUN_FD,
     VNET,
     VNET_OFFER,
     FrameBuffer,
@@ -61,6 +63,7 @@ class TunLink:
         disable_ipv6(device)
         self.sock: socket.socket | None = None
         self.vnet = False
+        self.direct = False  # the router reads and writes our device itself
         self.frames = FrameBuffer(320 * 1024)
         self.outbuf = bytearray()
         self.address: str | None = None
@@ -93,6 +96,7 @@ class TunLink:
         self.sock = sock
         self.frames = FrameBuffer(320 * 1024)
         self._offloads(False)
+        self._direct(False)
         self.outbuf.clear()
         if self.loop is not None:
             self.loop.add_reader(sock, self._from_router)
@@ -120,6 +124,30 @@ class TunLink:
                 log(f"tuntap-device {self.device}: cannot switch offloads: {exc.strerror}")
                 return
         self.vnet = enabled
+
+    def _direct(self, enabled: bool) -> None:
+        if enabled != self.direct and self.loop is not None:
+            if enabled:
+                self.loop.remove_reader(self.fd)
+            else:
+                self.loop.add_reader(self.fd, self._from_tun)
+        self.direct = enabled
+
+    def _pass_device(self) -> None:
+        """Answer the router's TUN_FD offer with our device; only in order
+        (nothing of ours may be queued behind it) and with offloads on."""
+        self._flush()
+        if self.sock is None or self.outbuf or not self.vnet or self.direct:
+            return
+        answer = frame(OFFER_PAYLOAD, TUN_FD)
+        try:
+            sent = self.sock.sendmsg([answer], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [self.fd]))])
+        except OSError:
+            return
+        self._direct(True)
+        if sent < len(answer):
+            self.send_frame(answer[sent:])
+        log(f"tuntap-device {self.device}: the router reads and writes the device directly")
 
     def send(self, packet: bytes | memoryview, hdr: bytes | memoryview | None = None) -> None:
         if self.sock is None or len(self.outbuf) > MAX_BACKLOG:
@@ -197,6 +225,8 @@ class TunLink:
                         os.writev(self.fd, (PLAIN_HDR, payload))
                     elif modifier2 == VNET:
                         os.write(self.fd, payload)
+                    elif modifier2 == TUN_FD:
+                        self._pass_device()
                     elif modifier2 in (BIG_FRAMES, VNET_OFFER):
                         # Yes: we take any frame size, and offloaded packets.
                         if modifier2 == VNET_OFFER:
@@ -219,6 +249,7 @@ class TunLink:
             self.sock.close()
             self.sock = None
             self._offloads(False)
+            self._direct(False)
             log(f"tuntap-device {self.device}: lost the router" + (", waiting for the emperor" if self.brokered else ", reconnecting"))
         if self.loop is not None and not self.brokered:
             self.loop.call_later(RECONNECT_DELAY, self._reconnect)

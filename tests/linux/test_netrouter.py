@@ -272,7 +272,7 @@ def test_host_and_vassals_both_ways_with_canonical_firewall(start_emperor, netdi
     table = emp.ctl("router").stdout
     assert "198.18.0.2" in table
     # Bulk both ways: our vassals take offloaded super-packets.
-    assert all(c["offloads"] for c in doc["connections"])
+    assert all(c["offloads"] and c["direct"] for c in doc["connections"])
     payload = os.urandom(8 << 20)
     assert http("198.18.0.2", "/sha", body=payload, timeout=20) == hashlib.sha256(payload).hexdigest()
     assert http("198.18.0.3", f"/blob?size={8 << 20}", raw=True, timeout=20) == blob(8 << 20)
@@ -631,3 +631,57 @@ def test_plain_peer_gets_segmented_checksummed_packets(netdir):
         router.wait(10)
         subprocess.run(["ip", "link", "del", device], capture_output=True)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_passed_fd_must_be_a_tun_device_with_offload_headers(netdir):
+    """A peer answering the TUN_FD offer with anything but a tun device with
+    virtio headers (a pipe, a plain tun) is refused and counted; the
+    connection keeps working over the socket."""
+    import array
+    import subprocess
+    import sys
+
+    from netrouter.tun import open_tun
+    from netrouter.wire import OFFER_PAYLOAD, TUN_FD, VNET_OFFER, FrameReader, frame
+    from tests.conftest import TEST_TAG
+
+    tag = f"{random.randint(0, 0xFFFFFF):06x}"
+    device = f"pe{tag}"
+    sock_path, stats_path = netdir / "r.sock", netdir / "stats.sock"
+    router = subprocess.Popen([sys.executable, "-m", "netrouter", device, str(sock_path), "--stats", str(stats_path)],
+                              stderr=subprocess.DEVNULL, env={**os.environ, "PYTEST_TAG": TEST_TAG})
+    read_end, write_end = os.pipe()
+    plain_tun = None
+    try:
+        wait_for(lambda: sock_path.exists() and os.path.exists(f"/sys/class/net/{device}"), 10, what="router")
+        plain_tun = open_tun(f"pf{tag}")  # no IFF_VNET_HDR
+
+        def stats() -> dict:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(stats_path))
+                return json.loads(s.recv(65536))
+
+        for bad_fd in (read_end, plain_tun):
+            with socket.socket(socket.AF_UNIX) as peer:
+                peer.connect(str(sock_path))
+                peer.settimeout(3)
+                offers = [m for m, _ in FrameReader().feed(peer.recv(4096))]
+                assert TUN_FD in offers and VNET_OFFER in offers  # the router speaks first
+                before = stats()["drops"]["malformed"]
+                peer.sendall(frame(OFFER_PAYLOAD, VNET_OFFER))
+                peer.sendmsg([frame(OFFER_PAYLOAD, TUN_FD)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [bad_fd]))])
+                wait_for(lambda: stats()["drops"]["malformed"] > before, 5, what="the passed fd refused")
+                (conn,) = stats()["connections"]
+                assert conn["offloads"] is True and conn["direct"] is False
+        # The router kept no copy of either.
+        ours = f"pipe:[{os.fstat(read_end).st_ino}]"
+        assert ours not in [os.readlink(f"/proc/{router.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{router.pid}/fd")]
+        assert router.poll() is None
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        if plain_tun is not None:
+            os.close(plain_tun)
+        router.send_signal(signal.SIGTERM)
+        router.wait(10)
+        subprocess.run(["ip", "link", "del", device], capture_output=True)
