@@ -87,6 +87,8 @@ class Connection:
     vnet: bool = False  # accepted our offer of offloaded packets
     tun_fd: int | None = None  # the peer's own tun device (TUN_FD), read and written directly
     passed_fds: list[int] = field(default_factory=list)
+    offered: bool = False  # our extensions were offered
+    superseded: bool = False  # a newer connection of the same peer took its address
     address: int | None = None
     frames: FrameBuffer = field(default_factory=lambda: FrameBuffer(CONNECTION_BUFFER))
     outbuf: bytearray = field(default_factory=bytearray)
@@ -169,13 +171,21 @@ class Router:
             conn = Connection(sock, pid, f"pid:{pid}", peer_uid=uid)
             self.connections[sock] = conn
             self.loop.add_reader(sock, lambda c=conn: self._on_conn(c))
-            # The router speaks first; a uWSGI peer writes these harmless
-            # packets to its tun device and never answers.
-            conn.outbuf += frame(OFFER_PAYLOAD, BIG_FRAMES)
-            if self.vnet:
-                conn.outbuf += frame(OFFER_PAYLOAD, VNET_OFFER)
-                conn.outbuf += frame(OFFER_PAYLOAD, TUN_FD)
-            self._flush(conn)
+
+    def _offer(self, conn: Connection) -> None:
+        """The router speaks first, but only to a peer whose device is up: a
+        uWSGI peer writes every frame to its tun device and exits when that
+        fails (EIO while the device is still down). So a plain peer hears the
+        offers after its first packet, a brokered one (ours) at registration.
+        A uWSGI peer writes them as harmless packets and never answers."""
+        if conn.offered:
+            return
+        conn.offered = True
+        conn.outbuf += frame(OFFER_PAYLOAD, BIG_FRAMES)
+        if self.vnet:
+            conn.outbuf += frame(OFFER_PAYLOAD, VNET_OFFER)
+            conn.outbuf += frame(OFFER_PAYLOAD, TUN_FD)
+        self._flush(conn)
 
     def close(self, conn: Connection, why: str = "") -> None:
         if self.connections.pop(conn.sock, None) is None:
@@ -207,6 +217,8 @@ class Router:
             for modifier2, payload in conn.frames.frames():
                 if modifier2 == PACKET:
                     self._from_vassal(conn, None, payload)
+                    if not conn.offered and conn.sock in self.connections:
+                        self._offer(conn)
                 elif modifier2 == VNET and conn.vnet:
                     self._from_vassal(conn, payload[:VNET_HDR_LEN], payload[VNET_HDR_LEN:])
                 elif modifier2 == RULE_BLOCK:
@@ -322,6 +334,7 @@ class Router:
             return
         conn.vassal = name
         conn.brokered = True
+        self._offer(conn)
         for other in list(self.connections.values()):
             if other is not conn and other.brokered and other.vassal == name:
                 self.close(other)
@@ -337,7 +350,14 @@ class Router:
         if owner is not None and owner is not conn:
             if owner.peer_pid != conn.peer_pid or owner.peer_pid == 0:
                 return  # taken: the packet is dropped as spoofed
-            self.close(owner)  # the same vassal reconnecting takes its address over
+            # The same vassal reconnecting takes its address over. The old
+            # connection is left open but can never claim again: uWSGI runs
+            # its tuntap-device hook again after a second unshare, and its
+            # first thread exits the whole process when its socket closes.
+            owner.address = None
+            owner.superseded = True
+        if conn.superseded:
+            return
         conn.address = address
         self.claims[address] = conn
 

@@ -502,12 +502,14 @@ def test_big_frames_only_for_peers_that_accept(netdir, tmp_path):
         def peer(address: str, accept: bool) -> tuple[socket.socket, FrameReader]:
             sock = socket.socket(socket.AF_UNIX)
             sock.connect(str(sock_path))
+            sock.settimeout(3)
+            # The router speaks first, once the peer's device is up (it sent a packet).
+            sock.sendall(frame(claim_packet(address)))
             reader = FrameReader()
             frames = reader.feed(sock.recv(4096))
-            assert frames[0][0] == BIG_FRAMES  # the router speaks first
+            assert frames[0][0] == BIG_FRAMES
             if accept:
                 sock.sendall(frame(OFFER_PAYLOAD, BIG_FRAMES))
-            sock.sendall(frame(claim_packet(address)))
             peers.append(sock)
             return sock, reader
 
@@ -644,6 +646,7 @@ def test_passed_fd_must_be_a_tun_device_with_offload_headers(netdir):
     from netrouter.tun import open_tun
     from netrouter.wire import OFFER_PAYLOAD, TUN_FD, VNET_OFFER, FrameReader, frame
     from tests.conftest import TEST_TAG
+    from vassal.tuntap import claim_packet
 
     tag = f"{random.randint(0, 0xFFFFFF):06x}"
     device = f"pe{tag}"
@@ -661,16 +664,17 @@ def test_passed_fd_must_be_a_tun_device_with_offload_headers(netdir):
                 s.connect(str(stats_path))
                 return json.loads(s.recv(65536))
 
-        for bad_fd in (read_end, plain_tun):
+        for index, bad_fd in enumerate((read_end, plain_tun)):
             with socket.socket(socket.AF_UNIX) as peer:
                 peer.connect(str(sock_path))
                 peer.settimeout(3)
+                peer.sendall(frame(claim_packet(f"198.18.5.{index + 2}")))
                 offers = [m for m, _ in FrameReader().feed(peer.recv(4096))]
                 assert TUN_FD in offers and VNET_OFFER in offers  # the router speaks first
                 before = stats()["drops"]["malformed"]
                 peer.sendall(frame(OFFER_PAYLOAD, VNET_OFFER))
                 peer.sendmsg([frame(OFFER_PAYLOAD, TUN_FD)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [bad_fd]))])
-                wait_for(lambda: stats()["drops"]["malformed"] > before, 5, what="the passed fd refused")
+                wait_for(lambda b=before: stats()["drops"]["malformed"] > b, 5, what="the passed fd refused")
                 (conn,) = stats()["connections"]
                 assert conn["offloads"] is True and conn["direct"] is False
         # The router kept no copy of either.
@@ -682,6 +686,83 @@ def test_passed_fd_must_be_a_tun_device_with_offload_headers(netdir):
         os.close(write_end)
         if plain_tun is not None:
             os.close(plain_tun)
+        router.send_signal(signal.SIGTERM)
+        router.wait(10)
+        subprocess.run(["ip", "link", "del", device], capture_output=True)
+
+
+@needs_uwsgi_tuntap
+def test_uwsgi_tuntap_device_on_our_router(netdir, tmp_path):
+    """uWSGI's own tuntap-device against our router: it hears no offer until
+    its device is up (it exits when a write to a down device fails), claims
+    its address with its first packet, and TCP flows both ways. uWSGI 2.0
+    runs its unshare and tuntap hook more than once (one namespace each):
+    each new connection of the same process takes the address over without
+    closing the older ones, whose closing would make uWSGI exit."""
+    import subprocess
+    import sys
+
+    from tests.conftest import TEST_TAG
+
+    device = f"pe{random.randint(0, 0xFFFFFF):06x}"
+    sock_path, stats_path = netdir / "r.sock", netdir / "stats.sock"
+    env = {**os.environ, "PYTEST_TAG": TEST_TAG}
+    router = subprocess.Popen([sys.executable, "-m", "netrouter", device, str(sock_path), "--stats", str(stats_path)],
+                              stderr=subprocess.DEVNULL, env=env)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_bytes(b"hello from uWSGI's namespace")
+    (site / "big").write_bytes(blob(2 << 20))
+    log = open(tmp_path / "uwsgi-device.log", "wb")
+    uwsgi = None
+    try:
+        wait_for(lambda: sock_path.exists() and os.path.exists(f"/sys/class/net/{device}"), 10, what="router")
+        subprocess.run(["ip", "addr", "add", "198.18.7.1/24", "dev", device], check=True)
+        subprocess.run(["ip", "link", "set", device, "up"], check=True)
+        claim = "/usr/bin/python3 -c \"import socket; socket.socket(2, 2).sendto(b'claim', ('198.18.7.1', 9))\""
+        uwsgi = subprocess.Popen([
+            UWSGI_TUNTAP, "--master", "--unshare", "net", "--tuntap-device", f"uwsgi0 {sock_path}",
+            "--exec-as-root", "ip addr add 198.18.7.5/24 dev uwsgi0", "--exec-as-root", "ip link set uwsgi0 up",
+            "--exec-as-root", "ip link set lo up", "--exec-as-root", "ip route add default via 198.18.7.1",
+            "--exec-as-root", claim,  # uWSGI's docs: a peer claims its address with its first packet
+            "--attach-daemon", f"/usr/bin/python3 -m http.server --bind 198.18.7.5 --directory {site} 8080",
+        ], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        assert wait_for(lambda: local_route("198.18.7.5") and host_ping("198.18.7.5", 1), 20, what="uWSGI's device")
+
+        def get(path: str) -> bytes | None:
+            try:
+                with socket.create_connection(("198.18.7.5", 8080), timeout=5) as sock:
+                    sock.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+                    data = bytearray()
+                    while chunk := sock.recv(65536):
+                        data += chunk
+            except OSError:
+                return None
+            return bytes(data).partition(b"\r\n\r\n")[2]
+
+        assert wait_for(lambda: get("/index.html"), 15, what="HTTP to uWSGI's namespace") == b"hello from uWSGI's namespace"
+        assert get("/big") == blob(2 << 20)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(stats_path))
+            stats = json.loads(s.recv(65536))
+        (owner,) = [c for c in stats["connections"] if c["address"] == "198.18.7.5"]
+        assert not owner["big_frames"] and not owner["offloads"] and not owner["direct"]  # a plain peer
+        assert uwsgi.poll() is None
+    finally:
+        if uwsgi is not None:
+            # Its daemons run in sessions of their own: kill the whole tree.
+            try:
+                tree = psutil.Process(uwsgi.pid).children(recursive=True)
+            except psutil.Error:
+                tree = []
+            for proc in tree:
+                try:
+                    proc.kill()
+                except psutil.Error:
+                    pass
+            uwsgi.kill()
+            uwsgi.wait()
+        log.close()
         router.send_signal(signal.SIGTERM)
         router.wait(10)
         subprocess.run(["ip", "link", "del", device], capture_output=True)
