@@ -20,6 +20,7 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
+from vassal.fdconn import wait_writable
 from vassal.log import log
 from vassal.spool import BodySpool
 
@@ -120,7 +121,7 @@ class HttpConnection:
         app: WSGIApp,
         max_head: int = 65536,
         max_body: int = 0,
-        on_request: Callable[[str], None] | None = None,
+        on_request: RequestHook | None = None,
     ):
         self.sock = sock
         self.peer = peer
@@ -236,7 +237,7 @@ class HttpConnection:
 
 
 def run_app(app: WSGIApp, env: dict, response: _Response, body, started: float,
-            on_request: Callable[[str], None] | None, send_500: Callable[[], None]) -> bool:
+            on_request: RequestHook | None, send_500: Callable[[], None]) -> bool:
     """One WSGI call, its body sent, the result closed, the request recorded;
     False when the connection cannot be used any more."""
     result = None
@@ -245,8 +246,8 @@ def run_app(app: WSGIApp, env: dict, response: _Response, body, started: float,
         result = app(env, response.start_response)
         send_body(response, result)
         response.finish()
-    except (BrokenPipeError, ConnectionResetError):
-        ok = False
+    except (BrokenPipeError, ConnectionResetError, TimeoutError, BlockingIOError):
+        ok = False  # the client went away, or stopped reading
     except Exception:
         log(f"error in app for {env.get('REQUEST_METHOD')} {env.get('REQUEST_URI') or env.get('PATH_INFO')}:\n{traceback.format_exc().rstrip()}")
         if not response.sent:
@@ -261,8 +262,13 @@ def run_app(app: WSGIApp, env: dict, response: _Response, body, started: float,
             except Exception:
                 log(f"error closing app response:\n{traceback.format_exc().rstrip()}")
         if on_request is not None:
-            on_request(access_line(env, response, started))
+            on_request(env, response, started)
     return ok
+
+
+# Called after each request with (environ, response, start time); the access
+# line is formatted only if it is logged.
+RequestHook = Callable[[dict, "_Response", float], None]
 
 
 def access_line(env: dict, response: _Response, started: float) -> str:
@@ -300,7 +306,11 @@ def send_body(response: _Response, result) -> None:
             response.write(b"")  # the head, which may now say Content-Length
             if not response.chunked:
                 while remaining > 0:
-                    sent = os.sendfile(response.sock.fileno(), fd, offset, remaining)
+                    try:
+                        sent = os.sendfile(response.sock.fileno(), fd, offset, remaining)
+                    except BlockingIOError:  # a non-blocking connection (vassal.fdconn)
+                        wait_writable(response.sock.fileno())
+                        continue
                     if sent == 0:
                         break
                     offset += sent
@@ -344,13 +354,15 @@ class _Response:
         return self.write
 
     def set_length_if_missing(self, length: int) -> None:
-        if not any(name.lower() == "content-length" for name, _ in self.headers):
-            self.headers.append(("Content-Length", str(length)))
+        for name, _ in self.headers:
+            if name.lower() == "content-length":
+                return
+        self.headers.append(("Content-Length", str(length)))
 
     def _head(self) -> bytes:
         if self.status is None:
             raise RuntimeError("the app returned a body without calling start_response")
-        out = [f"HTTP/1.1 {self.status}\r\n"]
+        out = ["HTTP/1.1 ", self.status, "\r\n"]
         has_length = False
         for name, value in self.headers:
             low = name.lower()
@@ -362,7 +374,7 @@ class _Response:
                 continue
             elif low == "transfer-encoding":
                 continue
-            out.append(f"{name}: {value}\r\n")
+            out += (name, ": ", value, "\r\n")
         code = self.status[:3]
         bodyless = self.head_only or code in ("204", "304") or code.startswith("1")
         if not has_length and not bodyless:

@@ -128,7 +128,7 @@ class Master:
         hooks.run_phase(self.config, "as-user-atexit", fatal=False)
         return self.exit_code
 
-    def _worker(self, index: int) -> Worker:
+    def _worker(self, index: int, scoreboard: bool = True) -> Worker:
         return Worker(
             index + 1,
             self.listeners,
@@ -138,7 +138,7 @@ class Master:
             max_body=int(self.config.get("limit-post")),  # type: ignore[arg-type]
             keepalive=int(self.config.get("http-keepalive")),  # type: ignore[arg-type]
             max_requests=int(self.config.get("max-requests")),  # type: ignore[arg-type]
-            scoreboard=self.scoreboard,
+            scoreboard=self.scoreboard if scoreboard else None,
             access_log=not self.config.get("disable-logging"),
             memory_report=bool(self.config.get("memory-report")),
         )
@@ -194,7 +194,8 @@ class Master:
         per vassal; the top process already supervises this one, replacing
         it if it dies or recycles (max-requests)."""
         self.ctl.send(b"R")
-        self._worker(0).run()
+        # Nothing reads the scoreboard here: harakiri and cheaper need a master.
+        self._worker(0, scoreboard=False).run()
         hooks.run_phase(self.config, "as-user-atexit", fatal=False)
         return 0
 

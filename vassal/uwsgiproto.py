@@ -9,13 +9,14 @@ the connection closes after it, as nginx expects from a uwsgi upstream.
 
 from __future__ import annotations
 
+import io
 import socket
 import struct
 import sys
 import time
 from collections.abc import Callable
 
-from vassal.http import STATUS_TEXT, FileWrapper, _Response, run_app
+from vassal.http import STATUS_TEXT, FileWrapper, RequestHook, _Response, run_app
 from vassal.log import log
 from vassal.spool import BodySpool
 
@@ -23,29 +24,54 @@ WSGI_MODIFIER1 = 0
 HEADER = 4
 
 
+ENV_DEFAULTS = {"SCRIPT_NAME": "", "PATH_INFO": "/", "QUERY_STRING": "", "SERVER_NAME": "localhost",
+                "SERVER_PORT": "0", "SERVER_PROTOCOL": "HTTP/1.1"}
+WSGI_CONSTANTS = {"wsgi.version": (1, 0), "wsgi.multithread": False, "wsgi.multiprocess": True,
+                  "wsgi.run_once": False, "wsgi.file_wrapper": FileWrapper}
+
+
 class ProtocolError(Exception):
     pass
 
 
-def parse_vars(block: bytes) -> dict[str, str]:
+def _parse_vars_py(block: bytes, start: int = 0, end: int | None = None) -> dict[str, str]:
+    """The vars of ``block[start:end]``. Latin-1 maps bytes to characters
+    one to one, so the block is decoded once and sliced at byte offsets."""
+    end = len(block) if end is None else end
+    text = block[start:end].decode("latin-1")
     env: dict[str, str] = {}
-    offset, end = 0, len(block)
-    while offset < end:
-        if offset + 2 > end:
+    offset, stop = 0, end - start
+    base = start
+    while offset < stop:
+        if offset + 2 > stop:
             raise ProtocolError("truncated key length")
-        (klen,) = struct.unpack_from("<H", block, offset)
-        offset += 2
-        key = block[offset:offset + klen]
-        offset += klen
-        if offset + 2 > end:
-            raise ProtocolError("truncated value length")
-        (vlen,) = struct.unpack_from("<H", block, offset)
-        offset += 2
-        if offset + vlen > end:
+        at = base + offset
+        key_end = offset + 2 + (block[at] | block[at + 1] << 8)
+        if key_end + 2 > stop:
+            raise ProtocolError("truncated value length" if key_end <= stop else "truncated key")
+        at = base + key_end
+        value_end = key_end + 2 + (block[at] | block[at + 1] << 8)
+        if value_end > stop:
             raise ProtocolError("truncated value")
-        env[key.decode("latin-1")] = block[offset:offset + vlen].decode("latin-1")
-        offset += vlen
+        env[text[offset + 2:key_end]] = text[key_end + 2:value_end]
+        offset = value_end
     return env
+
+
+try:
+    from vassal._speedups import (
+        parse_vars as _fast_parse_vars,  # built by setup.py when a compiler is there
+    )
+except ImportError:
+    _fast_parse_vars = _parse_vars_py
+
+
+def parse_vars(block: bytes, start: int = 0, end: int | None = None) -> dict[str, str]:
+    """The vars of ``block[start:end]`` (C when built); ProtocolError names a truncation."""
+    try:
+        return _fast_parse_vars(block, start, len(block) if end is None else end)
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from None
 
 
 def encode_vars(env: dict[str, str]) -> bytes:
@@ -61,7 +87,7 @@ class UwsgiConnection:
     """One request per connection; ``feed`` returns False once it should close."""
 
     def __init__(self, sock: socket.socket, peer, server: tuple[str, str], app: Callable, max_head: int = 65536,
-                 max_body: int = 0, on_request: Callable[[str], None] | None = None):
+                 max_body: int = 0, on_request: RequestHook | None = None):
         self.sock = sock
         self.app = app
         self.max_head = max_head
@@ -80,30 +106,40 @@ class UwsgiConnection:
         if not data:
             return False
         if self.env is None:
-            self.buffer += data
-            if len(self.buffer) < HEADER:
+            if self.buffer:
+                self.buffer += data
+                data = bytes(self.buffer)
+            if len(data) < HEADER:
+                self.buffer = bytearray(data)
                 return True
-            modifier1, size, _modifier2 = struct.unpack_from("<BHB", self.buffer)
+            modifier1, size = data[0], data[1] | data[2] << 8
             if modifier1 != WSGI_MODIFIER1:
                 self._error(501, f"unsupported modifier1 {modifier1}")
                 return False
             if size > self.max_head:
                 self._error(431, f"vars block of {size} bytes")
                 return False
-            if len(self.buffer) < HEADER + size:
+            head_end = HEADER + size
+            if len(data) < head_end:
+                self.buffer = bytearray(data)
                 return True
+            self.buffer = bytearray()
             try:
-                self.env = parse_vars(bytes(self.buffer[HEADER:HEADER + size]))
-                self.remaining = int(self.env.get("CONTENT_LENGTH") or 0)
+                self.env = _fast_parse_vars(data, HEADER, head_end)  # ValueError or ProtocolError
+                length = self.env.get("CONTENT_LENGTH")
+                self.remaining = int(length) if length else 0
             except (ProtocolError, ValueError) as exc:
                 self._error(400, str(exc))
                 return False
             if self.max_body and self.remaining > self.max_body:
                 self._error(413, f"body of {self.remaining} bytes")
                 return False
+            if self.remaining == 0:
+                # The common case (nginx, a GET): no body, no spool.
+                self._handle(io.BytesIO())
+                return False
             self.body = BodySpool()
-            data = bytes(self.buffer[HEADER + size:])
-            self.buffer.clear()
+            data = data[head_end:]
         assert self.body is not None
         if data:
             chunk = data[: self.remaining]
@@ -111,39 +147,55 @@ class UwsgiConnection:
             self.remaining -= len(chunk)
         if self.remaining > 0:
             return True
-        self._handle()
+        self._handle(self.body)
         return False
 
     def _error(self, status: int, detail: str) -> None:
-        text = STATUS_TEXT.get(status, "Error")
-        try:
-            self.sock.sendall(f"HTTP/1.1 {status} {text}\r\nContent-Type: text/plain\r\nContent-Length: {len(text) + 1}\r\n\r\n{text}\n".encode())
-        except OSError:
-            pass
-        log(f"bad uwsgi request: {detail}")
+        send_error(self.sock, status, detail)
 
-    def _handle(self) -> None:
-        env: dict = dict(self.env or {})
-        assert self.body is not None
-        env.setdefault("SCRIPT_NAME", "")
-        env.setdefault("PATH_INFO", "/")
-        env.setdefault("QUERY_STRING", "")
-        env.setdefault("SERVER_NAME", "localhost")
-        env.setdefault("SERVER_PORT", "0")
-        env.setdefault("SERVER_PROTOCOL", "HTTP/1.1")
-        if not env.get("CONTENT_LENGTH"):
-            env.pop("CONTENT_LENGTH", None)
-        env.update({
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": "https" if env.get("HTTPS", "").lower() in ("on", "1") else env.get("UWSGI_SCHEME", "http"),
-            "wsgi.input": self.body.finish(),
-            "wsgi.errors": sys.stderr,
-            "wsgi.multithread": False,
-            "wsgi.multiprocess": True,
-            "wsgi.run_once": False,
-            "wsgi.file_wrapper": FileWrapper,
-        })
-        head_only = env.get("REQUEST_METHOD") == "HEAD"
-        started = time.monotonic()
-        response = _Response(self.sock, False, head_only, False)
-        run_app(self.app, env, response, self.body, started, self.on_request, lambda: self._error(500, "app error"))
+    def _handle(self, body: BodySpool | io.BytesIO) -> None:
+        respond(self.sock, self.env, body, self.app, self.on_request)  # type: ignore[arg-type]
+
+
+def respond(sock, variables: dict, body: BodySpool | io.BytesIO, app: Callable, on_request: RequestHook | None) -> None:
+    """Run the app for one parsed request and send its answer."""
+    # nginx sends most of these; the rest get CGI defaults, in one C-level merge.
+    env: dict = ENV_DEFAULTS | variables
+    if not env.get("CONTENT_LENGTH"):
+        env.pop("CONTENT_LENGTH", None)
+    env.update(WSGI_CONSTANTS)
+    https = env.get("HTTPS")
+    env["wsgi.url_scheme"] = "https" if https and https.lower() in ("on", "1") else env.get("UWSGI_SCHEME", "http")
+    env["wsgi.input"] = body.finish() if isinstance(body, BodySpool) else body
+    env["wsgi.errors"] = sys.stderr
+    response = _Response(sock, False, env.get("REQUEST_METHOD") == "HEAD", False)
+    run_app(app, env, response, body, time.monotonic(), on_request, lambda: send_error(sock, 500, "app error"))
+
+
+def respond_whole(sock, data: bytes, app: Callable, on_request: RequestHook | None, max_head: int) -> bool:
+    """The common case in one call: ``data`` is one whole bodyless request
+    (nginx's upstream GET, read at accept). False: leave it to UwsgiConnection,
+    which also answers what is malformed."""
+    if len(data) < HEADER or data[0] != WSGI_MODIFIER1:
+        return False
+    size = data[1] | data[2] << 8
+    if len(data) != HEADER + size or size > max_head:
+        return False
+    try:
+        variables = _fast_parse_vars(data, HEADER, HEADER + size)
+    except (ProtocolError, ValueError):
+        return False
+    length = variables.get("CONTENT_LENGTH")
+    if length and length != "0":
+        return False
+    respond(sock, variables, io.BytesIO(), app, on_request)
+    return True
+
+
+def send_error(sock, status: int, detail: str) -> None:
+    text = STATUS_TEXT.get(status, "Error")
+    try:
+        sock.sendall(f"HTTP/1.1 {status} {text}\r\nContent-Type: text/plain\r\nContent-Length: {len(text) + 1}\r\n\r\n{text}\n".encode())
+    except OSError:
+        pass
+    log(f"bad uwsgi request: {detail}")

@@ -1,7 +1,7 @@
 """A pre-forked worker: accepts on the shared listening sockets and serves
 keep-alive connections one request at a time.
 
-Idle keep-alive connections wait in the selector, so a client that keeps a
+Idle keep-alive connections wait in the poller, so a client that keeps a
 connection open does not hold the worker. SIGTERM means drain: stop
 accepting, finish the request in hand, close idle connections, exit.
 """
@@ -9,7 +9,7 @@ accepting, finish the request in hand, close idle connections, exit.
 from __future__ import annotations
 
 import os
-import selectors
+import select
 import signal
 import socket
 import struct
@@ -17,10 +17,11 @@ import time
 import traceback
 from collections.abc import Callable
 
-from vassal.http import HttpConnection
+from vassal import fdconn
+from vassal.http import HttpConnection, access_line
 from vassal.log import log
 from vassal.sockets import Listener
-from vassal.uwsgiproto import UwsgiConnection
+from vassal.uwsgiproto import UwsgiConnection, respond_whole
 
 # Seconds a draining worker waits for a just-accepted connection's first request.
 DRAIN_FIRST_REQUEST = 5.0
@@ -60,11 +61,12 @@ class Worker:
         if scoreboard is not None:
             self.app = self._recorded(app)
         self.stopping = False
-        self.selector = selectors.DefaultSelector()
+        self.poller = Poller()
         self.last_seen: dict[socket.socket, float] = {}
         self.handlers: dict[socket.socket, object] = {}
         self.served: dict[socket.socket, int] = {}
         self.registered: set[socket.socket] = set()
+        self.listener_info: dict[socket.socket, tuple[type, int, tuple[str, str]]] = {}
 
     def _on_term(self, signum: int, frame: object) -> None:
         self.stopping = True
@@ -80,8 +82,9 @@ class Worker:
 
         return recorded
 
-    def _served(self, line: str = "") -> None:
-        if self.access_log and line:
+    def _served(self, env: dict, response: object, started: float) -> None:
+        if self.access_log:
+            line = access_line(env, response, started)  # type: ignore[arg-type]
             if self.memory_report:
                 line += f" rss={_rss_mb()}MB"
             log(line)
@@ -107,9 +110,9 @@ class Worker:
         # The handler only sets a flag; the wakeup pipe ends the select at once.
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        self.selector.register(wake_r, selectors.EVENT_READ, None)
+        self.poller.register(wake_r, None)
         for listener in self.listeners:
-            self.selector.register(listener.sock, selectors.EVENT_READ, listener)
+            self.poller.register(listener.sock.fileno(), listener)
         draining_since = None
         while True:
             if self.stopping and draining_since is None:
@@ -117,29 +120,32 @@ class Worker:
                 # connections from the same sockets), finish what is in hand.
                 draining_since = time.monotonic()
                 for listener in self.listeners:
-                    self.selector.unregister(listener.sock)
+                    self.poller.unregister(listener.sock.fileno())
             if draining_since is not None:
                 self._close_drained(draining_since)
                 if not self.last_seen:
                     break
             try:
-                events = self.selector.select(0.2 if draining_since is not None else 1.0)
+                events = self.poller.poll(0.2 if draining_since is not None else 1.0)
             except InterruptedError:
                 continue
-            for key, _ in events:
-                if key.data is None:
+            watched = self.poller.data
+            for fd, _ in events:
+                data = watched.get(fd)
+                if data is None:
                     try:
                         os.read(wake_r, 512)
                     except BlockingIOError:
                         pass
-                elif isinstance(key.data, Listener):
+                elif type(data) is Listener:
                     # Several per wakeup: a burst of short connections (nginx's
                     # uwsgi upstream) otherwise costs an epoll round each.
+                    accept = self._accept_fd if data.kind == "uwsgi" and fdconn.available else self._accept
                     for _ in range(ACCEPT_BATCH):
-                        if self.stopping or not self._accept(key.data):
+                        if self.stopping or not accept(data):
                             break
                 else:
-                    self._read(key.fileobj, key.data)  # type: ignore[arg-type]
+                    self._read(*data)
             self._expire_idle()
         for conn in list(self.last_seen):
             self._close(conn)
@@ -155,21 +161,23 @@ class Worker:
 
     def _accept(self, listener: Listener) -> bool:
         try:
-            conn, peer = listener.sock.accept()
+            # The raw accept: socket.accept() converts family and type to
+            # enums for every connection, which shows in a profile.
+            fd, peer = listener.sock._accept()  # type: ignore[attr-defined]
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return False  # another worker won the race
-        # Blocking with a kernel send timeout: sendall is then one syscall, not
-        # a poll per chunk as with a Python-level timeout; reads never block
-        # (MSG_DONTWAIT, after readiness).
-        conn.setblocking(True)
+        kind, family, server = self._listener_info(listener)
+        # Blocking (as accept4 leaves it) with a kernel send timeout: sendall
+        # is then one syscall, not a poll per chunk as with a Python-level
+        # timeout; reads never block (MSG_DONTWAIT, after readiness).
+        conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, SEND_TIMEOUT)
-        if conn.family != socket.AF_UNIX:
+        if family != socket.AF_UNIX:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        kind = UwsgiConnection if listener.kind == "uwsgi" else HttpConnection
         handler = kind(
             conn,
             peer or "unix",
-            listener.server,
+            server,
             self.app,
             max_head=self.max_head,
             max_body=self.max_body,
@@ -178,13 +186,67 @@ class Worker:
         self.last_seen[conn] = time.monotonic()
         self.handlers[conn] = handler
         # Most clients send the request right after connecting: answer it
-        # before paying for a selector registration (nginx's uwsgi upstream
+        # before paying for a poller registration (nginx's uwsgi upstream
         # connections then never need one).
         self._read(conn, handler)
         if conn in self.handlers:
-            self.selector.register(conn, selectors.EVENT_READ, handler)
+            self.poller.register(conn.fileno(), (conn, handler))
             self.registered.add(conn)
         return True
+
+    def _accept_fd(self, listener: Listener) -> bool:
+        """A uwsgi-protocol connection as a bare fd (vassal.fdconn): nginx's
+        request is normally there at once and is answered before anything
+        is registered anywhere."""
+        try:
+            fd = fdconn.accept(listener.sock.fileno())
+        except OSError:
+            return False
+        if fd is None:
+            return False
+        conn = fdconn.FdConnection(fd)
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            data = None
+        except OSError:
+            conn.close()
+            return True
+        if data is not None:
+            try:
+                if respond_whole(conn, data, self.app, self._served, self.max_head):
+                    conn.close()
+                    return True
+            except OSError:
+                conn.close()
+                return True
+        _, _, server = self._listener_info(listener)
+        handler = UwsgiConnection(conn, "unix", server, self.app, max_head=self.max_head, max_body=self.max_body,
+                                  on_request=self._served)
+        if data is not None:
+            try:
+                keep = handler.feed(data)
+            except OSError:
+                keep = False
+            except Exception:
+                log(f"worker {self.index}: unexpected error:\n{traceback.format_exc().rstrip()}")
+                keep = False
+            if not keep:
+                conn.close()
+                return True
+        # The rest of the request comes later: wait for it in the poller.
+        self.last_seen[conn] = time.monotonic()  # type: ignore[index]
+        self.handlers[conn] = handler  # type: ignore[index]
+        self.poller.register(fd, (conn, handler))
+        self.registered.add(conn)  # type: ignore[arg-type]
+        return True
+
+    def _listener_info(self, listener: Listener) -> tuple[type, int, tuple[str, str]]:
+        info = self.listener_info.get(listener.sock)
+        if info is None:
+            kind = UwsgiConnection if listener.kind == "uwsgi" else HttpConnection
+            info = self.listener_info[listener.sock] = (kind, int(listener.sock.family), listener.server)
+        return info
 
     def _read(self, conn: socket.socket, handler: HttpConnection) -> None:
         try:
@@ -223,8 +285,31 @@ class Worker:
         if conn in self.registered:
             # (Only then: a failed unregister formats the socket's repr, which is slow.)
             self.registered.discard(conn)
-            self.selector.unregister(conn)
+            self.poller.unregister(conn.fileno())
         conn.close()
+
+
+class Poller:
+    """epoll where there is one (poll elsewhere), fd -> data: no selector key
+    objects per event, which showed in the per-request profile."""
+
+    def __init__(self) -> None:
+        if hasattr(select, "epoll"):
+            self._poll, self._flag, self._scale = select.epoll(), select.EPOLLIN, 1.0
+        else:
+            self._poll, self._flag, self._scale = select.poll(), select.POLLIN, 1000.0  # type: ignore[assignment]
+        self.data: dict[int, object] = {}
+
+    def register(self, fd: int, data: object) -> None:
+        self._poll.register(fd, self._flag)
+        self.data[fd] = data
+
+    def unregister(self, fd: int) -> None:
+        self._poll.unregister(fd)
+        self.data.pop(fd, None)
+
+    def poll(self, timeout: float) -> list[tuple[int, int]]:
+        return self._poll.poll(timeout * self._scale)
 
 
 def _rss_mb() -> int:
