@@ -45,9 +45,15 @@ class Request:
     expect_continue: bool = False
 
 
-class RequestTooLarge(Exception):
+class Rejected(Exception):
+    """A request refused with ``status`` before the app sees it."""
+
     def __init__(self, status: int):
         self.status = status
+
+
+class RequestTooLarge(Rejected):
+    pass
 
 
 class _Parser:
@@ -88,6 +94,8 @@ class _Parser:
         assert req is not None
         req.method = self.parser.get_method()
         req.version = self.parser.get_http_version()
+        if req.version not in ("1.0", "1.1"):
+            raise Rejected(400)  # HTTP/0.9 (no version): nothing to answer it with
         req.keep_alive = self.parser.should_keep_alive()
         for name, value in req.headers:
             if name.lower() == b"content-length" and self.max_body and value.isdigit() and int(value) > self.max_body:
@@ -140,7 +148,7 @@ class HttpConnection:
             return False
         try:
             self.parser.parser.feed_data(data)
-        except RequestTooLarge as exc:
+        except Rejected as exc:
             self._send_error(exc.status)
             return False
         except httptools.HttpParserUpgrade:
@@ -149,7 +157,7 @@ class HttpConnection:
         except httptools.HttpParserError as exc:
             # httptools wraps what a callback raised.
             cause = exc.__context__ or exc.__cause__
-            if isinstance(cause, RequestTooLarge):
+            if isinstance(cause, Rejected):
                 self._send_error(cause.status)
                 return False
             self._answer_queued()
@@ -210,7 +218,7 @@ class HttpConnection:
             env["REMOTE_ADDR"] = "127.0.0.1"
         for name, value in req.headers:
             key = name.decode("latin-1").upper().replace("-", "_")
-            text = value.decode("latin-1")
+            text = value.decode("latin-1").strip(" \t")  # optional whitespace around a field value
             if key == "CONTENT_LENGTH" or key == "CONTENT_TYPE":
                 env[key] = text
                 continue

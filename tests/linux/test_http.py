@@ -497,3 +497,39 @@ def test_memory_report_and_attached_daemon_restart(run_vassal, tmp_path):
     os.kill(first, signal.SIGKILL)
     second = int(wait_for(lambda: (p := marker.read_text().strip()) and int(p) != first and p, 10, what="daemon restarted"))
     assert psutil.pid_exists(second)
+
+
+@pytest.fixture
+def env_vassal(run_vassal, tmp_path):
+    from tests.linux.http_requests import ENV_APP
+
+    app = tmp_path / "envapp.py"
+    app.write_text(ENV_APP)
+    return run_vassal(extra="buffer-size = 8192\nlimit-post = 16384\n", app=str(app))
+
+
+def _table_ids(table):
+    return [row[0] for row in table]
+
+
+from tests.linux.http_requests import INVALID, VALID  # noqa: E402
+
+
+@pytest.mark.parametrize("name,raw,expected", VALID, ids=_table_ids(VALID))
+def test_valid_request_table(env_vassal, name, raw, expected):
+    out = env_vassal.raw(raw.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1) if b"\r\n\r\n" in raw else raw)
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), (name, out[:300])
+    doc = json.loads(body)
+    for key, value in expected.items():
+        if value is None:
+            assert key not in doc, (name, key, doc.get(key))
+        else:
+            assert doc.get(key) == value, (name, key, doc.get(key))
+
+
+@pytest.mark.parametrize("name,raw,status", INVALID, ids=_table_ids(INVALID))
+def test_invalid_request_table(env_vassal, name, raw, status):
+    out = env_vassal.raw(raw)
+    assert out.startswith(f"HTTP/1.1 {status}".encode()), (name, out[:200])
+    assert answers(env_vassal.port)  # the worker lives on
