@@ -9,13 +9,12 @@ timers.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 
+import jails
 from emperor import commands
 from emperor.commands import CommandError, Peer
 from emperor.control import ControlServer, StatsServer
@@ -44,18 +43,10 @@ from vassal import hooks, jail
 from vassal.config import Config, ConfigError, Problem, load, unsupported
 from vassal.loop import Loop, reaped
 
-PR_SET_CHILD_SUBREAPER = 36
-
 
 def become_subreaper() -> bool:
     """Descendants that daemonize get reparented to us (and reaped), not to init."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
+    return jails.backend().become_subreaper()
 
 
 def _nonblocking_stderr() -> None:

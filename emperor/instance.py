@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+import jails
 from emperor.logbuf import LogBuffer, read_available
 from emperor.spawn import Spawned, SpawnRequest, spawn
 from jails.tracking import LimitError, LimitGroups, ProcessGroupTracker, VassalCgroup
@@ -440,7 +441,18 @@ class Vassal:
         self._cancel("empty")
         self._close_log()
         self._close_oom()
+        self._teardown_jail()
         self._after_exit()
+
+    def _teardown_jail(self) -> None:
+        """What the platform keeps after the processes (a FreeBSD jail and its
+        rctl rules) goes now; a failure is logged, never fatal."""
+        if self.config is None:
+            return
+        try:
+            jails.backend().teardown(self.config, self.name)
+        except (jails.JailError, OSError) as exc:
+            self.note(f"teardown: {exc}")
 
     def _after_exit(self) -> None:
         uptime = time.time() - (self.started_at or time.time())

@@ -1,4 +1,4 @@
-"""Watching vassal dirs: inotify where there is one, a periodic scan elsewhere.
+"""Watching vassal dirs: inotify (Linux), kqueue (FreeBSD), else a periodic scan.
 
 The monitor only says *which* path may have changed; the core compares the
 file's signature and decides (spawn, reload, restart, stop). Each watched
@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import os
+import select
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,6 +74,7 @@ class DirMonitor:
         on_rescan: Callable[[Source], None],
         scan_interval: float,
         force_scan: bool = False,
+        kqueue_module=None,
     ):
         self.loop = loop
         self.sources = sources
@@ -82,21 +84,29 @@ class DirMonitor:
         self.inotify = None
         self.watches: dict[int, tuple[str, Source]] = {}  # wd -> (role, source)
         self.pending: dict[str, object] = {}
-        if INotify is not None and not force_scan:
+        if INotify is not None and not force_scan and kqueue_module is None:
             try:
                 self.inotify = INotify(nonblocking=True)
             except OSError:
                 self.inotify = None
+        kq = kqueue_module if kqueue_module is not None else (select if hasattr(select, "kqueue") else None)
+        self.kqueue: KqueueWatcher | None = None
         if self.inotify is not None:
             for source in sources:
                 self._watch(source)
             loop.add_reader(self.inotify.fileno(), self._on_events)
+        elif kq is not None and not force_scan:
+            self.kqueue = KqueueWatcher(kq, loop, sources, on_path, on_rescan)
         else:
             self._schedule_scan()
 
     @property
     def mode(self) -> str:
-        return "inotify" if self.inotify is not None else f"scan every {self.scan_interval:g}s"
+        if self.inotify is not None:
+            return "inotify"
+        if self.kqueue is not None:
+            return "kqueue"
+        return f"scan every {self.scan_interval:g}s"
 
     def _watch(self, source: Source) -> None:
         assert self.inotify is not None and F is not None
@@ -174,7 +184,86 @@ class DirMonitor:
         self._schedule_scan()
 
     def close(self) -> None:
+        if self.kqueue is not None:
+            self.kqueue.close()
+            self.kqueue = None
         if self.inotify is not None:
             self.loop.forget(self.inotify.fileno())
             self.inotify.close()
             self.inotify = None
+
+
+class KqueueWatcher:
+    """kqueue(2) EVFILT_VNODE watches: on each dir (an entry added, removed
+    or renamed: rescan it) and on each config file in it (written, touched,
+    deleted: look at that path). kqueue watches open files, not names, so
+    every rescan re-registers what the dir holds now."""
+
+    def __init__(self, kq, loop: Loop, sources: list[Source], on_path: Callable[[str], None],
+                 on_rescan: Callable[[Source], None]):
+        self.kq_module = kq
+        self.queue = kq.kqueue()
+        self.loop = loop
+        self.sources = sources
+        self.on_path = on_path
+        self.on_rescan = on_rescan
+        self.fds: dict[int, tuple[str, Source]] = {}  # fd -> (path, source)
+        self.dir_fflags = kq.KQ_NOTE_WRITE | kq.KQ_NOTE_DELETE | kq.KQ_NOTE_RENAME | kq.KQ_NOTE_EXTEND
+        self.file_fflags = self.dir_fflags | kq.KQ_NOTE_ATTRIB
+        for source in sources:
+            self._register(source)
+        loop.add_reader(self.queue.fileno(), self._on_events)
+
+    def _open(self, path: str, source: Source, fflags: int) -> None:
+        if any(p == path for p, _ in self.fds.values()):
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        self.fds[fd] = (path, source)
+        kq = self.kq_module
+        event = kq.kevent(fd, filter=kq.KQ_FILTER_VNODE, flags=kq.KQ_EV_ADD | kq.KQ_EV_CLEAR, fflags=fflags)
+        self.queue.control([event], 0, 0)
+
+    def _register(self, source: Source) -> None:
+        self._open(source.directory, source, self.dir_fflags)
+        for path in source.list():
+            self._open(path, source, self.file_fflags)
+
+    def _forget(self, fd: int) -> None:
+        self.fds.pop(fd, None)
+        try:
+            os.close(fd)  # closing the fd removes its kevent
+        except OSError:
+            pass
+
+    def _on_events(self) -> None:
+        events = self.queue.control(None, 64, 0)
+        rescans: list[Source] = []
+        paths: list[str] = []
+        for event in events:
+            entry = self.fds.get(event.ident)
+            if entry is None:
+                continue
+            path, source = entry
+            gone = event.fflags & (self.kq_module.KQ_NOTE_DELETE | self.kq_module.KQ_NOTE_RENAME)
+            if gone:
+                self._forget(event.ident)
+            if path == source.directory:
+                rescans.append(source)
+            else:
+                paths.append(path)
+                if gone:
+                    rescans.append(source)
+        for source in dict.fromkeys(rescans):
+            self._register(source)
+            self.on_rescan(source)
+        for path in dict.fromkeys(paths):
+            self.on_path(path)
+
+    def close(self) -> None:
+        self.loop.forget(self.queue.fileno())
+        for fd in list(self.fds):
+            self._forget(fd)
+        self.queue.close()

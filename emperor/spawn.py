@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from jails import linux
+import jails
 from vassal import protocol
 
 # The vassal end of the emperor pipe always lands on this fd in the child.
@@ -89,16 +89,10 @@ def join_cgroups(procs_files: list[str]) -> None:
             handle.write(str(os.getpid()))
 
 
-def unshare_clone(clone: list[str], id_maps: tuple[str, str] | list[str] | None) -> int:
-    """Unshare the emperor-use-clone namespaces (with a user namespace: made
-    first, mapped, and owning the others); the flags used."""
-    flags = linux.namespace_flags(clone)
-    if flags & linux.CLONE_NEWUSER:
-        uid_map, gid_map = id_maps or (linux.default_id_map("uid"), linux.default_id_map("gid"))
-        linux.unshare_user(flags & ~linux.CLONE_NEWUSER, uid_map, gid_map)
-    elif flags:
-        linux.unshare(flags)
-    return flags
+def unshare_clone(clone: list[str], id_maps: tuple[str, str] | list[str] | None) -> bool:
+    """Unshare the emperor-use-clone namespaces; True if one is a pid
+    namespace (our next child is its PID 1)."""
+    return jails.backend().clone_for_spawn(clone, id_maps)
 
 
 def enter_clone(clone: list[str], id_maps: tuple[str, str] | None = None) -> None:
@@ -107,8 +101,7 @@ def enter_clone(clone: list[str], id_maps: tuple[str, str] | None = None) -> Non
     forks it and stays behind as a proxy forwarding signals and exit status."""
     if not clone:
         return
-    flags = unshare_clone(clone, id_maps)
-    if not flags & linux.CLONE_NEWPID:
+    if not unshare_clone(clone, id_maps):
         return
     child = os.fork()
     if child == 0:

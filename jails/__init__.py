@@ -1,1 +1,26 @@
-"""Platform code for isolating and tracking vassals (cgroups, namespaces, jails)."""
+"""Jails: the platform's isolation backend.
+
+``backend()`` is the only place that asks which OS this is: Linux gets
+namespaces and cgroups (jails/linux_backend.py), FreeBSD gets jail(2) and
+rctl (jails/freebsd.py). Both implement jails/base.Backend.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import cache
+
+from jails.base import Backend, JailError
+
+__all__ = ["Backend", "JailError", "backend"]
+
+
+@cache
+def backend() -> Backend:
+    if sys.platform.startswith("freebsd"):
+        from jails.freebsd import FreeBSDBackend
+
+        return FreeBSDBackend()
+    from jails.linux_backend import LinuxBackend
+
+    return LinuxBackend()

@@ -79,8 +79,7 @@ PR_SET_PDEATHSIG = 1
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "armv7l": 218, "i686": 217, "ppc64le": 203, "s390x": 217, "riscv64": 41}
 
 
-class JailError(Exception):
-    pass
+from jails.base import JailError  # noqa: E402  (one error type for every backend)
 
 
 def _check(result: int, what: str) -> None:
@@ -281,6 +280,17 @@ def set_mtu(name: str, mtu: int) -> None:
 
 def set_no_new_privs() -> None:
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Descendants that daemonize get reparented to us (and reaped), not to init."""
+    try:
+        return _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except AttributeError:
+        return False
 
 
 def die_with_parent(sig: int) -> None:

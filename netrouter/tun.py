@@ -28,6 +28,9 @@ def open_tun(name: str, persist: bool | None = None, vnet: bool = False) -> int:
         raise TunError(f"tun device name {name!r} is longer than 15 bytes")
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise TunError("no /dev/net/tun: the netrouter and tuntap-device need Linux's tun driver "
+                       "(FreeBSD's tun(4) is not supported)") from None
     except OSError as exc:
         raise TunError(f"cannot open /dev/net/tun: {exc.strerror}") from None
     try:

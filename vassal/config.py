@@ -305,14 +305,17 @@ class Config:
 
 
 def unsupported(config: Config) -> list[Problem]:
-    """Keys this version validates but cannot act on yet."""
+    """Keys this version validates but cannot act on here: not implemented
+    yet, or for another platform (the jail backend says which)."""
+    import jails  # (jails imports this module)
+
     found = []
     for key, entries in config.sources.items():
         opt = options.get(key)
         if opt is not None and not opt.implemented:
             entry = entries[0]
             found.append(Problem(entry.file, entry.line, key, "not implemented yet in this version of pyemperor"))
-    return found
+    return found + jails.backend().refused(config)
 
 
 def _referenced_names(entries: Sequence[Entry]) -> set[str]:

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 
+import jails
 from jails import linux, netlink
 from vassal import hooks, protocol
 from vassal.config import Config, Entry, Problem
@@ -116,11 +117,24 @@ def problems(config: Config, cloned: set[str], tyrant: bool = False) -> list[Pro
 
 
 def enter(config: Config) -> list:
-    """Run every root phase up to and including as-root. Raises HookError,
-    JailError or OSError; the caller exits with the matching reason."""
-    cloned = cloned_namespaces()
+    """Run every root phase up to and including as-root, the jailing itself
+    by the platform's backend. Raises HookError, JailError or OSError; the
+    caller exits with the matching reason."""
+    backend = jails.backend()
     run_as_vassal()
     hooks.run_phase(config, "pre-jail")
+    links = backend.isolate(config)
+    hooks.run_phase(config, "post-jail")
+    hooks.run_phase(config, "in-jail")
+    backend.change_root(config)
+    hooks.run_phase(config, "as-root")
+    return links
+
+
+def enter_namespaces(config: Config) -> list:
+    """Linux: the namespaces this vassal makes itself, fresh /proc and /sys,
+    lo, the tun devices and addresses, the hostname."""
+    cloned = cloned_namespaces()
     own = own_namespaces(config)
     fresh = own - cloned
     if fresh:
@@ -144,8 +158,11 @@ def enter(config: Config) -> list:
     links = setup_network(config)
     if config.has("hostname"):
         linux.sethostname(str(config.get("hostname")))
-    hooks.run_phase(config, "post-jail")
-    hooks.run_phase(config, "in-jail")
+    return links
+
+
+def change_root(config: Config) -> None:
+    """Linux: pivot-root, then chroot."""
     if config.has("pivot-root"):
         new_root, old_root = config.get("pivot-root")  # type: ignore[misc]
         pivot_root(new_root, old_root)
@@ -153,8 +170,6 @@ def enter(config: Config) -> list:
         directory = str(config.get("chroot"))
         os.chroot(directory)
         os.chdir("/")
-    hooks.run_phase(config, "as-root")
-    return links
 
 
 def setup_network(config: Config) -> list:

@@ -15,7 +15,8 @@ import socket
 import time
 import traceback
 
-from jails.linux import JailError, die_with_parent
+import jails
+from jails import JailError
 from vassal import hooks, jail, protocol
 from vassal.app import load_app
 from vassal.cheaper import Cheaper, listen_backlog
@@ -85,7 +86,7 @@ class Master:
     def _run(self) -> int:
         set_role(f"{self.name} master")
         set_title(f"vassal master {self.name}")
-        die_with_parent(signal.SIGTERM)  # if the top process is killed outright
+        jails.backend().die_with_parent(signal.SIGTERM)  # if the top process is killed outright
         self.parent_loop.reset_signals_in_child()
         try:
             jail.drop_privileges(self.config)
@@ -210,7 +211,7 @@ class Master:
                 self.loop.reset_signals_in_child()
                 set_role(f"{self.name} worker {index + 1}")
                 set_title(f"vassal worker {index + 1} {self.name}")
-                die_with_parent(signal.SIGTERM)
+                jails.backend().die_with_parent(signal.SIGTERM)
                 if self.lazy:
                     try:
                         self.app = load_app(self.config)

@@ -343,9 +343,7 @@ for _phase in ("as-emperor", "as-vassal"):
 # Keys of the contract whose features are still being built: validated, but a
 # vassal or emperor that uses them is refused at start with a clear error
 # rather than run without them.
-NOT_YET = {
-    "jail", "jail2", "jail-ip4", "jail-ip6", "jidfile", "jail-attach",
-}
+NOT_YET: set[str] = set()
 for _name in NOT_YET:
     _opt_obj = _OPTIONS[_name]
     _OPTIONS[_name] = Option(**{**_opt_obj.__dict__, "implemented": False})

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from jails.linux import JailError
+from jails import JailError
 from jails.netlink import NetlinkError
 from netrouter.tun import TunError
 from vassal import hooks, jail, protocol

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import ROOT, free_port, hello_ini, wait_for
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="jails need root")
+pytestmark = [pytest.mark.linux_only, pytest.mark.skipif(os.geteuid() != 0, reason="jails need root")]
 
 INFO_APP = '''
 import ctypes, json, os, socket

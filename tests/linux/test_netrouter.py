@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from netrouter.wire import checksum
 from tests.conftest import wait_for
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/net/tun") or os.geteuid() != 0, reason="needs root and /dev/net/tun")
+pytestmark = [pytest.mark.linux_only, pytest.mark.skipif(not os.path.exists("/dev/net/tun") or os.geteuid() != 0, reason="needs root and /dev/net/tun")]
 
 HOST = "198.18.0.1"
 FUZZ_HOST, FUZZ_VASSAL = "198.19.0.1", "198.19.0.2"

@@ -1,0 +1,61 @@
+"""What a platform's jail backend does for the emperor and its vassals.
+
+One backend per platform (jails/__init__.py picks it); nothing outside
+jails/ asks which OS it runs on. The Linux backend isolates with namespaces
+and cgroups, the FreeBSD one with jail(2) and rctl.
+"""
+
+from __future__ import annotations
+
+import abc
+
+from vassal.config import Config, Problem
+
+
+class JailError(Exception):
+    """A jail could not be set up; the message names what and why."""
+
+
+class Backend(abc.ABC):
+    name = "?"
+
+    @abc.abstractmethod
+    def refused(self, config: Config) -> list[Problem]:
+        """Keys this platform cannot honour, each named with its file and line."""
+
+    @abc.abstractmethod
+    def isolate(self, config: Config) -> list:
+        """Between the pre-jail and post-jail hooks, as root: enter the
+        vassal's jail. Returns the tun links to run (Linux) or []."""
+
+    @abc.abstractmethod
+    def change_root(self, config: Config) -> None:
+        """After in-jail: pivot-root / chroot."""
+
+    @abc.abstractmethod
+    def clone_for_spawn(self, clone: list[str], id_maps: tuple[str, str] | list[str] | None) -> bool:
+        """emperor-use-clone, in the spawning intermediate; True if a pid
+        namespace was made (the caller's next child is its PID 1)."""
+
+    @abc.abstractmethod
+    def become_subreaper(self) -> bool:
+        """Orphaned descendants are reparented to the caller (the emperor)."""
+
+    @abc.abstractmethod
+    def die_with_parent(self, sig: int) -> None:
+        """The caller gets ``sig`` when its parent dies."""
+
+    def teardown(self, config: Config, name: str) -> None:  # noqa: B027 (optional)
+        """After a vassal is gone, as root in the emperor: remove what it left
+        in the kernel (a FreeBSD jail and its rctl rules)."""
+
+
+def refuse(config: Config, keys: dict[str, str]) -> list[Problem]:
+    """A Problem for each of ``keys`` the config uses, with the reason given."""
+    found = []
+    for key, why in keys.items():
+        entries = config.sources.get(key)
+        if entries:
+            entry = entries[0]
+            found.append(Problem(entry.file, entry.line, key, why))
+    return found

@@ -1,0 +1,290 @@
+"""FreeBSD jails by direct library calls (ctypes), as uWSGI's FreeBSDJails.
+
+The vassal's top process, as root, between the pre-jail and post-jail hooks:
+
+1. rctl(8) rules for ``memory-limit``, ``pids-limit`` and ``cpu-limit`` on
+   the jail's name (rules may name a jail before it exists; a jailed process
+   may not add them);
+2. devfs mounted on ROOTFS/dev with a ruleset (4, "devfsrules_jail", unless
+   ``jail2 = devfs_ruleset=N`` says otherwise), by nmount(2);
+3. jail_set(2) through libjail's jailparam API, which encodes each parameter
+   in the binary type the kernel expects (ip4.addr is an array of struct
+   in_addr, booleans have no value...), with JAIL_CREATE | JAIL_ATTACH: the
+   caller is in the jail when it returns. Not ``persist``: the jail goes
+   away with its last process.
+   Or, with ``jail-attach JID|NAME``, jail_attach(2) into an existing jail.
+
+The emperor tears a vassal down by jail_remove(2), which kills every process
+in the jail, then removes its rctl rules.
+
+Everything goes through a ``Libc`` object, so tests can record the exact
+calls against a fake (this machine cannot run FreeBSD).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+
+from jails.base import Backend, JailError, refuse
+from vassal.config import Config, Problem
+
+JAIL_CREATE = 0x01
+JAIL_UPDATE = 0x02
+JAIL_ATTACH = 0x04
+JAIL_DYING = 0x08
+DEFAULT_DEVFS_RULESET = "4"  # devfsrules_jail in /etc/defaults/devfs.rules
+PROC_REAP_ACQUIRE = 2
+PROC_PDEATHSIG_CTL = 11
+P_PID = 0
+MNT_DEFAULT = 0
+
+LINUX_ONLY = {
+    key: f"{key} is Linux only (namespaces, cgroups, tun); on FreeBSD use jail, jail2, jail-ip4"
+    for key in ("unshare", "pivot-root", "emperor-use-clone", "uid-map", "gid-map", "tuntap-device",
+                "net-iface", "net-route", "net-mtu", "tuntap-router")
+}
+
+
+class JailParam(ctypes.Structure):
+    """struct jailparam of <jail.h>."""
+
+    _fields_ = [
+        ("jp_name", ctypes.c_char_p),
+        ("jp_value", ctypes.c_void_p),
+        ("jp_valuelen", ctypes.c_size_t),
+        ("jp_elemlen", ctypes.c_size_t),
+        ("jp_ctltype", ctypes.c_int),
+        ("jp_structtype", ctypes.c_int),
+        ("jp_flags", ctypes.c_uint),
+    ]
+
+
+class IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+class Libc:
+    """The calls this backend makes, on the real libc and libjail.
+
+    Each method returns what the C function returns; failures leave errno
+    (``errno()``) and, for libjail, ``errmsg()`` set."""
+
+    def __init__(self) -> None:
+        self.libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        self.libjail = ctypes.CDLL(ctypes.util.find_library("jail") or "libjail.so", use_errno=True)
+        self._errmsg = ctypes.c_char.in_dll(self.libjail, "jail_errmsg")
+
+    def errno(self) -> int:
+        return ctypes.get_errno()
+
+    def errmsg(self) -> str:
+        return ctypes.string_at(ctypes.addressof(self._errmsg)).decode(errors="replace")
+
+    def jail_set(self, params: list[tuple[str, str | None]], flags: int) -> int:
+        """jailparam_init + jailparam_import for each (name, value), then
+        jailparam_set(flags) and jailparam_free. Returns the jid or -1."""
+        array = (JailParam * len(params))()
+        try:
+            for index, (name, value) in enumerate(params):
+                if self.libjail.jailparam_init(ctypes.byref(array[index]), name.encode()) != 0:
+                    return -1
+                if value is not None and self.libjail.jailparam_import(ctypes.byref(array[index]), value.encode()) != 0:
+                    return -1
+            return self.libjail.jailparam_set(array, len(params), flags)
+        finally:
+            self.libjail.jailparam_free(array, len(params))
+
+    def jail_getid(self, name: str) -> int:
+        return self.libjail.jail_getid(name.encode())
+
+    def jail_attach(self, jid: int) -> int:
+        return self.libc.jail_attach(jid)
+
+    def jail_remove(self, jid: int) -> int:
+        return self.libc.jail_remove(jid)
+
+    def nmount(self, options: list[tuple[str, str]], flags: int) -> int:
+        """nmount(2) with name/value iovec pairs (each a NUL-terminated string)."""
+        keep = []
+        iov = (IoVec * (2 * len(options)))()
+        for index, (name, value) in enumerate(options):
+            for offset, text in ((0, name), (1, value)):
+                buf = ctypes.create_string_buffer(text.encode())
+                keep.append(buf)
+                iov[2 * index + offset].iov_base = ctypes.cast(buf, ctypes.c_void_p)
+                iov[2 * index + offset].iov_len = len(buf)
+        return self.libc.nmount(iov, len(iov), flags)
+
+    def rctl_add_rule(self, rule: str) -> int:
+        data = rule.encode() + b"\0"
+        return self.libc.rctl_add_rule(data, len(data), None, 0)
+
+    def rctl_remove_rule(self, rule_filter: str) -> int:
+        data = rule_filter.encode() + b"\0"
+        return self.libc.rctl_remove_rule(data, len(data), None, 0)
+
+    def procctl(self, command: int, value: int | None) -> int:
+        arg = ctypes.byref(ctypes.c_int(value)) if value is not None else None
+        return self.libc.procctl(P_PID, os.getpid(), command, arg)
+
+
+def jail_name(config: Config, vassal: str) -> str:
+    """The jail's name: the third word of ``jail``, else the vassal's name
+    (dots, which mean hierarchy to jail(2), become underscores)."""
+    words = config.get("jail") or []
+    if len(words) >= 3:  # type: ignore[arg-type]
+        return str(words[2])  # type: ignore[index]
+    base = vassal.rsplit(".", 1)[0] if vassal.endswith((".ini", ".toml")) else vassal
+    return base.replace(".", "_") or "vassal"
+
+
+def jail_params(config: Config, vassal: str) -> list[tuple[str, str | None]]:
+    """The jail_set parameters, in order, for the ``jail`` keys."""
+    words = [str(w) for w in config.get("jail")]  # type: ignore[union-attr]
+    root = os.path.abspath(words[0])
+    hostname = words[1] if len(words) > 1 else str(config.get("hostname") or jail_name(config, vassal))
+    params: list[tuple[str, str | None]] = [
+        ("path", root),
+        ("host.hostname", hostname),
+        ("name", jail_name(config, vassal)),
+    ]
+    ip4 = [str(a) for a in config.getlist("jail-ip4")]
+    ip6 = [str(a) for a in config.getlist("jail-ip6")]
+    if ip4:
+        params.append(("ip4.addr", ",".join(ip4)))
+    if ip6:
+        params.append(("ip6.addr", ",".join(ip6)))
+    extra: list[tuple[str, str | None]] = []
+    for item in config.getlist("jail2"):
+        key, sep, value = str(item).partition("=")
+        extra.append((key.strip(), value.strip() if sep else None))
+    given = {key for key, _ in extra}
+    if "enforce_statfs" not in given:
+        params.append(("enforce_statfs", "2"))  # jail(8)'s default: only mounts below the root are visible
+    if "devfs_ruleset" not in given:
+        params.append(("devfs_ruleset", DEFAULT_DEVFS_RULESET))
+    # The user's own jail2 keys last, so they can set anything jail_set knows.
+    return params + extra
+
+
+def rctl_rules(config: Config, name: str) -> list[str]:
+    rules = []
+    if config.has("memory-limit"):
+        rules.append(f"jail:{name}:memoryuse:deny={int(config.get('memory-limit'))}")  # type: ignore[arg-type]
+    if config.has("pids-limit"):
+        rules.append(f"jail:{name}:maxproc:deny={int(config.get('pids-limit'))}")  # type: ignore[arg-type]
+    if config.has("cpu-limit"):
+        rules.append(f"jail:{name}:pcpu:deny={round(float(config.get('cpu-limit')) * 100)}")  # type: ignore[arg-type]
+    return rules
+
+
+def _explain(what: str, code: int, message: str) -> str:
+    hint = {
+        errno.EPERM: "not permitted (the emperor must run as root, outside any jail)",
+        errno.EEXIST: "a jail with that name already exists (another vassal? use jail-attach to join it)",
+        errno.EINVAL: "invalid parameter",
+        errno.ENOENT: "no such jail or parameter",
+        errno.ENOSYS: "rctl is off: set kern.racct.enable=1 in /boot/loader.conf and reboot",
+    }.get(code, os.strerror(code) if code else "failed")
+    return f"{what}: {hint}" + (f" ({message})" if message else "")
+
+
+class FreeBSDBackend(Backend):
+    name = "freebsd"
+
+    def __init__(self, libc: Libc | None = None):
+        self._libc = libc
+
+    @property
+    def libc(self) -> Libc:
+        if self._libc is None:
+            self._libc = Libc()
+        return self._libc
+
+    def refused(self, config: Config) -> list[Problem]:
+        found = refuse(config, LINUX_ONLY)
+        if config.has("jail") and config.has("jail-attach"):
+            entry = config.sources["jail-attach"][0]
+            found.append(Problem(entry.file, entry.line, "jail-attach", "use either jail (a new jail) or jail-attach (an existing one), not both"))
+        for key in ("jail-ip4", "jail-ip6", "jail2", "jidfile"):
+            if config.has(key) and not config.has("jail"):
+                entry = config.sources[key][0]
+                found.append(Problem(entry.file, entry.line, key, f"{key} needs jail = ROOTFS [HOSTNAME [NAME]]"))
+        return found
+
+    def isolate(self, config: Config) -> list:
+        vassal = os.environ.get("UWSGI_VASSAL_NAME") or os.path.basename(config.path)
+        if config.has("jail-attach"):
+            self.attach(str(config.get("jail-attach")))
+        elif config.has("jail"):
+            self.create(config, vassal)
+        elif config.has("hostname"):
+            raise JailError("hostname needs a jail on FreeBSD (jail = ROOTFS HOSTNAME)")
+        return []
+
+    def create(self, config: Config, vassal: str) -> int:
+        name = jail_name(config, vassal)
+        for rule in rctl_rules(config, name):
+            if self.libc.rctl_add_rule(rule) != 0:
+                raise JailError(_explain(f"rctl rule {rule}", self.libc.errno(), ""))
+        params = jail_params(config, vassal)
+        root = params[0][1]
+        ruleset = next((value for key, value in params if key == "devfs_ruleset"), DEFAULT_DEVFS_RULESET)
+        devfs = os.path.join(str(root), "dev")
+        if not os.path.isdir(devfs):
+            raise JailError(f"jail {name}: {devfs} does not exist (the root needs a dev directory for devfs)")
+        if not os.path.ismount(devfs):
+            options = [("fstype", "devfs"), ("fspath", devfs), ("ruleset", str(ruleset))]
+            if self.libc.nmount(options, MNT_DEFAULT) != 0:
+                raise JailError(_explain(f"jail {name}: mounting devfs on {devfs}", self.libc.errno(), ""))
+        # Opened on the host now: once attached, only the jail's root is visible.
+        jidfile = os.open(str(config.get("jidfile")), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644) \
+            if config.has("jidfile") else None
+        try:
+            jid = self.libc.jail_set(params, JAIL_CREATE | JAIL_ATTACH)
+            if jid < 0:
+                raise JailError(_explain(f"jail {name}: jail_set", self.libc.errno(), self.libc.errmsg()))
+            if jidfile is not None:
+                os.write(jidfile, f"{jid}\n".encode())
+        finally:
+            if jidfile is not None:
+                os.close(jidfile)
+        os.chdir("/")
+        return jid
+
+    def attach(self, target: str) -> int:
+        jid = int(target) if target.isdigit() else self.libc.jail_getid(target)
+        if jid < 0:
+            raise JailError(_explain(f"jail-attach {target}", self.libc.errno(), self.libc.errmsg()))
+        if self.libc.jail_attach(jid) != 0:
+            raise JailError(_explain(f"jail-attach {target} (jid {jid})", self.libc.errno(), ""))
+        os.chdir("/")
+        return jid
+
+    def change_root(self, config: Config) -> None:
+        if config.has("chroot"):
+            os.chroot(str(config.get("chroot")))
+            os.chdir("/")
+
+    def clone_for_spawn(self, clone, id_maps) -> bool:
+        raise JailError("emperor-use-clone is Linux only (on FreeBSD each vassal makes its own jail)")
+
+    def become_subreaper(self) -> bool:
+        return self.libc.procctl(PROC_REAP_ACQUIRE, None) == 0
+
+    def die_with_parent(self, sig: int) -> None:
+        self.libc.procctl(PROC_PDEATHSIG_CTL, sig)
+
+    def teardown(self, config: Config, name: str) -> None:
+        """jail_remove kills every process left in the jail; then the rctl rules go."""
+        if not config.has("jail"):
+            return
+        jname = jail_name(config, name)
+        jid = self.libc.jail_getid(jname)
+        if jid >= 0 and self.libc.jail_remove(jid) != 0 and self.libc.errno() != errno.EINVAL:
+            raise JailError(_explain(f"jail_remove {jname} (jid {jid})", self.libc.errno(), ""))
+        if rctl_rules(config, jname):
+            self.libc.rctl_remove_rule(f"jail:{jname}")

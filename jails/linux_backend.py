@@ -1,0 +1,46 @@
+"""The Linux backend: namespaces, mounts, cgroups (jails/linux.py, the
+policy of which namespaces a vassal gets is in vassal/jail.py)."""
+
+from __future__ import annotations
+
+from jails import linux
+from jails.base import Backend, refuse
+from vassal.config import Config, Problem
+
+FREEBSD_ONLY = {
+    key: f"{key} is FreeBSD only (on Linux use unshare, pivot-root, chroot)"
+    for key in ("jail", "jail2", "jail-ip4", "jail-ip6", "jidfile", "jail-attach")
+}
+
+
+class LinuxBackend(Backend):
+    name = "linux"
+
+    def refused(self, config: Config) -> list[Problem]:
+        return refuse(config, FREEBSD_ONLY)
+
+    def isolate(self, config: Config) -> list:
+        from vassal import jail
+
+        return jail.enter_namespaces(config)
+
+    def change_root(self, config: Config) -> None:
+        from vassal import jail
+
+        jail.change_root(config)
+
+    def clone_for_spawn(self, clone, id_maps) -> bool:
+        """With a user namespace: made first, mapped, and owning the others."""
+        flags = linux.namespace_flags(clone)
+        if flags & linux.CLONE_NEWUSER:
+            uid_map, gid_map = id_maps or (linux.default_id_map("uid"), linux.default_id_map("gid"))
+            linux.unshare_user(flags & ~linux.CLONE_NEWUSER, uid_map, gid_map)
+        elif flags:
+            linux.unshare(flags)
+        return bool(flags & linux.CLONE_NEWPID)
+
+    def become_subreaper(self) -> bool:
+        return linux.become_subreaper()
+
+    def die_with_parent(self, sig: int) -> None:
+        linux.die_with_parent(sig)
