@@ -4,7 +4,7 @@ set -euo pipefail
 cd /pyemperor
 
 # Everything the tests need, then the whole suite (as CI does).
-bash .ci/run
+PYEMPEROR_IN_BOX=1 bash .ci/run
 
 # The emperor as a service, on the project's examples.
 install -m 644 contrib/systemd/pyemperor.service /etc/systemd/system/pyemperor.service
