@@ -547,6 +547,7 @@ class Vassal:
             "workers": len(workers),
             "worker_rss_bytes": [p["rss_bytes"] for p in workers],
             "cheaper": cheaper,
+            "jail": jails.backend().describe(self.config, self.name) if self.config is not None else None,
             "tree": detail,
             "name": self.name,
             "config": self.path,

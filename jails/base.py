@@ -45,6 +45,10 @@ class Backend(abc.ABC):
     def die_with_parent(self, sig: int) -> None:
         """The caller gets ``sig`` when its parent dies."""
 
+    def describe(self, config: Config, name: str) -> dict | None:
+        """What the platform knows of a vassal's jail, for status (or None)."""
+        return None
+
     def teardown(self, config: Config, name: str) -> None:  # noqa: B027 (optional)
         """After a vassal is gone, as root in the emperor: remove what it left
         in the kernel (a FreeBSD jail and its rctl rules)."""

@@ -278,6 +278,17 @@ class FreeBSDBackend(Backend):
     def die_with_parent(self, sig: int) -> None:
         self.libc.procctl(PROC_PDEATHSIG_CTL, sig)
 
+    def describe(self, config: Config, name: str) -> dict | None:
+        """The jail's name and jid (jail_get(2), through libjail's jail_getid)."""
+        if config.has("jail"):
+            jname = jail_name(config, name)
+        elif config.has("jail-attach"):
+            jname = str(config.get("jail-attach"))
+        else:
+            return None
+        jid = int(jname) if jname.isdigit() else self.libc.jail_getid(jname)
+        return {"name": jname, "jid": jid if jid >= 0 else None}
+
     def teardown(self, config: Config, name: str) -> None:
         """jail_remove kills every process left in the jail; then the rctl rules go."""
         if not config.has("jail"):

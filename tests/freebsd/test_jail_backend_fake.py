@@ -237,3 +237,11 @@ def test_backend_choice_is_the_only_platform_question():
     result = subprocess.run(["grep", "-rn", "--include=*.py", "-e", "sys.platform", "-e", "platform.system",
                              "emperor", "vassal", "netrouter"], capture_output=True, text=True)
     assert result.stdout == "", result.stdout
+
+
+def test_describe_for_status(tmp_path):
+    fake = FakeLibc(existing={"web": 4})
+    backend = FreeBSDBackend(fake)
+    assert backend.describe(config_for(tmp_path, "jail = /usr/jails/web\n"), "web.ini") == {"name": "web", "jid": 4}
+    assert backend.describe(config_for(tmp_path, "jail = /usr/jails/x\n"), "gone.ini") == {"name": "gone", "jid": None}
+    assert backend.describe(config_for(tmp_path, "wsgi-file = a.py\n"), "plain.ini") is None

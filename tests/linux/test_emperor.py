@@ -466,19 +466,38 @@ def test_sigusr1_logs_status_and_top(start_emperor):
     assert "u1.ini" in out
 
 
+@pytest.mark.linux_only
 def test_examples_run(start_emperor):
-    """The README's demo: the example vassals answer HTTP."""
+    """The README's demo: every example vassal (one per feature) works."""
+    import shutil
+
     from tests.conftest import ROOT
 
-    for port in (8001, 8002, 8003):
+    ports = range(8001, 8010)
+    for port in ports:
         if answers(port) is not None:
             pytest.skip(f"port {port} is busy")
+    if shutil.which("nginx") is None and not os.path.exists("/usr/sbin/nginx"):
+        pytest.skip("nginx is not installed (the jailed nginx example)")
     emp = start_emperor(vassal_dir=ROOT / "examples" / "vassals")
-    for port, name in ((8001, b"world"), (8002, b"shop"), (8003, b"blog from vassals")):
+    expected = {8001: b"Hello, world!", 8002: b"Hello, shop!", 8003: b"Hello, blog from vassals!",
+                8004: b"Hello, namespaces! (pid 2)",  # the top is PID 1 of its pid namespace, the app its child
+                8005: b"Hello, hooks!", 8006: b"Hello, cheaper!", 8007: b"Hello from a jailed nginx",
+                8008: b"Hello, logging!", 8009: b"Hello, pivot-root!"}
+    for port, text in expected.items():
         body = wait_for(lambda p=port: answers(p), 20, what=f"example on {port}")
-        assert b"Hello, " + name in body
+        assert body.startswith(text), (port, body)
     wait_for(lambda: (v := emp.vassal("ticker.ini")) and v["state"] == "ready", what="daemon-only vassal ready")
     wait_for(lambda: "tick from ticker" in emp.ctl("logs", "ticker.ini").stdout, what="daemon output in logs")
+    hooks = wait_for(lambda: (out := emp.ctl("logs", "hooks.ini").stdout) and "post-app:" in out and out, what="hook lines")
+    order = [hooks.index(f"{phase}:") for phase in ("pre-jail", "post-jail", "as-root", "as-user", "pre-app", "post-app")]
+    assert order == sorted(order)
+    line = next(x for x in emp.ctl("logs", "logging.ini").stdout.splitlines() if x.startswith("{"))
+    record = json.loads(line)
+    assert record["msg"].startswith("[logging] ") and isinstance(record["unix"], int)
+    doc = json.loads(emp.ctl("--json", "stats").stdout)
+    cheaper = next(v for v in doc["vassals"] if v["name"] == "cheaper.ini")
+    assert cheaper["workers"] == 1  # cheaper = 1, nothing to grow for
 
 
 @pytest.mark.linux_only

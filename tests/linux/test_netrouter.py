@@ -383,7 +383,7 @@ def fuzz_network(tmp_path_factory):
 
 
 def test_tuntap_example(tmp_path):
-    """examples/tuntap: the seed's example emperor and vassal, as shipped."""
+    """examples/vassals/tuntap: the seed's example emperor and vassal, as shipped."""
     import subprocess
     import sys
 
@@ -391,12 +391,12 @@ def test_tuntap_example(tmp_path):
 
     if os.path.exists("/sys/class/net/emperor0"):
         pytest.skip("an emperor0 device exists already")
-    ini = ROOT / "examples" / "tuntap" / "emperor.ini"
+    ini = ROOT / "examples" / "vassals" / "tuntap" / "emperor.ini"
     control = Path("/run/emperor/tuntap-demo.sock")
     log = open(tmp_path / "emperor.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "emperor", "--ini", str(ini)], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTEST_TAG": TEST_TAG})
-    emp = EmperorProc(ROOT / "examples" / "tuntap" / "vassals", control, tmp_path / "emperor.log", proc)
+    emp = EmperorProc(ROOT / "examples" / "vassals" / "tuntap" / "vassals", control, tmp_path / "emperor.log", proc)
     try:
         body = wait_for(lambda: _raw_http("198.18.0.10", 8080), 20, what="the example vassal over the router")
         assert b"Hello, world!" in body
