@@ -45,6 +45,19 @@ class Backend(abc.ABC):
     def die_with_parent(self, sig: int) -> None:
         """The caller gets ``sig`` when its parent dies."""
 
+    @abc.abstractmethod
+    def mount(self, fstype: str, source: str, target: str, flags: list[str]) -> None:
+        """The mount hook action: FS SRC DST [FLAGS] (bind rec private readonly|ro
+        nodev noexec nosuid remount move)."""
+
+    @abc.abstractmethod
+    def umount(self, target: str, flags: list[str]) -> None:
+        """The umount hook action: DST [detach|force]."""
+
+    @abc.abstractmethod
+    def sethostname(self, name: str) -> None:
+        """The hostname hook action and key."""
+
     def describe(self, config: Config, name: str) -> dict | None:
         """What the platform knows of a vassal's jail, for status (or None)."""
         return None

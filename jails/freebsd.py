@@ -40,6 +40,12 @@ PROC_REAP_ACQUIRE = 2
 PROC_PDEATHSIG_CTL = 11
 P_PID = 0
 MNT_DEFAULT = 0
+# <sys/mount.h>
+MNT_RDONLY, MNT_NOEXEC, MNT_NOSUID, MNT_UPDATE, MNT_FORCE = 0x1, 0x4, 0x8, 0x10000, 0x80000
+MOUNT_FLAGS = {"readonly": MNT_RDONLY, "ro": MNT_RDONLY, "noexec": MNT_NOEXEC, "nosuid": MNT_NOSUID, "remount": MNT_UPDATE}
+# Linux mount words with no FreeBSD meaning: bind is nullfs here, the rest
+# (propagation, nodev, move) do not exist for nmount(2).
+MOUNT_UNSUPPORTED = {"rec", "private", "nodev", "move"}
 
 LINUX_ONLY = {
     key: f"{key} is Linux only (namespaces, cgroups, tun); on FreeBSD use jail, jail2, jail-ip4"
@@ -117,6 +123,13 @@ class Libc:
                 iov[2 * index + offset].iov_base = ctypes.cast(buf, ctypes.c_void_p)
                 iov[2 * index + offset].iov_len = len(buf)
         return self.libc.nmount(iov, len(iov), flags)
+
+    def unmount(self, target: str, flags: int) -> int:
+        return self.libc.unmount(target.encode(), flags)
+
+    def sethostname(self, name: str) -> int:
+        data = name.encode()
+        return self.libc.sethostname(data, len(data))
 
     def rctl_add_rule(self, rule: str) -> int:
         data = rule.encode() + b"\0"
@@ -277,6 +290,38 @@ class FreeBSDBackend(Backend):
 
     def die_with_parent(self, sig: int) -> None:
         self.libc.procctl(PROC_PDEATHSIG_CTL, sig)
+
+    def mount(self, fstype: str, source: str, target: str, flags: list[str]) -> None:
+        """nmount(2): ``bind`` (or FS ``none``/``bind``) is a nullfs mount of SRC."""
+        bits = 0
+        bind = fstype in ("none", "bind") or "bind" in flags
+        for word in flags:
+            if word == "bind":
+                continue
+            if word in MOUNT_UNSUPPORTED or word not in MOUNT_FLAGS:
+                raise JailError(f"mount flag {word!r} has no FreeBSD equivalent (known: bind {' '.join(sorted(MOUNT_FLAGS))})")
+            bits |= MOUNT_FLAGS[word]
+        options = [("fstype", "nullfs" if bind else fstype), ("fspath", target)]
+        if bind:
+            options.append(("from", source))
+        elif source not in ("none", ""):
+            options.append(("from", source))
+        if self.libc.nmount(options, bits) != 0:
+            raise JailError(_explain(f"mount {fstype} {source} {target}", self.libc.errno(), ""))
+
+    def umount(self, target: str, flags: list[str]) -> None:
+        bits = 0
+        for word in flags:
+            if word == "force":
+                bits |= MNT_FORCE
+            elif word != "detach":  # FreeBSD has no lazy unmount: detach is a plain unmount
+                raise JailError(f"umount flag {word!r}: use force or detach")
+        if self.libc.unmount(target, bits) != 0:
+            raise JailError(_explain(f"umount {target}", self.libc.errno(), ""))
+
+    def sethostname(self, name: str) -> None:
+        if self.libc.sethostname(name) != 0:
+            raise JailError(_explain(f"hostname {name}", self.libc.errno(), ""))
 
     def describe(self, config: Config, name: str) -> dict | None:
         """The jail's name and jid (jail_get(2), through libjail's jail_getid)."""

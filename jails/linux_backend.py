@@ -44,3 +44,13 @@ class LinuxBackend(Backend):
 
     def die_with_parent(self, sig: int) -> None:
         linux.die_with_parent(sig)
+
+    def mount(self, fstype: str, source: str, target: str, flags: list[str]) -> None:
+        bits = linux.parse_mount_flags(flags)
+        linux.mount(source, target, None if fstype in ("none", "bind") and bits & linux.MS_BIND else fstype, bits)
+
+    def umount(self, target: str, flags: list[str]) -> None:
+        linux.umount(target, linux.parse_umount_flags(flags))
+
+    def sethostname(self, name: str) -> None:
+        linux.sethostname(name)

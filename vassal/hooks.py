@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from jails import linux
+import jails
 from vassal.config import Config, Entry
 from vassal.log import log
 from vassal.options import HOOK_PHASES
@@ -116,15 +116,14 @@ def run_hook(hook: Hook) -> None:
         if len(words) < 3:
             raise HookError("mount wants FS SRC DST [FLAGS]")
         fstype, source, target = words[:3]
-        flags = linux.parse_mount_flags(words[3:])
-        linux.mount(source, target, None if fstype in ("none", "bind") and flags & linux.MS_BIND else fstype, flags)
+        jails.backend().mount(fstype, source, target, words[3:])
     elif action == "umount":
         words = args.split()
         if not words:
             raise HookError("umount wants DST [FLAGS]")
-        linux.umount(words[0], linux.parse_umount_flags(words[1:]))
+        jails.backend().umount(words[0], words[1:])
     elif action == "hostname":
-        linux.sethostname(args.strip())
+        jails.backend().sethostname(args.strip())
     elif action == "call":
         call(args)
     elif action == "print":

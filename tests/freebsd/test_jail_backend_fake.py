@@ -245,3 +245,22 @@ def test_describe_for_status(tmp_path):
     assert backend.describe(config_for(tmp_path, "jail = /usr/jails/web\n"), "web.ini") == {"name": "web", "jid": 4}
     assert backend.describe(config_for(tmp_path, "jail = /usr/jails/x\n"), "gone.ini") == {"name": "gone", "jid": None}
     assert backend.describe(config_for(tmp_path, "wsgi-file = a.py\n"), "plain.ini") is None
+
+
+def test_hook_mounts_and_hostname():
+    fake = FakeLibc()
+    fake.unmount = lambda target, flags: fake.calls.append(("unmount", target, flags)) or 0
+    fake.sethostname = lambda name: fake.calls.append(("sethostname", name)) or 0
+    backend = FreeBSDBackend(fake)
+    backend.mount("none", "/usr/local/www", "/usr/jails/web/www", ["bind", "ro"])
+    backend.mount("tmpfs", "none", "/usr/jails/web/tmp", ["nosuid", "noexec"])
+    backend.umount("/usr/jails/web/tmp", ["force"])
+    backend.sethostname("web")
+    assert fake.calls == [
+        ("nmount", [("fstype", "nullfs"), ("fspath", "/usr/jails/web/www"), ("from", "/usr/local/www")], 0x1),
+        ("nmount", [("fstype", "tmpfs"), ("fspath", "/usr/jails/web/tmp")], 0x4 | 0x8),
+        ("unmount", "/usr/jails/web/tmp", 0x80000),
+        ("sethostname", "web"),
+    ]
+    with pytest.raises(JailError, match="mount flag 'private' has no FreeBSD equivalent"):
+        backend.mount("none", "/a", "/b", ["bind", "private"])
