@@ -9,6 +9,7 @@ is empty, so no orphan keeps its port when it is respawned.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -77,6 +78,8 @@ class Vassal:
     pid: int | None = None
     pipe: socket.socket | None = None
     log_fd: int | None = None
+    status_sock: socket.socket | None = None
+    app_status: dict | None = None  # the app master's last report (vassal/status.py)
     restarts: int = 0
     spawns: int = 0
     last_exit: dict | None = None
@@ -191,6 +194,10 @@ class Vassal:
         loop = self.emperor.loop
         loop.add_reader(self.pipe, self._on_pipe)
         loop.add_reader(self.log_fd, self._on_log)
+        self.app_status = None
+        self.status_sock = spawned.status
+        if self.status_sock is not None:
+            loop.add_reader(self.status_sock, self._on_status)
         if self.limit_groups is not None:
             self.oom_fd = self.limit_groups.oom_eventfd()
             if self.oom_fd is not None:
@@ -284,6 +291,32 @@ class Vassal:
             self.curse()
         elif tries > 1:
             self._timer("oom", 0.05, lambda: self._check_oom(tries - 1))
+
+    def _on_status(self) -> None:
+        """The app master's reports: only the last one is kept; anything that
+        is not a JSON object (a tenant's app can write here) is ignored."""
+        assert self.status_sock is not None
+        for _ in range(16):
+            try:
+                data = self.status_sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._close_status()
+                return
+            try:
+                doc = json.loads(data)
+            except ValueError:
+                continue
+            report = _clean_report(doc)
+            if report is not None:
+                self.app_status = report
+
+    def _close_status(self) -> None:
+        if self.status_sock is not None:
+            self.emperor.loop.forget(self.status_sock)
+            self.status_sock.close()
+            self.status_sock = None
 
     def _close_oom(self) -> None:
         if self.oom_fd is not None:
@@ -441,6 +474,7 @@ class Vassal:
         self._cancel("empty")
         self._close_log()
         self._close_oom()
+        self._close_status()
         self._teardown_jail()
         self._after_exit()
 
@@ -540,12 +574,21 @@ class Vassal:
     def status(self) -> dict:
         rss, cpu, count = self.usage()
         detail = self._detail
-        workers = [p for p in detail if p["title"].startswith("vassal worker")]
-        cheaper = next((p["title"].split("[", 1)[1].rstrip("]") for p in detail
-                        if p["title"].startswith("vassal master") and "[cheaper:" in p["title"]), None)
+        report = self.app_status if self.pid is not None else None
+        if report is not None:
+            # The app master's own report: RSS sampled every second, busy-ness, cheaper's reasons.
+            workers = [w for w in report["workers"] if not w["cheapened"]]
+            rss_list = [w["rss_bytes"] for w in workers]
+            cheaper = report["cheaper"]
+        else:
+            # Single-process vassals (the master serves) and foreign vassals: the process tree.
+            workers = [p for p in detail if p["title"].startswith("vassal worker")]
+            rss_list = [p["rss_bytes"] for p in workers]
+            cheaper = None
         return {
             "workers": len(workers),
-            "worker_rss_bytes": [p["rss_bytes"] for p in workers],
+            "worker_rss_bytes": rss_list,
+            "worker_detail": workers if report is not None else None,
             "cheaper": cheaper,
             "jail": jails.backend().describe(self.config, self.name) if self.config is not None else None,
             "tree": detail,
@@ -599,3 +642,33 @@ class Vassal:
             "monitor": os.path.dirname(self.path),
             "respawns": self.restarts,
         }
+
+
+def _clean_report(doc: object) -> dict | None:
+    """An app master's report with only the fields and types we show; None
+    if it is not one (the app itself could write anything on that socket)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("workers"), list):
+        return None
+
+    def number(value: object) -> int:
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+    workers = [
+        {"index": number(w.get("index")), "pid": number(w.get("pid")), "rss_bytes": number(w.get("rss_bytes")),
+         "busy": w.get("busy") is True, "requests": number(w.get("requests")), "cheapened": w.get("cheapened") is True}
+        for w in doc["workers"][:1024] if isinstance(w, dict)
+    ]
+    cheaper = doc.get("cheaper")
+    if isinstance(cheaper, dict):
+        last = cheaper.get("last")
+        cheaper = {
+            "minimum": number(cheaper.get("minimum")),
+            "maximum": number(cheaper.get("maximum")),
+            "workers": number(cheaper.get("workers")),
+            "last": {"action": str(last.get("action"))[:16], "count": number(last.get("count")),
+                     "reason": str(last.get("reason"))[:200], "at": last.get("at") if isinstance(last.get("at"), float) else None}
+            if isinstance(last, dict) else None,
+        }
+    else:
+        cheaper = None
+    return {"workers": workers, "cheaper": cheaper, "master_pid": number(doc.get("master_pid"))}

@@ -9,6 +9,7 @@ F]... [--set K=V]... --ini FILE``, so our ``vassal`` and a real uWSGI (via
 from __future__ import annotations
 
 import array
+import fcntl
 import itertools
 import json
 import os
@@ -23,6 +24,9 @@ from vassal import protocol
 
 # The vassal end of the emperor pipe always lands on this fd in the child.
 VASSAL_PIPE_FD = 3
+# Our extension beside the emperor pipe (which stays bytes only): a datagram
+# socket on which the app master reports its workers and cheaper decisions.
+VASSAL_STATUS_FD = 4
 
 
 @dataclass
@@ -47,6 +51,7 @@ class Spawned:
     pid: int | None  # None until the zygote reports it
     pipe: socket.socket
     log_fd: int
+    status: socket.socket | None = None  # the app master's status datagrams (vassal/status.py)
 
 
 def build_argv(req: SpawnRequest) -> list[str]:
@@ -67,6 +72,7 @@ def vassal_args(req: SpawnRequest) -> list[str]:
 def build_env(req: SpawnRequest) -> dict[str, str]:
     env = dict(os.environ)
     env[protocol.ENV_FD] = str(VASSAL_PIPE_FD)
+    env[protocol.ENV_STATUS_FD] = str(VASSAL_STATUS_FD)
     env["UWSGI_VASSAL_NAME"] = req.name
     env["UWSGI_VASSAL_CONFIG"] = req.path
     env["PYEMPEROR_CLONED"] = ",".join(req.clone)
@@ -117,6 +123,7 @@ def spawn(req: SpawnRequest) -> Spawned:
     argv = build_argv(req)
     env = build_env(req)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    status_ours, status_theirs = status_pair()
     log_r, log_w = os.pipe2(os.O_CLOEXEC)
     devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     cwd = os.path.dirname(req.path)
@@ -136,11 +143,7 @@ def spawn(req: SpawnRequest) -> Spawned:
             os.dup2(devnull, 0)
             os.dup2(log_w, 1)
             os.dup2(log_w, 2)
-            if theirs.fileno() == VASSAL_PIPE_FD:
-                os.set_inheritable(VASSAL_PIPE_FD, True)
-            else:
-                os.dup2(theirs.fileno(), VASSAL_PIPE_FD)
-            os.closerange(VASSAL_PIPE_FD + 1, os.sysconf("SC_OPEN_MAX"))
+            place_fds([(theirs.fileno(), VASSAL_PIPE_FD), (status_theirs.fileno(), VASSAL_STATUS_FD)])
             os.chdir(cwd)
             enter_clone(req.clone, req.id_maps)
             os.execve(argv[0], argv, env)
@@ -151,11 +154,29 @@ def spawn(req: SpawnRequest) -> Spawned:
                 pass
         os._exit(127)
     theirs.close()
+    status_theirs.close()
     os.close(log_w)
     os.close(devnull)
     ours.setblocking(False)
     os.set_blocking(log_r, False)
-    return Spawned(pid, ours, log_r)
+    return Spawned(pid, ours, log_r, status_ours)
+
+
+def status_pair() -> tuple[socket.socket, socket.socket]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ours.setblocking(False)
+    return ours, theirs
+
+
+def place_fds(moves: list[tuple[int, int]]) -> None:
+    """Put each source fd at its target number (inheritable), then close every
+    fd above the highest target. Sources are first moved above the targets,
+    so one move never clobbers another's source."""
+    high = [fcntl.fcntl(source, fcntl.F_DUPFD, 64) for source, _ in moves]
+    for fd, (_, target) in zip(high, moves, strict=True):
+        os.dup2(fd, target)
+    top = max(target for _, target in moves)
+    os.closerange(top + 1, os.sysconf("SC_OPEN_MAX"))
 
 
 class Zygote:
@@ -195,6 +216,7 @@ class Zygote:
     def spawn(self, req: SpawnRequest) -> tuple[int, Spawned]:
         assert self.sock is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        status_ours, status_theirs = status_pair()
         log_r, log_w = os.pipe2(os.O_CLOEXEC)
         devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         request_id = next(self.ids)
@@ -211,13 +233,14 @@ class Zygote:
             "clone": req.clone,
             "id_maps": req.id_maps,
             "pipe_fd": VASSAL_PIPE_FD,
+            "status_fd": VASSAL_STATUS_FD,
         }
         theirs_fd = theirs.detach()
-        self.queue.append((request_id, json.dumps(message).encode(), [theirs_fd, log_w, devnull]))
+        self.queue.append((request_id, json.dumps(message).encode(), [theirs_fd, log_w, devnull, status_theirs.detach()]))
         self.flush()
         ours.setblocking(False)
         os.set_blocking(log_r, False)
-        return request_id, Spawned(None, ours, log_r)
+        return request_id, Spawned(None, ours, log_r, status_ours)
 
     def flush(self) -> None:
         """Send queued requests; a full socket waits for writability (never blocks)."""

@@ -40,7 +40,7 @@ import vassal.http  # noqa: F401
 import vassal.master  # noqa: F401
 import vassal.top  # noqa: F401
 import vassal.worker  # noqa: F401
-from emperor.spawn import join_cgroups, unshare_clone
+from emperor.spawn import join_cgroups, place_fds, unshare_clone
 
 try:
     import setproctitle
@@ -49,6 +49,8 @@ except ImportError:  # pragma: no cover
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 8
+# The emperor pipe, the log pipe, /dev/null, the status socket (see run_vassal).
+VASSAL_FDS = 4
 PR_SET_PDEATHSIG = 1
 
 
@@ -77,16 +79,12 @@ def run_vassal(request: dict, fds: list[int], sock: socket.socket) -> None:
     code = 1
     try:
         sock.close()
-        pipe_fd, log_fd, null_fd = fds
+        pipe_fd, log_fd, null_fd, status_fd = fds
         os.setsid()
         os.dup2(null_fd, 0)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
-        target = int(request["pipe_fd"])
-        if pipe_fd != target:
-            os.dup2(pipe_fd, target)
-        os.set_inheritable(target, True)
-        os.closerange(target + 1, os.sysconf("SC_OPEN_MAX"))
+        place_fds([(pipe_fd, int(request["pipe_fd"])), (status_fd, int(request["status_fd"]))])
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         os.chdir(request["cwd"])
@@ -254,10 +252,10 @@ def main() -> int:
         if received is None:
             return 0
         request, fds = received
-        if len(fds) != 3:
+        if len(fds) != VASSAL_FDS:
             for extra in fds:
                 os.close(extra)
-            sock.send(json.dumps({"id": request.get("id"), "error": f"expected 3 fds, got {len(fds)}"}).encode())
+            sock.send(json.dumps({"id": request.get("id"), "error": f"expected {VASSAL_FDS} fds, got {len(fds)}"}).encode())
             continue
         if spare is not None and spare.take(request, fds):
             for fd_ in fds:

@@ -25,6 +25,7 @@ from vassal.log import log, set_role
 from vassal.loop import Loop, reaped
 from vassal.scoreboard import Scoreboard
 from vassal.sockets import Listener
+from vassal.status import StatusChannel
 from vassal.worker import Worker
 
 # A worker that dies sooner than this after its start is respawned after a
@@ -50,6 +51,7 @@ class Master:
         self.parent_loop = loop
         self.loop = Loop()
         self.workers: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
+        self.status = StatusChannel()
         self.processes = int(config.get("processes"))  # type: ignore[arg-type]
         self.stopping = False
         self.app = None
@@ -122,9 +124,10 @@ class Master:
         loop.add_reader(self.ctl, self._on_ctl)
         for index in range(self.cheaper.initial if self.cheaper else self.processes):
             self._spawn(index)
-        if self.harakiri or self.reload_on_rss or self.cheaper:
-            loop.call_later(1.0, self._watch_workers)
+        # Every second: harakiri, reload-on-rss, cheaper, and the status report.
+        loop.call_later(1.0, self._watch_workers)
         self.ctl.send(b"R")
+        self._report()
         loop.run(until=lambda: self.stopping and not self.workers)
         hooks.run_phase(self.config, "as-user-atexit", fatal=False)
         return self.exit_code
@@ -161,7 +164,26 @@ class Master:
         if self.cheaper is not None and not self.stopping:
             self._cheaper_step()
         if not self.stopping:
+            self._report()
             self.loop.call_later(1.0, self._watch_workers)
+
+    def _report(self) -> None:
+        """Workers (pid, RSS, busy) and the last cheaper decision, to the emperor."""
+        workers = []
+        for pid, (index, _) in sorted(self.workers.items(), key=lambda item: item[1][0]):
+            started, requests, _ = self.scoreboard.read(index)
+            workers.append({"index": index + 1, "pid": pid, "rss_bytes": _rss(pid), "busy": bool(started),
+                            "requests": requests, "cheapened": pid in self.cheapened})
+        cheaper = None
+        if self.cheaper is not None:
+            last = self.cheaper.last
+            cheaper = {
+                "minimum": self.cheaper.minimum,
+                "maximum": self.cheaper.maximum,
+                "workers": sum(1 for w in workers if not w["cheapened"]),
+                "last": None if last is None else {"action": last.action, "count": last.count, "reason": last.reason, "at": last.at},
+            }
+        self.status.send({"master_pid": os.getpid(), "at": time.time(), "workers": workers, "cheaper": cheaper})
 
     def _cheaper_step(self) -> None:
         assert self.cheaper is not None

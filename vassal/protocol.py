@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 ENV_FD = "UWSGI_EMPEROR_FD"
+# Ours: a datagram socket for the app master's status (emperor/spawn.py).
+ENV_STATUS_FD = "PYEMPEROR_STATUS_FD"
 
 # emperor -> vassal
 STOP = 0

@@ -31,6 +31,7 @@ from vassal.loop import Loop, Timer, reaped
 from vassal.master import Master, set_title
 from vassal.smartdaemon import SmartDaemon
 from vassal.sockets import Listener, SocketError, bind
+from vassal.status import keep_from_exec as keep_status_from_exec
 
 DAEMON_RESPAWN_DELAY = 1.0
 
@@ -138,6 +139,7 @@ class Top:
     def run(self) -> int:
         set_role(f"{self.name}")
         set_title(f"vassal {self.name}")
+        keep_status_from_exec()
         loop = self.loop
         loop.add_signal(signal.SIGCHLD, lambda s: self._reap())
         loop.add_signal(signal.SIGTERM, lambda s: self.stop(graceful=True))
