@@ -50,6 +50,7 @@ from netrouter.wire import (
     frame,
     header,
     ipv4_addresses,
+    send_or_queue,
 )
 from vassal.loop import Loop
 
@@ -447,19 +448,10 @@ class Router:
             parts = (header(len(packet), VNET), hdr, packet)
         else:
             parts = (header(len(packet)), packet)
-        if conn.outbuf:
-            for part in parts:
-                conn.outbuf += part
-            return
-        try:
-            sent = conn.sock.sendmsg(parts)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            self.close(conn, f"send failed: {exc.strerror}")
-            return
-        if sent < sum(map(len, parts)):
-            conn.outbuf += memoryview(b"".join(parts))[sent:]
+        queued = bool(conn.outbuf)
+        if not send_or_queue(conn.sock, conn.outbuf, parts):
+            self.close(conn, "send failed")
+        elif conn.outbuf and not queued:
             self.loop.add_writer(conn.sock, lambda c=conn: self._flush(c))
 
     def _flush(self, conn: Connection) -> None:

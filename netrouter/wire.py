@@ -140,6 +140,25 @@ class FrameBuffer:
                 self.start = self.end = 0
 
 
+def send_or_queue(sock: socket.socket, outbuf: bytearray, parts: tuple) -> bool:
+    """Send ``parts`` (one frame's pieces) now, without joining them, unless
+    something is queued before them; what does not fit is queued in
+    ``outbuf``. False if the socket failed."""
+    if outbuf:
+        for part in parts:
+            outbuf += part
+        return True
+    try:
+        sent = sock.sendmsg(parts)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        return False
+    if sent < sum(map(len, parts)):
+        outbuf += memoryview(b"".join(parts))[sent:]
+    return True
+
+
 def ipv4_addresses(packet: bytes) -> tuple[int, int] | None:
     """(source, destination) of a well-formed IPv4 packet, else None."""
     if len(packet) < 20 or packet[0] >> 4 != 4:

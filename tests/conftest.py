@@ -123,6 +123,22 @@ class EmperorProc:
         return self.proc.returncode
 
 
+def unix_http_get(path: str, timeout: float = 5.0) -> bytes | None:
+    """GET / over a unix socket: the body of a 200 answer, else None."""
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+    except OSError:
+        return None
+    head, _, body = data.partition(b"\r\n\r\n")
+    return body if head.startswith(b"HTTP/1.1 200") else None
+
+
 def kill_tree(pid: int) -> None:
     try:
         parent = psutil.Process(pid)

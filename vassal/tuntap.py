@@ -31,6 +31,7 @@ from netrouter.wire import (
     checksum,
     frame,
     header,
+    send_or_queue,
 )
 from vassal.log import log
 from vassal.loop import Loop
@@ -153,21 +154,11 @@ class TunLink:
         if self.sock is None or len(self.outbuf) > MAX_BACKLOG:
             return
         parts = (header(len(packet), VNET), hdr, packet) if hdr is not None else (header(len(packet), PACKET), packet)
-        if self.outbuf:
-            for part in parts:
-                self.outbuf += part
-            return
-        try:
-            sent = self.sock.sendmsg(parts)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
+        queued = bool(self.outbuf)
+        if not send_or_queue(self.sock, self.outbuf, parts):
             self._lost()
-            return
-        if sent < sum(map(len, parts)):
-            self.outbuf += memoryview(b"".join(parts))[sent:]
-            if self.loop is not None:
-                self.loop.add_writer(self.sock, self._flush)
+        elif self.outbuf and not queued and self.loop is not None:
+            self.loop.add_writer(self.sock, self._flush)
 
     def _flush(self) -> None:
         while self.outbuf and self.sock is not None:

@@ -223,17 +223,9 @@ class Worker:
         _, _, server = self._listener_info(listener)
         handler = UwsgiConnection(conn, "unix", server, self.app, max_head=self.max_head, max_body=self.max_body,
                                   on_request=self._served)
-        if data is not None:
-            try:
-                keep = handler.feed(data)
-            except OSError:
-                keep = False
-            except Exception:
-                log(f"worker {self.index}: unexpected error:\n{traceback.format_exc().rstrip()}")
-                keep = False
-            if not keep:
-                conn.close()
-                return True
+        if data is not None and not self._feed(handler, data):
+            conn.close()
+            return True
         # The rest of the request comes later: wait for it in the poller.
         self.last_seen[conn] = time.monotonic()  # type: ignore[index]
         self.handlers[conn] = handler  # type: ignore[index]
@@ -256,19 +248,22 @@ class Worker:
         except OSError:
             self._close(conn)
             return
-        try:
-            keep = handler.feed(data)
-        except OSError:
-            keep = False
-        except Exception:
-            log(f"worker {self.index}: unexpected error:\n{traceback.format_exc().rstrip()}")
-            keep = False
-        if keep:
+        if self._feed(handler, data):
             self.last_seen[conn] = time.monotonic()
             if handler.idle:  # a whole request was answered
                 self.served[conn] = self.served.get(conn, 0) + 1
         else:
             self._close(conn)
+
+    def _feed(self, handler, data: bytes) -> bool:
+        """Give the handler what was read; False when the connection must close."""
+        try:
+            return handler.feed(data)
+        except OSError:
+            return False
+        except Exception:
+            log(f"worker {self.index}: unexpected error:\n{traceback.format_exc().rstrip()}")
+            return False
 
     def _expire_idle(self) -> None:
         if not self.last_seen:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TEST_TAG, wait_for
+from tests.conftest import ROOT, TEST_TAG, unix_http_get, wait_for
 
 EXAMPLES = ROOT / "examples" / "vassals"
 VASSAL_FILES = sorted(p for p in EXAMPLES.rglob("*") if p.suffix in (".ini", ".toml") and p.name != "emperor.ini")
@@ -41,23 +41,6 @@ def test_emperor_example_validates(path):
 
     settings = load_settings(build_parser().parse_args(["--ini", str(path)]))
     assert settings.get("emperor")
-
-
-def _unix_get(path: str) -> bytes | None:
-    import socket
-
-    try:
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(5)
-            sock.connect(path)
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-    except OSError:
-        return None
-    head, _, body = data.partition(b"\r\n\r\n")
-    return body if head.startswith(b"HTTP/1.1 200") else None
 
 
 @pytest.mark.linux_only
@@ -90,7 +73,7 @@ def test_tyrant_example_runs_as_the_owner(tmp_path):
                                 stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTEST_TAG": TEST_TAG, "TENANT_DIR": str(tenant_dir)})
         emp = EmperorProc(work / "vassals", control, tmp_path / "emperor.log", proc)
-        body = wait_for(lambda: _unix_get(str(tenant_dir / "app.sock")), 20, what="the tenant's app")
+        body = wait_for(lambda: unix_http_get(str(tenant_dir / "app.sock")), 20, what="the tenant's app")
         assert body.startswith(b"Hello, tenant tenant!")
         assert os.stat(tenant_dir / "app.sock").st_uid == 65534
         import psutil

@@ -47,18 +47,10 @@ def application(environ, start_response):
 
 
 def unix_get(path: str, timeout: float = 5.0) -> dict | None:
-    try:
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(timeout)
-            sock.connect(path)
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-    except OSError:
-        return None
-    head, _, body = data.partition(b"\r\n\r\n")
-    return json.loads(body) if head.startswith(b"HTTP/1.1 200") else None
+    from tests.conftest import unix_http_get
+
+    body = unix_http_get(path, timeout)
+    return None if body is None else json.loads(body)
 
 
 @pytest.fixture
