@@ -34,10 +34,12 @@ import sys
 
 import httptools  # noqa: F401
 
+import jails
 import vassal.app  # noqa: F401
 import vassal.cli
 import vassal.http  # noqa: F401
 import vassal.master  # noqa: F401
+import vassal.status  # noqa: F401
 import vassal.top  # noqa: F401
 import vassal.worker  # noqa: F401
 from emperor.spawn import join_cgroups, place_fds, unshare_clone
@@ -46,6 +48,10 @@ try:
     import setproctitle
 except ImportError:  # pragma: no cover
     setproctitle = None  # type: ignore[assignment]
+
+# The platform's jail backend, chosen once here: made after each fork, its
+# module and objects would land in pages every vassal then copies.
+jails.backend()
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 8

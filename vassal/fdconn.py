@@ -11,7 +11,6 @@ and closed with plain os calls: accept4, read, write, close per request.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import select
@@ -26,7 +25,10 @@ SEND_TIMEOUT_MS = 60_000
 
 def _load_accept4():
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        # The process's own symbols (libc is linked in): no find_library,
+        # which runs ldconfig in a subprocess and leaves garbage behind in
+        # the zygote that every vassal would then copy.
+        libc = ctypes.CDLL(None, use_errno=True)
         accept4 = libc.accept4
     except (OSError, AttributeError):
         return None
