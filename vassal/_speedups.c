@@ -13,7 +13,8 @@ parse_vars(PyObject *self, PyObject *args)
 {
     Py_buffer buf;
     Py_ssize_t start = 0, end = -1;
-    if (!PyArg_ParseTuple(args, "y*|nn", &buf, &start, &end))
+    PyObject *defaults = NULL, *overrides = NULL;
+    if (!PyArg_ParseTuple(args, "y*|nnO!O!", &buf, &start, &end, &PyDict_Type, &defaults, &PyDict_Type, &overrides))
         return NULL;
     if (end < 0 || end > buf.len)
         end = buf.len;
@@ -21,7 +22,9 @@ parse_vars(PyObject *self, PyObject *args)
         start = 0;
     const unsigned char *p = (const unsigned char *) buf.buf;
     const char *error = NULL;
-    PyObject *env = PyDict_New();
+    /* With defaults: a copy of them, the vars over it, the overrides last
+     * (the WSGI environ of a request in one call). */
+    PyObject *env = defaults != NULL ? PyDict_Copy(defaults) : PyDict_New();
     if (env == NULL)
         goto fail;
     Py_ssize_t off = start;
@@ -64,6 +67,10 @@ parse_vars(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, error);
         return NULL;
     }
+    if (overrides != NULL && PyDict_Update(env, overrides) != 0) {
+        Py_DECREF(env);
+        return NULL;
+    }
     return env;
 fail:
     Py_XDECREF(env);
@@ -73,8 +80,9 @@ fail:
 
 static PyMethodDef methods[] = {
     {"parse_vars", parse_vars, METH_VARARGS,
-     "parse_vars(block, start=0, end=len(block)) -> dict: the uwsgi vars of block[start:end] "
-     "(latin-1 keys and values); ValueError naming the truncation."},
+     "parse_vars(block, start=0, end=len(block), defaults=None, overrides=None) -> dict: the uwsgi "
+     "vars of block[start:end] (latin-1 keys and values) over a copy of defaults, overrides applied "
+     "last; ValueError naming the truncation."},
     {NULL, NULL, 0, NULL},
 };
 

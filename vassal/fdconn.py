@@ -68,7 +68,13 @@ class FdConnection:
         return os.read(self.fd, size)
 
     def sendall(self, data: bytes) -> None:
-        view = memoryview(data)
+        try:
+            sent = os.write(self.fd, data)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return  # (nearly always: a small answer fits the socket buffer)
+        view = memoryview(data)[sent:]
         while view:
             try:
                 sent = os.write(self.fd, view)

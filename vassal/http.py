@@ -325,6 +325,12 @@ def send_body(response: _Response, result) -> None:
                     remaining -= sent
                     response.size += sent
                 return
+    if type(result) is list and len(result) == 1 and response.status is not None and not response.sent:
+        # The common case: one chunk, its length known, one send.
+        body = result[0]
+        response.known_length = len(body)
+        response.write(body)
+        return
     if isinstance(result, (list, tuple)) and response.status is not None:
         response.set_length_if_missing(sum(len(part) for part in result))
     for chunk in result:
@@ -335,7 +341,7 @@ def send_body(response: _Response, result) -> None:
 class _Response:
     """WSGI start_response/write for one request, framing the body as needed."""
 
-    __slots__ = ("sock", "http11", "head_only", "keep_alive", "status", "headers", "sent", "chunked", "size")
+    __slots__ = ("sock", "http11", "head_only", "keep_alive", "status", "headers", "sent", "chunked", "size", "known_length")
 
     def __init__(self, sock: socket.socket, http11: bool, head_only: bool, keep_alive: bool):
         self.sock = sock
@@ -347,6 +353,7 @@ class _Response:
         self.sent = False
         self.chunked = False
         self.size = 0
+        self.known_length: int | None = None  # the body's length, if the server knows it (a list result, a file)
 
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info=None):
         if exc_info:
@@ -362,10 +369,9 @@ class _Response:
         return self.write
 
     def set_length_if_missing(self, length: int) -> None:
-        for name, _ in self.headers:
-            if name.lower() == "content-length":
-                return
-        self.headers.append(("Content-Length", str(length)))
+        """The head (built once, by _head) says Content-Length: ``length``
+        unless the app gave one."""
+        self.known_length = length
 
     def _head(self) -> bytes:
         if self.status is None:
@@ -385,6 +391,9 @@ class _Response:
             out += (name, ": ", value, "\r\n")
         code = self.status[:3]
         bodyless = self.head_only or code in ("204", "304") or code.startswith("1")
+        if not has_length and self.known_length is not None and code not in ("204", "304") and not code.startswith("1"):
+            out += ("Content-Length: ", str(self.known_length), "\r\n")
+            has_length = True
         if not has_length and not bodyless:
             if self.http11:
                 self.chunked = True

@@ -217,6 +217,10 @@ class Master:
         per vassal; the top process already supervises this one, replacing
         it if it dies or recycles (max-requests)."""
         self.ctl.send(b"R")
+        # The loaded app and the server are there for good: out of the
+        # collector's sight, so a full collection does not walk them
+        # between two requests.
+        gc.freeze()
         # Nothing reads the scoreboard here: harakiri and cheaper need a master.
         self._worker(0, scoreboard=False).run()
         hooks.run_phase(self.config, "as-user-atexit", fatal=False)

@@ -34,12 +34,14 @@ class ProtocolError(Exception):
     pass
 
 
-def _parse_vars_py(block: bytes, start: int = 0, end: int | None = None) -> dict[str, str]:
-    """The vars of ``block[start:end]``. Latin-1 maps bytes to characters
-    one to one, so the block is decoded once and sliced at byte offsets."""
+def _parse_vars_py(block: bytes, start: int = 0, end: int | None = None, defaults: dict | None = None,
+                   overrides: dict | None = None) -> dict:
+    """The vars of ``block[start:end]`` over a copy of ``defaults``, with
+    ``overrides`` applied last. Latin-1 maps bytes to characters one to one,
+    so the block is decoded once and sliced at byte offsets."""
     end = len(block) if end is None else end
     text = block[start:end].decode("latin-1")
-    env: dict[str, str] = {}
+    env: dict = dict(defaults) if defaults else {}
     offset, stop = 0, end - start
     base = start
     while offset < stop:
@@ -55,6 +57,8 @@ def _parse_vars_py(block: bytes, start: int = 0, end: int | None = None) -> dict
             raise ProtocolError("truncated value")
         env[text[offset + 2:key_end]] = text[key_end + 2:value_end]
         offset = value_end
+    if overrides:
+        env.update(overrides)
     return env
 
 
@@ -69,7 +73,7 @@ except ImportError:
 def parse_vars(block: bytes, start: int = 0, end: int | None = None) -> dict[str, str]:
     """The vars of ``block[start:end]`` (C when built); ProtocolError names a truncation."""
     try:
-        return _fast_parse_vars(block, start, len(block) if end is None else end)
+        return _fast_parse_vars(block, start, len(block) if end is None else end, {}, {})
     except ValueError as exc:
         raise ProtocolError(str(exc)) from None
 
@@ -157,13 +161,14 @@ class UwsgiConnection:
         respond(self.sock, self.env, body, self.app, self.on_request)  # type: ignore[arg-type]
 
 
-def respond(sock, variables: dict, body: BodySpool | io.BytesIO, app: Callable, on_request: RequestHook | None) -> None:
-    """Run the app for one parsed request and send its answer."""
-    # nginx sends most of these; the rest get CGI defaults, in one C-level merge.
-    env: dict = ENV_DEFAULTS | variables
+def respond(sock, variables: dict, body: BodySpool | io.BytesIO, app: Callable, on_request: RequestHook | None,
+            complete: bool = False) -> None:
+    """Run the app for one parsed request and send its answer. ``complete``:
+    the vars were parsed over ENV_DEFAULTS with WSGI_CONSTANTS (one C call)."""
+    # nginx sends most of these; the rest get CGI defaults.
+    env: dict = variables if complete else ENV_DEFAULTS | variables | WSGI_CONSTANTS
     if not env.get("CONTENT_LENGTH"):
         env.pop("CONTENT_LENGTH", None)
-    env.update(WSGI_CONSTANTS)
     https = env.get("HTTPS")
     env["wsgi.url_scheme"] = "https" if https and https.lower() in ("on", "1") else env.get("UWSGI_SCHEME", "http")
     env["wsgi.input"] = body.finish() if isinstance(body, BodySpool) else body
@@ -182,13 +187,13 @@ def respond_whole(sock, data: bytes, app: Callable, on_request: RequestHook | No
     if len(data) != HEADER + size or size > max_head:
         return False
     try:
-        variables = _fast_parse_vars(data, HEADER, HEADER + size)
+        env = _fast_parse_vars(data, HEADER, HEADER + size, ENV_DEFAULTS, WSGI_CONSTANTS)
     except (ProtocolError, ValueError):
         return False
-    length = variables.get("CONTENT_LENGTH")
+    length = env.get("CONTENT_LENGTH")
     if length and length != "0":
         return False
-    respond(sock, variables, io.BytesIO(), app, on_request)
+    respond(sock, env, io.BytesIO(), app, on_request, complete=True)
     return True
 
 

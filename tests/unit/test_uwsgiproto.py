@@ -29,6 +29,12 @@ def test_c_and_python_agree(env, prefix, cut):
     assert outcome(speedups.parse_vars, block, len(prefix), end) == outcome(_parse_vars_py, block, len(prefix), end)
     if cut >= len(block) - len(prefix) - len(b"trailing body"):
         assert parse_vars(block, len(prefix), len(prefix) + len(encode_vars(env))) == env
+        end = len(prefix) + len(encode_vars(env))
+        defaults, overrides = {"PATH_INFO": "/", "only": "default"}, {"wsgi.run_once": False}
+        for parse in (speedups.parse_vars, _parse_vars_py):
+            got = parse(block, len(prefix), end, defaults, overrides)
+            assert got == {**defaults, **env, **overrides}
+        assert defaults == {"PATH_INFO": "/", "only": "default"}  # copied, never changed
 
 
 @pytest.mark.parametrize("block,message", [
