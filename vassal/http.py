@@ -252,8 +252,11 @@ def run_app(app: WSGIApp, env: dict, response: _Response, body, started: float,
     ok = True
     try:
         result = app(env, response.start_response)
-        send_body(response, result)
-        response.finish()
+        if type(result) is list and len(result) == 1 and response.status is not None and not response.sent:
+            response.send_whole(result[0])  # the common case: one chunk, one send
+        else:
+            send_body(response, result)
+            response.finish()
     except (BrokenPipeError, ConnectionResetError, TimeoutError, BlockingIOError):
         ok = False  # the client went away, or stopped reading
     except Exception:
@@ -325,12 +328,6 @@ def send_body(response: _Response, result) -> None:
                     remaining -= sent
                     response.size += sent
                 return
-    if type(result) is list and len(result) == 1 and response.status is not None and not response.sent:
-        # The common case: one chunk, its length known, one send.
-        body = result[0]
-        response.known_length = len(body)
-        response.write(body)
-        return
     if isinstance(result, (list, tuple)) and response.status is not None:
         response.set_length_if_missing(sum(len(part) for part in result))
     for chunk in result:
@@ -416,6 +413,13 @@ class _Response:
             self.sock.sendall(head + payload)
         elif payload:
             self.sock.sendall(payload)
+
+    def send_whole(self, body: bytes) -> None:
+        """The head and the whole body, its length known, in one send."""
+        self.known_length = self.size = len(body)
+        head = self._head()
+        self.sent = True
+        self.sock.sendall(head if self.head_only else head + body)
 
     def finish(self) -> None:
         if not self.sent:
