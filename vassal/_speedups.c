@@ -7,6 +7,9 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 static PyObject *
 parse_vars(PyObject *self, PyObject *args)
@@ -78,7 +81,57 @@ fail:
     return NULL;
 }
 
+/* accept4(SOCK_NONBLOCK | SOCK_CLOEXEC) and a first read, in one call:
+ * None if no connection waits; (fd, data) with data None if nothing was
+ * there to read yet, b"" if the peer already closed. */
+static PyObject *
+accept_read(PyObject *self, PyObject *args)
+{
+    int listen_fd;
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "in", &listen_fd, &size))
+        return NULL;
+    int fd;
+    Py_BEGIN_ALLOW_THREADS
+    fd = accept4(listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    Py_END_ALLOW_THREADS
+    if (fd < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || errno == ECONNABORTED)
+            Py_RETURN_NONE;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    PyObject *data = PyBytes_FromStringAndSize(NULL, size);
+    if (data == NULL) {
+        close(fd);
+        return NULL;
+    }
+    ssize_t got;
+    Py_BEGIN_ALLOW_THREADS
+    got = read(fd, PyBytes_AS_STRING(data), size);
+    Py_END_ALLOW_THREADS
+    if (got < 0) {
+        Py_DECREF(data);
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+            return Py_BuildValue("(iO)", fd, Py_None);
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (_PyBytes_Resize(&data, got) != 0) {
+        close(fd);
+        return NULL;
+    }
+    PyObject *result = Py_BuildValue("(iN)", fd, data);
+    if (result == NULL)
+        close(fd);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"accept_read", accept_read, METH_VARARGS,
+     "accept_read(listen_fd, size) -> None | (fd, bytes | None): accept4 (non-blocking, close-on-exec) "
+     "and a first read of up to size bytes, in one call."},
     {"parse_vars", parse_vars, METH_VARARGS,
      "parse_vars(block, start=0, end=len(block), defaults=None, overrides=None) -> dict: the uwsgi "
      "vars of block[start:end] (latin-1 keys and values) over a copy of defaults, overrides applied "

@@ -40,6 +40,28 @@ def _load_accept4():
 _accept4 = _load_accept4() if SOCK_NONBLOCK else None
 available = _accept4 is not None
 
+try:
+    from vassal._speedups import accept_read as _accept_read_c  # the C speedup, when built
+except ImportError:
+    _accept_read_c = None
+
+
+def accept_read(listener_fd: int, size: int = 65536) -> tuple[int, bytes | None] | None:
+    """A connection and its first bytes (None if none are there yet), or None
+    if no connection waits; one C call where the speedup is built."""
+    if _accept_read_c is not None:
+        return _accept_read_c(listener_fd, size)
+    fd = accept(listener_fd)
+    if fd is None:
+        return None
+    try:
+        return fd, os.read(fd, size)
+    except BlockingIOError:
+        return fd, None
+    except OSError:
+        os.close(fd)
+        raise
+
 
 def accept(listener_fd: int) -> int | None:
     """A non-blocking, close-on-exec connection fd, or None if none waits."""

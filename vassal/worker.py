@@ -199,19 +199,13 @@ class Worker:
         request is normally there at once and is answered before anything
         is registered anywhere."""
         try:
-            fd = fdconn.accept(listener.sock.fileno())
+            accepted = fdconn.accept_read(listener.sock.fileno())
         except OSError:
             return False
-        if fd is None:
+        if accepted is None:
             return False
+        fd, data = accepted
         conn = fdconn.FdConnection(fd)
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            data = None
-        except OSError:
-            conn.close()
-            return True
         if data is not None:
             try:
                 if respond_whole(conn, data, self.app, self._served, self.max_head):

@@ -73,3 +73,37 @@ def test_whole_request_fast_path_only_for_bodyless_complete_requests():
     assert not respond_whole(Sink(), get, app, None, 10)  # over buffer-size: answered 431 elsewhere
     assert not respond_whole(Sink(), b"\x05" + get[1:], app, None, 65536)  # modifier1 501 elsewhere
     assert uwsgiproto._fast_parse_vars is speedups.parse_vars
+
+
+@pytest.mark.parametrize("use_c", [True, False])
+def test_accept_read(tmp_path, monkeypatch, use_c):
+    import os
+    import socket
+
+    from vassal import fdconn
+
+    if not use_c:
+        monkeypatch.setattr(fdconn, "_accept_read_c", None)
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "l.sock"))
+    listener.listen(8)
+    listener.setblocking(False)
+    clients = []
+    try:
+        assert fdconn.accept_read(listener.fileno()) is None  # nobody waiting
+        for payload in (b"request", None, b""):
+            client = socket.socket(socket.AF_UNIX)
+            client.connect(str(tmp_path / "l.sock"))
+            if payload:
+                client.sendall(payload)
+            elif payload == b"":
+                client.close()
+            clients.append(client)
+            fd, data = fdconn.accept_read(listener.fileno(), 100)
+            assert data == payload
+            assert not os.get_blocking(fd) and not os.get_inheritable(fd)
+            os.close(fd)
+    finally:
+        for client in clients:
+            client.close()
+        listener.close()
