@@ -433,8 +433,8 @@ class Emperor:
             cpu=config.get("cpu-limit") if config else None,  # type: ignore[arg-type]
         )
         vassal.limit_groups = None
-        if not limits:
-            return procs
+        if not limits or not jails.backend().limits_in_cgroups:
+            return procs  # (FreeBSD: rctl rules, set by the vassal's jail)
         if self.cgroups is None:
             raise LimitError("memory-limit, pids-limit and cpu-limit need a writable cgroup tree (run the emperor as root)")
         groups = limit_groups(self.cgroups, vassal.name, limits)

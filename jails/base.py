@@ -18,6 +18,9 @@ class JailError(Exception):
 
 class Backend(abc.ABC):
     name = "?"
+    # memory-limit, pids-limit, cpu-limit: cgroups the emperor makes (Linux),
+    # or something the vassal's isolate sets up itself (FreeBSD's rctl).
+    limits_in_cgroups = True
 
     @abc.abstractmethod
     def refused(self, config: Config) -> list[Problem]:

@@ -207,6 +207,7 @@ def _explain(what: str, code: int, message: str) -> str:
 
 class FreeBSDBackend(Backend):
     name = "freebsd"
+    limits_in_cgroups = False  # rctl rules on the jail, added by create()
 
     def __init__(self, libc: Libc | None = None):
         self._libc = libc
@@ -222,10 +223,11 @@ class FreeBSDBackend(Backend):
         if config.has("jail") and config.has("jail-attach"):
             entry = config.sources["jail-attach"][0]
             found.append(Problem(entry.file, entry.line, "jail-attach", "use either jail (a new jail) or jail-attach (an existing one), not both"))
-        for key in ("jail-ip4", "jail-ip6", "jail2", "jidfile"):
+        for key in ("jail-ip4", "jail-ip6", "jail2", "jidfile", "memory-limit", "pids-limit", "cpu-limit"):
             if config.has(key) and not config.has("jail"):
                 entry = config.sources[key][0]
-                found.append(Problem(entry.file, entry.line, key, f"{key} needs jail = ROOTFS [HOSTNAME [NAME]]"))
+                why = " (rctl limits apply to the vassal's jail)" if key.endswith("-limit") else ""
+                found.append(Problem(entry.file, entry.line, key, f"{key} needs jail = ROOTFS [HOSTNAME [NAME]]{why}"))
         return found
 
     def isolate(self, config: Config) -> list:

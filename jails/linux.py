@@ -5,7 +5,6 @@ hostname binaries needed inside a jail)."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import grp
@@ -16,7 +15,8 @@ import socket
 import struct
 from collections.abc import Iterable
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The process's own symbols (libc is linked in): find_library would run ldconfig.
+_libc = ctypes.CDLL(None, use_errno=True)
 # Resolved once at import (in the zygote), so forked vassals share them
 # instead of each building its own function pointers.
 for _fn in ("unshare", "sethostname", "mount", "umount2", "syscall", "prctl", "capget", "capset"):

@@ -200,11 +200,13 @@ def test_missing_dev_directory(tmp_path, no_chdir):
 
 
 def test_refused_keys_name_file_and_line(tmp_path):
-    config = config_for(tmp_path, "unshare = net\ntuntap-device = t0\njail-ip4 = 198.18.0.1\n")
+    config = config_for(tmp_path, "unshare = net\ntuntap-device = t0\njail-ip4 = 198.18.0.1\nmemory-limit = 1G\n")
     problems = {p.key: str(p) for p in FreeBSDBackend(FakeLibc()).refused(config)}
     assert "web.ini:2" in problems["unshare"] and "Linux only" in problems["unshare"]
     assert "web.ini:3" in problems["tuntap-device"]
     assert "jail-ip4 needs jail" in problems["jail-ip4"]
+    assert "web.ini:5" in problems["memory-limit"] and "rctl limits apply to the vassal's jail" in problems["memory-limit"]
+    assert not FreeBSDBackend.limits_in_cgroups  # the emperor makes no cgroup for them there
 
 
 def test_teardown_removes_jail_then_rules(tmp_path, monkeypatch):
