@@ -117,10 +117,13 @@ def router_table(doc: dict):
     from rich.table import Table
 
     table = Table(title="netrouter" + ("" if doc.get("running", True) else " (not running)"))
-    for column in ("vassal", "address", "pkts in", "pkts out", "bytes in", "bytes out", "drops"):
-        table.add_column(column)
+    for column in ("vassal", "address", "mode", "pkts in", "pkts out", "bytes in", "bytes out", "drops"):
+        table.add_column(column, no_wrap=column in ("address", "mode"))  # an address cut in two is no address
     for c in doc.get("connections", []):
-        table.add_row(str(c.get("vassal")), str(c.get("address")), str(c.get("packets_in")), str(c.get("packets_out")),
+        # direct: the router reads the vassal's device; offloads: 64 KB
+        # frames over the socket; plain: uWSGI's framing (a uWSGI peer).
+        mode = "direct" if c.get("direct") else "offloads" if c.get("offloads") else "plain"
+        table.add_row(str(c.get("vassal")), str(c.get("address")), mode, str(c.get("packets_in")), str(c.get("packets_out")),
                       str(c.get("bytes_in")), str(c.get("bytes_out")), str(c.get("drops")))
     return table
 
