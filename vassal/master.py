@@ -311,8 +311,18 @@ def _kill(pid: int, sig: int) -> None:
 
 
 def _rss(pid: int) -> int:
+    """A process's resident set in bytes: /proc where there is one (cheap),
+    psutil elsewhere (FreeBSD has no /proc by default)."""
     try:
         with open(f"/proc/{pid}/statm") as handle:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except FileNotFoundError:
+        pass
     except (OSError, ValueError, IndexError):
+        return 0
+    try:
+        import psutil
+
+        return psutil.Process(pid).memory_info().rss
+    except Exception:
         return 0

@@ -15,6 +15,8 @@ import signal
 import time
 from collections.abc import Callable
 
+import psutil
+
 from vassal.log import log
 from vassal.loop import Loop
 
@@ -41,7 +43,15 @@ def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as handle:
             return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        pass  # no /proc (FreeBSD), or gone between the two looks
     except OSError:
+        return True
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except Exception:
         return True
 
 

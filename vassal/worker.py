@@ -302,8 +302,6 @@ class Poller:
 
 
 def _rss_mb() -> int:
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1048576
-    except (OSError, ValueError, IndexError):
-        return 0
+    from vassal.master import _rss
+
+    return _rss(os.getpid()) // 1048576
