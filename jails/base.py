@@ -8,6 +8,9 @@ and cgroups, the FreeBSD one with jail(2) and rctl.
 from __future__ import annotations
 
 import abc
+import grp
+import os
+import pwd
 
 from vassal.config import Config, Problem
 
@@ -61,6 +64,11 @@ class Backend(abc.ABC):
     def sethostname(self, name: str) -> None:
         """The hostname hook action and key."""
 
+    @abc.abstractmethod
+    def drop_privileges(self, uid: int | None, gid: int | None, user_name: str | None) -> None:
+        """In the app master and the daemons: to uid/gid for good, and no
+        way back up (no_new_privs, capabilities where there are some)."""
+
     def describe(self, config: Config, name: str) -> dict | None:
         """What the platform knows of a vassal's jail, for status (or None)."""
         return None
@@ -79,3 +87,48 @@ def refuse(config: Config, keys: dict[str, str]) -> list[Problem]:
             entry = entries[0]
             found.append(Problem(entry.file, entry.line, key, why))
     return found
+
+
+def resolve_user(user: str) -> tuple[int, int, str | None]:
+    """(uid, primary gid, name) for a user name or number."""
+    if user.isdigit():
+        uid = int(user)
+        try:
+            entry = pwd.getpwuid(uid)
+            return uid, entry.pw_gid, entry.pw_name
+        except KeyError:
+            return uid, uid, None
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise JailError(f"uid: unknown user {user!r}") from None
+    return entry.pw_uid, entry.pw_gid, entry.pw_name
+
+
+def resolve_group(group: str) -> int:
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise JailError(f"gid: unknown group {group!r}") from None
+
+
+def drop_to(uid: int | None, gid: int | None, user_name: str | None) -> None:
+    """gid and supplementary groups, then uid, for good (POSIX part of every
+    backend's drop_privileges)."""
+    if gid is not None:
+        if user_name:
+            os.initgroups(user_name, gid)
+        else:
+            os.setgroups([gid])
+        os.setresgid(gid, gid, gid)
+    if uid is not None:
+        os.setresuid(uid, uid, uid)
+    if uid not in (None, 0):
+        try:
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:
+            raise JailError("privileges could be regained after the drop")

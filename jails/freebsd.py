@@ -28,7 +28,7 @@ import ctypes.util
 import errno
 import os
 
-from jails.base import Backend, JailError, refuse
+from jails.base import Backend, JailError, drop_to, refuse
 from vassal.config import Config, Problem
 
 JAIL_CREATE = 0x01
@@ -38,6 +38,7 @@ JAIL_DYING = 0x08
 DEFAULT_DEVFS_RULESET = "4"  # devfsrules_jail in /etc/defaults/devfs.rules
 PROC_REAP_ACQUIRE = 2
 PROC_PDEATHSIG_CTL = 11
+PROC_NO_NEW_PRIVS_CTL, PROC_NO_NEW_PRIVS_ENABLE = 19, 1  # <sys/procctl.h>, FreeBSD 14
 P_PID = 0
 MNT_DEFAULT = 0
 # <sys/mount.h>
@@ -292,6 +293,13 @@ class FreeBSDBackend(Backend):
 
     def die_with_parent(self, sig: int) -> None:
         self.libc.procctl(PROC_PDEATHSIG_CTL, sig)
+
+    def drop_privileges(self, uid, gid, user_name) -> None:
+        """PROC_NO_NEW_PRIVS (FreeBSD 14: setuid binaries cannot raise us
+        again), then the groups and the uid; there are no capabilities."""
+        if self.libc.procctl(PROC_NO_NEW_PRIVS_CTL, PROC_NO_NEW_PRIVS_ENABLE) != 0 and self.libc.errno() != errno.EINVAL:
+            raise JailError(_explain("procctl(PROC_NO_NEW_PRIVS_CTL)", self.libc.errno(), ""))
+        drop_to(uid, gid, user_name)
 
     def mount(self, fstype: str, source: str, target: str, flags: list[str]) -> None:
         """nmount(2): ``bind`` (or FS ``none``/``bind``) is a nullfs mount of SRC."""

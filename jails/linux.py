@@ -7,10 +7,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import grp
 import os
 import platform
-import pwd
 import socket
 import struct
 from collections.abc import Iterable
@@ -79,7 +77,7 @@ PR_SET_PDEATHSIG = 1
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "armv7l": 218, "i686": 217, "ppc64le": 203, "s390x": 217, "riscv64": 41}
 
 
-from jails.base import JailError  # noqa: E402  (one error type for every backend)
+from jails.base import JailError, drop_to, resolve_group, resolve_user  # noqa: E402,F401  (shared by every backend)
 
 
 def _check(result: int, what: str) -> None:
@@ -353,31 +351,6 @@ def drop_capabilities(caps: Iterable[int]) -> None:
     _check(_libc.capset(ctypes.byref(header), data), "capset")
 
 
-def resolve_user(user: str) -> tuple[int, int, str | None]:
-    """(uid, primary gid, name) for a user name or number."""
-    if user.isdigit():
-        uid = int(user)
-        try:
-            entry = pwd.getpwuid(uid)
-            return uid, entry.pw_gid, entry.pw_name
-        except KeyError:
-            return uid, uid, None
-    try:
-        entry = pwd.getpwnam(user)
-    except KeyError:
-        raise JailError(f"uid: unknown user {user!r}") from None
-    return entry.pw_uid, entry.pw_gid, entry.pw_name
-
-
-def resolve_group(group: str) -> int:
-    if group.isdigit():
-        return int(group)
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise JailError(f"gid: unknown group {group!r}") from None
-
-
 def drop_privileges(uid: int | None, gid: int | None, user_name: str | None) -> None:
     """gid, supplementary groups, then uid; no_new_privs and a bare bounding set."""
     set_no_new_privs()
@@ -388,18 +361,4 @@ def drop_privileges(uid: int | None, gid: int | None, user_name: str | None) -> 
             return
     else:
         drop_bounding_set()
-    if gid is not None:
-        if user_name:
-            os.initgroups(user_name, gid)
-        else:
-            os.setgroups([gid])
-        os.setresgid(gid, gid, gid)
-    if uid is not None:
-        os.setresuid(uid, uid, uid)
-    if uid not in (None, 0):
-        try:
-            os.setuid(0)
-        except PermissionError:
-            pass
-        else:
-            raise JailError("privileges could be regained after the drop")
+    drop_to(uid, gid, user_name)

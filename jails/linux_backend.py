@@ -45,6 +45,9 @@ class LinuxBackend(Backend):
     def die_with_parent(self, sig: int) -> None:
         linux.die_with_parent(sig)
 
+    def drop_privileges(self, uid, gid, user_name) -> None:
+        linux.drop_privileges(uid, gid, user_name)
+
     def mount(self, fstype: str, source: str, target: str, flags: list[str]) -> None:
         bits = linux.parse_mount_flags(flags)
         linux.mount(source, target, None if fstype in ("none", "bind") and bits & linux.MS_BIND else fstype, bits)

@@ -15,6 +15,7 @@ import sys
 
 import jails
 from jails import linux, netlink
+from jails.base import resolve_group, resolve_user
 from vassal import hooks, protocol
 from vassal.config import Config, Entry, Problem
 from vassal.log import log
@@ -268,7 +269,7 @@ def drop_privileges(config: Config) -> None:
     uid = gid = None
     name = None
     if config.has("uid"):
-        uid, gid, name = linux.resolve_user(str(config.get("uid")))
+        uid, gid, name = resolve_user(str(config.get("uid")))
     if config.has("gid"):
-        gid = linux.resolve_group(str(config.get("gid")))
-    linux.drop_privileges(uid, gid, name)
+        gid = resolve_group(str(config.get("gid")))
+    jails.backend().drop_privileges(uid, gid, name)

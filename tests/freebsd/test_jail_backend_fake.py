@@ -266,3 +266,14 @@ def test_hook_mounts_and_hostname():
     ]
     with pytest.raises(JailError, match="mount flag 'private' has no FreeBSD equivalent"):
         backend.mount("none", "/a", "/b", ["bind", "private"])
+
+
+def test_privilege_drop_sets_no_new_privs_first(monkeypatch):
+    from jails.freebsd import PROC_NO_NEW_PRIVS_CTL, PROC_NO_NEW_PRIVS_ENABLE
+
+    order = []
+    fake = FakeLibc()
+    monkeypatch.setattr("jails.freebsd.drop_to", lambda uid, gid, name: order.append(("drop_to", uid, gid, name)))
+    FreeBSDBackend(fake).drop_privileges(1001, 1001, "www")
+    assert fake.calls == [("procctl", PROC_NO_NEW_PRIVS_CTL, PROC_NO_NEW_PRIVS_ENABLE)]
+    assert order == [("drop_to", 1001, 1001, "www")]
