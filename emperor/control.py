@@ -10,9 +10,9 @@ import fcntl
 import json
 import os
 import socket
-import struct
 from typing import TYPE_CHECKING
 
+import jails
 from emperor.commands import USAGE, CommandError, Peer
 
 if TYPE_CHECKING:
@@ -128,8 +128,7 @@ class _Server:
 
 
 def peer_credentials(sock: socket.socket) -> Peer:
-    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", data)
+    pid, uid, gid = jails.backend().peer_credentials(sock)
     return Peer(uid=uid, gid=gid, pid=pid)
 
 

@@ -57,14 +57,11 @@ MAX_MESSAGE = 1 << 20
 MAX_FDS = 8
 # The emperor pipe, the log pipe, /dev/null, the status socket (see run_vassal).
 VASSAL_FDS = 4
-PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:
     try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        jails.backend().die_with_parent(signal.SIGKILL)
     except (OSError, AttributeError):
         pass
 

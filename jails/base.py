@@ -69,6 +69,10 @@ class Backend(abc.ABC):
         """In the app master and the daemons: to uid/gid for good, and no
         way back up (no_new_privs, capabilities where there are some)."""
 
+    @abc.abstractmethod
+    def peer_credentials(self, sock) -> tuple[int, int, int]:
+        """(pid, uid, gid) of the process at the other end of a unix socket."""
+
     def describe(self, config: Config, name: str) -> dict | None:
         """What the platform knows of a vassal's jail, for status (or None)."""
         return None

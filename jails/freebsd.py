@@ -27,6 +27,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import struct
 
 from jails.base import Backend, JailError, drop_to, refuse
 from vassal.config import Config, Problem
@@ -39,6 +40,12 @@ DEFAULT_DEVFS_RULESET = "4"  # devfsrules_jail in /etc/defaults/devfs.rules
 PROC_REAP_ACQUIRE = 2
 PROC_PDEATHSIG_CTL = 11
 PROC_NO_NEW_PRIVS_CTL, PROC_NO_NEW_PRIVS_ENABLE = 19, 1  # <sys/procctl.h>, FreeBSD 14
+# <sys/un.h>, <sys/ucred.h>: getsockopt(0, LOCAL_PEERCRED) gives a struct xucred.
+SOL_LOCAL, LOCAL_PEERCRED = 0, 1
+XU_NGROUPS = 16
+XUCRED_PID_OFFSET = 12 + 4 * XU_NGROUPS  # 76, rounded up to the union's pointer alignment below
+XUCRED_PID_OFFSET += (-XUCRED_PID_OFFSET) % ctypes.sizeof(ctypes.c_void_p)
+XUCRED_SIZE = XUCRED_PID_OFFSET + ctypes.sizeof(ctypes.c_void_p)
 P_PID = 0
 MNT_DEFAULT = 0
 # <sys/mount.h>
@@ -293,6 +300,15 @@ class FreeBSDBackend(Backend):
 
     def die_with_parent(self, sig: int) -> None:
         self.libc.procctl(PROC_PDEATHSIG_CTL, sig)
+
+    def peer_credentials(self, sock) -> tuple[int, int, int]:
+        """LOCAL_PEERCRED: struct xucred (cr_version, cr_uid, cr_ngroups,
+        cr_groups[16], then cr_pid in a pointer-aligned union, FreeBSD 13+)."""
+        data = sock.getsockopt(SOL_LOCAL, LOCAL_PEERCRED, XUCRED_SIZE)
+        _version, uid, ngroups = struct.unpack_from("=IIh", data, 0)
+        gid = struct.unpack_from("=I", data, 12)[0] if ngroups > 0 else -1
+        pid = struct.unpack_from("=i", data, XUCRED_PID_OFFSET)[0] if len(data) >= XUCRED_PID_OFFSET + 4 else 0
+        return pid, uid, gid
 
     def drop_privileges(self, uid, gid, user_name) -> None:
         """PROC_NO_NEW_PRIVS (FreeBSD 14: setuid binaries cannot raise us

@@ -3,6 +3,9 @@ policy of which namespaces a vassal gets is in vassal/jail.py)."""
 
 from __future__ import annotations
 
+import socket
+import struct
+
 from jails import linux
 from jails.base import Backend, refuse
 from vassal.config import Config, Problem
@@ -44,6 +47,11 @@ class LinuxBackend(Backend):
 
     def die_with_parent(self, sig: int) -> None:
         linux.die_with_parent(sig)
+
+    def peer_credentials(self, sock) -> tuple[int, int, int]:
+        data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", data)
+        return pid, uid, gid
 
     def drop_privileges(self, uid, gid, user_name) -> None:
         linux.drop_privileges(uid, gid, user_name)

@@ -277,3 +277,19 @@ def test_privilege_drop_sets_no_new_privs_first(monkeypatch):
     FreeBSDBackend(fake).drop_privileges(1001, 1001, "www")
     assert fake.calls == [("procctl", PROC_NO_NEW_PRIVS_CTL, PROC_NO_NEW_PRIVS_ENABLE)]
     assert order == [("drop_to", 1001, 1001, "www")]
+
+
+def test_peer_credentials_from_xucred():
+    import struct
+
+    from jails.freebsd import LOCAL_PEERCRED, SOL_LOCAL, XUCRED_PID_OFFSET, XUCRED_SIZE
+
+    assert (XUCRED_PID_OFFSET, XUCRED_SIZE) == (80, 88)  # amd64: 76 bytes, the union aligned to 8
+
+    class Sock:
+        def getsockopt(self, level, name, size):
+            assert (level, name, size) == (SOL_LOCAL, LOCAL_PEERCRED, XUCRED_SIZE)
+            data = struct.pack("=IIh2x16I", 0, 1001, 2, 1002, 5, *([0] * 14))
+            return data + bytes(XUCRED_PID_OFFSET - len(data)) + struct.pack("=i4x", 4242)
+
+    assert FreeBSDBackend(FakeLibc()).peer_credentials(Sock()) == (4242, 1001, 1002)
