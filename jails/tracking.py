@@ -61,6 +61,9 @@ class CgroupTree:
 
     base: str
     unified: bool
+    # v2: where the emperor moved itself (see leave_for_leaf), and from where.
+    own_leaf: str | None = None
+    own_dir: str | None = None
 
     @classmethod
     def create(cls, label: str) -> CgroupTree | None:
@@ -77,7 +80,26 @@ class CgroupTree:
         if not os.access(os.path.join(base, "cgroup.procs"), os.W_OK):
             _rmdir(base)
             return None
-        return cls(base, unified)
+        tree = cls(base, unified)
+        if unified and own != "/":
+            tree.leave_for_leaf(os.path.join(mount, own.lstrip("/")), label)
+        return tree
+
+    def leave_for_leaf(self, own_dir: str, label: str) -> None:
+        """cgroup v2 lets a cgroup hand controllers (memory, pids, cpu) to
+        its children only if it holds no process itself: the emperor moves
+        from its own cgroup (a delegated systemd service's) into a leaf
+        beside the vassals', so that limits can be enabled. Best effort: if
+        it fails, limits fail later with a message naming the cgroup."""
+        leaf = os.path.join(own_dir, f"{label}.emperor")
+        try:
+            os.makedirs(leaf, exist_ok=True)
+            with open(os.path.join(leaf, "cgroup.procs"), "w") as handle:
+                handle.write("0")
+        except OSError:
+            _rmdir(leaf)
+            return
+        self.own_leaf, self.own_dir = leaf, own_dir
 
     def vassal(self, name: str) -> VassalCgroup:
         safe = name.replace("/", "_")
@@ -102,8 +124,15 @@ class CgroupTree:
                 _rmdir(child)
             # A spare being made as we go may add a dir: look again.
             if _rmdir(self.base) or time.monotonic() > deadline:
-                return
+                break
             time.sleep(0.02)
+        if self.own_leaf is not None and self.own_dir is not None:
+            try:
+                with open(os.path.join(self.own_dir, "cgroup.procs"), "w") as handle:
+                    handle.write("0")  # back where systemd put us, so the leaf can go
+            except OSError:
+                pass
+            _rmdir(self.own_leaf)
 
 
 def _rmdir(path: str) -> bool:
