@@ -9,7 +9,7 @@ import array
 import socket
 import struct
 
-from netrouter.offload import VNET_HDR_LEN
+from netrouter.offload import VNET_HDR_LEN, internet_checksum
 
 PACKET = 0
 RULE_BLOCK = 1
@@ -60,31 +60,6 @@ def frame(packet: bytes, modifier2: int = PACKET) -> bytes:
     return header(len(packet), modifier2) + packet
 
 
-class FrameReader:
-    """Incremental decoder of a byte stream into (modifier2, payload)."""
-
-    def __init__(self) -> None:
-        self.buffer = bytearray()
-
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        # Parse at an offset and trim once: trimming per frame would move the
-        # rest of a 256 KB read for every packet in it.
-        buffer = self.buffer + data if self.buffer else data
-        out = []
-        offset, end = 0, len(buffer)
-        while end - offset >= HEADER:
-            modifier1, low, high, modifier2 = buffer[offset], buffer[offset + 1], buffer[offset + 2], buffer[offset + 3]
-            if modifier1 != 0:
-                raise FrameError(f"bad frame header (modifier1 {modifier1})")
-            stop = offset + HEADER + (low | (high << 8)) + (VNET_HDR_LEN if modifier2 == VNET else 0)
-            if stop > end:
-                break
-            out.append((modifier2, bytes(buffer[offset + HEADER:stop])))
-            offset = stop
-        self.buffer = bytearray(buffer[offset:]) if offset < end else bytearray()
-        return out
-
-
 FD_SPACE = socket.CMSG_SPACE(4 * 4)
 
 
@@ -104,10 +79,7 @@ class FrameBuffer:
 
     def fill(self, sock: socket.socket, fds: list[int] | None = None) -> int:
         """Receive what is there; with ``fds``, passed descriptors go there."""
-        if self.start:
-            rest = self.end - self.start
-            self.buffer[:rest] = self.view[self.start:self.end]
-            self.start, self.end = 0, rest
+        self._compact()
         if fds is None:
             received = sock.recv_into(self.view[self.end:])
         else:
@@ -117,6 +89,23 @@ class FrameBuffer:
                     fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
         self.end += received
         return received
+
+    def _compact(self) -> None:
+        """A partial frame left by the last pass moves to the front."""
+        if self.start:
+            rest = self.end - self.start
+            self.buffer[:rest] = self.view[self.start:self.end]
+            self.start, self.end = 0, rest
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """For tools and tests: bytes in, the whole frames they complete out
+        (copied, so they outlive the next feed)."""
+        self._compact()
+        if self.end + len(data) > len(self.buffer):
+            raise FrameError(f"more than {len(self.buffer)} bytes without a whole frame")
+        self.buffer[self.end:self.end + len(data)] = data
+        self.end += len(data)
+        return [(modifier2, bytes(payload)) for modifier2, payload in self.frames()]
 
     def frames(self):
         buffer, view = self.buffer, self.view
@@ -170,11 +159,5 @@ def ipv4_addresses(packet: bytes) -> tuple[int, int] | None:
     return struct.unpack_from("!II", packet, 12)
 
 
-def checksum(data: bytes) -> int:
-    """The Internet checksum (RFC 1071) of IP and ICMP headers."""
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
+# The Internet checksum (RFC 1071) of IP and ICMP headers.
+checksum = internet_checksum

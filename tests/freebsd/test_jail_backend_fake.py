@@ -266,6 +266,8 @@ def test_hook_mounts_and_hostname():
     ]
     with pytest.raises(JailError, match="mount flag 'private' has no FreeBSD equivalent"):
         backend.mount("none", "/a", "/b", ["bind", "private"])
+    with pytest.raises(JailError, match="umount flag 'lazy': use force or detach"):
+        backend.umount("/b", ["lazy"])
 
 
 def test_privilege_drop_sets_no_new_privs_first(monkeypatch):

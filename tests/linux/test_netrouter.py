@@ -485,7 +485,7 @@ def test_big_frames_only_for_peers_that_accept(netdir, tmp_path):
     import subprocess
     import sys
 
-    from netrouter.wire import BIG_FRAMES, OFFER_PAYLOAD, FrameReader, frame
+    from netrouter.wire import BIG_FRAMES, OFFER_PAYLOAD, FrameBuffer, frame
     from tests.conftest import TEST_TAG
     from vassal.tuntap import claim_packet
 
@@ -499,13 +499,13 @@ def test_big_frames_only_for_peers_that_accept(netdir, tmp_path):
         subprocess.run(["ip", "addr", "add", "198.18.2.1/24", "dev", device], check=True)
         subprocess.run(["ip", "link", "set", device, "mtu", "9000", "up"], check=True)
 
-        def peer(address: str, accept: bool) -> tuple[socket.socket, FrameReader]:
+        def peer(address: str, accept: bool) -> tuple[socket.socket, FrameBuffer]:
             sock = socket.socket(socket.AF_UNIX)
             sock.connect(str(sock_path))
             sock.settimeout(3)
             # The router speaks first, once the peer's device is up (it sent a packet).
             sock.sendall(frame(claim_packet(address)))
-            reader = FrameReader()
+            reader = FrameBuffer()
             frames = reader.feed(sock.recv(4096))
             assert frames[0][0] == BIG_FRAMES
             if accept:
@@ -531,7 +531,7 @@ def test_big_frames_only_for_peers_that_accept(netdir, tmp_path):
             data = plain.recv(65536)
         except TimeoutError:
             data = b""
-        assert all(len(p) <= 8192 for _, p in FrameReader().feed(data)) if data else True
+        assert all(len(p) <= 8192 for _, p in FrameBuffer().feed(data)) if data else True
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(str(stats_path))
             stats = json.loads(s.recv(65536))
@@ -547,7 +547,7 @@ def test_big_frames_only_for_peers_that_accept(netdir, tmp_path):
 PLAIN_BRIDGE = """
 import fcntl, os, select, socket, struct, sys
 sys.path.insert(0, sys.argv[4])
-from netrouter.wire import FrameReader, frame
+from netrouter.wire import FrameBuffer, frame
 from vassal.tuntap import claim_packet
 fd = os.open("/dev/net/tun", os.O_RDWR)
 fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH22s", b"pt0", 0x0001 | 0x1000, b""))  # IFF_TUN | IFF_NO_PI: no offloads
@@ -555,7 +555,7 @@ os.system(f"ip addr add {sys.argv[2]}/24 dev pt0 && ip link set pt0 up && ip lin
 sock = socket.socket(socket.AF_UNIX)
 sock.connect(sys.argv[1])
 sock.sendall(frame(claim_packet(sys.argv[2])))  # a plain peer: answers no offer
-reader = FrameReader()
+reader = FrameBuffer()
 server = socket.create_server((sys.argv[2], int(sys.argv[3])))
 print("ready", flush=True)
 conn = None
@@ -644,7 +644,7 @@ def test_passed_fd_must_be_a_tun_device_with_offload_headers(netdir):
     import sys
 
     from netrouter.tun import open_tun
-    from netrouter.wire import OFFER_PAYLOAD, TUN_FD, VNET_OFFER, FrameReader, frame
+    from netrouter.wire import OFFER_PAYLOAD, TUN_FD, VNET_OFFER, FrameBuffer, frame
     from tests.conftest import TEST_TAG
     from vassal.tuntap import claim_packet
 
@@ -669,7 +669,7 @@ def test_passed_fd_must_be_a_tun_device_with_offload_headers(netdir):
                 peer.connect(str(sock_path))
                 peer.settimeout(3)
                 peer.sendall(frame(claim_packet(f"198.18.5.{index + 2}")))
-                offers = [m for m, _ in FrameReader().feed(peer.recv(4096))]
+                offers = [m for m, _ in FrameBuffer().feed(peer.recv(4096))]
                 assert TUN_FD in offers and VNET_OFFER in offers  # the router speaks first
                 before = stats()["drops"]["malformed"]
                 peer.sendall(frame(OFFER_PAYLOAD, VNET_OFFER))

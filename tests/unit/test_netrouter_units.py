@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from netrouter.firewall import Chain, RuleError, parse_rule
-from netrouter.wire import FrameError, FrameReader, frame, ipv4_addresses
+from netrouter.wire import FrameBuffer, FrameError, frame, ipv4_addresses
 
 
 def ip(text: str) -> int:
@@ -65,7 +65,7 @@ def test_canonical_ruleset_first_match_and_counters():
 def test_frames_split_and_joined():
     packets = [b"a" * 10, b"", b"b" * 300]
     stream = b"".join(frame(p) for p in packets) + frame(b"rules", 1)
-    reader = FrameReader()
+    reader = FrameBuffer()
     got = []
     for i in range(0, len(stream), 7):
         got += reader.feed(stream[i:i + 7])
@@ -75,7 +75,7 @@ def test_frames_split_and_joined():
 
 def test_bad_frame_header():
     with pytest.raises(FrameError):
-        FrameReader().feed(b"\x05\x00\x00\x00")
+        FrameBuffer().feed(b"\x05\x00\x00\x00")
 
 
 def test_ipv4_addresses():
@@ -96,3 +96,10 @@ def test_uwsgi_vars_roundtrip_and_truncation():
     for cut in (1, 3, len(block) - 1):
         with pytest.raises(ProtocolError):
             parse_vars(block[:cut])
+
+
+def test_frame_buffer_refuses_a_stream_without_frames():
+    buffer = FrameBuffer(size=1024)
+    assert buffer.feed(bytes((0, 0xFF, 0xFF, 0))) == []  # a 64 KB frame announced: waits for it
+    with pytest.raises(FrameError, match="more than 1024 bytes without a whole frame"):
+        buffer.feed(bytes(2000))
