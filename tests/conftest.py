@@ -212,9 +212,15 @@ def _leftover_cgroups() -> list[str]:
     return found
 
 
+# Mounts the system makes once for itself and keeps: iproute2 bind-mounts
+# /run/netns onto itself at the first `ip netns add` on a machine, so a fresh
+# machine gains it during the suite. Namespaces inside it are still checked.
+SYSTEM_MOUNTS = {"/run/netns"}
+
+
 def _mounts() -> set[str]:
     # psutil: /proc/self/mountinfo on Linux, getmntinfo(3) on FreeBSD.
-    return {part.mountpoint for part in psutil.disk_partitions(all=True)}
+    return {part.mountpoint for part in psutil.disk_partitions(all=True)} - SYSTEM_MOUNTS
 
 
 def _netns() -> set[str]:
