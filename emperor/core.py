@@ -9,8 +9,10 @@ timers.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import signal
+import stat
 import time
 from collections.abc import Callable
 
@@ -37,16 +39,41 @@ from jails.tracking import (
     Limits,
     VassalCgroup,
     limit_groups,
+    reap_stale,
     remove_v1_bases,
 )
 from vassal import hooks, jail
-from vassal.config import Config, ConfigError, Problem, load, unsupported
+from vassal.config import (
+    Config,
+    ConfigError,
+    Problem,
+    build,
+    overrides_entries,
+    read_with_templates,
+    unsupported,
+)
 from vassal.loop import Loop, reaped
 
 
 def become_subreaper() -> bool:
     """Descendants that daemonize get reparented to us (and reaped), not to init."""
     return jails.backend().become_subreaper()
+
+
+# What every vassal's environment holds besides its own ``env`` keys, the
+# emperor protocol's variables and the operator's ``vassal-env-pass``: a
+# secret in the emperor's environment must not reach a tenant's app.
+BASE_ENV = ("PATH", "LANG", "LANGUAGE", "LC_*", "TZ")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def vassal_environment(environ: dict[str, str], passed: list[str]) -> dict[str, str]:
+    """The one environment a vassal's config is expanded in ($(VAR)) and that
+    its processes start with."""
+    patterns = (*BASE_ENV, *passed)
+    env = {k: v for k, v in environ.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+    env.setdefault("PATH", DEFAULT_PATH)
+    return env
 
 
 def _nonblocking_stderr() -> None:
@@ -77,6 +104,7 @@ class Emperor:
         self.wrapper: str | None = settings.get("emperor-wrapper")  # type: ignore[assignment]
         self.inherit: list[str] = [os.path.abspath(p) for p in settings.getlist("vassals-inherit")]
         self.vassal_set: list[tuple[str, str]] = list(settings.getlist("vassal-set"))
+        self.vassal_env = vassal_environment(dict(os.environ), list(settings.getlist("vassal-env-pass")))
         self.tyrant = bool(settings.get("emperor-tyrant"))
         self.clone: list[str] = ["fs" if n == "mount" else n for n in (settings.get("emperor-use-clone") or ())]  # type: ignore[union-attr]
         self._log = log or self._default_log
@@ -133,6 +161,7 @@ class Emperor:
         self.subreaper = become_subreaper()
         _nonblocking_stderr()
         self.cgroups = CgroupTree.create(f"pyemperor.{os.getpid()}")
+        reap_stale(self.cgroups, self.log)  # a SIGKILLed emperor's leftovers would hold ports and cgroups
         self.routers = [
             RouterSupervisor(self, spec, self.settings.getlist("tuntap-router-firewall-in"), self.settings.getlist("tuntap-router-firewall-out"))
             for spec in self.settings.getlist("tuntap-router")
@@ -277,40 +306,47 @@ class Emperor:
             if os.path.dirname(vassal.path) == source.directory and vassal.path not in present and self.source_for(vassal.path) is source:
                 self.on_path(vassal.path)
 
-    def overrides_for(self, path: str) -> list[tuple[str, str]]:
-        """``vassal-set`` values, then in tyrant mode the file owner's uid/gid
-        (last, so the file cannot override them)."""
+    def overrides_for(self, config: Config) -> list[tuple[str, str]]:
+        """``vassal-set`` values, then in tyrant mode without namespaces the
+        file owner's uid/gid (last, so the file cannot override them)."""
         overrides = list(self.vassal_set)
-        owner = self.tyrant_owner(path)
-        if owner is not None and "user" not in self.clone and not self._unshares_user(path):
-            # Without a user namespace mapped to the owner, the owner's ids are forced.
-            overrides += [("uid", str(owner[0])), ("gid", str(owner[1]))]
+        if config.owner is not None and not jail.tyrant_namespaces(config, set(self.clone)):
+            overrides += [("uid", str(config.owner[0])), ("gid", str(config.owner[1]))]
         return overrides
 
-    def _unshares_user(self, path: str) -> bool:
-        vassal = self.vassals.get(os.path.basename(path))
-        config = vassal.config if vassal is not None else None
-        if config is None:
-            try:
-                config = load(path, inherit=self.inherit, overrides=list(self.vassal_set))
-            except ConfigError:
-                return False
-        return "user" in jail.own_namespaces(config)
-
-    def id_maps_for(self, vassal: Vassal) -> tuple[str, str] | None:
-        """uid/gid maps for an emperor-use-clone user namespace: the vassal's
-        uid-map/gid-map, else root's subordinate range."""
-        if "user" not in self.clone or vassal.config is None:
-            return None
-        return jail.id_maps(vassal.config, self.tyrant_owner(vassal.path))
+    def jail_plan(self, config: Config) -> tuple[list[str], tuple[str, str] | None, tuple[int, int] | None]:
+        """(namespaces the spawning child makes, their uid/gid maps, the ids
+        the vassal becomes before it runs): DESIGN 3's tyrant contract. A
+        tenant's vassal in any namespace gets a user namespace mapped to the
+        owner owning them all; without namespaces it simply is the owner."""
+        if config.owner is None:
+            id_maps = jail.id_maps(config) if "user" in self.clone else None
+            return list(self.clone), id_maps, None
+        namespaces = jail.tyrant_namespaces(config, set(self.clone))
+        if not namespaces:
+            return [], None, config.owner
+        return sorted(namespaces), jail.id_maps(config, config.owner), None
 
     def tyrant_owner(self, path: str) -> tuple[int, int] | None:
+        """The (uid, gid) a file's vassal runs as in tyrant mode. A symlink
+        counts only if its own owner is root (the operator's) or the target's
+        owner: otherwise one tenant would run, and name, another's config."""
         if not self.tyrant:
             return None
-        st = os.lstat(path) if self.settings.get("emperor-tyrant-nofollow") else os.stat(path)
-        return st.st_uid, st.st_gid
+        link = os.lstat(path)
+        if not stat.S_ISLNK(link.st_mode):
+            return link.st_uid, link.st_gid
+        target = os.stat(path)
+        if link.st_uid not in (0, target.st_uid):
+            raise ConfigError([Problem(path, None, None, f"tyrant mode: a symlink of uid {link.st_uid} to a file of uid {target.st_uid}: refusing it")])
+        if self.settings.get("emperor-tyrant-nofollow"):
+            return link.st_uid, link.st_gid
+        return target.st_uid, target.st_gid
 
     def _read_config(self, path: str) -> Config:
+        """The one parse of a vassal's file (DESIGN 3): in the vassals' clean
+        environment, templates checked for ownership in tyrant mode, every
+        rule validated; the vassal is handed exactly this."""
         lenient = bool(self.wrapper) and path.endswith(".ini")
         owner = None
         if self.tyrant:
@@ -320,8 +356,14 @@ class Emperor:
                 raise ConfigError([Problem(path, None, None, f"tyrant mode: cannot stat: {exc.strerror}")]) from None
             if owner is not None and (owner[0] == 0 or owner[1] == 0):
                 raise ConfigError([Problem(path, None, None, f"tyrant mode: refusing a file owned by root (uid {owner[0]}, gid {owner[1]}); chown it to the tenant")])
-        config = load(path, inherit=self.inherit, overrides=self.overrides_for(path), lenient=lenient)
-        if not lenient and (problems := unsupported(config) + jail.problems(config, set(self.clone), tyrant=self.tyrant)):
+        env = self.vassal_env
+        entries = read_with_templates(path, inherit=self.inherit, env=env, owner=owner[0] if owner else None)
+        config = build(path, entries + overrides_entries(self.vassal_set), env=env, lenient=lenient)
+        config.owner = owner
+        if owner is not None and (forced := self.overrides_for(config)[len(self.vassal_set):]):
+            config = build(path, entries + overrides_entries(self.vassal_set + forced), env=env, lenient=lenient)
+            config.owner = owner
+        if not lenient and (problems := unsupported(config) + jail.problems(config, set(self.clone), tyrant=owner)):
             raise ConfigError(problems)
         return config
 
@@ -416,6 +458,11 @@ class Emperor:
         if self.cgroups is None:
             return None
         cgroup = self.cgroups.vassal(vassal.name)
+        if self.cgroups.unified:
+            # A previous instance's dir keeps its OOM count (memory.events), a
+            # zygote spare's dir taking its place would not: a fresh dir makes
+            # the OOM baseline 0 whichever of the two the vassal ends up in.
+            cgroup.remove()
         try:
             cgroup.prepare()
         except OSError as exc:

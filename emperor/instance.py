@@ -21,7 +21,7 @@ import psutil
 
 import jails
 from emperor.logbuf import LogBuffer, read_available
-from emperor.spawn import Spawned, SpawnRequest, spawn
+from emperor.spawn import Spawned, SpawnRequest, config_fd, spawn
 from jails.tracking import LimitError, LimitGroups, ProcessGroupTracker, VassalCgroup
 from vassal import protocol
 from vassal.config import Config
@@ -151,20 +151,26 @@ class Vassal:
             self._record_exit(None, None, "exit", f"limits: {exc}")
             self._schedule_respawn()
             return
+        assert self.config is not None
+        clone, id_maps, drop = self.emperor.jail_plan(self.config)
         req = SpawnRequest(
             name=self.name,
             path=self.path,
             kind="toml" if self.path.endswith(".toml") else "ini",
             inherit=list(self.emperor.inherit),
-            overrides=self.emperor.overrides_for(self.path),
-            tyrant=self.emperor.tyrant_owner(self.path),
+            overrides=self.emperor.overrides_for(self.config),
+            tyrant=self.config.owner,
             brokered=any(router.serves(self) for router in self.emperor.routers),
-            id_maps=self.emperor.id_maps_for(self),
+            id_maps=id_maps,
             wrapper=self.emperor.wrapper if self.wrapped else None,
             cgroup_procs=procs,
             cgroup_dir=cgroup.path if cgroup else None,
-            clone=list(self.emperor.clone),
+            clone=clone,
             as_vassal=self.emperor.as_vassal,
+            env=self.emperor.vassal_env,
+            # A wrapped program (a real uWSGI) reads its own file: only ours are handed theirs.
+            config=None if self.wrapped else self.config.to_json(),
+            drop=drop,
         )
         zygote = self.emperor.zygote if not req.wrapper else None
         try:
@@ -232,6 +238,18 @@ class Vassal:
             return False
         except OSError:
             return False
+
+    def _hand_config(self, config: Config) -> bool:
+        if self.pipe is None:
+            return False
+        fd = config_fd(config.to_json())
+        try:
+            socket.send_fds(self.pipe, [bytes([protocol.CONFIG_FD])], [fd])
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     def _on_pipe(self) -> None:
         assert self.pipe is not None
@@ -353,8 +371,12 @@ class Vassal:
 
     # --- operator and file driven transitions -------------------------------------
     def reload(self) -> bool:
-        """Graceful reload: the vassal keeps its jail and sockets."""
+        """Graceful reload: the vassal keeps its jail and sockets. Ours are
+        handed the config the emperor validated last (byte 41 with a memfd,
+        then byte 1): a vassal never parses its own file."""
         if self.pid is None or self.state not in (READY, STARTING, RELOADING):
+            return False
+        if not self.wrapped and self.config is not None and not self._hand_config(self.config):
             return False
         if not self.send(protocol.RELOAD):
             return False

@@ -27,6 +27,8 @@ VASSAL_PIPE_FD = 3
 # Our extension beside the emperor pipe (which stays bytes only): a datagram
 # socket on which the app master reports its workers and cheaper decisions.
 VASSAL_STATUS_FD = 4
+# The validated config of a built-in vassal (a sealed memfd), read at start.
+VASSAL_CONFIG_FD = 5
 
 
 @dataclass
@@ -44,6 +46,11 @@ class SpawnRequest:
     tyrant: tuple[int, int] | None = None  # the file owner, in tyrant mode
     id_maps: tuple[str, str] | None = None  # (uid_map, gid_map) when clone has "user"
     brokered: bool = False  # the emperor passes the router connection over the pipe
+    env: dict[str, str] = field(default_factory=dict)  # the clean environment the config was expanded in
+    config: bytes | None = None  # built-in vassals: the validated config (Config.to_json)
+    # Tyrant mode without namespaces: the owner's (uid, gid), taken before the
+    # vassal's first instruction, so nothing of the tenant's runs as root.
+    drop: tuple[int, int] | None = None
 
 
 @dataclass
@@ -70,7 +77,7 @@ def vassal_args(req: SpawnRequest) -> list[str]:
 
 
 def build_env(req: SpawnRequest) -> dict[str, str]:
-    env = dict(os.environ)
+    env = dict(req.env)
     env[protocol.ENV_FD] = str(VASSAL_PIPE_FD)
     env[protocol.ENV_STATUS_FD] = str(VASSAL_STATUS_FD)
     env["UWSGI_VASSAL_NAME"] = req.name
@@ -86,7 +93,44 @@ def build_env(req: SpawnRequest) -> dict[str, str]:
         env["PYEMPEROR_TYRANT"] = f"{req.tyrant[0]}:{req.tyrant[1]}"
     else:
         env.pop("PYEMPEROR_TYRANT", None)
+    if req.config is not None:
+        env[protocol.ENV_CONFIG_FD] = str(VASSAL_CONFIG_FD)
     return env
+
+
+def config_fd(data: bytes) -> int:
+    """A read-only fd holding ``data``: a sealed memfd (nobody can change what
+    the emperor validated once it is handed over), else an unlinked file."""
+    try:
+        fd = os.memfd_create("vassal-config", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except (AttributeError, OSError):
+        import tempfile
+
+        fd = os.dup(tempfile.TemporaryFile().fileno())
+        os.set_inheritable(fd, False)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    seals = getattr(fcntl, "F_SEAL_SEAL", 0) | getattr(fcntl, "F_SEAL_SHRINK", 0) | getattr(fcntl, "F_SEAL_GROW", 0) | getattr(fcntl, "F_SEAL_WRITE", 0)
+    if seals and hasattr(fcntl, "F_ADD_SEALS"):
+        try:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        except OSError:
+            pass  # not a memfd (the fallback)
+    return fd
+
+
+def become_owner(owner: tuple[int, int]) -> None:
+    """Tyrant mode without namespaces: the vassal's processes are the file's
+    owner from their first instruction on, groups and no_new_privs included."""
+    import pwd
+
+    uid, gid = owner
+    try:
+        name: str | None = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = None
+    jails.backend().drop_privileges(uid, gid, name)
 
 
 def join_cgroups(procs_files: list[str]) -> None:
@@ -126,6 +170,7 @@ def spawn(req: SpawnRequest) -> Spawned:
     status_ours, status_theirs = status_pair()
     log_r, log_w = os.pipe2(os.O_CLOEXEC)
     devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    handed = config_fd(req.config) if req.config is not None else None
     cwd = os.path.dirname(req.path)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child execs or exits
@@ -143,9 +188,12 @@ def spawn(req: SpawnRequest) -> Spawned:
             os.dup2(devnull, 0)
             os.dup2(log_w, 1)
             os.dup2(log_w, 2)
-            place_fds([(theirs.fileno(), VASSAL_PIPE_FD), (status_theirs.fileno(), VASSAL_STATUS_FD)])
+            moves = [(theirs.fileno(), VASSAL_PIPE_FD), (status_theirs.fileno(), VASSAL_STATUS_FD)]
+            place_fds(moves + ([(handed, VASSAL_CONFIG_FD)] if handed is not None else []))
             os.chdir(cwd)
             enter_clone(req.clone, req.id_maps)
+            if req.drop is not None:
+                become_owner(req.drop)
             os.execve(argv[0], argv, env)
         except BaseException as exc:
             try:
@@ -157,6 +205,8 @@ def spawn(req: SpawnRequest) -> Spawned:
     status_theirs.close()
     os.close(log_w)
     os.close(devnull)
+    if handed is not None:
+        os.close(handed)
     ours.setblocking(False)
     os.set_blocking(log_r, False)
     return Spawned(pid, ours, log_r, status_ours)
@@ -220,23 +270,25 @@ class Zygote:
         log_r, log_w = os.pipe2(os.O_CLOEXEC)
         devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         request_id = next(self.ids)
+        assert req.config is not None  # the zygote runs built-in vassals only
+        handed = config_fd(req.config)
         message = {
             "id": request_id,
             "name": req.name,
             "argv": build_argv(req),
-            "args": vassal_args(req),
-            "spec": {"path": req.path, "kind": req.kind, "inherit": req.inherit, "sets": [f"{k}={v}" for k, v in req.overrides]},
             "env": build_env(req),
             "cwd": os.path.dirname(req.path),
             "cgroup_procs": req.cgroup_procs,
             "cgroup_dir": req.cgroup_dir,
             "clone": req.clone,
             "id_maps": req.id_maps,
+            "drop": req.drop,
             "pipe_fd": VASSAL_PIPE_FD,
             "status_fd": VASSAL_STATUS_FD,
+            "config_fd": VASSAL_CONFIG_FD,
         }
         theirs_fd = theirs.detach()
-        self.queue.append((request_id, json.dumps(message).encode(), [theirs_fd, log_w, devnull, status_theirs.detach()]))
+        self.queue.append((request_id, json.dumps(message).encode(), [theirs_fd, log_w, devnull, status_theirs.detach(), handed]))
         self.flush()
         ours.setblocking(False)
         os.set_blocking(log_r, False)

@@ -42,7 +42,8 @@ import vassal.master  # noqa: F401
 import vassal.status  # noqa: F401
 import vassal.top  # noqa: F401
 import vassal.worker  # noqa: F401
-from emperor.spawn import join_cgroups, place_fds, unshare_clone
+from emperor.spawn import become_owner, join_cgroups, place_fds, unshare_clone
+from jails.tracking import copy_limits
 
 try:
     import setproctitle
@@ -55,8 +56,9 @@ jails.backend()
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 8
-# The emperor pipe, the log pipe, /dev/null, the status socket (see run_vassal).
-VASSAL_FDS = 4
+# The emperor pipe, the log pipe, /dev/null, the status socket, the config
+# (see run_vassal).
+VASSAL_FDS = 5
 
 
 def _die_with_parent() -> None:
@@ -82,21 +84,23 @@ def run_vassal(request: dict, fds: list[int], sock: socket.socket) -> None:
     code = 1
     try:
         sock.close()
-        pipe_fd, log_fd, null_fd, status_fd = fds
+        pipe_fd, log_fd, null_fd, status_fd, config_fd = fds
         os.setsid()
         os.dup2(null_fd, 0)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
-        place_fds([(pipe_fd, int(request["pipe_fd"])), (status_fd, int(request["status_fd"]))])
+        place_fds([(pipe_fd, int(request["pipe_fd"])), (status_fd, int(request["status_fd"])),
+                   (config_fd, int(request["config_fd"]))])
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
         sys.argv = list(request["argv"])
+        if request.get("drop"):
+            become_owner(tuple(request["drop"]))
         gc.enable()
-        spec = request["spec"]
-        code = vassal.cli.run_file(spec["path"], spec["kind"], spec["inherit"], spec["sets"])
+        code = vassal.cli.run_handed()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:
@@ -157,8 +161,9 @@ class Spare:
     """An intermediate child forked ahead of time and already moved into a
     spare cgroup, so that a spawn pays neither the fork nor the cgroup move
     (the first move into a cgroup after a quiet spell waits for an RCU grace
-    period: 15-30 ms on cgroup v1). On use, its cgroup dir is renamed to
-    the vassal's and it carries on as the intermediate child."""
+    period: 15-30 ms on cgroup v1). On use, its cgroup dir is given the
+    limits the emperor set on the vassal's, replaces it (rename) and the
+    spare carries on as the intermediate child."""
 
     def __init__(self, base: str, number: int, emperor_sock: socket.socket):
         self.path = os.path.join(base, f".spare-{os.getpid()}-{number}")
@@ -201,6 +206,18 @@ class Spare:
         self.ready = data == b"ready"
         return self.ready
 
+    def _oom_watched(self, target: str) -> bool:
+        """v1 with the memory hierarchy as the tracking one: the emperor
+        watches the OOM eventfd of the dir it gave a memory-limit, so that
+        dir must stay (the slower path joins it)."""
+        try:
+            with open(os.path.join(target, "memory.limit_in_bytes")) as handle:
+                wanted = handle.read()
+            with open(os.path.join(self.path, "memory.limit_in_bytes")) as handle:
+                return handle.read() != wanted
+        except FileNotFoundError:
+            return False
+
     def take(self, request: dict, fds: list[int]) -> bool:
         """Hand the request over if its cgroup is the spare's to become."""
         target = request.get("cgroup_dir")
@@ -210,8 +227,15 @@ class Spare:
         if os.path.dirname(target) != os.path.dirname(self.path):
             return False
         try:
-            if os.path.isdir(target):
-                os.rmdir(target)  # made empty by the emperor; ours replaces it
+            if self._oom_watched(target):
+                return False
+            # The emperor has set the vassal's limits on target (v2: all of
+            # them; v1: the tracking hierarchy's, pids.max): they must bind
+            # before its first instruction, so our dir takes them before it
+            # takes target's place. Target must exist: a spare that had
+            # nothing to copy could carry an earlier vassal's values.
+            copy_limits(target, self.path)
+            os.rmdir(target)  # made empty by the emperor; ours replaces it
             os.rename(self.path, target)
         except OSError:
             return False

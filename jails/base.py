@@ -73,6 +73,19 @@ class Backend(abc.ABC):
     def peer_credentials(self, sock) -> tuple[int, int, int]:
         """(pid, uid, gid) of the process at the other end of a unix socket."""
 
+    def owns_process(self, pid: int) -> bool:
+        """Whether ``pid`` belongs to the calling vassal, so that it may be
+        signalled for it (a pidfile the app wrote may name anyone: the
+        emperor, root's sshd, another tenant). Portable answer: it descends
+        from us."""
+        import psutil
+
+        me = os.getpid()
+        try:
+            return any(parent.pid == me for parent in psutil.Process(pid).parents())
+        except psutil.Error:
+            return False
+
     def describe(self, config: Config, name: str) -> dict | None:
         """What the platform knows of a vassal's jail, for status (or None)."""
         return None
@@ -118,9 +131,18 @@ def resolve_group(group: str) -> int:
         raise JailError(f"gid: unknown group {group!r}") from None
 
 
+def already(uid: int | None, gid: int | None) -> bool:
+    """The caller is that unprivileged user already, for good (a tyrant-mode
+    vassal is its owner from its first instruction): nothing left to drop,
+    and it could not change its groups anyway."""
+    return uid not in (None, 0) and os.getresuid() == (uid,) * 3 and (gid is None or os.getresgid() == (gid,) * 3)
+
+
 def drop_to(uid: int | None, gid: int | None, user_name: str | None) -> None:
     """gid and supplementary groups, then uid, for good (POSIX part of every
     backend's drop_privileges)."""
+    if already(uid, gid):
+        return
     if gid is not None:
         if user_name:
             os.initgroups(user_name, gid)

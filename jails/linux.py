@@ -77,7 +77,7 @@ PR_SET_PDEATHSIG = 1
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "armv7l": 218, "i686": 217, "ppc64le": 203, "s390x": 217, "riscv64": 41}
 
 
-from jails.base import JailError, drop_to, resolve_group, resolve_user  # noqa: E402,F401  (shared by every backend)
+from jails.base import JailError, already, drop_to, resolve_group, resolve_user  # noqa: E402,F401  (shared by every backend)
 
 
 def _check(result: int, what: str) -> None:
@@ -135,7 +135,10 @@ def unshare_user(flags: int, uid_map: str, gid_map: str) -> None:
     the parent namespace, so a helper forked first writes them for us."""
     ready_r, ready_w = os.pipe()
     done_r, done_w = os.pipe()
-    me = os.getpid()
+    # Our own /proc entry, held open: in a pid namespace (emperor-use-clone =
+    # pid) getpid() is a number the mounted /proc (the host's) knows as
+    # someone else, and writing that one's uid_map fails with EPERM.
+    me = os.open("/proc/self", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     helper = os.fork()
     if helper == 0:
         os.close(ready_w)
@@ -144,8 +147,11 @@ def unshare_user(flags: int, uid_map: str, gid_map: str) -> None:
         try:
             if os.read(ready_r, 1) == b"1":
                 for name, text in (("uid_map", uid_map), ("gid_map", gid_map)):
-                    with open(f"/proc/{me}/{name}", "w") as handle:
-                        handle.write(text + "\n")
+                    fd = os.open(name, os.O_WRONLY, dir_fd=me)
+                    try:
+                        os.write(fd, (text + "\n").encode())
+                    finally:
+                        os.close(fd)
                 result = b"1"
         except OSError as exc:
             os.write(2, f"user namespace map: {exc}\n".encode())
@@ -153,6 +159,7 @@ def unshare_user(flags: int, uid_map: str, gid_map: str) -> None:
         os._exit(0)
     os.close(ready_r)
     os.close(done_w)
+    os.close(me)
     try:
         try:
             unshare(flags | CLONE_NEWUSER)
@@ -354,6 +361,8 @@ def drop_capabilities(caps: Iterable[int]) -> None:
 def drop_privileges(uid: int | None, gid: int | None, user_name: str | None) -> None:
     """gid, supplementary groups, then uid; no_new_privs and a bare bounding set."""
     set_no_new_privs()
+    if already(uid, gid):
+        return
     if uid is None and gid is None or uid == 0:
         # Root stays root, without the capabilities no app needs.
         drop_capabilities(UNNEEDED_CAPS.values())

@@ -3,6 +3,7 @@ policy of which namespaces a vassal gets is in vassal/jail.py)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 
@@ -55,6 +56,23 @@ class LinuxBackend(Backend):
 
     def drop_privileges(self, uid, gid, user_name) -> None:
         linux.drop_privileges(uid, gid, user_name)
+
+    def owns_process(self, pid: int) -> bool:
+        """As PID 1 of the vassal's pid namespace every pid we can name is
+        ours; otherwise a process is ours if it sits in our cgroups (a
+        daemon that double-forked away from us is still there)."""
+        if os.getpid() == 1:
+            return True
+        try:
+            with open("/proc/self/cgroup") as handle:
+                mine = handle.read()
+            with open(f"/proc/{pid}/cgroup") as handle:
+                theirs = handle.read()
+        except OSError:
+            return False
+        if "pyemperor." in mine:
+            return mine == theirs
+        return super().owns_process(pid)
 
     def mount(self, fstype: str, source: str, target: str, flags: list[str]) -> None:
         bits = linux.parse_mount_flags(flags)

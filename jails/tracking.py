@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -133,6 +135,154 @@ class CgroupTree:
             except OSError:
                 pass
             _rmdir(self.own_leaf)
+
+
+# --- leftovers of dead emperors -------------------------------------------------
+
+# The dirs an emperor makes beside its own cgroup: its vassals' tree, and on v2
+# the leaf it moves itself into (see CgroupTree.leave_for_leaf).
+EMPEROR_DIR = re.compile(r"pyemperor\.(\d+)(\.emperor)?")
+STALE_KILL_SECONDS = 2.0
+
+
+def _looks_like_emperor(argv: list[str]) -> bool:
+    """``emperor ...``, ``python [opts] .../bin/emperor ...`` or ``python
+    [opts] -m emperor ...``; a zygote (``-m emperor.zygote``) is not one."""
+    if not argv:
+        return False
+    if os.path.basename(argv[0]) == "emperor":
+        return True
+    words = iter(argv[1:])
+    for word in words:
+        if word == "-m":
+            return next(words, "") in ("emperor", "emperor.cli", "emperor.__main__")
+        if word.startswith("-m"):
+            return word[2:] in ("emperor", "emperor.cli", "emperor.__main__")
+        if word in ("-c", "-W", "-X", "--check-hash-based-pycs"):
+            next(words, "")
+            continue
+        if not word.startswith("-"):
+            return os.path.basename(word) == "emperor"
+    return False
+
+
+def emperor_alive(pid: int) -> bool:
+    """Whether ``pid`` may be the emperor that named a ``pyemperor.<pid>``
+    dir. A pid that exists but runs something else was reused after that
+    emperor died; anything we cannot read counts as alive, so that a live
+    emperor's vassals are never killed by mistake."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            cmdline = handle.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:
+        return True
+    state = stat[stat.rfind(b")") + 2:][:1]
+    if state in (b"Z", b"X"):
+        return False  # killed, not yet reaped by its parent
+    argv = [word.decode("utf-8", "replace") for word in cmdline.split(b"\0") if word]
+    return _looks_like_emperor(argv)
+
+
+def _subtree(path: str) -> list[str]:
+    """``path`` and every cgroup below it, deepest first (rmdir order)."""
+    found: list[str] = []
+    for directory, _, _ in os.walk(path, topdown=False):
+        found.append(directory)
+    return found
+
+
+def _kill_subtree(path: str, killed: set[int]) -> bool:
+    """SIGKILL what is in ``path``'s subtree; True once it is empty."""
+    kill_file = os.path.join(path, "cgroup.kill")
+    if os.path.exists(kill_file):
+        try:
+            with open(kill_file, "w") as handle:
+                handle.write("1")  # v2: the kernel kills the whole subtree, forks in flight included
+        except OSError:
+            pass
+    empty = True
+    for directory in _subtree(path):
+        for pid in VassalCgroup(directory).pids():
+            empty = False
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except ProcessLookupError:
+                pass
+    return empty
+
+
+def _stale_parents(tree: CgroupTree) -> list[str]:
+    """Where dead emperors' dirs can be: beside our own vassals' tree, and on
+    v1 beside our dirs in the limit hierarchies."""
+    parents = [os.path.dirname(tree.base)]
+    if not tree.unified:
+        for controller, hierarchy in V1_LIMIT_HIERARCHIES.items():
+            own = _own_cgroup(controller)
+            if own is not None:
+                parents.append(os.path.join(CGROUP_ROOT, hierarchy, own.lstrip("/")))
+    found: list[str] = []
+    for parent in parents:
+        real = os.path.realpath(parent)
+        if real not in found and os.path.isdir(real):
+            found.append(real)
+    return found
+
+
+def reap_stale(tree: CgroupTree | None, log: Callable[[str], None], seconds: float = STALE_KILL_SECONDS) -> None:
+    """At emperor start: an emperor that was SIGKILLed left its cgroups, and
+    whatever escaped its vassals' stop (a setsid'd, SIGTERM-ignoring
+    grandchild keeping a port) still runs in them. Kill it all and remove
+    the dirs, for every ``pyemperor.<pid>`` of a dead emperor beside ours;
+    in our own dir (a dead emperor had our pid: containers restart with the
+    same one) only what is below it. Bounded by ``seconds``: what will not
+    die by then is logged and left."""
+    if tree is None:
+        return
+    ours = os.getpid()
+    doomed: dict[str, int] = {}  # dir -> the dead emperor's pid
+    for parent in _stale_parents(tree):
+        try:
+            entries = [e for e in os.scandir(parent) if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue
+        for entry in entries:
+            match = EMPEROR_DIR.fullmatch(entry.name)
+            if match is None:
+                continue
+            pid = int(match.group(1))
+            if pid != ours:
+                if not emperor_alive(pid):
+                    doomed[entry.path] = pid
+            elif match.group(2) is None:  # (our own leaf holds us: never touched)
+                try:
+                    doomed.update((e.path, pid) for e in os.scandir(entry.path) if e.is_dir(follow_symlinks=False))
+                except OSError:
+                    pass
+    if not doomed:
+        return
+    killed: dict[str, set[int]] = {path: set() for path in doomed}
+    deadline = time.monotonic() + seconds
+    pending = list(doomed)
+    while True:
+        pending = [path for path in pending if not _kill_subtree(path, killed[path])]
+        if not pending or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    for path, pid in doomed.items():
+        what = f"stale cgroup {path} of dead emperor {pid}"
+        if killed[path]:
+            what += f" (killed {len(killed[path])} process(es): {' '.join(map(str, sorted(killed[path])))})"
+        if path in pending:
+            log(f"{what}: still not empty after {seconds:g}s, left in place")
+        elif all([_rmdir(directory) for directory in _subtree(path)]):
+            log(f"removed {what}")
+        else:
+            log(f"{what}: emptied but cannot be removed")
 
 
 def _rmdir(path: str) -> bool:
@@ -313,6 +463,30 @@ class LimitGroups:
     def remove(self) -> None:
         for directory in set(self.dirs.values()):
             _rmdir(directory)
+
+
+# Every file LimitGroups.apply writes, in its order (v1 wants the cpu period
+# before the quota): what a cgroup standing in for a configured one must be
+# given (a zygote spare's, see emperor/zygote.py Spare.take).
+LIMIT_FILES = (
+    "memory.max", "memory.swap.max", "memory.oom.group", "memory.limit_in_bytes",
+    "pids.max",
+    "cpu.cfs_period_us", "cpu.cfs_quota_us", "cpu.max",
+)
+
+
+def copy_limits(source: str, target: str) -> None:
+    """Give cgroup ``target`` the limits of ``source`` (a sibling, so the same
+    files exist in both). Every value is written, defaults too: ``target``
+    keeps nothing of an earlier copy. Raises OSError."""
+    for name in LIMIT_FILES:
+        try:
+            with open(os.path.join(source, name)) as handle:
+                value = handle.read().strip()
+        except FileNotFoundError:
+            continue  # not a controller of this hierarchy (v1) or not enabled here (v2)
+        with open(os.path.join(target, name), "w") as handle:
+            handle.write(value)
 
 
 def limit_groups(tree: CgroupTree, name: str, limits: Limits) -> LimitGroups:

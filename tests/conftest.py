@@ -163,7 +163,9 @@ def start_emperor(tmp_path: Path) -> Iterator[Callable[..., EmperorProc]]:
         log = tmp_path / f"emperor-{len(started)}.log"
         handle = open(log, "wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "emperor", "--control", str(control), "--emperor-throttle", "200", "--emperor-curse-tolerance", "3", *extra, str(directory)],
+            # PYTEST_TAG passed on so that the leak check finds the vassals' processes too.
+            [sys.executable, "-m", "emperor", "--control", str(control), "--emperor-throttle", "200", "--emperor-curse-tolerance", "3",
+             "--vassal-env-pass", "PYTEST_TAG", *extra, str(directory)],
             stdout=handle,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTEST_TAG": TEST_TAG},

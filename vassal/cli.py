@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 from vassal import options, protocol
 from vassal.cliopts import add_option_flags, preprocess_argv
-from vassal.config import Config, ConfigError, load, unsupported
+from vassal.config import MAX_HANDED_BYTES, Config, ConfigError, from_json, load, unsupported
 
 _PARSER: argparse.ArgumentParser | None = None
 
@@ -61,23 +62,46 @@ def parse_sets(items: list[str]) -> list[tuple[str, str]]:
     return overrides
 
 
-def run_file(path: str, kind: str | None, inherit: list[str], sets: list[str]) -> int:
-    """What ``vassal [--inherit F]... [--set K=V]... --KIND PATH`` does, without
-    argparse: the zygote's vassals start here (less work, fewer pages touched)."""
-    path = os.path.abspath(path)
+def handed_config() -> Config | None:
+    """The config the emperor validated and handed over (an fd named by
+    PYEMPEROR_CONFIG_FD), or None when we run on our own."""
+    fd_text = os.environ.pop(protocol.ENV_CONFIG_FD, "")
+    if not fd_text.isdigit():
+        return None
+    return config_from_fd(int(fd_text))
 
-    def reload_config() -> Config:
-        return load(path, kind=kind, inherit=inherit, overrides=parse_sets(sets))
 
+def config_from_fd(fd: int) -> Config:
     try:
-        config = reload_config()
+        chunks = []
+        offset = 0
+        while chunk := os.pread(fd, 1 << 20, offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+            if offset > MAX_HANDED_BYTES:
+                break
+    except OSError as exc:
+        raise ConfigError([_problem(f"cannot read the handed config: {exc.strerror}")]) from None
+    finally:
+        os.close(fd)
+    return from_json(b"".join(chunks))
+
+
+def run_handed() -> int:
+    """A vassal started by our emperor (the zygote's, or ``vassal`` with
+    PYEMPEROR_CONFIG_FD): it runs exactly the config the emperor validated,
+    and on reload the one the emperor hands over next; it reads no file."""
+    try:
+        config = handed_config()
+        if config is None:
+            raise ConfigError([_problem(f"no config handed over ({protocol.ENV_CONFIG_FD} unset)")])
         if problems := unsupported(config):
             raise ConfigError(problems)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"vassal: {problem}", file=sys.stderr)
         return protocol.EXIT_CONFIG
-    return run(config, reload_config)
+    return run(config, None)
 
 
 def _problem(message: str):
@@ -89,6 +113,9 @@ def _problem(message: str):
 def main(argv: list[str] | None = None) -> int:
     parser = shared_parser()
     args = parser.parse_args(preprocess_argv(list(sys.argv[1:] if argv is None else argv), options.VASSAL))
+    if not args.check and os.environ.get(protocol.ENV_CONFIG_FD):
+        # Started by our emperor: the argv only names the file (uWSGI's form).
+        return run_handed()
     path, kind = _config_source(args, parser)
     try:
         config = load_from_args(args, path, kind)
@@ -109,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     return run(config, lambda: load_from_args(args, path, kind))
 
 
-def run(config: Config, reload_config) -> int:
+def run(config: Config, reload_config: Callable[[], Config] | None) -> int:
+    """``reload_config`` re-reads the file on a reload; None: the emperor
+    hands every new config over (protocol.CONFIG_FD)."""
+
     from vassal.top import Top
 
     name = os.path.basename(config.path)

@@ -10,8 +10,11 @@ the option table. Every problem is collected with its file, line and key, so
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -53,18 +56,71 @@ class ConfigError(Exception):
 # --- reading files ---------------------------------------------------------
 
 
-def _read_text(path: str) -> str:
+# A config or template is a small text file; anything bigger is a mistake or
+# an attack (a 100k-line file froze the emperor's loop for most of a second).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class ConfigUnavailable(ConfigError):
+    """The file could not be read for lack of a resource (fds, memory): not
+    the file's fault, so the reader tries again later."""
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def tenant_may_read(st: os.stat_result, owner: int) -> bool:
+    """Tyrant mode: a tenant includes its own files, or the operator's shared
+    templates (root's and world-readable), never another tenant's."""
+    return st.st_uid == owner or (st.st_uid == 0 and bool(st.st_mode & stat.S_IROTH))
+
+
+def _read_text(path: str, owner: int | None = None) -> str:
+    """The text of a regular file of at most MAX_CONFIG_BYTES. It is looked at
+    before it is opened (a FIFO would block the reader, a device may act on
+    open), opened non-blocking, and checked again on the open fd. With
+    ``owner`` (tyrant mode) only files that tenant may include are read."""
+
+    def problem(message: str) -> ConfigError:
+        return ConfigError([Problem(path, None, None, message)])
+
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise problem(f"is {_file_kind(st.st_mode)}, not a config file")
+        if owner is not None and not tenant_may_read(st, owner):
+            raise problem(f"tyrant mode: owned by uid {st.st_uid}, not by the vassal's owner (uid {owner}) nor a "
+                          "world-readable template of root's: refusing to read it")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise problem(f"too large ({st.st_size} bytes; a config may have at most {MAX_CONFIG_BYTES})")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
+        try:
+            opened = os.fstat(fd)
+            if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(opened.st_mode):
+                raise problem("replaced while being read")
+            chunks = []
+            size = 0
+            while size <= MAX_CONFIG_BYTES and (chunk := os.read(fd, MAX_CONFIG_BYTES + 1 - size)):
+                chunks.append(chunk)
+                size += len(chunk)
+        finally:
+            os.close(fd)
     except FileNotFoundError:
-        raise ConfigError([Problem(path, None, None, "file not found")]) from None
-    except IsADirectoryError:
-        raise ConfigError([Problem(path, None, None, "is a directory, not a config file")]) from None
+        raise problem("file not found") from None
     except PermissionError:
-        raise ConfigError([Problem(path, None, None, "permission denied")]) from None
+        raise problem("permission denied") from None
     except OSError as exc:
-        raise ConfigError([Problem(path, None, None, f"cannot read: {exc.strerror}")]) from None
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN):
+            raise ConfigUnavailable([Problem(path, None, None, f"cannot read now: {exc.strerror}")]) from None
+        raise problem(f"cannot read: {exc.strerror}") from None
+    data = b"".join(chunks)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise problem(f"too large (over {MAX_CONFIG_BYTES} bytes)")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -165,14 +221,15 @@ def read_toml(path: str, text: str, tables: Sequence[str] = ("vassal",)) -> list
     return entries
 
 
-def read_entries(path: str, kind: str | None = None, emperor: bool = False) -> list[Entry]:
-    """Entries of one file; ``kind`` is ``ini`` or ``toml`` (else by extension)."""
+def read_entries(path: str, kind: str | None = None, emperor: bool = False, owner: int | None = None) -> list[Entry]:
+    """Entries of one file; ``kind`` is ``ini`` or ``toml`` (else by extension);
+    ``owner``: tyrant mode, only a file that uid may include is read."""
     if kind is None:
         ext = os.path.splitext(path)[1].lower()
         if ext not in VALID_EXTENSIONS:
             raise ConfigError([Problem(path, None, None, f"unknown config type {ext or '(none)'!r}: use .ini or .toml")])
         kind = ext[1:]
-    text = _read_text(path)
+    text = _read_text(path, owner)
     if kind == "toml":
         return read_toml(path, text, ("emperor", "uwsgi") if emperor else ("vassal", "uwsgi"))
     return read_ini(path, text, ("uwsgi", "emperor") if emperor else INI_SECTIONS)
@@ -248,14 +305,15 @@ def magic_vars(path: str) -> dict[str, str]:
     }
 
 
-def _expand_magic(text: str, magic: dict[str, str]) -> str:
-    """Only the file-derived placeholders (a template path cannot use %(key))."""
+def _expand_magic(text: str, magic: dict[str, str], env: dict[str, str]) -> str:
+    """Only the file-derived placeholders and the environment (a template
+    path cannot use %(key))."""
 
     def sub(match: re.Match[str]) -> str:
         if match.group(2) is not None:
             return "%" if match.group(2) == "%" else magic.get(match.group(2), match.group(0))
         if match.group(3) is not None:
-            return os.environ.get(match.group(3), match.group(0))
+            return env.get(match.group(3), match.group(0))
         return match.group(0)
 
     return _PLACEHOLDER_RE.sub(sub, text)
@@ -273,6 +331,12 @@ class Config:
     raw: list[Entry] = field(default_factory=list)
     # Every validated value in file order (hooks of one phase run in this order).
     items: list[tuple[str, object, Entry]] = field(default_factory=list)
+    # The same, each as its text after placeholder expansion: what a vassal is
+    # handed, so that it runs exactly what was validated (see to_json).
+    expanded: list[Entry] = field(default_factory=list)
+    # Tyrant mode: the (uid, gid) that owns the file, which this config was
+    # validated for and runs as.
+    owner: tuple[int, int] | None = None
 
     def get(self, key: str, default: object = None) -> object:
         found = self.values.get(key)
@@ -295,6 +359,13 @@ class Config:
 
     def jail_fingerprint(self) -> tuple:
         return self.fingerprint(o.name for o in options.all_options() if o.jail)
+
+    def to_json(self) -> bytes:
+        """The validated config, expanded: the emperor parses a file once, in
+        one environment, and hands this to the vassal (DESIGN 3, tyrant mode),
+        which rebuilds it with :func:`from_json` without reading any file."""
+        return json.dumps({"path": self.path, "scope": self.scope,
+                           "entries": [[e.key, e.value, e.file, e.line] for e in self.expanded]}).encode()
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {}
@@ -333,14 +404,16 @@ def build(
     scope: str = options.VASSAL,
     env: dict[str, str] | None = None,
     lenient: bool = False,
+    expanded: bool = False,
 ) -> Config:
     """Expand placeholders and validate ``entries`` (already in precedence order).
 
     ``lenient`` is for configs that belong to a wrapped program (a real uWSGI):
-    keys we do not know are kept raw instead of refused.
+    keys we do not know are kept raw instead of refused. ``expanded``: the
+    entries' values are already expanded (a config handed over by the emperor).
     """
     expander = _Expander(magic_vars(path), list(entries), dict(os.environ if env is None else env))
-    referenced = _referenced_names(entries)
+    referenced = set() if expanded else _referenced_names(entries)
     config = Config(path=path, scope=scope, raw=list(entries))
     problems: list[Problem] = []
     for entry in entries:
@@ -354,7 +427,7 @@ def build(
             problems.append(Problem(entry.file, entry.line, entry.key, f"unknown option{hint}"))
             continue
         try:
-            text = expander.expand(entry)
+            text = entry.value if expanded else expander.expand(entry)
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
@@ -370,9 +443,71 @@ def build(
             config.values[name] = [value]
         config.sources.setdefault(name, []).append(entry)
         config.items.append((name, value, entry))
+        config.expanded.append(Entry(entry.key, text, entry.file, entry.line))
     if problems:
         raise ConfigError(problems)
     return config
+
+
+# A handed-over config is at most a full-size file plus its templates, as JSON.
+MAX_HANDED_BYTES = 8 * MAX_CONFIG_BYTES
+
+
+def from_json(data: bytes) -> Config:
+    """A config handed over by the emperor (Config.to_json), validated again
+    against the option table but never expanded again."""
+    if len(data) > MAX_HANDED_BYTES:
+        raise ConfigError([Problem("<emperor>", None, None, f"handed config too large ({len(data)} bytes)")])
+    try:
+        doc = json.loads(data)
+        path = str(doc["path"])
+        entries = [Entry(str(k), str(v), str(f), ln if isinstance(ln, int) else None) for k, v, f, ln in doc["entries"]]
+        scope = str(doc.get("scope", options.VASSAL))
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise ConfigError([Problem("<emperor>", None, None, f"malformed handed config: {exc}")]) from None
+    return build(path, entries, scope=scope, expanded=True)
+
+
+def read_with_templates(
+    path: str,
+    *,
+    kind: str | None = None,
+    inherit: Sequence[str] = (),
+    scope: str = options.VASSAL,
+    env: dict[str, str] | None = None,
+    owner: int | None = None,
+) -> list[Entry]:
+    """The entries of ``inherit`` templates, then of the file's own
+    ``vassals-inherit`` templates, then of the file itself. ``owner`` (tyrant
+    mode): the file's own templates must be files that uid may include."""
+    entries: list[Entry] = []
+    problems: list[Problem] = []
+    own: list[Entry] = []
+    try:
+        own = read_entries(path, kind, emperor=scope == options.EMPEROR)
+    except ConfigUnavailable:
+        raise
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    magic = magic_vars(path)
+    environ = dict(os.environ if env is None else env)
+    own_templates = [
+        os.path.join(os.path.dirname(os.path.abspath(path)), _expand_magic(e.value, magic, environ))
+        for e in own
+        if e.key == "vassals-inherit" and scope == options.VASSAL
+    ]
+    for template, trusted in [(t, True) for t in inherit] + [(t, False) for t in own_templates]:
+        try:
+            found = read_entries(template, emperor=False, owner=None if trusted else owner)
+            entries.extend(e for e in found if e.key != "vassals-inherit")
+        except ConfigUnavailable:
+            raise
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    entries.extend(own)
+    return entries
 
 
 def load(
@@ -384,6 +519,7 @@ def load(
     scope: str = options.VASSAL,
     env: dict[str, str] | None = None,
     lenient: bool = False,
+    owner: int | None = None,
 ) -> Config:
     """Read a config with its templates and ``--set`` overrides, then validate it.
 
@@ -391,28 +527,9 @@ def load(
     repeated keys follow the inherited ones. Overrides (``--set``,
     ``vassal-set``) come last: they are the operator's word.
     """
-    entries: list[Entry] = []
-    problems: list[Problem] = []
-    own: list[Entry] = []
-    try:
-        own = read_entries(path, kind, emperor=scope == options.EMPEROR)
-    except ConfigError as exc:
-        problems.extend(exc.problems)
-    magic = magic_vars(path)
-    own_templates = [
-        os.path.join(os.path.dirname(os.path.abspath(path)), _expand_magic(e.value, magic))
-        for e in own
-        if e.key == "vassals-inherit" and scope == options.VASSAL
-    ]
-    templates = list(inherit) + own_templates
-    for template in templates:
-        try:
-            entries.extend(e for e in read_entries(template, emperor=False) if e.key != "vassals-inherit")
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-    if problems:
-        raise ConfigError(problems)
-    entries.extend(own)
-    for key, value in overrides:
-        entries.append(Entry(key, value, "--set", None))
-    return build(path, entries, scope=scope, env=env, lenient=lenient)
+    entries = read_with_templates(path, kind=kind, inherit=inherit, scope=scope, env=env, owner=owner)
+    return build(path, entries + overrides_entries(overrides), scope=scope, env=env, lenient=lenient)
+
+
+def overrides_entries(overrides: Sequence[tuple[str, str]]) -> list[Entry]:
+    return [Entry(key, value, "--set", None) for key, value in overrides]

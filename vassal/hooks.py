@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jails
@@ -23,6 +25,9 @@ from vassal.log import log
 from vassal.options import HOOK_PHASES
 
 WAIT_DEFAULT_TIMEOUT = 10.0
+# hook-timeout's default: a hook that hangs must not leave its vassal
+# `starting` forever. None or 0: no limit.
+HOOK_TIMEOUT = 60.0
 FIXED_FORMS = ("exec", "mount", "umount", "call")
 
 
@@ -76,10 +81,17 @@ def needs(config: Config) -> set[str]:
     return wanted
 
 
+def hook_timeout(config: Config) -> float | None:
+    """``hook-timeout`` in seconds; None when 0 (no limit)."""
+    value = config.get("hook-timeout", HOOK_TIMEOUT)
+    return float(value) or None  # type: ignore[arg-type]
+
+
 def run_phase(config: Config, phase: str, fatal: bool = True) -> None:
+    timeout = hook_timeout(config)
     for hook in hooks_for(config, phase):
         try:
-            run_hook(hook)
+            run_hook(hook, timeout)
         except HookExit:
             raise
         except Exception as exc:
@@ -89,13 +101,12 @@ def run_phase(config: Config, phase: str, fatal: bool = True) -> None:
             log(message)
 
 
-def run_hook(hook: Hook) -> None:
+def run_hook(hook: Hook, timeout: float | None = HOOK_TIMEOUT) -> None:
+    """Run one hook; ``timeout`` (hook-timeout) bounds exec and the waiting
+    actions, whose overrun is a HookError naming it."""
     action, args = hook.action, hook.args
     if action == "exec":
-        # Waited for by pid: no other reaper runs while a hook does.
-        result = subprocess.run(["/bin/sh", "-c", args], stdin=subprocess.DEVNULL, check=False)
-        if result.returncode != 0:
-            raise HookError(f"command exited with {result.returncode}")
+        _exec(args, timeout)
     elif action == "cd":
         os.chdir(args)
     elif action == "mkdir":
@@ -131,13 +142,43 @@ def run_hook(hook: Hook) -> None:
     elif action == "exit":
         raise HookExit(int(args) if args.strip() else 0)
     elif action == "wait_for_file":
-        path, timeout = _with_timeout(args)
-        _wait(lambda: os.path.exists(path), timeout, f"file {path}")
+        path, own = _with_timeout(args)
+        _wait(lambda remaining: os.path.exists(path), own, timeout, f"file {path}")
     elif action == "wait_for_socket":
-        address, timeout = _with_timeout(args)
-        _wait(lambda: _connects(address), timeout, f"socket {address}")
+        address, own = _with_timeout(args)
+        _wait(lambda remaining: _connects(address, remaining), own, timeout, f"socket {address}")
     else:  # the option table refuses unknown actions; kept as a guard
         raise HookError(f"unknown action {action!r}")
+
+
+def _timed_out(timeout: float, done: str = "") -> HookError:
+    return HookError(f"timed out after {timeout:g}s (hook-timeout = {timeout:g}){done}")
+
+
+def _exec(command: str, timeout: float | None) -> None:
+    # Its own process group, so that a timeout kills what the shell started
+    # too (a pipeline, a backgrounded child), not just the shell.
+    proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.DEVNULL, process_group=0)
+    try:
+        # Waited for by pid: no other reaper runs while a hook does.
+        code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        raise _timed_out(timeout, ": killed its process group") from None  # type: ignore[arg-type]
+    except BaseException:
+        # Interrupted (a signal handler raised): the hook must not outlive us.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        raise
+    if code != 0:
+        raise HookError(f"command exited with {code}")
 
 
 def call(spec: str) -> object:
@@ -161,25 +202,31 @@ def _with_timeout(args: str) -> tuple[str, float]:
     return words[0], timeout
 
 
-def _connects(address: str) -> bool:
+def _connects(address: str, within: float = 1.0) -> bool:
+    wait = max(0.01, min(1.0, within))
     try:
         if "/" in address:
             with socket.socket(socket.AF_UNIX) as sock:
-                sock.settimeout(1)
+                sock.settimeout(wait)
                 sock.connect(address)
         else:
             host, _, port = address.rpartition(":")
-            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=1):
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=wait):
                 pass
         return True
     except OSError:
         return False
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
+def _wait(predicate: Callable[[float], bool], own: float, limit: float | None, what: str) -> None:
+    """Poll ``predicate`` (given the seconds left) until it holds: past the
+    action's own timeout it failed, past hook-timeout (``limit``) it hung."""
+    timeout = own if limit is None else min(own, limit)
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not predicate(deadline - time.monotonic()):
         if time.monotonic() > deadline:
-            raise HookError(f"{what} did not appear within {timeout:g}s")
+            if limit is not None and limit < own:
+                raise _timed_out(limit)
+            raise HookError(f"{what} did not appear within {own:g}s")
         time.sleep(0.05)
     sys.stdout.flush()

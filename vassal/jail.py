@@ -34,8 +34,6 @@ def own_namespaces(config: Config) -> set[str]:
 
 
 ROOT_PHASES = ("pre-jail", "post-jail", "in-jail", "as-root")
-# Hook actions harmless when run as root for a tenant (tyrant mode).
-TYRANT_SAFE_ACTIONS = ("print", "putenv", "hostname", "cd")
 ENV_TYRANT = "PYEMPEROR_TYRANT"
 
 
@@ -47,33 +45,52 @@ def tyrant_owner() -> tuple[int, int] | None:
     return int(uid), int(gid)
 
 
+def tyrant_namespaces(config: Config, cloned: set[str]) -> set[str]:
+    """Tyrant mode (DESIGN 3): the namespaces a tenant's vassal is made in.
+    Any namespace at all comes with a user namespace mapped to the file's
+    owner that owns them all, made by the emperor's spawning child before any
+    of the tenant's code runs, so that root in there is the owner outside.
+    With none, the top process simply is the owner (dropped before it starts)."""
+    wanted = set(cloned) | own_namespaces(config)
+    return wanted | {"user"} if wanted else set()
+
+
 def socket_tenant(config: Config) -> tuple[int, int] | None:
-    """Whose unix sockets we bind in tyrant mode; in a user namespace root
-    already is the tenant and the kernel checks every path itself."""
+    """Whose unix sockets we bind in tyrant mode (a friendlier error than the
+    kernel's EACCES); in a user namespace the kernel checks every path itself."""
     if "user" in cloned_namespaces() | own_namespaces(config):
         return None
     return tyrant_owner()
 
 
-def tyrant_problems(config: Config, user_ns: bool) -> list[Problem]:
-    """In tyrant mode a tenant's file never runs anything as host root. In a
-    user namespace whose root is the file's owner the kernel enforces that,
-    so everything is allowed there but choosing the id maps; without one,
-    root phases, mounts, pivot-root, chroot and privileged ports are refused."""
+def _owner_groups(uid: int, gid: int) -> set[int]:
+    import pwd
+
+    try:
+        return set(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+    except KeyError:
+        return {gid}
+
+
+def tyrant_problems(config: Config, namespaces: set[str], owner: tuple[int, int]) -> list[Problem]:
+    """What a tenant's file may not ask for. Nothing of it runs as host root
+    (the top process is the owner, or root of a user namespace mapped to the
+    owner), so the kernel refuses the rest; these are the keys that could
+    only fail, named clearly up front, checked again on every reload."""
     found: list[Problem] = []
+
+    def refuse(key: str, why: str) -> None:
+        for entry in config.sources.get(key, []):
+            found.append(Problem(entry.file, entry.line, key, why))
+
     for key in ("uid-map", "gid-map"):
-        for entry in config.sources.get(key, []):
-            found.append(Problem(entry.file, entry.line, key, f"{key} is not allowed in tyrant mode (root in the namespace is the file's owner)"))
-    if user_ns:
+        refuse(key, f"{key} is not allowed in tyrant mode (root in the namespace is the file's owner)")
+    if "user" in namespaces:
+        for key in ("uid", "gid"):
+            refuse(key, f"{key} is not allowed in tyrant mode with namespaces: the app runs as root of its user namespace, which is the file's owner outside")
+        refuse("chown-socket", "chown-socket is not allowed in tyrant mode with namespaces (the socket already belongs to the file's owner)")
         return found
-    for key in ("pivot-root", "chroot"):
-        for entry in config.sources.get(key, []):
-            found.append(Problem(entry.file, entry.line, key, f"{key} is not allowed in tyrant mode (it would run as root)"))
-    for phase in ROOT_PHASES:
-        for hook in hooks.hooks_for(config, phase):
-            if hook.action not in TYRANT_SAFE_ACTIONS:
-                found.append(Problem(hook.entry.file, hook.entry.line, hook.entry.key,
-                                     f"action {hook.action} in root phase {phase} is not allowed in tyrant mode (it would run as root)"))
+    refuse("chroot", "chroot needs a namespace in tyrant mode (add unshare = fs: the vassal then gets a user namespace mapped to you)")
     for key in ("http-socket", "socket"):
         for value, entry in zip(config.getlist(key), config.sources.get(key, []), strict=False):
             address = str(value)
@@ -81,14 +98,26 @@ def tyrant_problems(config: Config, user_ns: bool) -> list[Problem]:
                 port = int(address.rpartition(":")[2])
                 if 0 < port < 1024:
                     found.append(Problem(entry.file, entry.line, key, f"port {port} is privileged: not allowed in tyrant mode"))
+    for value, entry in zip(config.getlist("chown-socket"), config.sources.get("chown-socket", []), strict=False):
+        user, _, group = str(value).partition(":")
+        try:
+            uid = resolve_user(user)[0] if user else owner[0]
+            gid = resolve_group(group) if group else owner[1]
+        except jails.JailError as exc:
+            found.append(Problem(entry.file, entry.line, "chown-socket", str(exc)))
+            continue
+        if uid != owner[0] or gid not in _owner_groups(*owner):
+            found.append(Problem(entry.file, entry.line, "chown-socket",
+                                 f"chown-socket {value}: in tyrant mode a socket may only go to its owner (uid {owner[0]}) and one of the owner's groups"))
     return found
 
 
-def problems(config: Config, cloned: set[str], tyrant: bool = False) -> list[Problem]:
+def problems(config: Config, cloned: set[str], tyrant: tuple[int, int] | None = None) -> list[Problem]:
     """Actions that need a namespace the vassal will not have (DESIGN 3a),
-    and, in tyrant mode, what would run as root."""
-    have = cloned | own_namespaces(config)
-    found: list[Problem] = tyrant_problems(config, "user" in have) if tyrant else []
+    and, in tyrant mode (``tyrant`` is the file's owner), what a tenant may
+    not ask for."""
+    have = tyrant_namespaces(config, cloned) if tyrant else cloned | own_namespaces(config)
+    found: list[Problem] = tyrant_problems(config, have, tyrant) if tyrant else []
 
     def need(key: str, namespace: str, what: str) -> None:
         for entry in config.sources.get(key, []):

@@ -303,6 +303,9 @@ for _phase in HOOK_PHASES:
     _opt(f"umount-{_phase}", parse_words(1, 2), f"umount in phase {_phase}", multi=True, metavar="DST [FLAGS]", jail=_jail, group="hooks")
     _opt(f"call-{_phase}", parse_nonempty, f"call a Python function in phase {_phase}", multi=True, metavar="DOTTED.PATH", jail=_jail, group="hooks")
 
+_opt("hook-timeout", parse_float, "seconds an exec hook or a wait_for_* action may take before it is killed and the vassal fails"
+     " with reason hook (0: no limit)", default=60.0, metavar="S", scope=BOTH, group="hooks")
+
 # --- logging ------------------------------------------------------------------
 _opt("logto", parse_nonempty, "write the log to FILE", metavar="FILE", group="logging", scope=BOTH)
 _opt("log-encoder", lambda text: _log_encoder(text), "encode every log line", multi=True, metavar="ENCODER [ARGS]", group="logging")
@@ -327,6 +330,9 @@ _bool("emperor-zygote", "fork vassals from a pre-imported template process (=fal
 _bool("emperor-nofollow", "do not follow symlinks when checking mtime", scope=E, group="emperor", compat=True)
 _opt("vassals-inherit", parse_nonempty, "template read before every vassal", multi=True, metavar="FILE", scope=BOTH, group="emperor")
 _opt("vassal-set", parse_kv, "set KEY=VALUE in every vassal", multi=True, metavar="KEY=VALUE", scope=E, group="emperor")
+_opt("vassal-env-pass", parse_nonempty, "pass this emperor environment variable (or fnmatch pattern) to every vassal; "
+     "besides it vassals get only PATH, LANG, LANGUAGE, LC_*, TZ, their own env keys and the emperor protocol's variables "
+     "(the same environment $(VAR) expands from)", multi=True, metavar="NAME", scope=E, group="emperor")
 _opt("tuntap-router", parse_words(2, 3), "run the netrouter", multi=True, metavar="DEV SOCKET [STATS]", scope=E, group="emperor")
 _opt("tuntap-router-firewall-in", parse_nonempty, "router → vassal rule", multi=True, metavar="RULE", scope=E, group="emperor")
 _opt("tuntap-router-firewall-out", parse_nonempty, "vassal → router rule", multi=True, metavar="RULE", scope=E, group="emperor")

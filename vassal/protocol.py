@@ -21,6 +21,12 @@ BROODLORD = 30
 # connection to the netrouter brokered for the vassal's first tuntap-device.
 ROUTER_FD = 40
 ENV_BROKERED = "PYEMPEROR_TUNTAP_BROKERED"
+# emperor -> vassal, ours: this byte carries an fd (SCM_RIGHTS), a sealed
+# memfd holding the validated config (vassal/config.py to_json) that the next
+# graceful reload (byte 1) applies: a vassal never parses its file itself.
+CONFIG_FD = 41
+# The same for the first start: the fd that holds the config.
+ENV_CONFIG_FD = "PYEMPEROR_CONFIG_FD"
 
 NAMES = {
     SPAWNED: "spawned",

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import psutil
 
+import jails
 from vassal.log import log
 from vassal.loop import Loop
 
@@ -64,13 +65,26 @@ class SmartDaemon:
         self.pid: int | None = None
         self.starting_since: float | None = None
         self.stopped = False
+        self.refused: set[int] = set()
         self.check()
+
+    def _ours(self, pid: int | None) -> int | None:
+        """The pidfile's pid if it names a live process of this vassal: only
+        those are ever watched or signalled."""
+        if pid is None or not alive(pid):
+            return None
+        if not jails.backend().owns_process(pid):
+            if pid not in self.refused:
+                self.refused.add(pid)
+                log(f"smart-attach-daemon {self.command!r}: {self.pidfile} names pid {pid}, which is not a process of this vassal: ignored")
+            return None
+        return pid
 
     def check(self) -> None:
         if self.stopped:
             return
-        pid = read_pid(self.pidfile)
-        if pid is not None and alive(pid):
+        pid = self._ours(read_pid(self.pidfile))
+        if pid is not None:
             if pid != self.pid:
                 log(f"smart-attach-daemon {self.command!r}: running as pid {pid}")
             self.pid = pid
@@ -87,8 +101,8 @@ class SmartDaemon:
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         self.stopped = True
-        pid = self.pid or read_pid(self.pidfile)
-        if pid is not None and alive(pid):
+        pid = self._ours(read_pid(self.pidfile)) or self._ours(self.pid)
+        if pid is not None:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:

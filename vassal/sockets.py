@@ -74,18 +74,24 @@ def bind(kind: str, address: str, backlog: int, mode: int | None = None, owner: 
                     os.unlink(address)  # a stale socket from a previous run
             except FileNotFoundError:
                 pass
+        # The mode is given at creation (by the umask) and the owner by
+        # lchown: the name lives in a dir someone else may write to, and a
+        # symlink raced onto it must never turn a chmod or chown elsewhere.
+        previous = os.umask(0o777 & ~mode) if mode is not None and not address.startswith("@") else None
         try:
             sock.bind(path)
         except OSError as exc:
             sock.close()
             raise SocketError(f"cannot bind {kind} socket {address}: {exc.strerror}") from None
-        if not address.startswith("@"):
-            if tenant is not None:
-                os.chown(address, tenant[0], tenant[1])
-            if mode is not None:
-                os.chmod(address, mode)
-            if owner:
+        finally:
+            if previous is not None:
+                os.umask(previous)
+        if not address.startswith("@") and owner:
+            try:
                 _chown(address, owner)
+            except OSError as exc:
+                sock.close()
+                raise SocketError(f"chown-socket {owner} on {address}: {exc.strerror}") from None
     else:
         host, port = _split_host_port(address)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -110,4 +116,4 @@ def _chown(path: str, owner: str) -> None:
             gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
     except KeyError as exc:
         raise SocketError(f"chown-socket: unknown user or group {exc.args[0]!r}") from None
-    os.chown(path, uid, gid)
+    os.chown(path, uid, gid, follow_symlinks=False)

@@ -56,10 +56,13 @@ class Daemon:
 
 
 class Top:
-    def __init__(self, name: str, config: Config, reload_config: Callable[[], Config]):
+    def __init__(self, name: str, config: Config, reload_config: Callable[[], Config] | None):
         self.name = name
         self.config = config
+        # None: the emperor hands each new config over (CONFIG_FD) and we
+        # never read the file ourselves (DESIGN 3: one parse, in the emperor).
         self.reload_config = reload_config
+        self.handed: Config | None = None
         self.loop = Loop()
         self.listeners: dict[tuple[str, str], Listener] = {}
         self.current: MasterHandle | None = None
@@ -130,10 +133,30 @@ class Top:
                     self.tun_links[0].adopt(fd)
                 else:
                     os.close(fd)
+            elif byte == protocol.CONFIG_FD and fds:
+                self._take_config(fds.pop(0))
             else:
                 log(f"ignoring unknown emperor message {byte}")
         for fd in fds:
             os.close(fd)
+
+    def _take_config(self, fd: int) -> None:
+        """The emperor's validated config for the next reload."""
+        from vassal.cli import config_from_fd
+
+        if self.reload_config is not None:
+            os.close(fd)  # we read our own file (not started by our emperor)
+            return
+        try:
+            self.handed = config_from_fd(fd)
+        except ConfigError as exc:
+            log(f"ignoring a handed config: {exc}")
+
+    def _next_config(self) -> Config:
+        if self.reload_config is not None:
+            return self.reload_config()
+        new, self.handed = self.handed or self.config, None
+        return new
 
     # --- lifecycle -------------------------------------------------------------
     def run(self) -> int:
@@ -158,7 +181,7 @@ class Top:
             self.logpipe.start(loop)
         self._attach_emperor()
         self.send(protocol.SPAWNED)
-        bad = jail.problems(self.config, jail.cloned_namespaces(), tyrant=jail.tyrant_owner() is not None)
+        bad = jail.problems(self.config, jail.cloned_namespaces(), tyrant=jail.tyrant_owner())
         if bad:
             for problem in bad:
                 log(str(problem))
@@ -261,7 +284,7 @@ class Top:
         if self.stopping:
             return
         try:
-            new = self.reload_config()
+            new = self._next_config()
         except ConfigError as exc:
             log(f"reload refused, config invalid, still running the previous one:\n{exc}")
             return
