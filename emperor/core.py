@@ -31,6 +31,7 @@ from emperor.instance import (
     Vassal,
 )
 from emperor.monitor import DirMonitor, Source
+from emperor.names import name_problem
 from emperor.netrouter import RouterSupervisor
 from emperor.spawn import Zygote
 from jails.tracking import (
@@ -46,6 +47,7 @@ from vassal import hooks, jail
 from vassal.config import (
     Config,
     ConfigError,
+    ConfigUnavailable,
     Problem,
     build,
     overrides_entries,
@@ -64,6 +66,8 @@ def become_subreaper() -> bool:
 # emperor protocol's variables and the operator's ``vassal-env-pass``: a
 # secret in the emperor's environment must not reach a tenant's app.
 BASE_ENV = ("PATH", "LANG", "LANGUAGE", "LC_*", "TZ")
+# A config read that failed for lack of fds or memory is tried again after this.
+CONFIG_RETRY = 1.0
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -121,6 +125,7 @@ class Emperor:
         # Exits reaped before the zygote told us whose pid it was: pid -> (status, when).
         self.early_exits: dict[int, tuple[int, float]] = {}
         self.hook_pids: dict[int, str] = {}
+        self.retrying: set[str] = set()  # config files to read again (ConfigUnavailable)
         self.routers: list[RouterSupervisor] = []
         self.dropped_log_lines = 0
         self.as_vassal = [(h.action, h.args, h.entry.key, h.entry.value) for h in hooks.hooks_for(settings, "as-vassal")]
@@ -128,18 +133,34 @@ class Emperor:
     # --- logging -----------------------------------------------------------
     @staticmethod
     def _default_log(message: str) -> None:
+        """Only the first line of a message starts like an emperor line
+        (stamp, ``[emperor]``); the rest (a config error's problems, a
+        traceback) are indented, so no text inside a message, such as a
+        tenant's file name, can pass for a line of the emperor's own."""
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        first, *rest = message.rstrip("\n").split("\n")
+        text = f"{stamp} [emperor] {first}\n" + "".join(f"    {line}\n" for line in rest)
         try:
-            os.write(2, f"{stamp} [emperor] {message}\n".encode("utf-8", "replace"))
+            os.write(2, text.encode("utf-8", "replace"))
         except OSError:
             pass
 
     def log(self, message: str) -> None:
-        self._log(message)
+        from emperor.names import printable
+
+        # Messages carry file names and errors from tenants: control
+        # characters and undecodable bytes are shown escaped, never raw.
+        self._log(printable(message, keep_newlines=True))
 
     def vassal_log(self, vassal: Vassal, line: str) -> None:
+        """Echo one of a vassal's lines (LogBuffer rate-limits what comes
+        here). It starts with ``[name]`` and holds no control character, so
+        it can never look like an emperor line or rewrite one on a terminal."""
+        from emperor.names import printable
+
+        self._arm_echo_notes()
         try:
-            os.write(2, f"[{vassal.name}] {line}\n".encode("utf-8", "replace"))
+            os.write(2, f"[{printable(vassal.name)}] {printable(line)}\n".encode("utf-8", "replace"))
         except BlockingIOError:
             # Our stderr (journald, a pipe) is full: the line stays in the
             # vassal's ring buffer (emperorctl logs); the loop does not wait.
@@ -343,7 +364,7 @@ class Emperor:
             return link.st_uid, link.st_gid
         return target.st_uid, target.st_gid
 
-    def _read_config(self, path: str) -> Config:
+    def read_config(self, path: str) -> Config:
         """The one parse of a vassal's file (DESIGN 3): in the vassals' clean
         environment, templates checked for ownership in tyrant mode, every
         rule validated; the vassal is handed exactly this."""
@@ -387,12 +408,18 @@ class Emperor:
             return
         if vassal is not None and vassal.signature == signature and not vassal.removing:
             return
-        try:
-            config = self._read_config(path)
-            error = None
-        except ConfigError as exc:
-            config = None
-            error = str(exc)
+        config: Config | None = None
+        error = name_problem(name)
+        if error is None:
+            try:
+                config = self.read_config(path)
+            except ConfigUnavailable as exc:
+                # Out of fds or memory: not the file's fault; look again soon
+                # rather than leave it invalid until it changes.
+                self._retry_later(path, str(exc))
+                return
+            except ConfigError as exc:
+                error = str(exc)
         if vassal is None or vassal.removing:
             if vassal is not None:
                 # Came back while stopping: let the old instance go, then start anew.
@@ -437,8 +464,20 @@ class Emperor:
             self.log(f"[{name}] jail-level options changed, restarting")
             vassal.restart()
         elif vassal.state in (READY, STARTING, RELOADING):
-            if not vassal.reload():
+            if not vassal.reload(reread=False):
                 vassal.restart()
+
+    def _retry_later(self, path: str, why: str) -> None:
+        if path in self.retrying:
+            return
+        self.log(f"[{os.path.basename(path)}] {why}; trying again in {CONFIG_RETRY:.0f}s")
+        self.retrying.add(path)
+
+        def again() -> None:
+            self.retrying.discard(path)
+            self.on_path(path)
+
+        self.loop.call_later(CONFIG_RETRY, again)
 
     def forget(self, vassal: Vassal) -> None:
         if self.vassals.get(vassal.name) is vassal:
@@ -612,3 +651,31 @@ class Emperor:
             ],
             "status": emperor,
         }
+
+    # --- echo rate limit notes (DESIGN 7: bad input disturbs nothing else) --------
+    # Set by _arm_echo_notes; a class default so that __init__ needs no entry.
+    _echo_notes_timer: object | None = None
+
+    def _arm_echo_notes(self) -> None:
+        """Something was echoed: make sure the note timer runs, which says in
+        our log what each vassal's rate limit held back."""
+        if self._echo_notes_timer is None:
+            from emperor.logbuf import ECHO_NOTE_INTERVAL
+
+            self._echo_notes_timer = self.loop.call_later(ECHO_NOTE_INTERVAL, self._echo_notes)
+
+    def _echo_notes(self) -> None:
+        """Once per interval, one line per vassal whose lines were not all
+        echoed; the timer stops once nothing is held back any more."""
+        from emperor.logbuf import ECHO_NOTE_INTERVAL
+
+        self._echo_notes_timer = None
+        held_back = False
+        for name, vassal in sorted(self.vassals.items()):
+            limit = vassal.log.echo_limit if vassal.log is not None else None
+            count = limit.take_pending() if limit is not None else 0
+            if count:
+                held_back = True
+                self.log(f"[{name}] {count} line(s) not echoed (rate limit; `emperorctl logs {name}` has them)")
+        if held_back:
+            self._echo_notes_timer = self.loop.call_later(ECHO_NOTE_INTERVAL, self._echo_notes)

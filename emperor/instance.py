@@ -9,7 +9,6 @@ is empty, so no orphan keeps its port when it is respawned.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -24,7 +23,7 @@ from emperor.logbuf import LogBuffer, read_available
 from emperor.spawn import Spawned, SpawnRequest, config_fd, spawn
 from jails.tracking import LimitError, LimitGroups, ProcessGroupTracker, VassalCgroup
 from vassal import protocol
-from vassal.config import Config
+from vassal.config import Config, ConfigError
 from vassal.loop import Timer
 
 if TYPE_CHECKING:
@@ -312,7 +311,11 @@ class Vassal:
 
     def _on_status(self) -> None:
         """The app master's reports: only the last one is kept; anything that
-        is not a JSON object (a tenant's app can write here) is ignored."""
+        is not a report (a tenant's app can write here) is ignored, and said
+        once per spawn. Decoded with bounded size and nesting (DESIGN 4):
+        ``[`` * 50000 once made json recurse until the emperor died."""
+        from emperor import untrusted
+
         assert self.status_sock is not None
         for _ in range(16):
             try:
@@ -323,12 +326,18 @@ class Vassal:
                 self._close_status()
                 return
             try:
-                doc = json.loads(data)
-            except ValueError:
-                continue
-            report = _clean_report(doc)
-            if report is not None:
-                self.app_status = report
+                report = _clean_report(untrusted.loads(data, max_bytes=65536, max_depth=16))
+            except (ValueError, RecursionError) as exc:
+                problem = f"ignoring a malformed status report: {exc}"
+            except Exception as exc:  # whatever a report holds costs that report only
+                problem = f"ignoring a status report that could not be read: {exc!r}"
+            else:
+                if report is not None:
+                    self.app_status = report
+                    continue
+                problem = "ignoring a status report that is not one (an object with a 'workers' list)"
+            if untrusted.first_time(("status", self.name, self.spawns)):
+                self.note(problem[:300] + "; further ones are ignored silently")
 
     def _close_status(self) -> None:
         if self.status_sock is not None:
@@ -370,12 +379,26 @@ class Vassal:
                 self.log.flush()
 
     # --- operator and file driven transitions -------------------------------------
-    def reload(self) -> bool:
+    def reload(self, reread: bool = True) -> bool:
         """Graceful reload: the vassal keeps its jail and sockets. Ours are
-        handed the config the emperor validated last (byte 41 with a memfd,
-        then byte 1): a vassal never parses its own file."""
+        handed the config the emperor validated (byte 41 with a memfd, then
+        byte 1): a vassal never parses its own file. ``reread``: read and
+        validate the file (and its templates) again first, as an operator's
+        reload means; a file that no longer validates reloads the last good one."""
         if self.pid is None or self.state not in (READY, STARTING, RELOADING):
             return False
+        if reread and not self.wrapped:
+            try:
+                config = self.emperor.read_config(self.path)
+            except ConfigError as exc:
+                self.error = str(exc)
+                self.note(f"config invalid, reloading the previous one:\n{exc}")
+            else:
+                previous, self.config, self.error = self.config, config, None
+                if previous is not None and previous.jail_fingerprint() != config.jail_fingerprint():
+                    self.note("jail-level options changed, restarting")
+                    self.restart()
+                    return True
         if not self.wrapped and self.config is not None and not self._hand_config(self.config):
             return False
         if not self.send(protocol.RELOAD):

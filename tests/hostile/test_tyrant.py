@@ -1,0 +1,381 @@
+"""A hostile tenant against tyrant mode (issue 10, items 1-7, 9, 16-18, 22).
+
+Each tenant is a real user owning one file in a sticky 1777 vassal dir; the
+emperor runs as root. Nothing a tenant controls may run, open, bind, chown or
+signal as host root (DESIGN 3's tyrant security contract)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import free_port, unix_http_get, wait_for
+from tests.hostile.conftest import Tenant
+
+pytestmark = [pytest.mark.linux_only]
+
+ENV_APP = '''
+import json, os
+
+def application(environ, start_response):
+    body = json.dumps({"pid": os.getpid(), "uid": os.getuid(), "env": dict(os.environ)}).encode()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+'''
+
+
+@pytest.fixture
+def app(hostile_base: Path) -> Path:
+    path = hostile_base / "envapp.py"
+    path.write_text(ENV_APP)
+    path.chmod(0o644)
+    return path
+
+
+@pytest.fixture
+def tyrant(start_emperor, hostile_base):
+    def start(*extra: str, env_extra: dict | None = None):
+        emp = start_emperor("--emperor-tyrant", "--emperor-control-mode", "666", *extra,
+                            vassal_dir=hostile_base / "vassals", control_dir=hostile_base)
+        return emp
+    return start
+
+
+def info(sock: Path, timeout: float = 20) -> dict:
+    return json.loads(wait_for(lambda: unix_http_get(str(sock)), timeout, what=f"an answer on {sock}"))
+
+
+def vassal_procs(emp, name: str) -> list[psutil.Process]:
+    top = psutil.Process(emp.vassal(name)["pid"])
+    return [top, *top.children(recursive=True)]
+
+
+def assert_all_owner(procs: list[psutil.Process], tenant: Tenant) -> None:
+    for proc in procs:
+        uids, gids = proc.uids(), proc.gids()
+        assert set(uids) == {tenant.uid}, f"{proc.pid} {proc.cmdline()} runs with uids {uids}"
+        assert set(gids) == {tenant.gid}, f"{proc.pid} {proc.cmdline()} runs with gids {gids}"
+
+
+def in_own_user_namespace(pid: int) -> bool:
+    return os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user")
+
+
+# --- 1 and 7: nothing of a tenant's runs as host root --------------------------------
+
+
+@pytest.mark.parametrize("unshare", ["", "unshare = user\n", "unshare = user,fs,uts\n"])
+def test_root_phase_hooks_run_as_the_owner(tyrant, tenant, app, unshare):
+    """Item 1: with `unshare = user` the pre-jail hook ran as host root (it
+    could copy /etc/shadow); without a user namespace the top process was
+    root too. Every root phase now runs as the owner, or as root of a user
+    namespace mapped to the owner."""
+    emp = tyrant()
+    home = tenant.home
+    hooks = "".join(
+        f"exec-{phase} = id -u > {home}/{phase}.id; cat /etc/shadow > {home}/{phase}.shadow 2>/dev/null || true\n"
+        for phase in ("pre-jail", "post-jail", "in-jail", "as-root")
+    )
+    tenant.write(emp.dir / "hooks.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {home}/h.sock\n{unshare}{hooks}")
+    info(home / "h.sock")
+    for phase in ("pre-jail", "post-jail", "in-jail", "as-root"):
+        assert (home / f"{phase}.id").stat().st_uid == tenant.uid, f"{phase} ran as host root"
+        assert "root:" not in (home / f"{phase}.shadow").read_text(), f"{phase} read /etc/shadow"
+    procs = vassal_procs(emp, "hooks.ini")
+    assert_all_owner(procs, tenant)
+    assert in_own_user_namespace(procs[0].pid) == bool(unshare)
+
+
+def test_user_namespace_is_mapped_to_the_owner_before_any_tenant_step(tyrant, tenant, app):
+    emp = tyrant()
+    tenant.write(emp.dir / "ns.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {tenant.home}/ns.sock\nunshare = fs,pid,uts\nhostname = t\n")
+    seen = info(tenant.home / "ns.sock")
+    assert seen["uid"] == 0  # root of its namespace...
+    top = emp.vassal("ns.ini")["pid"]
+    assert Path(f"/proc/{top}/uid_map").read_text().split() == ["0", str(tenant.uid), "1"]  # ...which is the owner
+    assert_all_owner(vassal_procs(emp, "ns.ini"), tenant)
+
+
+# --- 2: the vassal runs exactly what the emperor validated -------------------------------
+
+
+def test_one_parse_template_named_by_the_vassals_environment(tyrant, tenant, app):
+    """Item 2: `vassals-inherit = tpl-$(UWSGI_EMPEROR_FD).ini` made the emperor
+    and the vassal read different templates; the vassal ran as host root and
+    bound a privileged port. Now the vassal never reads the file."""
+    emp = tyrant()
+    sock = tenant.home / "two.sock"
+    port = 81
+    tenant.write(emp.dir / "tpl-$(UWSGI_EMPEROR_FD).ini", "[uwsgi]\nunshare = user\n")
+    tenant.write(emp.dir / "tpl-3.ini", f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\n")
+    tenant.write(emp.dir / "two.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {sock}\n"
+                 "vassals-inherit = tpl-$(UWSGI_EMPEROR_FD).ini\nattach-daemon = sleep 1000\n")
+    info(sock)
+    wait_for(lambda: len(vassal_procs(emp, "two.ini")) >= 3, 10, what="the daemon")
+    procs = vassal_procs(emp, "two.ini")
+    assert_all_owner(procs, tenant)
+    assert all(in_own_user_namespace(p.pid) for p in procs)  # the template the emperor read
+    assert not _listens(port)
+    # A reload is validated again, and the vassal is handed the new config.
+    tenant.write(emp.dir / "tpl-$(UWSGI_EMPEROR_FD).ini", "[uwsgi]\nunshare = user\nenv = RELOADED=1\n")
+    os.utime(emp.dir / "two.ini")
+    wait_for(lambda: info(sock)["env"].get("RELOADED") == "1", 20, what="the reloaded config")
+    assert not _listens(port)
+
+
+def test_privileged_port_refused_on_reload(tyrant, tenant, app):
+    emp = tyrant()
+    sock = tenant.home / "p.sock"
+    f = tenant.write(emp.dir / "p.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {sock}\n")
+    first = info(sock)
+    tenant.write(f, f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {sock}\nhttp-socket = 127.0.0.1:82\n")
+    v = wait_for(lambda: (x := emp.vassal("p.ini")) and x["error"] and x, 15, what="the refused reload")
+    assert "port 82 is privileged" in v["error"]
+    assert info(sock)["pid"] == first["pid"] and not _listens(82)
+
+
+def _listens(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+# --- 3: files a tenant names are opened as the tenant -------------------------------------
+
+
+def test_logto_is_opened_as_the_tenant(tyrant, tenant, app, hostile_base):
+    """Item 3: `logto = /etc/passwd` with a format encoder appended a root
+    account. Here a root-owned 0644 file stands in for /etc/passwd."""
+    emp = tyrant()
+    victim = hostile_base / "passwd"
+    victim.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    victim.chmod(0o644)
+    before = victim.read_bytes()
+    created = hostile_base / "created-by-root"
+    tenant.write(emp.dir / "log.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {tenant.home}/l.sock\nlogto = {victim}\n"
+                 "log-encoder = format x::0:0::/root:/bin/sh\nlog-encoder = nl\n")
+    tenant.write(emp.dir / "log2.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {tenant.home}/l2.sock\nlogto = {created}\n")
+    wait_for(lambda: emp.vassal("log.ini")["restarts"] >= 1 and emp.vassal("log2.ini")["restarts"] >= 1, 20, what="refused logto")
+    assert victim.read_bytes() == before and victim.stat().st_uid == 0
+    assert not created.exists()
+    assert "Permission denied" in emp.log_text()
+
+
+# --- 4: sockets are never chmodded or chowned by a path a tenant can swap ------------------
+
+
+RACER = r'''
+import os, sys, time
+from inotify_simple import INotify, flags
+directory, name, target = sys.argv[1:4]
+link = os.path.join(directory, ".swap")
+notify = INotify()
+notify.add_watch(directory, flags.CREATE)
+print("ready", flush=True)
+while True:
+    for event in notify.read():
+        if event.name == name:
+            try:
+                os.unlink(link)
+            except FileNotFoundError:
+                pass
+            os.symlink(target, link)
+            os.replace(link, os.path.join(directory, name))
+            # Out of the way again, so that the next spawn can bind (and be raced).
+            time.sleep(0.3)
+            os.unlink(os.path.join(directory, name))
+'''
+
+
+def test_socket_chmod_cannot_be_redirected_by_a_symlink(tyrant, tenant, app, hostile_base):
+    """Item 4: a tenant racing a symlink onto its socket's name (inotify
+    IN_CREATE) got a root-owned 0600 file chowned to it and made 0666."""
+    emp = tyrant()
+    victim = hostile_base / "root-secret"
+    victim.write_text("secret\n")
+    victim.chmod(0o600)
+    racer = tenant.home / "racer.py"
+    tenant.write(racer, RACER)
+    proc = subprocess.Popen([sys.executable, str(racer), str(tenant.home), "race.sock", str(victim)], user=tenant.uid, group=tenant.gid,
+                            extra_groups=[], env={"PATH": "/usr/bin:/bin"}, cwd="/", stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        tenant.write(emp.dir / "race.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {tenant.home}/race.sock\nchmod-socket = 666\n")
+        for spawns in range(1, 4):
+            wait_for(lambda n=spawns: emp.vassal("race.ini")["restarts"] >= n - 1 and emp.vassal("race.ini")["pid"], 15, what="spawned")
+            time.sleep(0.5)
+            emp.ctl("restart", "race.ini")
+        time.sleep(1)
+    finally:
+        proc.kill()
+        proc.wait()
+    st = victim.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o600)
+
+
+# --- 5: templates only of the owner, or root's world-readable ones --------------------------
+
+
+def test_templates_of_other_owners_are_refused(tyrant, make_tenant, app, hostile_base):
+    emp = tyrant()
+    mallory, victim = make_tenant(), make_tenant()
+    secret = victim.write(victim.home / "secret.ini", "[uwsgi]\nenv = DB_PASSWORD=hunter2\n", 0o644)
+    root_only = hostile_base / "root-only.ini"
+    root_only.write_text("[uwsgi]\ndb_password = hunter3\n")
+    root_only.chmod(0o600)
+    shared = hostile_base / "shared.ini"
+    shared.write_text("[uwsgi]\nenv = SHARED=yes\n")
+    shared.chmod(0o644)
+    tenant_link = emp.dir / "link.ini"
+    mallory.write(emp.dir / "steal.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {mallory.home}/s.sock\nvassals-inherit = {secret}\n")
+    mallory.write(emp.dir / "leak.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {mallory.home}/k.sock\n"
+                  f"vassals-inherit = {root_only}\nenv = LEAK=%(db_password)\n")
+    os.symlink(secret, mallory.home / "via-link.ini")
+    mallory.own(mallory.home / "via-link.ini")
+    mallory.write(emp.dir / "vialink.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {mallory.home}/v.sock\n"
+                  f"vassals-inherit = {mallory.home}/via-link.ini\n")
+    mallory.write(emp.dir / "ok.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {mallory.home}/ok.sock\nvassals-inherit = {shared}\n")
+    for name in ("steal.ini", "leak.ini", "vialink.ini"):
+        v = emp.wait_state(name, "invalid")
+        assert "tyrant mode: owned by uid" in v["error"], v["error"]
+    assert info(mallory.home / "ok.sock")["env"]["SHARED"] == "yes"  # the operator's shared template
+    listing = emp.ctl("--json", "status").stdout + emp.log_text()
+    assert "hunter2" not in listing and "hunter3" not in listing
+    # A symlinked vassal file of another tenant's config is refused too (item 18).
+    os.symlink(secret, tenant_link)
+    mallory.own(tenant_link)
+    assert "a symlink of uid" in emp.wait_state("link.ini", "invalid")["error"]
+
+
+# --- 6: only the vassal's own processes are ever signalled ---------------------------------
+
+
+def test_smart_daemon_pidfile_cannot_signal_others(tyrant, tenant, app):
+    """Item 6: at stop the top process SIGTERMed whatever pid the tenant had
+    written into its pidfile (the emperor's took every vassal down)."""
+    emp = tyrant()
+    # A process of the tenant's own, outside the vassal (its shell, say), and one of root's.
+    theirs = subprocess.Popen(["sleep", "1000"], user=tenant.uid, group=tenant.gid, extra_groups=[])
+    roots = subprocess.Popen(["sleep", "1000"])
+    try:
+        for victim, name in ((theirs, "own"), (roots, "root"), (emp.proc, "emperor")):
+            pidfile = tenant.home / f"{name}.pid"
+            f = tenant.write(emp.dir / f"smart-{name}.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {tenant.home}/{name}.sock\n"
+                             f"smart-attach-daemon = {pidfile} sh -c 'echo {victim.pid} > {pidfile}'\n")
+            info(tenant.home / f"{name}.sock")
+            wait_for(lambda p=pidfile: p.exists() and p.read_text().strip(), 10, what="the pidfile")
+            f.unlink()
+            wait_for(lambda n=name: emp.vassal(f"smart-{n}.ini") is None, 20, what="stopped")
+        time.sleep(0.5)
+        assert theirs.poll() is None and roots.poll() is None and emp.proc.poll() is None
+    finally:
+        for proc in (theirs, roots):
+            proc.kill()
+            proc.wait()
+
+
+# --- 9: templates that are not regular files ------------------------------------------------
+
+
+def test_fifo_device_and_huge_templates(tyrant, tenant, app):
+    emp = tyrant()
+    fifo = tenant.home / "fifo.ini"
+    os.mkfifo(fifo)
+    tenant.own(fifo)
+    zero = tenant.home / "zero.ini"
+    os.symlink("/dev/zero", zero)
+    tenant.own(zero)
+    huge = tenant.write(tenant.home / "huge.ini", "[uwsgi]\n" + "; padding\n" * 120_000)
+    for name, template, words in (("fifo", fifo, "is a FIFO"), ("zero", zero, "is a character device"), ("huge", huge, "too large")):
+        tenant.write(emp.dir / f"{name}.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {tenant.home}/{name}.sock\nvassals-inherit = {template}\n")
+        assert words in emp.wait_state(f"{name}.ini", "invalid")["error"]
+    tenant.write(emp.dir / "fine.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {tenant.home}/fine.sock\n")
+    info(tenant.home / "fine.sock")  # the loop was never blocked
+    emp.proc.send_signal(signal.SIGTERM)
+    assert emp.proc.wait(30) == 0
+
+
+# --- 16: a clean environment ----------------------------------------------------------------
+
+
+def test_vassals_get_a_clean_environment(start_emperor, hostile_base, tenant, app, monkeypatch):
+    monkeypatch.setenv("EMPEROR_SECRET", "s3cret")
+    monkeypatch.setenv("OPERATOR_SHARED", "shared")
+    emp = start_emperor("--emperor-tyrant", "--vassal-env-pass", "OPERATOR_*", vassal_dir=hostile_base / "vassals", control_dir=hostile_base)
+    tenant.write(emp.dir / "env.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {tenant.home}/e.sock\n"
+                 "env = GOT=$(EMPEROR_SECRET)\nenv = PASSED=$(OPERATOR_SHARED)\n")
+    env = info(tenant.home / "e.sock")["env"]
+    assert "EMPEROR_SECRET" not in env and "s3cret" not in json.dumps(env)
+    assert env["GOT"] == "$(EMPEROR_SECRET)"  # undefined for the vassal, so verbatim
+    assert env["OPERATOR_SHARED"] == "shared" and env["PASSED"] == "shared"
+    assert "PATH" in env and env["UWSGI_EMPEROR_FD"] == "3"
+
+
+# --- 17: a tenant's tuntap-device connects as the tenant ----------------------------------
+
+
+def test_tuntap_socket_is_connected_as_the_tenant(tyrant, tenant, app, hostile_base):
+    private = hostile_base / "private"
+    private.mkdir(mode=0o700)
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(private / "router.sock"))
+    os.chmod(private / "router.sock", 0o600)
+    listener.listen(4)
+    listener.settimeout(0.2)
+    try:
+        emp = tyrant()
+        tenant.write(emp.dir / "tun.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {tenant.home}/tun.sock\n"
+                     f"unshare = net\ntuntap-device = uwsgi0 {private}/router.sock\n")
+        wait_for(lambda: emp.vassal("tun.ini")["restarts"] >= 1, 20, what="the refused connection")
+        with pytest.raises(TimeoutError):
+            listener.accept()
+        assert "Permission denied" in emp.log_text()
+    finally:
+        listener.close()
+
+
+# --- 18: chown-socket only to the owner ----------------------------------------------------
+
+
+def test_chown_socket_to_another_user_is_refused(tyrant, tenant, app):
+    emp = tyrant()
+    tenant.write(emp.dir / "chown.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {tenant.home}/c.sock\nchown-socket = root:root\n")
+    assert "in tyrant mode a socket may only go to its owner" in emp.wait_state("chown.ini", "invalid")["error"]
+    tenant.write(emp.dir / "mine.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {tenant.home}/m.sock\nchown-socket = {tenant.name}\n")
+    info(tenant.home / "m.sock")
+
+
+# --- 22: unshare = user under emperor-use-clone = pid ---------------------------------------
+
+
+def test_unshare_user_under_a_cloned_pid_namespace(start_emperor, hostile_base, app):
+    public = hostile_base / "pub"
+    public.mkdir()
+    public.chmod(0o777)
+    emp = start_emperor("--emperor-use-clone", "pid", vassal_dir=hostile_base / "vassals")
+    (emp.dir / "pu.ini").write_text(f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {public}/pu.sock\nchmod-socket = 666\n"
+                                     "unshare = user\nuid-map = 0 200000 65536\ngid-map = 0 200000 65536\n")
+    seen = info(public / "pu.sock")
+    assert seen["uid"] == 0
+    assert psutil.Process(emp.vassal("pu.ini")["pid"]).children(recursive=True)[-1].uids().real == 200000
+
+
+def test_tyrant_http_port_still_works(tyrant, tenant, app):
+    """The ordinary case keeps working: a tenant on an unprivileged port."""
+    emp = tyrant()
+    port = free_port()
+    tenant.write(emp.dir / "web.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = 127.0.0.1:{port}\n")
+    from tests.conftest import http_get
+
+    status, body = wait_for(lambda: http_get(port), 20, what="the tenant's port")
+    assert status == 200 and json.loads(body)["uid"] == tenant.uid
