@@ -378,7 +378,7 @@ class Emperor:
             if owner is not None and (owner[0] == 0 or owner[1] == 0):
                 raise ConfigError([Problem(path, None, None, f"tyrant mode: refusing a file owned by root (uid {owner[0]}, gid {owner[1]}); chown it to the tenant")])
         env = self.vassal_env
-        entries = read_with_templates(path, inherit=self.inherit, env=env, owner=owner[0] if owner else None)
+        entries = read_with_templates(path, inherit=self.inherit, env=env, owner=owner)
         config = build(path, entries + overrides_entries(self.vassal_set), env=env, lenient=lenient)
         config.owner = owner
         if owner is not None and (forced := self.overrides_for(config)[len(self.vassal_set):]):

@@ -16,10 +16,11 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from vassal import options
+from vassal.identity import acting_as
 from vassal.options import Option
 
 VALID_EXTENSIONS = (".ini", ".toml")
@@ -80,15 +81,22 @@ def tenant_may_read(st: os.stat_result, owner: int) -> bool:
     return st.st_uid == owner or (st.st_uid == 0 and bool(st.st_mode & stat.S_IROTH))
 
 
-def _read_text(path: str, owner: int | None = None) -> str:
+def _read_text(path: str, owner: tuple[int, int] | None = None, template: bool = False) -> str:
     """The text of a regular file of at most MAX_CONFIG_BYTES. It is looked at
     before it is opened (a FIFO would block the reader, a device may act on
     open), opened non-blocking, and checked again on the open fd. With
-    ``owner`` (tyrant mode) only files that tenant may include are read."""
+    ``owner`` (tyrant mode) the file is read as that user, so the kernel
+    judges the path as the tenant would; a ``template`` must moreover be the
+    owner's own, or one of root's world-readable shared ones."""
 
     def problem(message: str) -> ConfigError:
         return ConfigError([Problem(path, None, None, message)])
 
+    with acting_as(owner):
+        return _read_checked(path, owner[0] if owner and template else None, problem)
+
+
+def _read_checked(path: str, owner: int | None, problem: Callable[[str], ConfigError]) -> str:
     try:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
@@ -221,15 +229,16 @@ def read_toml(path: str, text: str, tables: Sequence[str] = ("vassal",)) -> list
     return entries
 
 
-def read_entries(path: str, kind: str | None = None, emperor: bool = False, owner: int | None = None) -> list[Entry]:
+def read_entries(path: str, kind: str | None = None, emperor: bool = False, owner: tuple[int, int] | None = None,
+                 template: bool = False) -> list[Entry]:
     """Entries of one file; ``kind`` is ``ini`` or ``toml`` (else by extension);
-    ``owner``: tyrant mode, only a file that uid may include is read."""
+    ``owner`` (tyrant mode): read as that user (see _read_text)."""
     if kind is None:
         ext = os.path.splitext(path)[1].lower()
         if ext not in VALID_EXTENSIONS:
             raise ConfigError([Problem(path, None, None, f"unknown config type {ext or '(none)'!r}: use .ini or .toml")])
         kind = ext[1:]
-    text = _read_text(path, owner)
+    text = _read_text(path, owner, template)
     if kind == "toml":
         return read_toml(path, text, ("emperor", "uwsgi") if emperor else ("vassal", "uwsgi"))
     return read_ini(path, text, ("uwsgi", "emperor") if emperor else INI_SECTIONS)
@@ -475,16 +484,17 @@ def read_with_templates(
     inherit: Sequence[str] = (),
     scope: str = options.VASSAL,
     env: dict[str, str] | None = None,
-    owner: int | None = None,
+    owner: tuple[int, int] | None = None,
 ) -> list[Entry]:
     """The entries of ``inherit`` templates, then of the file's own
     ``vassals-inherit`` templates, then of the file itself. ``owner`` (tyrant
-    mode): the file's own templates must be files that uid may include."""
+    mode): the file and its own templates are read as that user, and the
+    templates must be files that user may include."""
     entries: list[Entry] = []
     problems: list[Problem] = []
     own: list[Entry] = []
     try:
-        own = read_entries(path, kind, emperor=scope == options.EMPEROR)
+        own = read_entries(path, kind, emperor=scope == options.EMPEROR, owner=owner)
     except ConfigUnavailable:
         raise
     except ConfigError as exc:
@@ -498,7 +508,7 @@ def read_with_templates(
     ]
     for template, trusted in [(t, True) for t in inherit] + [(t, False) for t in own_templates]:
         try:
-            found = read_entries(template, emperor=False, owner=None if trusted else owner)
+            found = read_entries(template, emperor=False, owner=None if trusted else owner, template=True)
             entries.extend(e for e in found if e.key != "vassals-inherit")
         except ConfigUnavailable:
             raise
@@ -519,7 +529,7 @@ def load(
     scope: str = options.VASSAL,
     env: dict[str, str] | None = None,
     lenient: bool = False,
-    owner: int | None = None,
+    owner: tuple[int, int] | None = None,
 ) -> Config:
     """Read a config with its templates and ``--set`` overrides, then validate it.
 

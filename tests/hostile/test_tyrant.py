@@ -109,11 +109,12 @@ def test_user_namespace_is_mapped_to_the_owner_before_any_tenant_step(tyrant, te
 # --- 2: the vassal runs exactly what the emperor validated -------------------------------
 
 
-def test_one_parse_template_named_by_the_vassals_environment(tyrant, tenant, app):
+@pytest.mark.parametrize("spawner", ["zygote", "fork+exec"])
+def test_one_parse_template_named_by_the_vassals_environment(tyrant, tenant, app, spawner):
     """Item 2: `vassals-inherit = tpl-$(UWSGI_EMPEROR_FD).ini` made the emperor
     and the vassal read different templates; the vassal ran as host root and
     bound a privileged port. Now the vassal never reads the file."""
-    emp = tyrant()
+    emp = tyrant(*(["--emperor-zygote=false"] if spawner == "fork+exec" else []))
     sock = tenant.home / "two.sock"
     port = 81
     tenant.write(emp.dir / "tpl-$(UWSGI_EMPEROR_FD).ini", "[uwsgi]\nunshare = user\n")
@@ -229,7 +230,8 @@ def test_socket_chmod_cannot_be_redirected_by_a_symlink(tyrant, tenant, app, hos
 def test_templates_of_other_owners_are_refused(tyrant, make_tenant, app, hostile_base):
     emp = tyrant()
     mallory, victim = make_tenant(), make_tenant()
-    secret = victim.write(victim.home / "secret.ini", "[uwsgi]\nenv = DB_PASSWORD=hunter2\n", 0o644)
+    secret = victim.write(victim.home / "secret.ini", "[uwsgi]\nenv = DB_PASSWORD=hunter2\n", 0o644)  # in a 0700 home
+    public = victim.write(hostile_base / f"{victim.name}.ini", "[uwsgi]\nenv = DB_PASSWORD=hunter4\n", 0o644)
     root_only = hostile_base / "root-only.ini"
     root_only.write_text("[uwsgi]\ndb_password = hunter3\n")
     root_only.chmod(0o600)
@@ -240,17 +242,21 @@ def test_templates_of_other_owners_are_refused(tyrant, make_tenant, app, hostile
     mallory.write(emp.dir / "steal.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {mallory.home}/s.sock\nvassals-inherit = {secret}\n")
     mallory.write(emp.dir / "leak.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {mallory.home}/k.sock\n"
                   f"vassals-inherit = {root_only}\nenv = LEAK=%(db_password)\n")
-    os.symlink(secret, mallory.home / "via-link.ini")
+    mallory.write(emp.dir / "public.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {mallory.home}/p.sock\nvassals-inherit = {public}\n")
+    os.symlink(public, mallory.home / "via-link.ini")
     mallory.own(mallory.home / "via-link.ini")
     mallory.write(emp.dir / "vialink.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {mallory.home}/v.sock\n"
                   f"vassals-inherit = {mallory.home}/via-link.ini\n")
     mallory.write(emp.dir / "ok.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {mallory.home}/ok.sock\nvassals-inherit = {shared}\n")
-    for name in ("steal.ini", "leak.ini", "vialink.ini"):
+    # Read as the tenant, a file in another's 0700 home or root's 0600 one is
+    # out of reach; a readable file of another tenant is refused by owner.
+    for name, why in (("steal.ini", "permission denied"), ("leak.ini", "not by the vassal's owner"),
+                      ("public.ini", "tyrant mode: owned by uid"), ("vialink.ini", "tyrant mode: owned by uid")):
         v = emp.wait_state(name, "invalid")
-        assert "tyrant mode: owned by uid" in v["error"], v["error"]
+        assert why in v["error"], v["error"]
     assert info(mallory.home / "ok.sock")["env"]["SHARED"] == "yes"  # the operator's shared template
     listing = emp.ctl("--json", "status").stdout + emp.log_text()
-    assert "hunter2" not in listing and "hunter3" not in listing
+    assert not any(word in listing for word in ("hunter2", "hunter3", "hunter4"))
     # A symlinked vassal file of another tenant's config is refused too (item 18).
     os.symlink(secret, tenant_link)
     mallory.own(tenant_link)
