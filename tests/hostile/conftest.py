@@ -114,8 +114,11 @@ def make_tenant(hostile_base: Path) -> Iterator[Callable[[], Tenant]]:
 
     yield make
     for tenant in made:
+        # An emperor torn down after us may respawn a vassal meanwhile: kill
+        # what runs, then remove the user even if something came back (the
+        # emperor's own teardown stops that).
         _kill_uid(tenant.uid)
-        subprocess.run(["userdel", tenant.name], capture_output=True)
+        subprocess.run(["userdel", "--force", tenant.name], capture_output=True)
 
 
 @pytest.fixture
