@@ -355,9 +355,12 @@ class Emperor:
         if not self.tyrant:
             return None
         link = os.lstat(path)
-        if not stat.S_ISLNK(link.st_mode):
+        target = os.stat(path) if stat.S_ISLNK(link.st_mode) else link
+        if target.st_nlink > 1:
+            # Whoever made a hard link chose the name, not the owner we would see.
+            raise ConfigError([Problem(path, None, None, f"tyrant mode: the file has {target.st_nlink} hard links: refusing it")])
+        if target is link:
             return link.st_uid, link.st_gid
-        target = os.stat(path)
         if link.st_uid not in (0, target.st_uid):
             raise ConfigError([Problem(path, None, None, f"tyrant mode: a symlink of uid {link.st_uid} to a file of uid {target.st_uid}: refusing it")])
         if self.settings.get("emperor-tyrant-nofollow"):

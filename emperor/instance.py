@@ -94,6 +94,7 @@ class Vassal:
     voluntary: bool = False
     exit_reason: str | None = None  # set when we kill it (curse)
     last_heartbeat: float | None = None
+    unknown_bytes: int = 0  # on the emperor pipe since the last spawn
     tracker: VassalCgroup | ProcessGroupTracker | None = None
     limit_groups: LimitGroups | None = None
     oom_fd: int | None = None
@@ -138,6 +139,7 @@ class Vassal:
         self.backoff_until = None
         self.loyal = False
         self.voluntary = False
+        self.unknown_bytes = 0
         self.exit_reason = None
         self.last_heartbeat = None
         self.restart_pending = False
@@ -286,7 +288,10 @@ class Vassal:
         elif byte == protocol.SPAWNED:
             pass
         else:
-            self.note(f"ignoring unknown message {byte}")
+            # The app can write here too: say it once per spawn, not per byte.
+            self.unknown_bytes += 1
+            if self.unknown_bytes == 1:
+                self.note(f"ignoring unknown message {byte} (further unknown bytes are counted, not logged)")
 
     def _on_oom(self) -> None:
         """v1: the memory cgroup hit OOM; an OOM kill anywhere stops the whole vassal."""
@@ -653,6 +658,7 @@ class Vassal:
             "processes": count,
             "held": self.held,
             "wrapped": self.wrapped,
+            "unknown_pipe_bytes": self.unknown_bytes,
             "last_heartbeat_age": None if self.last_heartbeat is None else round(time.monotonic() - self.last_heartbeat, 1),
         }
 

@@ -60,6 +60,8 @@ class ConfigError(Exception):
 # A config or template is a small text file; anything bigger is a mistake or
 # an attack (a 100k-line file froze the emperor's loop for most of a second).
 MAX_CONFIG_BYTES = 1 << 20
+# ...and so is one with more entries than this (5000 parse in ~25 ms).
+MAX_CONFIG_ENTRIES = 5000
 
 
 class ConfigUnavailable(ConfigError):
@@ -239,9 +241,15 @@ def read_entries(path: str, kind: str | None = None, emperor: bool = False, owne
             raise ConfigError([Problem(path, None, None, f"unknown config type {ext or '(none)'!r}: use .ini or .toml")])
         kind = ext[1:]
     text = _read_text(path, owner, template)
+    if text.count("\n") > 4 * MAX_CONFIG_ENTRIES:
+        raise ConfigError([Problem(path, None, None, f"too many lines (at most {4 * MAX_CONFIG_ENTRIES})")])
     if kind == "toml":
-        return read_toml(path, text, ("emperor", "uwsgi") if emperor else ("vassal", "uwsgi"))
-    return read_ini(path, text, ("uwsgi", "emperor") if emperor else INI_SECTIONS)
+        entries = read_toml(path, text, ("emperor", "uwsgi") if emperor else ("vassal", "uwsgi"))
+    else:
+        entries = read_ini(path, text, ("uwsgi", "emperor") if emperor else INI_SECTIONS)
+    if len(entries) > MAX_CONFIG_ENTRIES:
+        raise ConfigError([Problem(path, None, None, f"too many entries ({len(entries)}; at most {MAX_CONFIG_ENTRIES})")])
+    return entries
 
 
 # --- placeholders ------------------------------------------------------------
@@ -373,8 +381,10 @@ class Config:
         """The validated config, expanded: the emperor parses a file once, in
         one environment, and hands this to the vassal (DESIGN 3, tyrant mode),
         which rebuilds it with :func:`from_json` without reading any file."""
-        return json.dumps({"path": self.path, "scope": self.scope,
-                           "entries": [[e.key, e.value, e.file, e.line] for e in self.expanded]}).encode()
+        files = list(dict.fromkeys(e.file for e in self.expanded))
+        index = {name: number for number, name in enumerate(files)}
+        return json.dumps({"path": self.path, "scope": self.scope, "files": files,
+                           "entries": [[e.key, e.value, index[e.file], e.line] for e in self.expanded]}).encode()
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {}
@@ -470,9 +480,10 @@ def from_json(data: bytes) -> Config:
     try:
         doc = json.loads(data)
         path = str(doc["path"])
-        entries = [Entry(str(k), str(v), str(f), ln if isinstance(ln, int) else None) for k, v, f, ln in doc["entries"]]
+        files = [str(f) for f in doc["files"]]
+        entries = [Entry(str(k), str(v), files[f], ln if isinstance(ln, int) else None) for k, v, f, ln in doc["entries"]]
         scope = str(doc.get("scope", options.VASSAL))
-    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError) as exc:
         raise ConfigError([Problem("<emperor>", None, None, f"malformed handed config: {exc}")]) from None
     return build(path, entries, scope=scope, expanded=True)
 

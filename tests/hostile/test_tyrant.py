@@ -385,3 +385,13 @@ def test_tyrant_http_port_still_works(tyrant, tenant, app):
 
     status, body = wait_for(lambda: http_get(port), 20, what="the tenant's port")
     assert status == 200 and json.loads(body)["uid"] == tenant.uid
+
+
+def test_hard_linked_vassal_file_is_refused(tyrant, make_tenant, app):
+    """Item 18's other half: whoever makes a hard link names the vassal, yet
+    the owner we see is the file's; refuse what we cannot attribute."""
+    emp = tyrant()
+    victim = make_tenant()
+    original = victim.write(victim.home / "app.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {victim.home}/hl.sock\n")
+    os.link(original, emp.dir / "hardlink.ini")
+    assert "hard links" in emp.wait_state("hardlink.ini", "invalid")["error"]

@@ -271,3 +271,43 @@ def test_examples_validate():
     assert len(files) >= 3
     for f in files:
         load(str(f))
+
+
+# --- files that are not small regular configs, and the handed-over config ------------------
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "huge", "entries"])
+def test_only_small_regular_files_are_read(tmp_path, kind):
+    """A FIFO would block the reader forever and /dev/zero read until
+    MemoryError; a huge file froze the emperor's loop (issue 10, items 9, 19)."""
+    target = tmp_path / "t.ini"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "device":
+        os.symlink("/dev/zero", target)
+    elif kind == "huge":
+        write(target, "[uwsgi]\n" + "#" * (1 << 20))
+    else:
+        write(target, "[uwsgi]\n" + "env = A=B\n" * 5001)
+    f = write(tmp_path / "v.ini", f"[uwsgi]\nvassals-inherit = {target}\n")
+    with pytest.raises(ConfigError) as err:
+        load(str(f))
+    words = {"fifo": "is a FIFO", "device": "is a character device", "huge": "too large", "entries": "too many entries"}[kind]
+    assert words in str(err.value) and str(target) in str(err.value)
+
+
+def test_handed_config_is_what_was_validated(tmp_path, monkeypatch):
+    """The vassal rebuilds the emperor's expanded entries without expanding
+    them again: %% stays one percent sign, $(VAR) is the emperor's value."""
+    from vassal.config import from_json
+
+    monkeypatch.setenv("PE_HANDED", "from-the-emperor")
+    f = write(tmp_path / "h.ini", "[uwsgi]\nmy = %%(my)\nenv = A=100%%\nenv = B=$(PE_HANDED)\nenv = C=%(my) %n\nprocesses = 2\n")
+    cfg = load(str(f))
+    monkeypatch.setenv("PE_HANDED", "changed")
+    again = from_json(cfg.to_json())
+    assert again.getlist("env") == cfg.getlist("env") == [("A", "100%"), ("B", "from-the-emperor"), ("C", "%(my) h")]
+    assert again.get("processes") == 2 and again.path == cfg.path
+    assert [(e.file, e.line) for e in again.expanded] == [(e.file, e.line) for e in cfg.expanded]
+    with pytest.raises(ConfigError):
+        from_json(b'{"path": "x", "entries": [[1]]}')
