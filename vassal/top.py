@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import jails
 from jails import JailError
 from jails.netlink import NetlinkError
 from netrouter.tun import TunError
@@ -163,6 +164,10 @@ class Top:
         set_role(f"{self.name}")
         set_title(f"vassal {self.name}")
         keep_status_from_exec()
+        # Daemons that double-fork come back to us, not to the emperor or
+        # init: we reap them, and only processes descending from us (or in
+        # our cgroup) are ever signalled for a pidfile.
+        jails.backend().become_subreaper()
         loop = self.loop
         loop.add_signal(signal.SIGCHLD, lambda s: self._reap())
         loop.add_signal(signal.SIGTERM, lambda s: self.stop(graceful=True))
