@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import psutil
+
 import jails
 from jails import JailError
 from jails.netlink import NetlinkError
@@ -215,6 +217,7 @@ class Top:
         loop.run(until=self._finished)
         for listener in self.listeners.values():
             listener.close()
+        kill_descendants()
         if self.logpipe is not None:
             self.logpipe.close()
         return self.exit_code
@@ -532,6 +535,21 @@ class Top:
                     if daemon.pid == pid:
                         self._daemon_exited(daemon, status)
                         break
+
+
+def kill_descendants() -> None:
+    """Nothing of the vassal outlives its top process, even when no emperor
+    is left to kill its cgroup (kill -9 of the emperor): whatever escaped
+    with setsid and ignores SIGTERM came back to us (a subreaper) and dies."""
+    try:
+        leftovers = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for proc in leftovers:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
 
 
 def apply_process_settings(config: Config) -> None:
