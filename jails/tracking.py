@@ -184,7 +184,31 @@ def emperor_alive(pid: int) -> bool:
     if state in (b"Z", b"X"):
         return False  # killed, not yet reaped by its parent
     argv = [word.decode("utf-8", "replace") for word in cmdline.split(b"\0") if word]
-    return _looks_like_emperor(argv)
+    if _looks_like_emperor(argv):
+        return True
+    try:
+        with open(f"/proc/{pid}/cgroup") as handle:
+            # v2: an emperor (embedded in another program, say) in its own leaf.
+            return f"/pyemperor.{pid}.emperor\n" in handle.read()
+    except OSError:
+        return False
+
+
+def _parent_of_any(pid: int, path: str) -> bool:
+    """Whether ``pid`` is the parent of a process in ``path``'s subtree: the
+    vassals of a live emperor are its children (it is their subreaper),
+    those of a dead one were re-parented when it died."""
+    for directory in _subtree(path):
+        for child in VassalCgroup(directory).pids():
+            try:
+                with open(f"/proc/{child}/stat", "rb") as handle:
+                    stat = handle.read()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(b")") + 2:].split()
+            if len(fields) > 1 and fields[1] == str(pid).encode():
+                return True
+    return False
 
 
 def _subtree(path: str) -> list[str]:
@@ -256,7 +280,7 @@ def reap_stale(tree: CgroupTree | None, log: Callable[[str], None], seconds: flo
                 continue
             pid = int(match.group(1))
             if pid != ours:
-                if not emperor_alive(pid):
+                if not emperor_alive(pid) and not _parent_of_any(pid, entry.path):
                     doomed[entry.path] = pid
             elif match.group(2) is None:  # (our own leaf holds us: never touched)
                 try:

@@ -5,7 +5,10 @@ writes to cgroup.procs are checked."""
 
 from __future__ import annotations
 
+import signal
+
 from jails import tracking
+from tests.conftest import wait_for
 
 
 def fake_cgroupfs(monkeypatch):
@@ -50,3 +53,163 @@ def test_root_cgroup_needs_no_leaf(tmp_path, monkeypatch):
     fake_cgroupfs(monkeypatch)
     tree = tracking.CgroupTree.create("pyemperor.7")
     assert tree is not None and tree.own_leaf is None
+
+
+# --- limits carried over to a zygote spare's cgroup ----------------------------
+
+def test_limit_files_cover_every_limit_written(tmp_path):
+    """copy_limits gives a spare's cgroup what LimitGroups.apply wrote: a limit
+    file apply learns to write must be listed, or spawns through the spare
+    would run without it."""
+    for unified in (True, False):
+        written: list[str] = []
+        directory = tmp_path / f"v{2 if unified else 1}"
+        directory.mkdir()
+        (directory / "memory.swap.max").write_text("max\n")
+        groups = tracking.LimitGroups({c: str(directory) for c in ("memory", "pids", "cpu")}, unified)
+        real_write = groups._write
+
+        def record(controller, name, value, real_write=real_write, written=written):
+            written.append(name)
+            real_write(controller, name, value)
+
+        groups._write = record  # type: ignore[method-assign]
+        groups.apply(tracking.Limits(memory=64 << 20, pids=16, cpu=0.5))
+        assert written and set(written) <= set(tracking.LIMIT_FILES), (unified, written)
+        order = [n for n in tracking.LIMIT_FILES if n in written]
+        assert order == [n for n in dict.fromkeys(written)], "LIMIT_FILES must keep apply's order"
+
+
+def test_copy_limits_overwrites_every_value(tmp_path):
+    configured, spare = tmp_path / "vassal", tmp_path / ".spare-1-1"
+    for directory in (configured, spare):
+        directory.mkdir()
+    (configured / "pids.max").write_text("16\n")
+    (configured / "cpu.max").write_text("max 100000\n")
+    (spare / "pids.max").write_text("max\n")
+    (spare / "cpu.max").write_text("20000 100000\n")  # left by an earlier vassal's copy
+    tracking.copy_limits(str(configured), str(spare))
+    assert (spare / "pids.max").read_text() == "16"
+    assert (spare / "cpu.max").read_text() == "max 100000"
+    assert not (spare / "memory.max").exists()
+
+
+# --- leftovers of SIGKILLed emperors --------------------------------------------
+
+def test_looks_like_emperor():
+    looks = tracking._looks_like_emperor
+    assert looks(["/opt/pyemperor/bin/emperor", "/etc/vassals"])
+    assert looks(["/opt/pyemperor/bin/python", "/opt/pyemperor/bin/emperor", "--emperor-pidfile", "/run/p"])
+    assert looks(["python3", "-P", "-m", "emperor", "--control", "c.sock", "d"])
+    assert looks(["python3", "-memperor.cli"])
+    assert not looks(["python3", "-P", "-m", "emperor.zygote", "5"])
+    assert not looks(["python3", "-m", "vassal", "--ini", "/srv/emperor"])
+    assert not looks(["sleep", "30"])
+    assert not looks([])
+
+
+def _alive_pids(monkeypatch):
+    """As the kernel does: cgroup.procs lists no process that has died."""
+    import os
+
+    def pids(self):
+        try:
+            listed = [int(p) for p in open(os.path.join(self.path, "cgroup.procs")).read().split()]
+        except FileNotFoundError:
+            return []
+        alive = []
+        for pid in listed:
+            try:
+                state = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0]
+            except OSError:
+                continue
+            if state not in ("Z", "X"):
+                alive.append(pid)
+        return alive
+
+    monkeypatch.setattr(tracking.VassalCgroup, "pids", pids)
+
+    def rmdir(path: str) -> bool:  # a cgroupfs dir goes with its interface files
+        if not os.path.isdir(path):
+            return True
+        for entry in os.scandir(path):
+            if entry.is_file():
+                os.unlink(entry.path)
+        try:
+            os.rmdir(path)
+        except OSError:
+            return False
+        return True
+
+    monkeypatch.setattr(tracking, "_rmdir", rmdir)
+
+
+def test_stale_cgroups_of_dead_emperors_are_killed_and_removed(tmp_path, monkeypatch):
+    import os
+    import subprocess
+
+    root = tmp_path / "cgroup"
+    own = root / "system.slice" / "pyemperor.service"
+    own.mkdir(parents=True)
+    (root / "cgroup.controllers").write_text("cpu memory pids\n")
+    (own / "cgroup.procs").write_text("")
+    monkeypatch.setattr(tracking, "CGROUP_ROOT", str(root))
+    monkeypatch.setattr(tracking, "_own_cgroup", lambda hierarchy: "/system.slice/pyemperor.service")
+    fake_cgroupfs(monkeypatch)
+    _alive_pids(monkeypatch)
+    tree = tracking.CgroupTree.create(f"pyemperor.{os.getpid()}")
+    assert tree is not None
+
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    dead = finished.pid  # no such process any more
+    escaped = subprocess.Popen(["sleep", "30"])  # a dead emperor's vassal's grandchild
+    live_emperor = subprocess.Popen(["emperor", "30"], executable="/bin/sleep")
+    live_vassal = subprocess.Popen(["sleep", "30"])
+    reused = subprocess.Popen(["sleep", "30"])  # a pid reused by something else
+    ours_stale = subprocess.Popen(["sleep", "30"])  # an earlier emperor that had our pid
+    # An emperor embedded in another program: not named like one, but the
+    # parent of the vassal in its tree.
+    pidfile = tmp_path / "embedded-vassal"
+    embedded = subprocess.Popen(["sh", "-c", f"sleep 30 & echo $! > {pidfile}; wait"])
+    procs = [escaped, live_emperor, live_vassal, reused, ours_stale, embedded]
+    try:
+        embedded_vassal = int(wait_for(lambda: pidfile.read_text().strip(), 5, what="the embedded emperor's vassal"))
+
+        def cgroup(path, *pids):
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "cgroup.procs").write_text("".join(f"{p}\n" for p in pids))
+            return path
+
+        cgroup(own / f"pyemperor.{dead}" / "app.ini", escaped.pid)
+        (own / f"pyemperor.{dead}" / "cgroup.kill").write_text("")
+        cgroup(own / f"pyemperor.{dead}")
+        cgroup(own / f"pyemperor.{dead}.emperor")
+        cgroup(own / f"pyemperor.{live_emperor.pid}" / "app.ini", live_vassal.pid)
+        cgroup(own / f"pyemperor.{reused.pid}" / "app.ini")
+        cgroup(own / f"pyemperor.{os.getpid()}" / "old.ini", ours_stale.pid)
+        cgroup(own / f"pyemperor.{embedded.pid}" / "app.ini", embedded_vassal)
+        cgroup(own / "unrelated" / "pyemperor.1")
+        lines: list[str] = []
+        tracking.reap_stale(tree, lines.append)
+
+        assert escaped.wait(2) == -9 and ours_stale.wait(2) == -9
+        assert live_emperor.poll() is None and live_vassal.poll() is None and reused.poll() is None and embedded.poll() is None
+        os.kill(embedded_vassal, 0)
+        assert sorted(p.name for p in own.iterdir() if p.is_dir()) == sorted(
+            [f"pyemperor.{live_emperor.pid}", f"pyemperor.{embedded.pid}", f"pyemperor.{os.getpid()}", f"pyemperor.{os.getpid()}.emperor", "unrelated"])
+        assert not (own / f"pyemperor.{os.getpid()}" / "old.ini").exists()
+        assert (own / f"pyemperor.{live_emperor.pid}" / "app.ini").is_dir()
+        assert any(f"pyemperor.{dead} of dead emperor {dead} (killed 1 process(es): {escaped.pid})" in line for line in lines), lines
+        assert any(f"pyemperor.{reused.pid} of dead emperor {reused.pid}" in line for line in lines), lines
+        assert not any(f"pyemperor.{live_emperor.pid}" in line for line in lines), lines
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        if pidfile.exists():
+            try:
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
