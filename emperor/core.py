@@ -150,6 +150,12 @@ class Emperor:
 
         # Messages carry file names and errors from tenants: control
         # characters and undecodable bytes are shown escaped, never raw.
+        # Newlines stay (a config error lists one problem a line), except
+        # inside a vassal's name, where they are the name's.
+        if "\n" in message:
+            for name in self.vassals:
+                if "\n" in name and name in message:
+                    message = message.replace(name, printable(name))
         self._log(printable(message, keep_newlines=True))
 
     def vassal_log(self, vassal: Vassal, line: str) -> None:

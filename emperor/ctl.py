@@ -13,9 +13,15 @@ import sys
 import time
 from collections.abc import Iterator
 
-from emperor.commands import NO_EMPEROR, USAGE
+from emperor import untrusted
+from emperor.commands import NO_EMPEROR, REFUSED, USAGE
+from emperor.names import printable
 
 DEFAULT_CONTROL = os.environ.get("EMPEROR_CONTROL", "/run/emperor/control.sock")
+# Whatever answers at --control is read with bounds too: a status document
+# of thousands of vassals fits, a hostile stand-in's nesting does not.
+MAX_REPLY = 256 * 1024 * 1024
+MAX_REPLY_DEPTH = 64
 
 
 class NoEmperor(Exception):
@@ -54,9 +60,16 @@ def request(path: str, command: str, args: dict, timeout: float | None = 30.0) -
                     raise NoEmperor(f"the emperor at {path} closed the connection")
                 return
             buf += data
+            if len(buf) > MAX_REPLY:
+                raise NoEmperor(f"the emperor at {path} sent a line of more than {MAX_REPLY} bytes")
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
-                message = json.loads(line)
+                try:
+                    message = untrusted.loads(line, max_bytes=MAX_REPLY, max_depth=MAX_REPLY_DEPTH)
+                except ValueError as exc:
+                    raise NoEmperor(f"the emperor at {path} sent a garbled reply ({exc})") from None
+                if not isinstance(message, dict):
+                    raise NoEmperor(f"the emperor at {path} sent a garbled reply (not an object)")
                 if first:
                     first = False
                     if not message.get("ok"):
@@ -84,11 +97,19 @@ def _ago(stamp: float | None) -> str:
     return f"{delta / 3600:.1f}h"
 
 
+def _shown(text: object) -> str:
+    """Tenant-chosen text (a file name, an error quoting it) as inert text:
+    no terminal escape sequence, no rich markup."""
+    from rich.markup import escape
+
+    return escape(printable(str(text)))
+
+
 def status_table(doc: dict):
     from rich.table import Table
 
     emperor = doc["emperor"]
-    table = Table(title=f"emperor pid {emperor['pid']} · {emperor['vassal_count']} vassal(s) · {', '.join(emperor['dirs'])}")
+    table = Table(title=f"emperor pid {emperor['pid']} · {emperor['vassal_count']} vassal(s) · {_shown(', '.join(emperor['dirs']))}")
     for column in ("name", "state", "pid", "up", "restarts", "loyal", "rss", "cpu%", "last exit", "error"):
         table.add_column(column, overflow="fold")
     colours = {"ready": "green", "starting": "yellow", "reloading": "yellow", "backoff": "red", "invalid": "red", "stopped": "dim", "stopping": "yellow"}
@@ -99,7 +120,7 @@ def status_table(doc: dict):
         if state == "backoff" and v["backoff_until"]:
             state += f" ({_ago(v['backoff_until'])})"
         table.add_row(
-            v["name"],
+            _shown(v["name"]),
             f"[{colours.get(v['state'], 'white')}]{state}[/]",
             str(v["pid"] or "-"),
             _ago(v["started_at"]) if v["pid"] else "-",
@@ -107,8 +128,8 @@ def status_table(doc: dict):
             "yes" if v["loyal"] else "no",
             f"{v['rss_bytes'] / 1048576:.1f}M" if v["rss_bytes"] else "-",
             f"{v['cpu_percent']:.1f}",
-            last_text,
-            (v["error"] or "").splitlines()[0] if v["error"] else "",
+            _shown(last_text),
+            _shown((v["error"] or "").splitlines()[0]) if v["error"] else "",
         )
     return table
 
@@ -182,6 +203,10 @@ def run(args: argparse.Namespace) -> int:
         if args.follow:
             try:
                 for message in messages:
+                    if "note" in message:
+                        # The emperor dropped us (we fell behind): say so, and fail.
+                        print(f"emperorctl: {message['note']}", file=sys.stderr, flush=True)
+                        return REFUSED
                     line = message.get("line", "")
                     print(json.dumps({"line": line}) if args.json else line, flush=True)
             except KeyboardInterrupt:
@@ -210,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         for key, value in result.items():  # type: ignore[union-attr]
             if value:
-                print(f"{key}: {' '.join(value) if isinstance(value, list) else value}")
+                print(f"{key}: {' '.join(map(printable, value)) if isinstance(value, list) else printable(str(value))}")
     return 0
 
 
@@ -246,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"emperorctl: {exc}", file=sys.stderr)
         return NO_EMPEROR
     except Refused as exc:
-        print(f"emperorctl: {exc}", file=sys.stderr)
+        print(f"emperorctl: {printable(str(exc))}", file=sys.stderr)
         return exc.code
     except BrokenPipeError:
         return 0

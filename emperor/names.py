@@ -49,17 +49,17 @@ def name_problem(name: str) -> str | None:
     """Why ``name`` (a vassal file name, as os.fsdecode gives it) cannot be
     a vassal, or None when it can. The text names the problem and says what
     to do, and shows the name escaped, so it can be logged and shown as is."""
-    shown = printable(name)
+    shown = '"' + printable(name).replace("\t", "\\x09") + '"'
     if not name:
         return "the vassal file name is empty"
     if re.search("[\udc80-\udcff]", name):
-        return f"the file name {shown!r} is not valid UTF-8; rename the file"
+        return f"the file name {shown} is not valid UTF-8; rename the file"
     if re.search("[\ud800-\udfff]", name):
-        return f"the file name {shown!r} holds a lone surrogate; rename the file"
-    if _UNSAFE.search(name):
-        return f"the file name {shown!r} holds a control character (newline, tab, escape...); rename the file"
+        return f"the file name {shown} holds a lone surrogate; rename the file"
+    if _UNSAFE.search(name) or "\t" in name:
+        return f"the file name {shown} holds a control character (newline, tab, escape...); rename the file"
     if _BIDI.search(name):
-        return f"the file name {printable(_BIDI.sub(_escape, name))!r} holds a bidirectional override; rename the file"
+        return f"the file name \"{_BIDI.sub(_escape, printable(name))}\" holds a bidirectional override; rename the file"
     size = len(name.encode("utf-8"))
     if size > MAX_NAME_BYTES:
         return f"the file name is too long ({size} bytes in UTF-8, at most {MAX_NAME_BYTES}); rename the file"

@@ -4,6 +4,12 @@ Signal handlers only enqueue: Python writes each caught signal's number to
 the wakeup pipe (``signal.set_wakeup_fd``) and the loop dispatches it as an
 ordinary event, so no handler ever runs loop code (gunicorn's arbiter style).
 The emperor, a vassal's top process and its app master all run on this.
+
+No callback can take the loop down: an exception is reported (once per
+place and kind, with its traceback; repeats are counted) and the loop goes
+on. An fd callback that keeps failing is unregistered, since a readable fd
+whose reader raises would otherwise be retried at full speed forever: that
+costs the one connection or channel, not the process.
 """
 
 from __future__ import annotations
@@ -11,13 +17,44 @@ from __future__ import annotations
 import heapq
 import itertools
 import os
+import re
 import selectors
 import signal
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
 Callback = Callable[[], Any]
+
+# An fd callback failing again within this many seconds is given up on.
+REPEAT_FAILURE_S = 1.0
+# Repeats of a reported failure are summed up at most this often.
+SUMMARY_INTERVAL_S = 60.0
+# Distinct failure places remembered (beyond, each is reported anew).
+MAX_FAILURE_KINDS = 256
+
+
+# An exception's text may quote what a peer sent: no raw control character
+# of it reaches the log (newlines become indented continuation lines).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _report_to_stderr(message: str) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    message = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", message)
+    first, *rest = message.rstrip("\n").split("\n")
+    text = f"{stamp} [loop {os.getpid()}] {first}\n" + "".join(f"    {line}\n" for line in rest)
+    try:
+        os.write(2, text.encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+def _describe(callback: Any) -> str:
+    name = getattr(callback, "__qualname__", None) or type(callback).__qualname__
+    module = getattr(callback, "__module__", None)
+    return f"{module}.{name}" if module else name
 
 
 def reaped() -> Iterator[tuple[int, int]]:
@@ -58,6 +95,11 @@ class Loop:
         self._wake_r: int | None = None
         self._wake_w: int | None = None
         self.running = False
+        # Where failures of callbacks are told (the emperor may set its log).
+        self.report: Callable[[str], None] = _report_to_stderr
+        self._failures: dict[tuple[str, str, str], list[float]] = {}
+        self._fd_failures: dict[tuple[int, int], float] = {}
+        self._pid = os.getpid()
 
     # --- fds ---------------------------------------------------------------
     # Each registered fd carries [reader, writer]; either may be None.
@@ -132,7 +174,10 @@ class Loop:
         for signum in seen:
             handler = self._signal_handlers.get(signum)
             if handler is not None:
-                handler(signum)
+                try:
+                    handler(signum)
+                except Exception as exc:
+                    self._failed(handler, exc, f"the handler of signal {signum}")
 
     def reset_signals_in_child(self) -> None:
         """After fork: the child must not share our wakeup pipe or handlers."""
@@ -161,6 +206,49 @@ class Loop:
         delay = max(0.0, self._timers[0][0] - time.monotonic())
         return delay if cap is None else min(cap, delay)
 
+    def _failed(self, callback: Any, exc: Exception, what: str, fd: tuple[Any, int] | None = None) -> None:
+        """Called from an except block: report ``exc`` (once per place and
+        kind), and give up on an fd callback that fails again at once."""
+        if os.getpid() != self._pid:
+            # A child forked inside a callback got here with its parent's
+            # loop on the stack: it must not go on as a copy of the parent.
+            raise
+        now = time.monotonic()
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+        key = (_describe(callback), type(exc).__qualname__, where)
+        entry = self._failures.get(key)
+        if entry is None:
+            if len(self._failures) >= MAX_FAILURE_KINDS:
+                self._failures.clear()
+            self._failures[key] = [now, 0]
+            details = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+            self._tell(f"{what} ({key[0]}) failed, the loop goes on; repeats are counted, not shown:\n{details}")
+        else:
+            entry[1] += 1
+            if now - entry[0] >= SUMMARY_INTERVAL_S:
+                self._tell(f"{what} ({key[0]}) failed {entry[1]:.0f} more time(s) at {where}: {exc!r}")
+                entry[0], entry[1] = now, 0
+        if fd is not None:
+            fileobj, index = fd
+            try:
+                fdno = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+            except (OSError, ValueError):
+                fdno = -1
+            last = self._fd_failures.get((fdno, index))
+            self._fd_failures[(fdno, index)] = now
+            if len(self._fd_failures) > MAX_FAILURE_KINDS:
+                self._fd_failures = {k: t for k, t in self._fd_failures.items() if now - t < REPEAT_FAILURE_S}
+            if last is not None and now - last < REPEAT_FAILURE_S:
+                self._set(fileobj, index, None)
+                self._tell(f"{what} ({key[0]}) keeps failing: no longer watching fd {fdno} for {'reading' if index == 0 else 'writing'}")
+
+    def _tell(self, message: str) -> None:
+        try:
+            self.report(message)
+        except Exception:
+            _report_to_stderr(message)
+
     def run_once(self, cap: float | None = None) -> None:
         timeout = self._next_timeout(cap)
         fd_map = self.selector.get_map()
@@ -169,17 +257,28 @@ class Loop:
             current = fd_map.get(key.fd)
             if current is None or current.fileobj is not key.fileobj:
                 continue
-            if events & selectors.EVENT_READ and current.data[0] is not None:
-                current.data[0]()
+            # try costs nothing until something raises (3.11's zero-cost
+            # exceptions): the fast path stays as it was.
+            if events & selectors.EVENT_READ and (callback := current.data[0]) is not None:
+                try:
+                    callback()
+                except Exception as exc:
+                    self._failed(callback, exc, "a reader", (key.fileobj, 0))
             if events & selectors.EVENT_WRITE:
                 current = fd_map.get(key.fd)
-                if current is not None and current.fileobj is key.fileobj and current.data[1] is not None:
-                    current.data[1]()
+                if current is not None and current.fileobj is key.fileobj and (callback := current.data[1]) is not None:
+                    try:
+                        callback()
+                    except Exception as exc:
+                        self._failed(callback, exc, "a writer", (key.fileobj, 1))
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             _, _, timer = heapq.heappop(self._timers)
             if not timer.cancelled:
-                timer.callback()
+                try:
+                    timer.callback()
+                except Exception as exc:
+                    self._failed(timer.callback, exc, "a timer")
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
         self.running = True

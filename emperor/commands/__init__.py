@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from emperor.names import printable
+
 if TYPE_CHECKING:
     from emperor.core import Emperor
     from emperor.instance import Vassal
@@ -61,7 +63,7 @@ class Peer:
 
 def module_for(name: str):
     if name not in VERBS:
-        raise CommandError(f"unknown command {name!r} (known: {', '.join(VERBS)})", USAGE)
+        raise CommandError(f"unknown command {printable(name[:64])!r} (known: {', '.join(VERBS)})", USAGE)
     return importlib.import_module(f"emperor.commands.{name.replace('-', '_')}")
 
 
@@ -73,12 +75,27 @@ def execute(emperor: Emperor, name: str, args: dict, peer: Peer):
     return module.execute(emperor, args, peer)
 
 
-def select_vassals(emperor: Emperor, args: dict, peer: Peer, allow_all: bool = True) -> list[Vassal]:
-    """The vassals named in ``args['names']`` (or all with ``args['all']``), checked
-    against what ``peer`` may control."""
+def names_arg(args: dict) -> list[str]:
     names = args.get("names") or []
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise CommandError("'names' must be a list of vassal names", USAGE)
+    return names
+
+
+def no_such_vassal(name: str, peer: Peer) -> CommandError:
+    """The one refusal for a name the peer may not act on. To anyone but
+    root, a vassal of another tenant and one that does not exist get the
+    very same answer, else the answer would tell which names exist."""
+    shown = printable(name[:256])
+    if peer.privileged:
+        return CommandError(f"no vassal named '{shown}'")
+    return CommandError(f"not permitted: '{shown}' (no vassal of yours has that name)")
+
+
+def select_vassals(emperor: Emperor, args: dict, peer: Peer, allow_all: bool = True) -> list[Vassal]:
+    """The vassals named in ``args['names']`` (or all with ``args['all']``), checked
+    against what ``peer`` may control."""
+    names = names_arg(args)
     if args.get("all") and allow_all:
         return [v for v in emperor.vassals.values() if peer.may_see(v)]
     if not names:
@@ -86,10 +103,8 @@ def select_vassals(emperor: Emperor, args: dict, peer: Peer, allow_all: bool = T
     found = []
     for name in names:
         vassal = emperor.vassals.get(name)
-        if vassal is None:
-            raise CommandError(f"no vassal named {name!r}")
-        if not peer.may_see(vassal):
-            raise CommandError(f"not permitted: {name!r}")
+        if vassal is None or not peer.may_see(vassal):
+            raise no_such_vassal(name, peer)
         found.append(vassal)
     return found
 

@@ -1,8 +1,8 @@
 """help [VERB]: the documentation of every verb, or of one."""
 
-from emperor.commands import VERBS, module_for
+from emperor.commands import VERBS, module_for, names_arg
 
 
 def execute(emperor, args, peer):
-    verbs = args.get("names") or list(VERBS)
+    verbs = names_arg(args) or list(VERBS)
     return {verb: (module_for(verb).__doc__ or "").strip() for verb in verbs}

@@ -1,9 +1,24 @@
 """stats: the stats document (uWSGI's emperor stats fields plus our status),
 the same JSON the ``emperor-stats`` server sends."""
 
-from emperor.commands import require_privileged
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from emperor.commands import Peer, require_privileged
+
+if TYPE_CHECKING:
+    from emperor.core import Emperor
 
 
-def execute(emperor, args, peer):
+def document(emperor: Emperor) -> dict:
+    from emperor.commands.status import add_counters
+
+    doc = emperor.stats_document()
+    add_counters(emperor, doc["status"], doc["vassals"], Peer.root())
+    return doc
+
+
+def execute(emperor: Emperor, args: dict, peer: Peer) -> dict:
     require_privileged(peer)
-    return emperor.stats_document()
+    return document(emperor)

@@ -283,8 +283,8 @@ def test_tyrant_mode(start_emperor, shared_dir):
     tenant_dir = shared_dir / "tenant"
     tenant_dir.mkdir()
     os.chown(tenant_dir, 65534, 65534)
-    emp = start_emperor("--emperor-tyrant")
-    os.chmod(emp.dir, 0o755)
+    # Tenants' files are read as the tenants: the dir must be reachable by them.
+    emp = start_emperor("--emperor-tyrant", vassal_dir=shared_dir / "vassals")
     # A tenant file runs as its owner, whatever uid it asks for.
     f = emp.dir / "tenant.ini"
     f.write_text(f"[uwsgi]\nwsgi-file = {shared_dir}/info.py\nhttp-socket = {tenant_dir}/t.sock\nuid = root\n")
@@ -415,7 +415,7 @@ def test_tyrant_control_socket_per_owner(start_emperor, shared_dir):
     tenant_dir = shared_dir / "t3"
     tenant_dir.mkdir()
     os.chown(tenant_dir, 65534, 65534)
-    emp = start_emperor("--emperor-tyrant", "--emperor-control-mode", "666", control_dir=shared_dir)
+    emp = start_emperor("--emperor-tyrant", "--emperor-control-mode", "666", control_dir=shared_dir, vassal_dir=shared_dir / "vassals")
     mine = emp.dir / "mine.ini"
     mine.write_text(f"[uwsgi]\nwsgi-file = {shared_dir}/info.py\nhttp-socket = {tenant_dir}/mine.sock\n")
     os.chown(mine, 65534, 65534)
