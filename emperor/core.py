@@ -112,6 +112,7 @@ class Emperor:
         self.tyrant = bool(settings.get("emperor-tyrant"))
         self.clone: list[str] = ["fs" if n == "mount" else n for n in (settings.get("emperor-use-clone") or ())]  # type: ignore[union-attr]
         self._log = log or self._default_log
+        self.loop.report = self.log  # a failing callback is logged like anything else of ours
         self.started_at = time.time()
         self.shutting_down = False
         self.exit_code = 0
