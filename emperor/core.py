@@ -54,6 +54,7 @@ from vassal.config import (
     read_with_templates,
     unsupported,
 )
+from vassal.identity import acting_as
 from vassal.loop import Loop, reaped
 
 
@@ -232,7 +233,7 @@ class Emperor:
             return
         self.zygote = Zygote(self._zygote_reply, self._zygote_want_write)
         # Spare pre-moved intermediates need cgroup dirs that can be renamed (v1).
-        self.zygote.start(self.cgroups.base if self.cgroups and not self.cgroups.unified else None)
+        self.zygote.start(self.cgroups.base if self.cgroups and not self.cgroups.unified else None, self.vassal_env)
         self.loop.add_reader(self.zygote.sock, self.zygote.on_readable)
 
     def _zygote_want_write(self, wanted: bool) -> None:
@@ -362,7 +363,13 @@ class Emperor:
         if not self.tyrant:
             return None
         link = os.lstat(path)
-        target = os.stat(path) if stat.S_ISLNK(link.st_mode) else link
+        if stat.S_ISLNK(link.st_mode):
+            # Followed as the link's owner: whether a file exists in another
+            # tenant's private dir, and whose it is, is not the link owner's to learn.
+            with acting_as((link.st_uid, link.st_gid)):
+                target = os.stat(path)
+        else:
+            target = link
         if target.st_nlink > 1:
             # Whoever made a hard link chose the name, not the owner we would see.
             raise ConfigError([Problem(path, None, None, f"tyrant mode: the file has {target.st_nlink} hard links: refusing it")])
@@ -418,6 +425,15 @@ class Emperor:
             return
         if vassal is not None and vassal.signature == signature and not vassal.removing:
             return
+        owner = self._owner_of(path)
+        if vassal is not None and self.tyrant and vassal.owner != owner:
+            # Another user's file under this name: the old vassal's logs and
+            # state are not theirs. It goes; forget() then looks here again.
+            if not vassal.removing:
+                self.log(f"[{name}] the file's owner changed, stopping the previous owner's vassal")
+                vassal.removing = True
+                vassal.stop()
+            return
         config: Config | None = None
         error = name_problem(name)
         if error is None:
@@ -440,7 +456,7 @@ class Emperor:
                 vassal.error = error
                 vassal.path = path
                 return
-            vassal = Vassal(name=name, path=path, emperor=self, signature=signature, config=config, error=error)
+            vassal = Vassal(name=name, path=path, emperor=self, signature=signature, config=config, error=error, owner=owner)
             self.vassals[name] = vassal
             if config is None:
                 vassal.state = INVALID
@@ -477,6 +493,14 @@ class Emperor:
             if not vassal.reload(reread=False):
                 vassal.restart()
 
+    def _owner_of(self, path: str) -> tuple[int, int] | None:
+        """Tyrant mode: whose vassal ``path`` makes (None: nobody's but root's,
+        e.g. a refused symlink)."""
+        try:
+            return self.tyrant_owner(path)
+        except (ConfigError, OSError):
+            return None
+
     def _retry_later(self, path: str, why: str) -> None:
         if path in self.retrying:
             return
@@ -501,6 +525,8 @@ class Emperor:
             vassal.limit_groups.remove()
         vassal.state = STOPPED
         self.log(f"[{vassal.name}] removed")
+        if not self.shutting_down and os.path.lexists(vassal.path) and vassal.name not in self.vassals:
+            self.on_path(vassal.path)  # a file that came back meanwhile (e.g. another owner's)
 
     # --- processes -------------------------------------------------------------
     def cgroup_for(self, vassal: Vassal) -> VassalCgroup | None:

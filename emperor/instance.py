@@ -44,6 +44,11 @@ STABLE_AFTER = 30.0
 EMPTY_POLL = 0.02
 # A reload that never reports ready again is given up on after this long.
 RELOAD_TIMEOUT = 60.0
+# Status shows at most this many processes of a vassal's tree, each title cut
+# to this length (the tenant chooses both), sampled at most this often.
+MAX_TREE = 64
+MAX_TITLE = 200
+USAGE_CACHE = 1.0
 
 
 @dataclass
@@ -95,6 +100,9 @@ class Vassal:
     exit_reason: str | None = None  # set when we kill it (curse)
     last_heartbeat: float | None = None
     unknown_bytes: int = 0  # on the emperor pipe since the last spawn
+    # Tyrant mode: the (uid, gid) whose file this vassal is, as it was read;
+    # the control socket authorises by this, never by whoever owns the path now.
+    owner: tuple[int, int] | None = None
     tracker: VassalCgroup | ProcessGroupTracker | None = None
     limit_groups: LimitGroups | None = None
     oom_fd: int | None = None
@@ -103,6 +111,7 @@ class Vassal:
     _cpu_sample: tuple[float, float] | None = None
     _procs: dict[int, psutil.Process] = field(default_factory=dict)
     _detail: list[dict] = field(default_factory=list)
+    _usage: tuple[float, tuple[int, float, int]] | None = None
 
     def __post_init__(self) -> None:
         self.log = LogBuffer(self.emperor.log_lines, echo=self._echo)
@@ -198,6 +207,7 @@ class Vassal:
         self.spawns += 1
         self._procs.clear()
         self._cpu_sample = None
+        self._usage = None
         loop = self.emperor.loop
         loop.add_reader(self.pipe, self._on_pipe)
         loop.add_reader(self.log_fd, self._on_log)
@@ -599,7 +609,13 @@ class Vassal:
         return procs
 
     def usage(self) -> tuple[int, float, int]:
-        """(RSS bytes, CPU percent since the last sample, process count) of the whole tree."""
+        """(RSS bytes, CPU percent since the last sample, process count) of the
+        whole tree. The tenant decides how many processes and how long their
+        command lines: the detail is bounded, and sampled at most once a second
+        however many clients ask."""
+        now = time.monotonic()
+        if self._usage is not None and now - self._usage[0] < USAGE_CACHE:
+            return self._usage[1]
         rss = 0
         cpu = 0.0
         procs = self._tree()
@@ -610,16 +626,18 @@ class Vassal:
                 rss += own
                 times = proc.cpu_times()
                 cpu += times.user + times.system
-                title = " ".join(proc.cmdline()).strip("\0 ")
+                title = " ".join(proc.cmdline()[:16])[:MAX_TITLE].strip("\0 ") if len(self._detail) < MAX_TREE else ""
             except psutil.Error:
                 continue
-            self._detail.append({"pid": proc.pid, "rss_bytes": own, "title": title})
-        now = time.monotonic()
+            if len(self._detail) < MAX_TREE:
+                self._detail.append({"pid": proc.pid, "rss_bytes": own, "title": title})
         percent = 0.0
         if self._cpu_sample is not None and now > self._cpu_sample[0]:
             percent = max(0.0, (cpu - self._cpu_sample[1]) / (now - self._cpu_sample[0]) * 100.0)
         self._cpu_sample = (now, cpu)
-        return rss, round(percent, 1), len(procs)
+        result = (rss, round(percent, 1), len(procs))
+        self._usage = (now, result)
+        return result
 
     def status(self) -> dict:
         rss, cpu, count = self.usage()

@@ -241,7 +241,10 @@ class Zygote:
         # Requests not yet taken by the socket: (id, message, fds to close once sent).
         self.queue: list[tuple[int, bytes, list[int]]] = []
 
-    def start(self, spare_base: str | None = None) -> None:
+    def start(self, spare_base: str | None = None, env: dict[str, str] | None = None) -> None:
+        """``env``: the vassals' clean environment. The zygote's own must be
+        no more than that: what it holds stays in every forked vassal's
+        memory, however os.environ is cleared after the fork."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         theirs.set_inheritable(True)
         argv = [sys.executable, "-P", "-m", "emperor.zygote", str(theirs.fileno())]
@@ -255,7 +258,7 @@ class Zygote:
                 for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGPIPE):
                     signal.signal(sig, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_SETMASK, [])
-                os.execv(argv[0], argv)
+                os.execve(argv[0], argv, dict(os.environ) if env is None else env)
             finally:
                 os._exit(127)
         theirs.close()

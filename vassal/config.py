@@ -62,6 +62,9 @@ class ConfigError(Exception):
 MAX_CONFIG_BYTES = 1 << 20
 # ...and so is one with more entries than this (5000 parse in ~25 ms).
 MAX_CONFIG_ENTRIES = 5000
+# Placeholders may not make a value, or the whole config, grow past these.
+MAX_EXPANDED_VALUE = 64 * 1024
+MAX_EXPANDED_TOTAL = 2 * MAX_CONFIG_BYTES
 
 
 class ConfigUnavailable(ConfigError):
@@ -263,6 +266,7 @@ class _Expander:
     entries: list[Entry]
     env: dict[str, str]
     cache: dict[str, str] = field(default_factory=dict)
+    total: int = 0
 
     def named(self, name: str) -> Entry | None:
         # The last definition wins: the vassal's own value comes after a template's.
@@ -278,18 +282,29 @@ class _Expander:
     def expand(self, entry: Entry, stack: tuple[str, ...] = (), root: Entry | None = None) -> str:
         # Errors name the option being read (root), wherever the chain leads.
         root = root or entry
+        size = len(entry.value)
 
         def sub(match: re.Match[str]) -> str:
+            nonlocal size
             ref, magic, var = match.group(1), match.group(2), match.group(3)
             if var is not None:
-                return self.env.get(var, match.group(0))
-            if magic is not None:
-                if magic == "%":
-                    return "%"
-                return self.magic.get(magic, match.group(0))
-            return self.resolve(ref, root, stack)
+                piece = self.env.get(var, match.group(0))
+            elif magic is not None:
+                piece = "%" if magic == "%" else self.magic.get(magic, match.group(0))
+            else:
+                piece = self.resolve(ref, root, stack)
+            # %(a)%(a) doubling at every level is a memory bomb: bound every
+            # value, and the whole config, before anything is concatenated.
+            size += len(piece)
+            if size > MAX_EXPANDED_VALUE:
+                raise ConfigError([Problem(root.file, root.line, root.key, f"expands to more than {MAX_EXPANDED_VALUE} characters")])
+            return piece
 
-        return _PLACEHOLDER_RE.sub(sub, entry.value)
+        value = _PLACEHOLDER_RE.sub(sub, entry.value)
+        self.total += len(value)
+        if self.total > MAX_EXPANDED_TOTAL:
+            raise ConfigError([Problem(root.file, root.line, root.key, f"the config expands to more than {MAX_EXPANDED_TOTAL} characters in all")])
+        return value
 
     def resolve(self, name: str, origin: Entry, stack: tuple[str, ...]) -> str:
         if name in self.magic and len(name) == 1:

@@ -55,10 +55,7 @@ class Peer:
             return True
         if not vassal.emperor.tyrant:
             return False
-        try:
-            return os.stat(vassal.path).st_uid == self.uid
-        except OSError:
-            return False
+        return vassal.owner is not None and vassal.owner[0] == self.uid
 
 
 def module_for(name: str):

@@ -258,9 +258,15 @@ def test_templates_of_other_owners_are_refused(tyrant, make_tenant, app, hostile
     listing = emp.ctl("--json", "status").stdout + emp.log_text()
     assert not any(word in listing for word in ("hunter2", "hunter3", "hunter4"))
     # A symlinked vassal file of another tenant's config is refused too (item 18).
-    os.symlink(secret, tenant_link)
+    os.symlink(public, tenant_link)
     mallory.own(tenant_link)
     assert "a symlink of uid" in emp.wait_state("link.ini", "invalid")["error"]
+    # Into another's private dir, it is followed as its owner: not even whether the file exists is told.
+    private_link = emp.dir / "private-link.ini"
+    os.symlink(secret, private_link)
+    mallory.own(private_link)
+    error = emp.wait_state("private-link.ini", "invalid")["error"]
+    assert "Permission denied" in error and str(victim.uid) not in error
 
 
 # --- 6: only the vassal's own processes are ever signalled ---------------------------------
@@ -312,6 +318,50 @@ def test_fifo_device_and_huge_templates(tyrant, tenant, app):
 
 
 # --- 16: a clean environment ----------------------------------------------------------------
+
+MEMSCAN_APP = '''
+import json
+
+def application(environ, start_response):
+    """Whether the emperor's secret is anywhere in this process's memory."""
+    import ctypes
+    ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: our own /proc/self/mem (the uid change cleared it)
+    # The secret must not sit in our own memory as the needle: we hold it
+    # shifted by one and shift what we read, so only a real copy matches.
+    shift = bytes.maketrans(bytes(range(256)), bytes(range(1, 256)) + b"\\x00")
+    needle = NEEDLE_SHIFTED
+    found = False
+    with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("r"):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(start)
+                if needle in mem.read(end - start).translate(shift):
+                    found = True
+            except (OSError, OverflowError, ValueError):
+                continue
+    body = json.dumps({"found": found}).encode()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+'''
+
+
+@pytest.mark.parametrize("spawner", ["zygote", "fork+exec"])
+def test_emperor_environment_is_not_in_vassal_memory(start_emperor, hostile_base, tenant, monkeypatch, spawner):
+    """os.environ cleared after a fork still leaves the zygote's environment
+    strings in every vassal's memory: the zygote itself starts clean."""
+    monkeypatch.setenv("EMPEROR_SECRET", "s3cret-in-the-emperor")
+    app = hostile_base / "memscan.py"
+    app.write_text(MEMSCAN_APP.replace("NEEDLE_SHIFTED", repr(bytes((b + 1) % 256 for b in b"s3cret-in-the-emperor"))))
+    app.chmod(0o644)
+    emp = start_emperor("--emperor-tyrant", *(["--emperor-zygote=false"] if spawner == "fork+exec" else []),
+                        vassal_dir=hostile_base / "vassals", control_dir=hostile_base)
+    tenant.write(emp.dir / "mem.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {tenant.home}/mem.sock\n")
+    assert info(tenant.home / "mem.sock") == {"found": False}
+
 
 
 def test_vassals_get_a_clean_environment(start_emperor, hostile_base, tenant, app, monkeypatch):
@@ -395,3 +445,52 @@ def test_hard_linked_vassal_file_is_refused(tyrant, make_tenant, app):
     original = victim.write(victim.home / "app.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {victim.home}/hl.sock\n")
     os.link(original, emp.dir / "hardlink.ini")
     assert "hard links" in emp.wait_state("hardlink.ini", "invalid")["error"]
+
+
+# --- what the emperor builds from a tenant's processes is bounded ---------------------------
+
+
+FAN = r'''
+import os, sys, time
+for _ in range(int(sys.argv[1])):
+    if os.fork() == 0:
+        os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(1000)"] + ["x" * 60000] * 8)
+time.sleep(1000)
+'''
+
+
+def test_status_of_a_huge_process_tree_is_bounded(tyrant, tenant, app):
+    """A tenant's 100 processes with 0.5 MB command lines each made one
+    `status` reply 149 MB; twenty unread ones took the emperor to 3 GB."""
+    emp = tyrant()
+    tenant.write(tenant.home / "fan.py", FAN)
+    tenant.write(emp.dir / "fan.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {tenant.home}/fan.sock\n"
+                 f"attach-daemon = /usr/bin/python3 {tenant.home}/fan.py 100\n")
+    info(tenant.home / "fan.sock")
+    wait_for(lambda: emp.vassal("fan.ini")["processes"] > 100, 20, what="the fan-out")
+    reply = emp.ctl("--json", "status", "fan.ini").stdout
+    v = json.loads(reply)["vassals"][0]
+    assert len(reply) < 64 * 1024, len(reply)
+    assert len(v["tree"]) <= 64 and all(len(p["title"]) <= 200 for p in v["tree"])
+    assert v["processes"] > 100  # counted, not listed
+
+
+def test_a_name_reused_by_another_tenant_is_a_new_vassal(tyrant, make_tenant, app):
+    """Re-creating a name while its previous owner's vassal was stopping gave
+    the newcomer that vassal's logs (and control over it)."""
+    emp = tyrant()
+    alice, bob = make_tenant(), make_tenant()
+    name = emp.dir / "shop.ini"
+    # Bob's vassal says a secret and is slow to stop (its daemon ignores SIGTERM).
+    bob.write(bob.home / "slow.sh", "echo DB_PASSWORD=hunter2-of-bob\ntrap '' TERM\nwhile :; do sleep 0.2; done\n")
+    bob.write(name, f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {bob.home}/shop.sock\nattach-daemon = /bin/sh {bob.home}/slow.sh\n")
+    wait_for(lambda: "hunter2-of-bob" in emp.ctl("logs", "shop.ini").stdout, 15, what="bob's log line")
+    name.unlink()
+    emp.wait_state("shop.ini", "stopping")
+    alice.write(name, f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {alice.home}/shop.sock\n")
+    as_alice = alice.run(sys.executable, "-m", "emperor.ctl", "--control", str(emp.control), "logs", "shop.ini")
+    assert "hunter2" not in as_alice.stdout + as_alice.stderr
+    assert as_alice.returncode == 1  # still bob's, so not hers to see
+    info(alice.home / "shop.sock")  # hers once bob's is gone
+    as_alice = alice.run(sys.executable, "-m", "emperor.ctl", "--control", str(emp.control), "logs", "shop.ini")
+    assert as_alice.returncode == 0 and "hunter2" not in as_alice.stdout

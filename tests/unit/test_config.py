@@ -311,3 +311,21 @@ def test_handed_config_is_what_was_validated(tmp_path, monkeypatch):
     assert [(e.file, e.line) for e in again.expanded] == [(e.file, e.line) for e in cfg.expanded]
     with pytest.raises(ConfigError):
         from_json(b'{"path": "x", "entries": [[1]]}')
+
+
+def test_placeholder_doubling_is_bounded(tmp_path):
+    """%(k1) = %(k0)%(k0) and so on doubles at every level: 27 levels took the
+    emperor to 2 GB and froze its loop (hostile-tenant review)."""
+    import time
+
+    lines = ["[uwsgi]", "k0 = " + "A" * 16] + [f"k{i} = %(k{i - 1})%(k{i - 1})" for i in range(1, 28)] + ["env = X=%(k27)"]
+    f = write(tmp_path / "bomb.ini", "\n".join(lines) + "\n")
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        load(str(f))
+    assert time.monotonic() - started < 1.0
+    assert "expands to more than" in str(err.value) and "bomb.ini" in str(err.value)
+    # Many moderate values still add up to a bound for the whole config.
+    many = write(tmp_path / "many.ini", "[uwsgi]\nbig = " + "B" * 60000 + "\n" + "".join(f"env = V{i}=%(big)\n" for i in range(60)))
+    with pytest.raises(ConfigError, match="in all"):
+        load(str(many))
