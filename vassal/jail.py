@@ -18,6 +18,7 @@ from jails import linux, netlink
 from jails.base import resolve_group, resolve_user
 from vassal import hooks, protocol
 from vassal.config import Config, Entry, Problem
+from vassal.identity import groups_of
 from vassal.log import log
 from vassal.tuntap import TunLink
 
@@ -33,7 +34,6 @@ def own_namespaces(config: Config) -> set[str]:
     return {"fs" if n == "mount" else n for n in (config.get("unshare") or ())}  # type: ignore[union-attr]
 
 
-ROOT_PHASES = ("pre-jail", "post-jail", "in-jail", "as-root")
 ENV_TYRANT = "PYEMPEROR_TYRANT"
 
 
@@ -61,15 +61,6 @@ def socket_tenant(config: Config) -> tuple[int, int] | None:
     if "user" in cloned_namespaces() | own_namespaces(config):
         return None
     return tyrant_owner()
-
-
-def _owner_groups(uid: int, gid: int) -> set[int]:
-    import pwd
-
-    try:
-        return set(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
-    except KeyError:
-        return {gid}
 
 
 def tyrant_problems(config: Config, namespaces: set[str], owner: tuple[int, int]) -> list[Problem]:
@@ -106,7 +97,7 @@ def tyrant_problems(config: Config, namespaces: set[str], owner: tuple[int, int]
         except jails.JailError as exc:
             found.append(Problem(entry.file, entry.line, "chown-socket", str(exc)))
             continue
-        if uid != owner[0] or gid not in _owner_groups(*owner):
+        if uid != owner[0] or gid not in groups_of(*owner):
             found.append(Problem(entry.file, entry.line, "chown-socket",
                                  f"chown-socket {value}: in tyrant mode a socket may only go to its owner (uid {owner[0]}) and one of the owner's groups"))
     return found
