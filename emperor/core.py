@@ -69,6 +69,8 @@ def become_subreaper() -> bool:
 BASE_ENV = ("PATH", "LANG", "LANGUAGE", "LC_*", "TZ")
 # A config read that failed for lack of fds or memory is tried again after this.
 CONFIG_RETRY = 1.0
+# A vassal's file is read again at most this often (the last change always).
+REREAD_INTERVAL = 0.5
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -406,7 +408,22 @@ class Emperor:
         return config
 
     def on_path(self, path: str) -> None:
-        """Something happened to ``path``: decide what it means."""
+        """Something happened to ``path``: decide what it means. Whatever a
+        tenant's file makes go wrong costs that file only, never the monitor
+        or the other vassals."""
+        try:
+            self._on_path(path)
+        except Exception as exc:  # noqa: BLE001 - a bug on one file must not blind the emperor
+            import traceback
+
+            self.log(f"[{os.path.basename(path)}] internal error handling this file: {type(exc).__name__}: {exc}\n"
+                     f"{traceback.format_exc().rstrip()}")
+            vassal = self.vassals.get(os.path.basename(path))
+            if vassal is not None and vassal.pid is None and not vassal.spawning:
+                vassal.state = INVALID
+                vassal.error = f"internal error: {type(exc).__name__}: {exc}"
+
+    def _on_path(self, path: str) -> None:
         if self.shutting_down:
             return
         name = os.path.basename(path)
@@ -424,6 +441,8 @@ class Emperor:
                 vassal.stop()
             return
         if vassal is not None and vassal.signature == signature and not vassal.removing:
+            return
+        if vassal is not None and not vassal.removing and self._too_soon(vassal, path):
             return
         owner = self._owner_of(path)
         if vassal is not None and self.tyrant and vassal.owner != owner:
@@ -492,6 +511,23 @@ class Emperor:
         elif vassal.state in (READY, STARTING, RELOADING):
             if not vassal.reload(reread=False):
                 vassal.restart()
+
+    def _too_soon(self, vassal: Vassal, path: str) -> bool:
+        """A file touched in a loop would have the emperor parse it (and
+        reload the vassal) flat out: changes are taken at most every
+        REREAD_INTERVAL per vassal, the last one always."""
+        now = time.monotonic()
+        wait = vassal.last_read + REREAD_INTERVAL - now
+        if wait <= 0:
+            vassal.last_read = now
+            return False
+        if "reread" not in vassal.timers:
+            def again() -> None:
+                vassal.timers.pop("reread", None)
+                self.on_path(path)
+
+            vassal.timers["reread"] = self.loop.call_later(wait, again)
+        return True
 
     def _owner_of(self, path: str) -> tuple[int, int] | None:
         """Tyrant mode: whose vassal ``path`` makes (None: nobody's but root's,

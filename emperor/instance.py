@@ -49,6 +49,10 @@ RELOAD_TIMEOUT = 60.0
 MAX_TREE = 64
 MAX_TITLE = 200
 USAGE_CACHE = 1.0
+# What a vassal may send on the emperor pipe and the status socket before it
+# is read only once a second (legitimate traffic is a few bytes, one report).
+PIPE_BYTES_PER_SECOND = 4096
+STATUS_REPORTS_PER_SECOND = 8
 
 
 @dataclass
@@ -103,6 +107,8 @@ class Vassal:
     # Tyrant mode: the (uid, gid) whose file this vassal is, as it was read;
     # the control socket authorises by this, never by whoever owns the path now.
     owner: tuple[int, int] | None = None
+    last_read: float = 0.0  # monotonic time its file was last read for a change
+    reload_queued: bool = False  # a reload asked for while one was in flight
     tracker: VassalCgroup | ProcessGroupTracker | None = None
     limit_groups: LimitGroups | None = None
     oom_fd: int | None = None
@@ -112,6 +118,8 @@ class Vassal:
     _procs: dict[int, psutil.Process] = field(default_factory=dict)
     _detail: list[dict] = field(default_factory=list)
     _usage: tuple[float, tuple[int, float, int]] | None = None
+    _budgets: dict[str, tuple[float, int]] = field(default_factory=dict)
+    _throttled: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.log = LogBuffer(self.emperor.log_lines, echo=self._echo)
@@ -152,6 +160,7 @@ class Vassal:
         self.exit_reason = None
         self.last_heartbeat = None
         self.restart_pending = False
+        self.reload_queued = False
         cgroup = self.emperor.cgroup_for(self)
         try:
             procs = self.emperor.cgroup_procs_for(self, cgroup)
@@ -208,6 +217,8 @@ class Vassal:
         self._procs.clear()
         self._cpu_sample = None
         self._usage = None
+        self._budgets.clear()
+        self._throttled.clear()
         loop = self.emperor.loop
         loop.add_reader(self.pipe, self._on_pipe)
         loop.add_reader(self.log_fd, self._on_log)
@@ -274,8 +285,36 @@ class Vassal:
             # The vassal closed its end: it is exiting; SIGCHLD tells the rest.
             self.emperor.loop.remove_reader(self.pipe)
             return
-        for byte in data:
+        # A flood of one byte means what one of them means (the vassal's
+        # code can write here), and a vassal that floods is read less.
+        if self._over_budget("pipe", len(data), PIPE_BYTES_PER_SECOND, self.pipe, self._on_pipe):
+            self.note(f"more than {PIPE_BYTES_PER_SECOND} bytes a second on the emperor pipe: reading it once a second")
+        for byte in dict.fromkeys(data):
             self._on_message(byte)
+
+    def _over_budget(self, what: str, amount: int, per_second: int, fileobj, reader) -> bool:
+        """Count ``amount`` against a one-second budget; past it, stop reading
+        ``fileobj`` until the second is over. True the first time per spawn."""
+        now = time.monotonic()
+        started, used = self._budgets.get(what, (now, 0))
+        if now - started >= 1.0:
+            started, used = now, 0
+        used += amount
+        self._budgets[what] = (started, used)
+        if used <= per_second:
+            return False
+        loop = self.emperor.loop
+        loop.remove_reader(fileobj)
+
+        def resume() -> None:
+            self.timers.pop(f"resume-{what}", None)
+            if fileobj in (self.pipe, self.status_sock):
+                loop.add_reader(fileobj, reader)
+
+        self._timer(f"resume-{what}", max(0.0, started + 1.0 - now), resume)
+        first = what not in self._throttled
+        self._throttled.add(what)
+        return first
 
     def _on_message(self, byte: int) -> None:
         if byte == protocol.READY:
@@ -284,14 +323,19 @@ class Vassal:
                 self.ready_at = time.time()
                 self._cancel("reload")
                 self.note("ready")
+                if self.reload_queued:
+                    self.reload_queued = False
+                    self.reload(reread=False)
         elif byte == protocol.LOYAL:
             if not self.loyal:
                 self.loyal = True
                 self.note("loyal")
         elif byte == protocol.HEARTBEAT:
+            # One timer per vassal that looks at the last beat when it fires:
+            # re-arming a timer per byte let a flood fill the loop's heap.
             self.last_heartbeat = time.monotonic()
-            required = self.emperor.required_heartbeat
-            self._timer("heartbeat", required, self._heartbeat_lost)
+            if "heartbeat" not in self.timers:
+                self._timer("heartbeat", self.emperor.required_heartbeat, self._heartbeat_due)
         elif byte == protocol.VOLUNTARY_SHUTDOWN:
             self.voluntary = True
             self.note("announced a voluntary shutdown")
@@ -332,27 +376,35 @@ class Vassal:
         from emperor import untrusted
 
         assert self.status_sock is not None
-        for _ in range(16):
+        # Only the newest report counts: drain what is queued, decode the last.
+        data = None
+        for _ in range(64):
             try:
                 data = self.status_sock.recv(65536)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError:
                 self._close_status()
                 return
-            try:
-                report = _clean_report(untrusted.loads(data, max_bytes=65536, max_depth=16))
-            except (ValueError, RecursionError) as exc:
-                problem = f"ignoring a malformed status report: {exc}"
-            except Exception as exc:  # whatever a report holds costs that report only
-                problem = f"ignoring a status report that could not be read: {exc!r}"
-            else:
-                if report is not None:
-                    self.app_status = report
-                    continue
-                problem = "ignoring a status report that is not one (an object with a 'workers' list)"
-            if untrusted.first_time(("status", self.name, self.spawns)):
-                self.note(problem[:300] + "; further ones are ignored silently")
+        if data is None:
+            return
+        # The app master reports once a second: more than a few a second is
+        # someone else (the app), and costs it the reading, not us the CPU.
+        if self._over_budget("status", 1, STATUS_REPORTS_PER_SECOND, self.status_sock, self._on_status):
+            self.note(f"more than {STATUS_REPORTS_PER_SECOND} status reports a second: reading them once a second")
+        try:
+            report = _clean_report(untrusted.loads(data, max_bytes=65536, max_depth=16))
+        except (ValueError, RecursionError) as exc:
+            problem = f"ignoring a malformed status report: {exc}"
+        except Exception as exc:  # whatever a report holds costs that report only
+            problem = f"ignoring a status report that could not be read: {exc!r}"
+        else:
+            if report is not None:
+                self.app_status = report
+                return
+            problem = "ignoring a status report that is not one (an object with a 'workers' list)"
+        if untrusted.first_time(("status", self.name, self.spawns)):
+            self.note(problem[:300] + "; further ones are ignored silently")
 
     def _close_status(self) -> None:
         if self.status_sock is not None:
@@ -366,9 +418,13 @@ class Vassal:
             os.close(self.oom_fd)
             self.oom_fd = None
 
-    def _heartbeat_lost(self) -> None:
+    def _heartbeat_due(self) -> None:
         self.timers.pop("heartbeat", None)
-        if self.pid is None or self.state == STOPPING:
+        if self.pid is None or self.state == STOPPING or self.last_heartbeat is None:
+            return
+        left = self.last_heartbeat + self.emperor.required_heartbeat - time.monotonic()
+        if left > 0:
+            self._timer("heartbeat", left, self._heartbeat_due)
             return
         self.note(f"no heartbeat for {self.emperor.required_heartbeat}s, cursing it")
         self.curse()
@@ -402,6 +458,12 @@ class Vassal:
         reload means; a file that no longer validates reloads the last good one."""
         if self.pid is None or self.state not in (READY, STARTING, RELOADING):
             return False
+        if self.state == RELOADING and not self.wrapped:
+            # One handover in flight at most: a reload storm on a vassal that
+            # does not read its pipe would pin a config memfd per touch.
+            # The newest config goes when this reload is done.
+            self.reload_queued = True
+            return True
         if reread and not self.wrapped:
             try:
                 config = self.emperor.read_config(self.path)
@@ -428,6 +490,9 @@ class Vassal:
         if self.state == RELOADING:
             self.note(f"no ready message {RELOAD_TIMEOUT:.0f}s after a reload; considering it ready")
             self.state = READY
+            if self.reload_queued:
+                self.reload_queued = False
+                self.reload(reread=False)
 
     def restart(self) -> None:
         if self.pid is None and not self.spawning:

@@ -65,6 +65,8 @@ MAX_CONFIG_ENTRIES = 5000
 # Placeholders may not make a value, or the whole config, grow past these.
 MAX_EXPANDED_VALUE = 64 * 1024
 MAX_EXPANDED_TOTAL = 2 * MAX_CONFIG_BYTES
+# ...nor chain %(a) -> %(b) -> ... deeper than this (each level recurses).
+MAX_PLACEHOLDER_DEPTH = 32
 
 
 class ConfigUnavailable(ConfigError):
@@ -103,7 +105,13 @@ def _read_text(path: str, owner: tuple[int, int] | None = None, template: bool =
 
 def _read_checked(path: str, owner: int | None, problem: Callable[[str], ConfigError]) -> str:
     try:
-        st = os.stat(path)
+        # Opened by its resolved name: a /proc magic link (/proc/self/fd/2
+        # is the emperor's own log, whatever our effective ids) resolves to
+        # a real path whose every dir is then traversed as the reader.
+        real = os.path.realpath(path)
+        if real.split("/")[1] in ("proc", "sys"):
+            raise problem(f"resolves to {real}, not a config file")
+        st = os.stat(real)
         if not stat.S_ISREG(st.st_mode):
             raise problem(f"is {_file_kind(st.st_mode)}, not a config file")
         if owner is not None and not tenant_may_read(st, owner):
@@ -111,7 +119,7 @@ def _read_checked(path: str, owner: int | None, problem: Callable[[str], ConfigE
                           "world-readable template of root's: refusing to read it")
         if st.st_size > MAX_CONFIG_BYTES:
             raise problem(f"too large ({st.st_size} bytes; a config may have at most {MAX_CONFIG_BYTES})")
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
         try:
             opened = os.fstat(fd)
             if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(opened.st_mode):
@@ -174,6 +182,8 @@ def read_ini(path: str, text: str, sections: Sequence[str] = INI_SECTIONS) -> li
             problems.append(Problem(path, number, None, f"missing key in {line!r}"))
             continue
         entries.append(Entry(key, value.strip() if sep else "true", path, number))
+        if len(entries) > MAX_CONFIG_ENTRIES:
+            raise ConfigError([Problem(path, number, None, f"too many entries (at most {MAX_CONFIG_ENTRIES})")])
     if not seen_section and not problems:
         wanted = " or ".join(f"[{s}]" for s in sections)
         problems.append(Problem(path, None, None, f"no {wanted} section"))
@@ -182,21 +192,25 @@ def read_ini(path: str, text: str, sections: Sequence[str] = INI_SECTIONS) -> li
     return entries
 
 
-def _toml_line(text: str, table: str, key: str, occurrence: int) -> int | None:
-    """Best-effort line of ``key`` inside ``[table]``: tomllib keeps no positions."""
+_TOML_KEY_RE = re.compile(r"""^\s*("(?:[^"\\]|\\.)*"|'[^']*'|[A-Za-z0-9_.-]+)\s*=""")
+
+
+def _toml_lines(text: str, table: str) -> dict[str, int]:
+    """Best-effort line of each key inside ``[table]`` (tomllib keeps no
+    positions), in one pass: a lookup per key made big files quadratic."""
+    lines: dict[str, int] = {}
     in_table = False
-    found = 0
-    key_re = re.compile(r"^\s*(?:" + re.escape(key) + r"|\"" + re.escape(key) + r"\"|'" + re.escape(key) + r"')\s*=")
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
         if stripped.startswith("["):
             in_table = stripped.strip("[] ") == table
             continue
-        if in_table and key_re.match(line):
-            if found == occurrence:
-                return number
-            found += 1
-    return None
+        if in_table and (match := _TOML_KEY_RE.match(line)):
+            key = match.group(1)
+            if key[0] in "\"'":
+                key = key[1:-1]
+            lines.setdefault(key, number)
+    return lines
 
 
 def _toml_scalar(value: object) -> str | None:
@@ -213,6 +227,8 @@ def read_toml(path: str, text: str, tables: Sequence[str] = ("vassal",)) -> list
     except tomllib.TOMLDecodeError as exc:
         match = re.search(r"line (\d+)", str(exc))
         raise ConfigError([Problem(path, int(match.group(1)) if match else None, None, f"TOML syntax error: {exc}")]) from None
+    except RecursionError:
+        raise ConfigError([Problem(path, None, None, "TOML nested too deeply")]) from None
     table_name = next((t for t in tables if t in doc), None)
     if table_name is None:
         wanted = " or ".join(f"[{t}]" for t in tables)
@@ -220,9 +236,12 @@ def read_toml(path: str, text: str, tables: Sequence[str] = ("vassal",)) -> list
     table = doc[table_name]
     entries: list[Entry] = []
     problems: list[Problem] = []
+    lines = _toml_lines(text, table_name)
     for key, value in table.items():
-        line = _toml_line(text, table_name, key, 0)
+        line = lines.get(key)
         values = value if isinstance(value, list) else [value]
+        if len(entries) + len(values) > MAX_CONFIG_ENTRIES:
+            raise ConfigError([Problem(path, line, key, f"too many entries (at most {MAX_CONFIG_ENTRIES})")])
         for item in values:
             scalar = _toml_scalar(item)
             if scalar is None:
@@ -312,6 +331,9 @@ class _Expander:
         if name in stack:
             chain = " -> ".join((*stack, name))
             raise ConfigError([Problem(origin.file, origin.line, origin.key, f"placeholder loop: {chain}")])
+        if len(stack) >= MAX_PLACEHOLDER_DEPTH:
+            raise ConfigError([Problem(origin.file, origin.line, origin.key,
+                                       f"placeholders nested more than {MAX_PLACEHOLDER_DEPTH} deep (%({stack[0]}) -> ...)")])
         if name in self.cache:
             return self.cache[name]
         target = self.named(name)

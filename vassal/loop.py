@@ -26,6 +26,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 Callback = Callable[[], Any]
+# The timer heap is swept of cancelled timers when it grows past this (and
+# then past twice what is left), so it stays proportional to the live ones.
+COMPACT_MIN = 1024
 
 # An fd callback failing again within this many seconds is given up on.
 REPEAT_FAILURE_S = 1.0
@@ -90,6 +93,7 @@ class Loop:
     def __init__(self) -> None:
         self.selector = selectors.DefaultSelector()
         self._timers: list[tuple[float, int, Timer]] = []
+        self._compact_at = COMPACT_MIN
         self._seq = itertools.count()
         self._signal_handlers: dict[int, Callable[[int], Any]] = {}
         self._wake_r: int | None = None
@@ -149,6 +153,12 @@ class Loop:
     def call_at(self, when: float, callback: Callback) -> Timer:
         timer = Timer(when, callback)
         heapq.heappush(self._timers, (when, next(self._seq), timer))
+        if len(self._timers) > self._compact_at:
+            # Cancelled timers leave the heap only when they reach its top: a
+            # timer re-armed per event (by a flood) would pile them up.
+            self._timers = [entry for entry in self._timers if not entry[2].cancelled]
+            heapq.heapify(self._timers)
+            self._compact_at = max(COMPACT_MIN, 2 * len(self._timers))
         return timer
 
     # --- signals -----------------------------------------------------------

@@ -370,3 +370,140 @@ def test_other_tenants_vassal_and_unknown_name_answer_alike(start_emperor, hosti
     unknown = emp.ctl("status", "nobody.ini", check=False)
     assert unknown.returncode == 1 and "no vassal named" in unknown.stderr
 
+
+
+# --- second review: floods through the vassal's own channels, bombs in files ----------------
+
+import json as _json  # noqa: E402
+import time as _time  # noqa: E402
+
+import psutil as _psutil  # noqa: E402
+
+PIPE_FLOOD = '''
+import os, threading, time
+
+def go():
+    def flood():
+        end = time.monotonic() + 4
+        while time.monotonic() < end:
+            try:
+                os.write(3, b"\\x1a" * 65536)   # heartbeat bytes on the emperor pipe
+            except BlockingIOError:
+                time.sleep(0.001)
+            except OSError:
+                return
+    threading.Thread(target=flood, daemon=True).start()
+'''
+
+STATUS_FLOOD = '''
+import json, os, socket, threading, time
+report = json.dumps({"workers": [{"index": i, "pid": i, "rss_bytes": i} for i in range(600)]}).encode()
+
+def flood():
+    sock = socket.socket(fileno=os.dup(4))
+    end = time.monotonic() + 4
+    while time.monotonic() < end:
+        try:
+            sock.send(report)
+        except OSError:
+            time.sleep(0.001)
+
+threading.Thread(target=flood, daemon=True).start()
+
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Length", "2")])
+    return [b"ok"]
+'''
+
+
+def _emperor_cost(emp, seconds: float) -> tuple[float, int]:
+    """(CPU seconds used, RSS growth in bytes) of the emperor over ``seconds``."""
+    proc = _psutil.Process(emp.proc.pid)
+    cpu0, rss0 = sum(proc.cpu_times()[:2]), proc.memory_info().rss
+    _time.sleep(seconds)
+    return sum(proc.cpu_times()[:2]) - cpu0, proc.memory_info().rss - rss0
+
+
+@pytest.mark.parametrize("channel", ["pipe", "status"])
+def test_floods_on_the_vassals_own_channels_are_cheap(start_emperor, hostile_base, tenant, channel):
+    """Heartbeat bytes flooding fd 3 (from a call hook in the top process)
+    took the emperor to 3 GB and 100% CPU; reports flooding fd 4 (from the
+    app) kept it at 90%."""
+    from tests.conftest import unix_http_get, wait_for
+
+    emp = start_emperor("--emperor-tyrant", vassal_dir=hostile_base / "vassals", control_dir=hostile_base)
+    app = hostile_base / "flood_app.py"
+    if channel == "pipe":
+        hook = tenant.write(tenant.home / "pipeflood.py", PIPE_FLOOD)
+        app.write_text(STATUS_FLOOD.replace("threading.Thread(target=flood, daemon=True).start()", ""))
+        extra = f"hook-as-root = call:runpy.run_path {hook}\n"
+        # runpy.run_path only defines go(); call it from the same file.
+        hook.write_text(PIPE_FLOOD + "\ngo()\n")
+    else:
+        app.write_text(STATUS_FLOOD)
+        extra = ""
+    app.chmod(0o644)
+    tenant.write(emp.dir / "flood.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {tenant.home}/f.sock\n{extra}")
+    wait_for(lambda: unix_http_get(str(tenant.home / "f.sock")), 20, what="the flooding vassal")
+    cpu, rss = _emperor_cost(emp, 3.0)
+    assert cpu < 1.5, f"the emperor spent {cpu:.1f}s of CPU in 3s"
+    assert rss < 64 * 1024 * 1024, f"the emperor grew by {rss >> 20} MiB"
+    assert _json.loads(emp.ctl("--json", "status").stdout)["vassals"]
+
+
+def test_reload_storm_on_a_stopped_vassal_pins_no_memory(start_emperor, hostile_base, tenant):
+    """A tenant SIGSTOPs its top process and touches its file in a loop: each
+    reload handed over a 2 MB memfd nobody read (278 MB of shmem)."""
+    import os
+    import signal as _signal
+
+    from tests.conftest import HELLO, unix_http_get, wait_for
+
+    emp = start_emperor("--emperor-tyrant", vassal_dir=hostile_base / "vassals", control_dir=hostile_base)
+    app = hostile_base / "hello.py"
+    app.write_text(HELLO.read_text())
+    app.chmod(0o644)
+    big = "B" * 60000
+    f = tenant.write(emp.dir / "storm.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {tenant.home}/s.sock\nbig = {big}\n"
+                     + "".join(f"env = A{i}=%(big)\n" for i in range(30)))
+    wait_for(lambda: unix_http_get(str(tenant.home / "s.sock")), 20, what="the vassal")
+    top = emp.vassal("storm.ini")["pid"]
+    # The memfds in flight are nobody's mapping: the system's shmem counts them.
+    shmem0 = _psutil.virtual_memory().shared
+    os.kill(top, _signal.SIGSTOP)
+    try:
+        for _ in range(100):
+            os.utime(f)
+            _time.sleep(0.01)
+        _time.sleep(1.5)
+        grown = _psutil.virtual_memory().shared - shmem0
+        assert grown < 32 * 1024 * 1024, f"{grown >> 20} MiB of config handovers in flight"
+    finally:
+        os.kill(top, _signal.SIGCONT)
+
+
+def test_nesting_bombs_cost_only_their_file(start_emperor, hostile_base, tenant):
+    """Two nesting bombs in a row made the monitor's fd "keep failing" and be
+    dropped (the emperor went blind), and with a bomb in the dir the emperor
+    could not start again."""
+    from tests.conftest import HELLO, unix_http_get
+
+    emp = start_emperor("--emperor-tyrant", vassal_dir=hostile_base / "vassals", control_dir=hostile_base)
+    chain = "[uwsgi]\n" + "".join(f"a{i} = %(a{i + 1})\n" for i in range(400)) + "a400 = x\nenv = X=%(a0)\n"
+    for name in ("bomb1.ini", "bomb2.ini"):
+        tenant.write(emp.dir / name, chain)
+    tenant.write(emp.dir / "deep.toml", "[vassal]\nenv = " + "[" * 3000 + "]" * 3000 + "\n")
+    for name in ("bomb1.ini", "bomb2.ini", "deep.toml"):
+        assert "nested" in emp.wait_state(name, "invalid")["error"]
+    app = hostile_base / "hello.py"
+    app.write_text(HELLO.read_text())
+    app.chmod(0o644)
+    tenant.write(emp.dir / "after.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {tenant.home}/after.sock\n")
+    from tests.conftest import wait_for
+
+    wait_for(lambda: unix_http_get(str(tenant.home / "after.sock")), 20, what="a vassal dropped after the bombs")
+    # And an emperor starting on that dir starts.
+    emp.stop()
+    again = start_emperor("--emperor-tyrant", vassal_dir=hostile_base / "vassals", control_dir=hostile_base)
+    again.wait_state("after.ini", "ready")
+    assert again.vassal("bomb1.ini")["state"] == "invalid"

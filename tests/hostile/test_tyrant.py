@@ -494,3 +494,15 @@ def test_a_name_reused_by_another_tenant_is_a_new_vassal(tyrant, make_tenant, ap
     info(alice.home / "shop.sock")  # hers once bob's is gone
     as_alice = alice.run(sys.executable, "-m", "emperor.ctl", "--control", str(emp.control), "logs", "shop.ini")
     assert as_alice.returncode == 0 and "hunter2" not in as_alice.stdout
+
+
+def test_template_through_a_proc_magic_link(tyrant, tenant, app):
+    """/proc/self/fd/2 resolves to the emperor's own log whatever its
+    effective ids: quoted in errors, it showed other tenants' log lines."""
+    emp = tyrant()
+    link = tenant.home / "log.ini"
+    os.symlink("/proc/self/fd/2", link)
+    tenant.own(link)
+    tenant.write(emp.dir / "magic.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {tenant.home}/m.sock\nvassals-inherit = {link}\n")
+    error = emp.wait_state("magic.ini", "invalid")["error"]
+    assert "[emperor]" not in error and "watching" not in error, error

@@ -329,3 +329,33 @@ def test_placeholder_doubling_is_bounded(tmp_path):
     many = write(tmp_path / "many.ini", "[uwsgi]\nbig = " + "B" * 60000 + "\n" + "".join(f"env = V{i}=%(big)\n" for i in range(60)))
     with pytest.raises(ConfigError, match="in all"):
         load(str(many))
+
+
+@pytest.mark.parametrize("kind", ["ini-chain", "toml-nesting"])
+def test_nesting_bombs_are_config_errors(tmp_path, kind):
+    """A 400-deep %(a) chain or 3000-deep TOML arrays raised RecursionError
+    out of the emperor's file handling (second review)."""
+    if kind == "ini-chain":
+        text = "[uwsgi]\n" + "".join(f"a{i} = %(a{i + 1})\n" for i in range(400)) + "a400 = x\nenv = X=%(a0)\n"
+        f = write(tmp_path / "chain.ini", text)
+    else:
+        f = write(tmp_path / "deep.toml", "[vassal]\nenv = " + "[" * 3000 + "]" * 3000 + "\n")
+    with pytest.raises(ConfigError) as err:
+        load(str(f))
+    assert "nested" in str(err.value)
+
+
+def test_big_toml_is_refused_in_linear_time(tmp_path):
+    """One line lookup per key made a 20000-key TOML file cost 75 s."""
+    import time
+
+    f = write(tmp_path / "q.toml", "[vassal]\n" + "".join(f'"k{i}" = 1\n' for i in range(19990)))
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="too many entries"):
+        load(str(f))
+    assert time.monotonic() - started < 1.0
+    g = write(tmp_path / "list.toml", "[vassal]\nenv = [" + "0," * 520000 + "0]\n")
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="too many entries"):
+        load(str(g))
+    assert time.monotonic() - started < 2.0
