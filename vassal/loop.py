@@ -7,9 +7,9 @@ The emperor, a vassal's top process and its app master all run on this.
 
 No callback can take the loop down: an exception is reported (once per
 place and kind, with its traceback; repeats are counted) and the loop goes
-on. An fd callback that keeps failing is unregistered, since a readable fd
-whose reader raises would otherwise be retried at full speed forever: that
-costs the one connection or channel, not the process.
+on. An fd callback that keeps failing is paused for a second at a time,
+since a readable fd whose reader raises would otherwise be retried at full
+speed forever: that costs the one connection or channel, not the process.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ Callback = Callable[[], Any]
 # then past twice what is left), so it stays proportional to the live ones.
 COMPACT_MIN = 1024
 
-# An fd callback failing again within this many seconds is given up on.
+# An fd callback failing again within this many seconds is paused for
+# SUSPEND_S, then watched again.
 REPEAT_FAILURE_S = 1.0
+SUSPEND_S = 1.0
 # Repeats of a reported failure are summed up at most this often.
 SUMMARY_INTERVAL_S = 60.0
 # Distinct failure places remembered (beyond, each is reported anew).
@@ -250,8 +252,31 @@ class Loop:
             if len(self._fd_failures) > MAX_FAILURE_KINDS:
                 self._fd_failures = {k: t for k, t in self._fd_failures.items() if now - t < REPEAT_FAILURE_S}
             if last is not None and now - last < REPEAT_FAILURE_S:
+                # Paused, not dropped: a readable fd whose reader raises would
+                # spin, but the fd may be the emperor's only eyes (inotify).
+                handler = self._handler(fileobj, index)
                 self._set(fileobj, index, None)
-                self._tell(f"{what} ({key[0]}) keeps failing: no longer watching fd {fdno} for {'reading' if index == 0 else 'writing'}")
+                self._tell(f"{what} ({key[0]}) keeps failing: not watching fd {fdno} for "
+                           f"{'reading' if index == 0 else 'writing'} for {SUSPEND_S:.0f}s")
+                if handler is not None:
+                    self.call_later(SUSPEND_S, lambda: self._resume(fileobj, index, handler))
+
+    def _handler(self, fileobj: Any, index: int) -> Callback | None:
+        try:
+            return self.selector.get_key(fileobj).data[index]
+        except (KeyError, ValueError):
+            return None
+
+    def _resume(self, fileobj: Any, index: int, handler: Callback) -> None:
+        """Watch a paused fd again, unless it was closed or re-registered meanwhile."""
+        try:
+            if (fileobj if isinstance(fileobj, int) else fileobj.fileno()) < 0:
+                return
+            os.fstat(fileobj if isinstance(fileobj, int) else fileobj.fileno())
+        except (OSError, ValueError):
+            return
+        if self._handler(fileobj, index) is None:
+            self._set(fileobj, index, handler)
 
     def _tell(self, message: str) -> None:
         try:
