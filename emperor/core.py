@@ -32,7 +32,7 @@ from emperor.instance import (
 )
 from emperor.monitor import DirMonitor, Source
 from emperor.names import name_problem
-from emperor.netrouter import RouterSupervisor
+from emperor.netrouter import RouterSupervisor, address_problems
 from emperor.spawn import Zygote
 from jails.tracking import (
     CgroupTree,
@@ -403,7 +403,8 @@ class Emperor:
         if owner is not None and (forced := self.overrides_for(config)[len(self.vassal_set):]):
             config = build(path, entries + overrides_entries(self.vassal_set + forced), env=env, lenient=lenient)
             config.owner = owner
-        if not lenient and (problems := unsupported(config) + jail.problems(config, set(self.clone), tyrant=owner)):
+        if not lenient and (problems := unsupported(config) + jail.problems(config, set(self.clone), tyrant=owner)
+                            + address_problems(self.settings, config, owner[0] if owner else None)):
             raise ConfigError(problems)
         return config
 

@@ -5,27 +5,125 @@ The emperor creates DEV persistent (TUNSETPERSIST) before its own
 ``exec-as-root`` runs, so addresses set there survive router restarts; it
 removes the device at exit. The router reports its stats every second on a
 socketpair, so ``emperorctl router`` never waits on it.
+
+``tuntap-router-tenant-range = USER|UID CIDR`` (repeatable): in tyrant mode,
+the addresses a tenant's files may give their router devices
+(``address_problems``, checked with the config and again before brokering).
+The router itself keeps every address to one vassal, whatever the ranges.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import pwd
 import signal
 import socket
 import sys
 import time
 from typing import TYPE_CHECKING
 
-from netrouter.firewall import Chain
+from netrouter.firewall import Chain, RuleError
 from netrouter.tun import TunError, delete_persistent, open_tun
 from netrouter.wire import BROKER, frame
 from vassal import protocol
+from vassal.config import Config, Problem
 from vassal.tuntap import DEFAULT_ROUTER_SOCKET
 
 if TYPE_CHECKING:
     from emperor.core import Emperor
     from emperor.instance import Vassal
+
+TENANT_RANGE = "tuntap-router-tenant-range"
+
+
+class RangeError(RuleError):
+    """A bad ``tuntap-router-tenant-range`` (a RuleError: the emperor refuses
+    to start on it, as on a bad firewall rule)."""
+
+    def __init__(self, problem: Problem):
+        super().__init__(str(problem))
+        self.problem = problem
+
+
+def _tenant_range(who: str, cidr: str) -> tuple[int, ipaddress.IPv4Network]:
+    try:
+        network = ipaddress.IPv4Network(cidr, strict=False)
+    except ValueError:
+        raise ValueError("expected an IPv4 network like 198.18.1.0/24") from None
+    if who.isdigit():
+        return int(who), network
+    try:
+        return pwd.getpwnam(who).pw_uid, network
+    except KeyError:
+        raise ValueError(f"unknown user {who!r}") from None
+
+
+def tenant_ranges(settings: Config) -> dict[int, list[ipaddress.IPv4Network]]:
+    """uid -> its networks, from the emperor's ``tuntap-router-tenant-range``
+    values; RangeError names the first bad one (an unknown user is an error,
+    not a silent "no range": a typo would otherwise lock a tenant out)."""
+    ranges: dict[int, list[ipaddress.IPv4Network]] = {}
+    for (who, cidr), entry in zip(settings.getlist(TENANT_RANGE), settings.sources.get(TENANT_RANGE, []), strict=False):
+        try:
+            uid, network = _tenant_range(who, cidr)
+        except ValueError as exc:
+            raise RangeError(Problem(entry.file, entry.line, TENANT_RANGE, f"{who} {cidr}: {exc}")) from None
+        ranges.setdefault(uid, []).append(network)
+    return ranges
+
+
+def _owner_text(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def address_problems(settings: Config, config: Config, owner_uid: int | None) -> list[Problem]:
+    """What a tenant's vassal may not declare as its router address: one
+    Problem (file, line, key ``net-iface``) per offending ``net-iface``.
+
+    Only in tyrant mode (``owner_uid`` is the file's owner; None: not tyrant,
+    nothing to check) and only once the operator set any
+    ``tuntap-router-tenant-range`` (none set: no limit). Checked: every
+    ``net-iface`` on one of the vassal's ``tuntap-device`` devices (the
+    addresses a router sees; one on ``lo`` or another device of the
+    vassal's own namespace is its business), by its address alone (the
+    prefix only shapes the vassal's own routes). The address must lie in
+    one of the owner's ranges; an owner without any range while ranges are
+    set may declare none (deny by default: a tenant the operator forgot is
+    refused with a clear message rather than let loose on every address).
+    A bad range in the settings is reported as a Problem naming it.
+    Uniqueness (an address already held by another vassal, the router's own
+    address) is the router's to enforce, at registration.
+    """
+    if owner_uid is None or not settings.has(TENANT_RANGE):
+        return []
+    try:
+        ranges = tenant_ranges(settings)
+    except RangeError as exc:
+        return [exc.problem]
+    allowed = ranges.get(owner_uid, [])
+    devices = {str(words[0]) for words in config.getlist("tuntap-device")}
+    found: list[Problem] = []
+    for (device, cidr), entry in zip(config.getlist("net-iface"), config.sources.get("net-iface", []), strict=False):
+        if device not in devices:
+            continue
+        try:
+            address = ipaddress.IPv4Interface(cidr).ip
+        except ValueError:
+            found.append(Problem(entry.file, entry.line, "net-iface", f"{device} {cidr}: expected an IPv4 ADDR/PREFIX"))
+            continue
+        if any(address in network for network in allowed):
+            continue
+        if allowed:
+            why = f"{address} is outside the {TENANT_RANGE} of {_owner_text(owner_uid)} ({', '.join(map(str, allowed))})"
+        else:
+            why = f"{address} is not allowed: {_owner_text(owner_uid)} has no {TENANT_RANGE} (the operator sets one per tenant)"
+        found.append(Problem(entry.file, entry.line, "net-iface", why))
+    return found
 
 BROKER_RETRY = 0.5
 
@@ -41,9 +139,10 @@ class RouterSupervisor:
         self.stats_address = spec[2] if len(spec) > 2 else None
         self.rules_in = rules_in
         self.rules_out = rules_out
-        # Refuse bad rules at emperor start, naming the rule (RuleError).
+        # Refuse bad rules and ranges at emperor start, naming them (RuleError).
         Chain("in", rules_in)
         Chain("out", rules_out)
+        tenant_ranges(emperor.settings)
         self.pid: int | None = None
         self.report: socket.socket | None = None
         self.buffer = b""
@@ -106,6 +205,16 @@ class RouterSupervisor:
         which address net-iface gives it, and pass the fd to the vassal."""
         if vassal.pipe is None or vassal.config is None or self.pid is None:
             return
+        # Second line of defence: the config was checked when read, but a
+        # refused address must never reach the router, whatever let it by.
+        try:
+            owner = self.emperor.tyrant_owner(vassal.path)
+        except OSError as exc:
+            vassal.note(f"not brokering a router connection: cannot stat {vassal.path}: {exc.strerror}")
+            return
+        if owner is not None and (problems := address_problems(self.emperor.settings, vassal.config, owner[0])):
+            vassal.note("not brokering a router connection: " + "; ".join(map(str, problems)))
+            return
         device = vassal.config.getlist("tuntap-device")[0][0]
         address = next((cidr.partition("/")[0] for dev, cidr in vassal.config.getlist("net-iface") if dev == device), None)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -158,6 +267,7 @@ class RouterSupervisor:
         doc = dict(self.latest) if self.latest else {
             "running": False, "connections": [], "rules": {"in": [], "out": []},
             "drops": {"firewall": 0, "spoofed": 0, "unknown_destination": 0, "ipv6": 0, "oversize": 0, "malformed": 0},
+            "refused": {"claims": 0, "connections": 0},
         }
         doc["restarts"] = self.restarts
         doc["device"] = self.device

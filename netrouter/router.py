@@ -2,18 +2,31 @@
 socket that vassal tun devices connect to (uWSGI's framing), routing of IPv4
 by destination, the in/out firewall chains, and counters.
 
-Addresses are claimed by the first IPv4 packet with a non-zero source on a
-connection (before the firewall, as in uWSGI); a claimed address belongs to
-that connection while it lives (the same peer process reconnecting takes it
-over). IPv6 is dropped and counted: the firewall is IPv4-only.
+Addresses (DESIGN 6): a brokered connection gets the one the emperor
+registers for it; a plain peer claims one with its first IPv4 packet with a
+non-zero source (before the firewall, as in uWSGI). Either way an address
+belongs to one connection while it lives: a second claim is refused, counted
+and logged, and the first owner keeps it. Never claimable: the router's own
+addresses (those of its device, read from the kernel), their subnets'
+network and broadcast addresses, and anything not unicast. "The same vassal
+reconnecting" takes its address over: for brokered connections that is the
+same registered vassal name (they all carry the emperor's pid), for plain
+peers the same process (uWSGI reconnects from the same pid). A brokered
+connection never claims by packet: whatever does not come from its
+registered address is spoofed. IPv6 is dropped and counted: the firewall is
+IPv4-only.
 
 Nothing blocks: a peer that stops reading gets its packets dropped (and is
 closed once its backlog passes MAX_BACKLOG); a bad frame closes only its
-own connection.
+own connection. Memory is bounded: at most ``max_connections`` connections
+from unprivileged peers and as many from root (so a flood of the first never
+locks the emperor's brokered ones out); receive buffers are made on first use
+and freed when idle (``FrameBuffer.trim``), everything on close.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import ipaddress
 import json
@@ -25,6 +38,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from netrouter.firewall import Chain
+from netrouter.hostaddr import AddressWatch
 from netrouter.offload import (
     PLAIN_HDR,
     VNET_HDR_LEN,
@@ -55,7 +69,11 @@ from netrouter.wire import (
 from vassal.loop import Loop
 
 MAX_BACKLOG = 4 * 1024 * 1024
-CONNECTION_BUFFER = 320 * 1024  # a few 64 KB super-packets per read
+CONNECTION_BUFFER = 320 * 1024  # at most: a few 64 KB super-packets per read
+DEFAULT_MAX_CONNECTIONS = 1024
+TRIM_INTERVAL = 1.0  # idle receive buffers are freed within two of these
+ACCEPT_PAUSE = 0.2  # out of descriptors: accepting resumes after this
+QUIET_INTERVAL = 1.0  # refusals logged at most once a second per kind
 TUNGETIFF = 0x800454D2
 TUNGETVNETHDRSZ = 0x800454D7
 DIRECT_FLAGS_MASK = 0x0001 | 0x0002 | 0x1000 | 0x4000  # IFF_TUN IFF_TAP IFF_NO_PI IFF_VNET_HDR
@@ -77,7 +95,14 @@ def ip_text(value: int | None) -> str | None:
     return None if value is None else str(ipaddress.IPv4Address(value))
 
 
-@dataclass
+def unicast(address: int) -> bool:
+    """Not 0.0.0.0/8, loopback, multicast or reserved/broadcast: a host's
+    packets to those never mean one vassal."""
+    first = address >> 24
+    return first not in (0, 127) and first < 224
+
+
+@dataclass(slots=True)
 class Connection:
     sock: socket.socket
     peer_pid: int
@@ -90,6 +115,7 @@ class Connection:
     passed_fds: list[int] = field(default_factory=list)
     offered: bool = False  # our extensions were offered
     superseded: bool = False  # a newer connection of the same peer took its address
+    refused: bool = False  # a claim of this connection was refused (logged once)
     address: int | None = None
     frames: FrameBuffer = field(default_factory=lambda: FrameBuffer(CONNECTION_BUFFER))
     outbuf: bytearray = field(default_factory=bytearray)
@@ -114,6 +140,7 @@ class Connection:
             "big_frames": self.big_frames,
             "offloads": self.vnet,
             "direct": self.tun_fd is not None,
+            "buffer": self.frames.allocated,
             "since": self.since,
         }
 
@@ -121,7 +148,7 @@ class Connection:
 class Router:
     def __init__(self, tun_fd: int, socket_path: str, rules_in: list[str], rules_out: list[str],
                  loop: Loop | None = None, socket_mode: int = 0o600, socket_gid: int | None = None,
-                 vnet: bool = False):
+                 vnet: bool = False, device: str | None = None, max_connections: int = DEFAULT_MAX_CONNECTIONS):
         self.loop = loop or Loop()
         self.tun_fd = tun_fd
         self.vnet = vnet  # tun_fd was opened with IFF_VNET_HDR and offloads
@@ -131,12 +158,22 @@ class Router:
         self.connections: dict[socket.socket, Connection] = {}
         self.claims: dict[int, Connection] = {}
         self.drops: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
+        self.refused: Counter[str] = Counter({"claims": 0, "connections": 0})
+        self.max_connections = max_connections
+        self.open_counts: Counter[bool] = Counter()  # by "from root"
+        self.quiet: dict[str, tuple[float, int]] = {}
         self.tun_packets_in = 0
         self.tun_packets_out = 0
+        # The device's own addresses (and their subnets' network and
+        # broadcast addresses) are never claimable.
+        self.own = AddressWatch(device) if device else None
         self.server = self._listen(socket_path, socket_mode, socket_gid)
         os.set_blocking(tun_fd, False)
         self.loop.add_reader(self.server, self._accept)
         self.loop.add_reader(tun_fd, self._on_tun)
+        if self.own is not None:
+            self.loop.add_reader(self.own, self._on_own_addresses)
+        self.loop.call_later(TRIM_INTERVAL, self._trim)
 
     @staticmethod
     def _listen(path: str, mode: int, gid: int | None) -> socket.socket:
@@ -156,22 +193,52 @@ class Router:
         return sock
 
     # --- connections -----------------------------------------------------------
+    def _quiet_say(self, kind: str, message: str) -> None:
+        """A refusal, logged at most once a second per kind (with a count of
+        those not shown): a hostile peer must not flood the emperor's log."""
+        now = time.monotonic()
+        last, hidden = self.quiet.get(kind, (0.0, 0))
+        if now - last < QUIET_INTERVAL:
+            self.quiet[kind] = (last, hidden + 1)
+            return
+        say(message + (f" (and {hidden} more refusals like it)" if hidden else ""))
+        self.quiet[kind] = (now, 0)
+
     def _accept(self) -> None:
         while True:
             try:
                 sock, _ = self.server.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # The listening socket stays readable: pause instead of spinning.
+                    self.refused["connections"] += 1
+                    self._quiet_say("connection", f"cannot accept a connection: {exc.strerror}")
+                    self.loop.remove_reader(self.server)
+                    self.loop.call_later(ACCEPT_PAUSE, lambda: self.loop.add_reader(self.server, self._accept))
                 return
-            sock.setblocking(False)
             try:
                 pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
             except OSError:
                 pid, uid = 0, -1
+            root = uid == 0
+            if self.open_counts[root] >= self.max_connections:
+                sock.close()
+                self.refused["connections"] += 1
+                self._quiet_say("connection", f"refused a connection from pid {pid} (uid {uid}): "
+                                f"{self.max_connections} connections from {'root' if root else 'unprivileged peers'} already")
+                continue
+            sock.setblocking(False)
             conn = Connection(sock, pid, f"pid:{pid}", peer_uid=uid)
             self.connections[sock] = conn
+            self.open_counts[root] += 1
             self.loop.add_reader(sock, lambda c=conn: self._on_conn(c))
+
+    def _trim(self) -> None:
+        for conn in self.connections.values():
+            conn.frames.trim()
+        self.loop.call_later(TRIM_INTERVAL, self._trim)
 
     def _offer(self, conn: Connection) -> None:
         """The router speaks first, but only to a peer whose device is up: a
@@ -191,6 +258,7 @@ class Router:
     def close(self, conn: Connection, why: str = "") -> None:
         if self.connections.pop(conn.sock, None) is None:
             return
+        self.open_counts[conn.peer_uid == 0] -= 1
         if why:
             say(f"closing {conn.vassal} ({ip_text(conn.address) or 'no address'}): {why}")
         if conn.address is not None and self.claims.get(conn.address) is conn:
@@ -201,6 +269,10 @@ class Router:
         for fd in conn.passed_fds:
             os.close(fd)
         conn.passed_fds.clear()
+        # Whatever may still hold the connection (a frame being handled), its
+        # buffers go now.
+        conn.frames.release()
+        conn.outbuf = bytearray()
 
     def _on_conn(self, conn: Connection) -> None:
         try:
@@ -254,7 +326,7 @@ class Router:
             conn.drops += 1
             return
         src, dst = addresses
-        if conn.address is None and src != 0:
+        if conn.address is None and src != 0 and not conn.brokered:
             self._claim(conn, src)
         if conn.address is None or src != conn.address:
             self.drops["spoofed"] += 1
@@ -325,7 +397,10 @@ class Router:
 
     def _register(self, conn: Connection, payload: bytes) -> None:
         """A connection brokered by the emperor: its vassal and address are
-        bound to it now (a previous connection of the same vassal is replaced)."""
+        bound to it now. A previous connection registered for the same
+        vassal is replaced (the vassal restarted, or got a new connection);
+        an address held by another vassal, or not claimable, is refused: the
+        connection stays, without an address (all it sends is spoofed)."""
         try:
             info = json.loads(payload)
             name = str(info["vassal"])
@@ -339,28 +414,63 @@ class Router:
         for other in list(self.connections.values()):
             if other is not conn and other.brokered and other.vassal == name:
                 self.close(other)
-        if address is not None:
-            owner = self.claims.get(address)
-            if owner is not None and owner is not conn:
-                self.close(owner)
+        if address is not None and self._may_hold(conn, address):
             conn.address = address
             self.claims[address] = conn
 
-    def _claim(self, conn: Connection, address: int) -> None:
+    def _unclaimable(self, address: int) -> str | None:
+        if not unicast(address):
+            return "not a unicast address"
+        if self.own is not None and address in self.own.addresses:
+            return "the router's own address (or its subnet's network or broadcast address)"
+        return None
+
+    def _may_hold(self, conn: Connection, address: int) -> bool:
+        """Whether ``conn`` may have ``address`` (refusals counted and logged)."""
+        why = self._unclaimable(address)
         owner = self.claims.get(address)
-        if owner is not None and owner is not conn:
-            if owner.peer_pid != conn.peer_pid or owner.peer_pid == 0:
-                return  # taken: the packet is dropped as spoofed
-            # The same vassal reconnecting takes its address over. The old
+        if why is None and owner is not None and owner is not conn:
+            why = f"held by {owner.vassal}"
+        if why is None:
+            return True
+        self.refused["claims"] += 1
+        if not conn.refused:
+            conn.refused = True
+            message = f"refused {ip_text(address)} to {conn.vassal} (pid {conn.peer_pid}): {why}"
+            if conn.brokered:
+                say(message)  # one per vassal start, which the emperor throttles: never hidden by a flood
+            else:
+                self._quiet_say("claim", message)
+        return False
+
+    def _claim(self, conn: Connection, address: int) -> None:
+        """A plain peer's first packet claims its source address."""
+        if conn.superseded:
+            return
+        owner = self.claims.get(address)
+        if (owner is not None and owner is not conn and not owner.brokered and owner.peer_pid == conn.peer_pid
+                and owner.peer_pid != 0 and self._unclaimable(address) is None):
+            # The same process reconnecting takes its address over. The old
             # connection is left open but can never claim again: uWSGI runs
             # its tuntap-device hook again after a second unshare, and its
             # first thread exits the whole process when its socket closes.
             owner.address = None
             owner.superseded = True
-        if conn.superseded:
-            return
+            del self.claims[address]
+        if not self._may_hold(conn, address):
+            return  # the packet is dropped as spoofed
         conn.address = address
         self.claims[address] = conn
+
+    def _on_own_addresses(self) -> None:
+        """The router's device got an address: a vassal holding it loses it."""
+        assert self.own is not None
+        if not self.own.readable():
+            return
+        for address in self.own.addresses & self.claims.keys():
+            conn = self.claims.pop(address)
+            conn.address = None
+            say(f"{conn.vassal} loses {ip_text(address)}: it is now the router's own")
 
     # --- the host side -----------------------------------------------------------
     def _on_tun(self) -> None:
@@ -476,6 +586,8 @@ class Router:
             "connections": [c.stats() for c in self.connections.values()],
             "rules": {"in": self.chain_in.stats(), "out": self.chain_out.stats()},
             "drops": dict(self.drops),
+            "refused": dict(self.refused),
+            "max_connections": self.max_connections,
             "tun": {"packets_in": self.tun_packets_in, "packets_out": self.tun_packets_out},
         }
 

@@ -61,50 +61,109 @@ def frame(packet: bytes, modifier2: int = PACKET) -> bytes:
 
 
 FD_SPACE = socket.CMSG_SPACE(4 * 4)
+# A connection's first buffer: a claim packet or an offer answer fits; reads
+# that fill it double it (up to the buffer's size), so bulk traffic still
+# takes several 64 KB super-packets per read after a few reads.
+INITIAL_BUFFER = 4096
+_NO_BUFFER = bytearray()
+_NO_VIEW = memoryview(_NO_BUFFER)
 
 
 class FrameBuffer:
-    """Frames received straight into one fixed buffer (no copy per frame).
+    """Frames received straight into one buffer (no copy per frame).
 
     ``frames()`` yields (modifier2, memoryview of the payload); a payload is
     valid until the next ``fill``, which first moves a partial frame to the
     front.
+
+    ``size`` bounds the buffer; it is not allocated up front: the first
+    ``fill`` makes ``INITIAL_BUFFER`` bytes, reads that fill it double it, a
+    frame larger than it gets room for the whole frame, and ``trim`` frees it
+    once nothing is pending and nothing arrived since the last ``trim``. An
+    idle connection thus holds no buffer (a router has hundreds of them).
     """
 
-    def __init__(self, size: int = 1 << 20) -> None:
-        self.buffer = bytearray(size)
-        self.view = memoryview(self.buffer)
+    def __init__(self, size: int = 1 << 20, initial: int = INITIAL_BUFFER) -> None:
+        self.limit = size
+        self.initial = min(initial, size)
+        self.target = self.initial  # the size of the next buffer made
+        self.buffer = _NO_BUFFER
+        self.view = _NO_VIEW
         self.start = 0
         self.end = 0
+        self.busy = False  # something arrived since the last trim
+
+    @property
+    def allocated(self) -> int:
+        return len(self.buffer)
+
+    def _reserve(self, wanted: int) -> None:
+        """A partial frame moves to the front of a buffer of at least
+        ``wanted`` bytes (more if the frame announced needs it), never more
+        than ``limit``."""
+        start, end = self.start, self.end
+        pending = end - start
+        if pending >= HEADER:
+            announced = HEADER + (self.buffer[start + 1] | (self.buffer[start + 2] << 8))
+            if self.buffer[start + 3] == VNET:
+                announced += VNET_HDR_LEN
+            wanted = max(wanted, announced)
+        wanted = min(max(wanted, pending + 1), self.limit)
+        if pending >= wanted:
+            raise FrameError(f"more than {self.limit} bytes without a whole frame")
+        if len(self.buffer) < wanted:
+            # A fresh buffer rather than a resize: payload views of the last
+            # pass may still export the old one.
+            buffer = bytearray(wanted)
+            buffer[:pending] = self.view[start:end]
+            self.buffer, self.view = buffer, memoryview(buffer)
+        elif start:
+            self.buffer[:pending] = self.view[start:end]
+        self.start, self.end = 0, pending
 
     def fill(self, sock: socket.socket, fds: list[int] | None = None) -> int:
         """Receive what is there; with ``fds``, passed descriptors go there."""
-        self._compact()
+        self._reserve(self.target)
+        room = self.view[self.end:]
         if fds is None:
-            received = sock.recv_into(self.view[self.end:])
+            received = sock.recv_into(room)
         else:
-            received, ancillary, _, _ = sock.recvmsg_into([self.view[self.end:]], FD_SPACE)
+            received, ancillary, _, _ = sock.recvmsg_into([room], FD_SPACE)
             for level, kind, data in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
         self.end += received
+        self.busy = True
+        if received == len(room) and self.target < self.limit:
+            self.target = min(self.limit, len(self.buffer) * 2)  # more was waiting: read more at a time
         return received
 
-    def _compact(self) -> None:
-        """A partial frame left by the last pass moves to the front."""
-        if self.start:
-            rest = self.end - self.start
-            self.buffer[:rest] = self.view[self.start:self.end]
-            self.start, self.end = 0, rest
+    def trim(self) -> bool:
+        """Free the buffer if nothing is pending and nothing arrived since the
+        last call (so a busy connection keeps its buffer). True if none is
+        held now."""
+        if self.busy:
+            self.busy = False
+        elif self.start == self.end:
+            self.release()
+        return self.buffer is _NO_BUFFER
+
+    def release(self) -> None:
+        """Drop the buffer and anything pending in it."""
+        self.buffer, self.view = _NO_BUFFER, _NO_VIEW
+        self.start = self.end = 0
+        self.target = self.initial
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         """For tools and tests: bytes in, the whole frames they complete out
         (copied, so they outlive the next feed)."""
-        self._compact()
-        if self.end + len(data) > len(self.buffer):
-            raise FrameError(f"more than {len(self.buffer)} bytes without a whole frame")
+        pending = self.end - self.start
+        if pending + len(data) > self.limit:
+            raise FrameError(f"more than {self.limit} bytes without a whole frame")
+        self._reserve(max(self.target, pending + len(data) + 1))
         self.buffer[self.end:self.end + len(data)] = data
         self.end += len(data)
+        self.busy = True
         return [(modifier2, bytes(payload)) for modifier2, payload in self.frames()]
 
     def frames(self):
@@ -124,9 +183,10 @@ class FrameBuffer:
                 offset = stop
                 yield modifier2, view[begin:stop]
         finally:
-            self.start = offset
-            if offset == end:
-                self.start = self.end = 0
+            if self.buffer is buffer:  # (not released meanwhile)
+                self.start = offset
+                if offset == end:
+                    self.start = self.end = 0
 
 
 def send_or_queue(sock: socket.socket, outbuf: bytearray, parts: tuple) -> bool:

@@ -336,6 +336,7 @@ _opt("vassal-env-pass", parse_nonempty, "pass this emperor environment variable 
 _opt("tuntap-router", parse_words(2, 3), "run the netrouter", multi=True, metavar="DEV SOCKET [STATS]", scope=E, group="emperor")
 _opt("tuntap-router-firewall-in", parse_nonempty, "router → vassal rule", multi=True, metavar="RULE", scope=E, group="emperor")
 _opt("tuntap-router-firewall-out", parse_nonempty, "vassal → router rule", multi=True, metavar="RULE", scope=E, group="emperor")
+_opt("tuntap-router-tenant-range", parse_words(2, 2), "tyrant mode: net-iface addresses the files of USER may declare (repeatable; once set, a tenant without one may declare none)", multi=True, metavar="USER|UID CIDR", scope=E, group="emperor")
 # exec-as-root / hook-as-root are both a vassal phase and an emperor option
 # (run by the emperor at start): one key, valid in both scopes.
 for _name, _help in (("exec-as-root", "run CMD in phase as-root (in the emperor's config: run by the emperor at start)"),

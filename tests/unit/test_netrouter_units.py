@@ -103,3 +103,66 @@ def test_frame_buffer_refuses_a_stream_without_frames():
     assert buffer.feed(bytes((0, 0xFF, 0xFF, 0))) == []  # a 64 KB frame announced: waits for it
     with pytest.raises(FrameError, match="more than 1024 bytes without a whole frame"):
         buffer.feed(bytes(2000))
+
+
+def test_frame_buffer_is_made_on_first_use_grows_and_is_freed_when_idle():
+    import socket
+
+    from netrouter.wire import INITIAL_BUFFER, VNET
+
+    ours, theirs = socket.socketpair()
+    ours.settimeout(5)
+    with ours, theirs:
+        buffer = FrameBuffer(size=320 * 1024)
+        assert buffer.allocated == 0  # an idle connection holds no buffer
+        theirs.sendall(frame(b"claim"))
+        buffer.fill(ours)
+        assert buffer.allocated == INITIAL_BUFFER
+        assert [(m, bytes(p)) for m, p in buffer.frames()] == [(0, b"claim")]
+        assert buffer.trim() is False  # something arrived since the last trim
+        assert buffer.trim() is True and buffer.allocated == 0
+        # A frame larger than the buffer gets room for all of it (offloaded: 10 more bytes).
+        theirs.sendall(bytes((0, 0xFF, 0xFF, VNET)) + bytes(10 + 0xFFFF))
+        got = []
+        while not got:
+            buffer.fill(ours)
+            got = [len(p) for m, p in buffer.frames()]
+        assert got == [10 + 0xFFFF] and buffer.allocated >= 4 + 10 + 0xFFFF
+        # A partial frame is never freed, however long it waits.
+        theirs.sendall(frame(b"x" * 100)[:50])
+        buffer.fill(ours)
+        assert list(buffer.frames()) == []
+        buffer.trim()
+        assert buffer.trim() is False and buffer.allocated > 0
+        theirs.sendall(frame(b"x" * 100)[50:])
+        buffer.fill(ours)
+        assert [len(p) for _, p in buffer.frames()] == [100]
+        # Reads that fill the buffer make it grow, up to its size.
+        theirs.setblocking(False)
+        ours.setblocking(False)
+        try:
+            while True:
+                theirs.send(frame(bytes(60000)))
+        except BlockingIOError:
+            pass
+        for _ in range(20):
+            try:
+                buffer.fill(ours)
+            except BlockingIOError:
+                break
+            list(buffer.frames())
+        assert 128 * 1024 < buffer.allocated <= 320 * 1024  # (a socketpair holds ~200 KiB)
+
+
+def test_frame_buffer_refuses_more_than_its_size_in_one_frame():
+    import socket
+
+    ours, theirs = socket.socketpair()
+    ours.settimeout(5)
+    with ours, theirs:
+        buffer = FrameBuffer(size=1024)
+        theirs.sendall(bytes((0, 0xFF, 0xFF, 0)) + bytes(2000))
+        with pytest.raises(FrameError, match="more than 1024 bytes"):
+            for _ in range(3):
+                buffer.fill(ours)
+                list(buffer.frames())
