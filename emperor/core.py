@@ -71,6 +71,7 @@ BASE_ENV = ("PATH", "LANG", "LANGUAGE", "LC_*", "TZ")
 CONFIG_RETRY = 1.0
 # A vassal's file is read again at most this often (the last change always).
 REREAD_INTERVAL = 0.5
+QUOTA_ERROR = "tyrant mode: quota reached: uid {uid} already has {count} vassals (emperor-tyrant-max-vassals); this one starts when one of them goes"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -113,6 +114,7 @@ class Emperor:
         self.vassal_set: list[tuple[str, str]] = list(settings.getlist("vassal-set"))
         self.vassal_env = vassal_environment(dict(os.environ), list(settings.getlist("vassal-env-pass")))
         self.tyrant = bool(settings.get("emperor-tyrant"))
+        self.max_per_owner = int(settings.get("emperor-tyrant-max-vassals") or 0)  # type: ignore[arg-type]
         self.clone: list[str] = ["fs" if n == "mount" else n for n in (settings.get("emperor-use-clone") or ())]  # type: ignore[union-attr]
         self._log = log or self._default_log
         self.loop.report = self.log  # a failing callback is logged like anything else of ours
@@ -455,7 +457,11 @@ class Emperor:
                 vassal.stop()
             return
         config: Config | None = None
-        error = name_problem(name)
+        waiting = vassal is None or vassal.removing or vassal.error_kind == "quota"
+        quota = self._over_quota(owner) if waiting else None
+        error = name_problem(name) or quota
+        if vassal is not None:
+            vassal.error_kind = "quota" if quota else None
         if error is None:
             try:
                 config = self.read_config(path)
@@ -476,7 +482,8 @@ class Emperor:
                 vassal.error = error
                 vassal.path = path
                 return
-            vassal = Vassal(name=name, path=path, emperor=self, signature=signature, config=config, error=error, owner=owner)
+            vassal = Vassal(name=name, path=path, emperor=self, signature=signature, config=config, error=error, owner=owner,
+                            error_kind="quota" if quota else None)
             self.vassals[name] = vassal
             if config is None:
                 vassal.state = INVALID
@@ -512,6 +519,17 @@ class Emperor:
         elif vassal.state in (READY, STARTING, RELOADING):
             if not vassal.reload(reread=False):
                 vassal.restart()
+
+    def _over_quota(self, owner: tuple[int, int] | None) -> str | None:
+        """Tyrant mode: a tenant dropping thousands of files would have the
+        emperor spawn thousands of vassals; past emperor-tyrant-max-vassals
+        a new one is refused (and looked at again when one of theirs goes)."""
+        if owner is None or not self.max_per_owner:
+            return None
+        held = sum(1 for v in self.vassals.values() if v.owner == owner and not v.removing and v.error_kind != "quota")
+        if held < self.max_per_owner:
+            return None
+        return QUOTA_ERROR.format(uid=owner[0], count=held)
 
     def _too_soon(self, vassal: Vassal, path: str) -> bool:
         """A file touched in a loop would have the emperor parse it (and
@@ -564,6 +582,13 @@ class Emperor:
         self.log(f"[{vassal.name}] removed")
         if not self.shutting_down and os.path.lexists(vassal.path) and vassal.name not in self.vassals:
             self.on_path(vassal.path)  # a file that came back meanwhile (e.g. another owner's)
+        if self.max_per_owner and vassal.owner is not None and vassal.error_kind != "quota":
+            # A place freed up: the owner's first file refused for the quota gets it.
+            waiting = [v for v in self.vassals.values() if v.owner == vassal.owner and v.error_kind == "quota"]
+            if waiting:
+                first = min(waiting, key=lambda v: v.name)
+                del self.vassals[first.name]
+                self.on_path(first.path)
 
     # --- processes -------------------------------------------------------------
     def cgroup_for(self, vassal: Vassal) -> VassalCgroup | None:

@@ -109,6 +109,7 @@ class Vassal:
     owner: tuple[int, int] | None = None
     last_read: float = 0.0  # monotonic time its file was last read for a change
     reload_queued: bool = False  # a reload asked for while one was in flight
+    error_kind: str | None = None  # "quota": refused for emperor-tyrant-max-vassals, waiting for a place
     tracker: VassalCgroup | ProcessGroupTracker | None = None
     limit_groups: LimitGroups | None = None
     oom_fd: int | None = None

@@ -319,6 +319,8 @@ _opt("emperor-pidfile", parse_nonempty, "write the emperor's pid here", metavar=
 _opt("emperor-use-clone", parse_clone_list, "namespaces for every vassal", metavar="LIST", scope=E, group="emperor")
 _bool("emperor-tyrant", "run each vassal as the owner of its file", scope=E, group="emperor")
 _bool("emperor-tyrant-nofollow", "judge symlinked configs by the link's owner", scope=E, group="emperor")
+_opt("emperor-tyrant-max-vassals", parse_nonneg_int, "tyrant mode: at most N vassals per owner (0: no limit); "
+     "a file past the limit is invalid until one of the owner's vassals goes", default=0, metavar="N", scope=E, group="emperor")
 _opt("emperor-throttle", parse_nonneg_int, "first respawn delay in ms", default=1000, metavar="MS", scope=E, group="emperor")
 _opt("emperor-max-throttle", parse_nonneg_int, "largest respawn delay in ms", default=180000, metavar="MS", scope=E, group="emperor")
 _opt("emperor-required-heartbeat", parse_positive_int, "seconds without heartbeat before a vassal is cursed", default=30, metavar="S", scope=E, group="emperor")

@@ -518,3 +518,22 @@ def test_template_through_a_proc_magic_link(tyrant, tenant, app):
     tenant.write(emp.dir / "magic.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {tenant.home}/m.sock\nvassals-inherit = {link}\n")
     error = emp.wait_state("magic.ini", "invalid")["error"]
     assert "[emperor]" not in error and "watching" not in error, error
+
+
+def test_vassals_per_owner_are_capped(start_emperor, hostile_base, make_tenant, app):
+    """A tenant dropping thousands of files would get thousands of vassals:
+    past emperor-tyrant-max-vassals a file waits, invalid, for a place."""
+    emp = start_emperor("--emperor-tyrant", "--emperor-tyrant-max-vassals", "2", vassal_dir=hostile_base / "vassals", control_dir=hostile_base)
+    greedy, other = make_tenant(), make_tenant()
+    for number in range(3):
+        greedy.write(emp.dir / f"g{number}.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {greedy.home}/g{number}.sock\n")
+    emp.wait_state("g0.ini", "ready")
+    emp.wait_state("g1.ini", "ready")
+    assert "quota reached" in emp.wait_state("g2.ini", "invalid")["error"]
+    os.utime(emp.dir / "g2.ini")  # touching it does not get it past the quota
+    time.sleep(1)
+    assert emp.vassal("g2.ini")["state"] == "invalid"
+    other.write(emp.dir / "o.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {other.home}/o.sock\n")
+    emp.wait_state("o.ini", "ready")  # the quota is per owner
+    (emp.dir / "g0.ini").unlink()
+    emp.wait_state("g2.ini", "ready", timeout=20)  # a place freed up
