@@ -55,6 +55,7 @@ from vassal.config import (
     unsupported,
 )
 from vassal.identity import acting_as
+from vassal.log import stamped
 from vassal.loop import Loop, reaped
 
 
@@ -143,11 +144,8 @@ class Emperor:
         (stamp, ``[emperor]``); the rest (a config error's problems, a
         traceback) are indented, so no text inside a message, such as a
         tenant's file name, can pass for a line of the emperor's own."""
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        first, *rest = message.rstrip("\n").split("\n")
-        text = f"{stamp} [emperor] {first}\n" + "".join(f"    {line}\n" for line in rest)
         try:
-            os.write(2, text.encode("utf-8", "replace"))
+            os.write(2, stamped("emperor", message))
         except OSError:
             pass
 

@@ -11,38 +11,17 @@ from __future__ import annotations
 
 import re
 
+from vassal.log import UNSAFE, escape, printable
+
+__all__ = ["name_problem", "printable"]
+
 # Longest vassal file name, in UTF-8 bytes: below the 255 of file systems
 # and cgroupfs, leaving room for what the emperor derives from it (a "_"
 # prefix for dotted cgroup names, suffixes of temporary files).
 MAX_NAME_BYTES = 200
 
-# C0 controls but tab, DEL, C1 controls (NEL, CSI...), the Unicode line and
-# paragraph separators (some viewers break lines there) and lone surrogates.
-# Tab is harmless: it cannot start a line or move the cursor back.
-_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-_UNSAFE_BUT_NEWLINE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 # Bidirectional overrides and isolates: they make a name display as another.
 _BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")
-
-
-def _escape(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    if 0xDC80 <= code <= 0xDCFF:
-        return f"\\x{code - 0xDC00:02x}"  # the original byte (surrogateescape)
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}"
-
-
-def printable(text: str, keep_newlines: bool = False) -> str:
-    """``text`` with every control character (tab excepted) and every
-    undecodable byte written as a visible escape (``\\x0a``, ``\\xff``,
-    ``\\u2028``). With ``keep_newlines``, newlines stay (the caller indents
-    continuation lines)."""
-    pattern = _UNSAFE_BUT_NEWLINE if keep_newlines else _UNSAFE
-    if pattern.search(text) is None:
-        return text
-    return pattern.sub(_escape, text)
 
 
 def name_problem(name: str) -> str | None:
@@ -56,10 +35,10 @@ def name_problem(name: str) -> str | None:
         return f"the file name {shown} is not valid UTF-8; rename the file"
     if re.search("[\ud800-\udfff]", name):
         return f"the file name {shown} holds a lone surrogate; rename the file"
-    if _UNSAFE.search(name) or "\t" in name:
+    if UNSAFE.search(name) or "\t" in name:
         return f"the file name {shown} holds a control character (newline, tab, escape...); rename the file"
     if _BIDI.search(name):
-        return f"the file name \"{_BIDI.sub(_escape, printable(name))}\" holds a bidirectional override; rename the file"
+        return f"the file name \"{_BIDI.sub(escape, printable(name))}\" holds a bidirectional override; rename the file"
     size = len(name.encode("utf-8"))
     if size > MAX_NAME_BYTES:
         return f"the file name is too long ({size} bytes in UTF-8, at most {MAX_NAME_BYTES}); rename the file"

@@ -17,13 +17,14 @@ from __future__ import annotations
 import heapq
 import itertools
 import os
-import re
 import selectors
 import signal
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
+
+from vassal.log import stamped
 
 Callback = Callable[[], Any]
 # The timer heap is swept of cancelled timers when it grows past this (and
@@ -40,18 +41,9 @@ SUMMARY_INTERVAL_S = 60.0
 MAX_FAILURE_KINDS = 256
 
 
-# An exception's text may quote what a peer sent: no raw control character
-# of it reaches the log (newlines become indented continuation lines).
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-
-
 def _report_to_stderr(message: str) -> None:
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    message = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", message)
-    first, *rest = message.rstrip("\n").split("\n")
-    text = f"{stamp} [loop {os.getpid()}] {first}\n" + "".join(f"    {line}\n" for line in rest)
     try:
-        os.write(2, text.encode("utf-8", "replace"))
+        os.write(2, stamped(f"loop {os.getpid()}", message))
     except OSError:
         pass
 
