@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from tests.conftest import ROOT
+from tests.linux.test_netrouter import tcp_listener  # noqa: F401  (a fixture the router tests share)
 
 pytestmark = [pytest.mark.linux_only]
 

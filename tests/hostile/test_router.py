@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -136,31 +135,6 @@ def emperor_network(start_emperor, index: int, sock_dir: Path, *extra: str, tyra
         subprocess.run(["ip", "link", "del", device], capture_output=True)
 
 
-@pytest.fixture
-def host_listener() -> Iterator[int]:
-    """A TCP server on every host address that greets each client (as
-    tests/linux's tcp_listener)."""
-    server = socket.create_server(("0.0.0.0", 0))
-    server.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.sendall(b"hello from the host")
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield server.getsockname()[1]
-    stop.set()
-    thread.join(2)
-    server.close()
-
-
 def connected(emp, name: str, timeout: float = 20) -> dict:
     """The router connection brokered for vassal ``name`` once it exists."""
     return wait_for(lambda: next((c for c in router_doc(emp)["connections"] if c["vassal"] == name), None), timeout,
@@ -188,7 +162,7 @@ def test_neighbours_address_cannot_be_stolen(start_emperor, apps: Path, tmp_path
         assert wait_for(lambda: f"refused {address} to thief.ini" in emp.log_text(), 5, what="the refusal logged")
 
 
-def test_router_own_address_cannot_be_claimed(start_emperor, apps: Path, tmp_path: Path, host_listener: int) -> None:
+def test_router_own_address_cannot_be_claimed(start_emperor, apps: Path, tmp_path: Path, tcp_listener: int) -> None:
     """A vassal declaring the router's address would get every other
     vassal's traffic to the host (it did): refused, the host stays reachable."""
     with emperor_network(start_emperor, 1, tmp_path) as (emp, host, router):
@@ -199,7 +173,7 @@ def test_router_own_address_cannot_be_claimed(start_emperor, apps: Path, tmp_pat
         (emp.dir / "neighbour.ini").write_text(vassal_ini(apps / "net.py", address, "neighbour", host, router))
         assert wait_for(lambda: http(address), 30, what="the neighbour over the router") == "hello from neighbour"
         assert http(address, f"/ping?host={host}") is True
-        assert http(address, f"/connect?host={host}&port={host_listener}") == "hello from the host"
+        assert http(address, f"/connect?host={host}&port={tcp_listener}") == "hello from the host"
         doc = router_doc(emp)
         assert host not in owners(doc)
         assert doc["refused"]["claims"] >= 1
