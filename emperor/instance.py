@@ -191,6 +191,8 @@ class Vassal:
             # A wrapped program (a real uWSGI) reads its own file: only ours are handed theirs.
             config=None if self.wrapped else self.config.to_json(),
             drop=drop,
+            # Root of a tenant's user namespace may make tun devices but not open a 0600 /dev/net/tun.
+            tun_devices=len(self.config.getlist("tuntap-device")) if self.config.owner is not None and "user" in clone else 0,
         )
         zygote = self.emperor.zygote if not req.wrapper else None
         try:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import jails
+from netrouter.tun import ENV_TUN_FDS
 from vassal import protocol
 
 # The vassal end of the emperor pipe always lands on this fd in the child.
@@ -29,6 +30,8 @@ VASSAL_PIPE_FD = 3
 VASSAL_STATUS_FD = 4
 # The validated config of a built-in vassal (a sealed memfd), read at start.
 VASSAL_CONFIG_FD = 5
+# Tyrant mode: /dev/net/tun fds opened for the vassal's tuntap-devices, from here on.
+VASSAL_TUN_FD = 6
 
 
 @dataclass
@@ -51,6 +54,7 @@ class SpawnRequest:
     # Tyrant mode without namespaces: the owner's (uid, gid), taken before the
     # vassal's first instruction, so nothing of the tenant's runs as root.
     drop: tuple[int, int] | None = None
+    tun_devices: int = 0  # tyrant mode in namespaces: /dev/net/tun fds to open for the vassal
 
 
 @dataclass
@@ -139,19 +143,33 @@ def join_cgroups(procs_files: list[str]) -> None:
             handle.write(str(os.getpid()))
 
 
-def unshare_clone(clone: list[str], id_maps: tuple[str, str] | list[str] | None) -> bool:
-    """Unshare the emperor-use-clone namespaces; True if one is a pid
-    namespace (our next child is its PID 1)."""
-    return jails.backend().clone_for_spawn(clone, id_maps)
+def unshare_clone(clone: list[str], id_maps: tuple[str, str] | list[str] | None, tun_devices: int = 0) -> tuple[bool, list[int]]:
+    """Unshare the emperor-use-clone namespaces: (True if one is a pid
+    namespace, so our next child is its PID 1; /dev/net/tun fds for the vassal)."""
+    if not clone:
+        return False, []
+    return jails.backend().clone_for_spawn(clone, id_maps, tun_devices)
 
 
-def enter_clone(clone: list[str], id_maps: tuple[str, str] | None = None) -> None:
+def hand_tun_fds(fds: list[int], env: dict[str, str] | os._Environ) -> None:
+    """The tun fds opened for the vassal, at fixed numbers after its own
+    (so the fd closing around them keeps them) and named in its environment."""
+    for number, fd in enumerate(fds):
+        target = VASSAL_TUN_FD + number
+        if fd != target:
+            os.dup2(fd, target)
+            os.close(fd)
+    if fds:
+        env[ENV_TUN_FDS] = ",".join(str(VASSAL_TUN_FD + n) for n in range(len(fds)))
+
+
+def enter_clone(clone: list[str], id_maps: tuple[str, str] | None, tun_devices: int, env: dict[str, str]) -> None:
     """In a spawned child: unshare the emperor-use-clone namespaces. With a
     pid namespace only our next child is inside it (as PID 1): this process
     forks it and stays behind as a proxy forwarding signals and exit status."""
-    if not clone:
-        return
-    if not unshare_clone(clone, id_maps):
+    pid_ns, tun = unshare_clone(clone, id_maps, tun_devices)
+    hand_tun_fds(tun, env)
+    if not pid_ns:
         return
     child = os.fork()
     if child == 0:
@@ -191,7 +209,7 @@ def spawn(req: SpawnRequest) -> Spawned:
             moves = [(theirs.fileno(), VASSAL_PIPE_FD), (status_theirs.fileno(), VASSAL_STATUS_FD)]
             place_fds(moves + ([(handed, VASSAL_CONFIG_FD)] if handed is not None else []))
             os.chdir(cwd)
-            enter_clone(req.clone, req.id_maps)
+            enter_clone(req.clone, req.id_maps, req.tun_devices, env)
             if req.drop is not None:
                 become_owner(req.drop)
             os.execve(argv[0], argv, env)
@@ -286,6 +304,7 @@ class Zygote:
             "clone": req.clone,
             "id_maps": req.id_maps,
             "drop": req.drop,
+            "tun_devices": req.tun_devices,
             "pipe_fd": VASSAL_PIPE_FD,
             "status_fd": VASSAL_STATUS_FD,
             "config_fd": VASSAL_CONFIG_FD,

@@ -42,8 +42,9 @@ import vassal.master  # noqa: F401
 import vassal.status  # noqa: F401
 import vassal.top  # noqa: F401
 import vassal.worker  # noqa: F401
-from emperor.spawn import become_owner, join_cgroups, place_fds, unshare_clone
+from emperor.spawn import VASSAL_TUN_FD, become_owner, join_cgroups, place_fds, unshare_clone
 from jails.tracking import copy_limits
+from netrouter.tun import ENV_TUN_FDS
 
 try:
     import setproctitle
@@ -84,18 +85,20 @@ def run_vassal(request: dict, fds: list[int], sock: socket.socket) -> None:
     code = 1
     try:
         sock.close()
-        pipe_fd, log_fd, null_fd, status_fd, config_fd = fds
+        pipe_fd, log_fd, null_fd, status_fd, config_fd, *tun = fds
         os.setsid()
         os.dup2(null_fd, 0)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         place_fds([(pipe_fd, int(request["pipe_fd"])), (status_fd, int(request["status_fd"])),
-                   (config_fd, int(request["config_fd"]))])
+                   (config_fd, int(request["config_fd"]))] + [(fd, VASSAL_TUN_FD + n) for n, fd in enumerate(tun)])
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        if tun:
+            os.environ[ENV_TUN_FDS] = ",".join(str(VASSAL_TUN_FD + n) for n in range(len(tun)))
         sys.argv = list(request["argv"])
         if request.get("drop"):
             become_owner(tuple(request["drop"]))
@@ -147,10 +150,10 @@ def intermediate(request: dict, fds: list[int], sock: socket.socket) -> None:
     the top process, report its pid to the emperor, exit."""
     try:
         # Our next child is PID 1 of a new pid namespace, if one is asked for.
-        unshare_clone(request.get("clone") or [], request.get("id_maps"))
+        _, tun = unshare_clone(request.get("clone") or [], request.get("id_maps"), int(request.get("tun_devices") or 0))
         pid = os.fork()
         if pid == 0:
-            run_vassal(request, fds, sock)
+            run_vassal(request, fds + tun, sock)
         reply = {"id": request["id"], "pid": pid}
     except BaseException as exc:
         reply = {"id": request["id"], "error": repr(exc)}

@@ -39,9 +39,11 @@ class Backend(abc.ABC):
         """After in-jail: pivot-root / chroot."""
 
     @abc.abstractmethod
-    def clone_for_spawn(self, clone: list[str], id_maps: tuple[str, str] | list[str] | None) -> bool:
-        """emperor-use-clone, in the spawning intermediate; True if a pid
-        namespace was made (the caller's next child is its PID 1)."""
+    def clone_for_spawn(self, clone: list[str], id_maps: tuple[str, str] | list[str] | None, tun_devices: int = 0) -> tuple[bool, list[int]]:
+        """emperor-use-clone, in the spawning intermediate: (True if a pid
+        namespace was made, so the caller's next child is its PID 1; fds the
+        vassal is handed for its ``tun_devices`` tun devices, opened inside
+        its namespaces while still root, where the platform needs that)."""
 
     @abc.abstractmethod
     def become_subreaper(self) -> bool:

@@ -292,7 +292,7 @@ class FreeBSDBackend(Backend):
             os.chroot(str(config.get("chroot")))
             os.chdir("/")
 
-    def clone_for_spawn(self, clone, id_maps) -> bool:
+    def clone_for_spawn(self, clone, id_maps, tun_devices: int = 0) -> tuple[bool, list[int]]:
         raise JailError("emperor-use-clone is Linux only (on FreeBSD each vassal makes its own jail)")
 
     def become_subreaper(self) -> bool:

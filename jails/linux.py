@@ -11,7 +11,7 @@ import os
 import platform
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 # The process's own symbols (libc is linked in): find_library would run ldconfig.
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -129,7 +129,7 @@ def parse_id_map(text: str, key: str) -> str:
     return "\n".join(lines)
 
 
-def unshare_user(flags: int, uid_map: str, gid_map: str) -> None:
+def unshare_user(flags: int, uid_map: str, gid_map: str, while_root: Callable[[], None] | None = None) -> None:
     """unshare a user namespace (with ``flags``: the other namespaces are
     then owned by it) and become its root. The maps must be written from
     the parent namespace, so a helper forked first writes them for us."""
@@ -177,12 +177,29 @@ def unshare_user(flags: int, uid_map: str, gid_map: str) -> None:
             pass  # SIGCHLD ignored (the zygote's children are auto-reaped)
     if ok != b"1":
         raise JailError(f"user namespace: could not write uid_map {uid_map!r} / gid_map {gid_map!r}")
+    if while_root is not None:
+        # Inside the new namespaces, still the host's uid 0 for file access.
+        while_root()
     os.setresgid(0, 0, 0)
     os.setresuid(0, 0, 0)
     try:
         os.setgroups([])
     except PermissionError:
         pass
+
+
+def open_tun_nodes(count: int) -> list[int]:
+    """/dev/net/tun opened ``count`` times, inheritable (for a vassal's
+    tuntap-devices: the fd's network namespace is the one open() ran in)."""
+    fds = []
+    for _ in range(count):
+        try:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+        except OSError:
+            break  # the vassal then reports why it cannot open it itself
+        os.set_inheritable(fd, True)
+        fds.append(fd)
+    return fds
 
 
 def sethostname(name: str) -> None:

@@ -33,15 +33,20 @@ class LinuxBackend(Backend):
 
         jail.change_root(config)
 
-    def clone_for_spawn(self, clone, id_maps) -> bool:
-        """With a user namespace: made first, mapped, and owning the others."""
+    def clone_for_spawn(self, clone, id_maps, tun_devices: int = 0) -> tuple[bool, list[int]]:
+        """With a user namespace: made first, mapped, and owning the others.
+        Its root may make tun devices in its network namespace but may not
+        open /dev/net/tun where that is 0600: opened here before the uid
+        changes (in the new network namespace, which the fd then belongs to)."""
         flags = linux.namespace_flags(clone)
+        tun: list[int] = []
         if flags & linux.CLONE_NEWUSER:
             uid_map, gid_map = id_maps or (linux.default_id_map("uid"), linux.default_id_map("gid"))
-            linux.unshare_user(flags & ~linux.CLONE_NEWUSER, uid_map, gid_map)
+            opener = (lambda: tun.extend(linux.open_tun_nodes(tun_devices))) if tun_devices and flags & linux.CLONE_NEWNET else None
+            linux.unshare_user(flags & ~linux.CLONE_NEWUSER, uid_map, gid_map, while_root=opener)
         elif flags:
             linux.unshare(flags)
-        return bool(flags & linux.CLONE_NEWPID)
+        return bool(flags & linux.CLONE_NEWPID), tun
 
     def become_subreaper(self) -> bool:
         return linux.become_subreaper()

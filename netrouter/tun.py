@@ -21,13 +21,32 @@ class TunError(Exception):
     pass
 
 
-def open_tun(name: str, persist: bool | None = None, vnet: bool = False) -> int:
+# Tyrant mode: /dev/net/tun fds opened for the vassal by the spawning child,
+# as root, in the vassal's network namespace, before it became the owner (the
+# node may be 0600): their numbers, for open_tun to take in order.
+ENV_TUN_FDS = "PYEMPEROR_TUN_FDS"
+
+
+def handed_tun_fd() -> int | None:
+    fds = [f for f in os.environ.get(ENV_TUN_FDS, "").split(",") if f.isdigit()]
+    if not fds:
+        return None
+    os.environ[ENV_TUN_FDS] = ",".join(fds[1:])
+    fd = int(fds[0])
+    os.set_inheritable(fd, False)
+    return fd
+
+
+def open_tun(name: str, persist: bool | None = None, vnet: bool = False, handed: bool = False) -> int:
     """Create (or attach to) tun device ``name``; a non-blocking fd. With
-    ``vnet`` every read and write carries a virtio_net_hdr (netrouter.offload)."""
+    ``vnet`` every read and write carries a virtio_net_hdr (netrouter.offload).
+    ``handed``: use a /dev/net/tun fd opened for us, if we were given one."""
     if len(name.encode()) > 15:
         raise TunError(f"tun device name {name!r} is longer than 15 bytes")
     try:
-        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = handed_tun_fd() if handed else None
+        if fd is None:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise TunError("no /dev/net/tun: the netrouter and tuntap-device need Linux's tun driver "
                        "(FreeBSD's tun(4) is not supported)") from None

@@ -60,7 +60,7 @@ class TunLink:
         self.router_socket = router_socket or DEFAULT_ROUTER_SOCKET
         # Always with a virtio header; offloads are switched on only while
         # the router takes offloaded frames (a uWSGI router never does).
-        self.fd = open_tun(device, vnet=True)
+        self.fd = open_tun(device, vnet=True, handed=True)
         disable_ipv6(device)
         self.sock: socket.socket | None = None
         self.vnet = False

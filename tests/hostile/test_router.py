@@ -22,6 +22,7 @@ import random
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -615,3 +616,23 @@ def test_idle_connections_cost_little_and_are_freed(start_router) -> None:
         sock.close()
     wait_for(lambda: not router.stats()["connections"], 10, what="all closed again")
     assert process.memory_info().rss - peak < count * 4 * 1024  # the first round's memory was reused
+
+
+@pytest.mark.parametrize("spawner", ["zygote", "fork+exec"])
+def test_tenant_vassal_on_the_router_with_a_0600_tun_node(start_emperor, tenant: Tenant, hostile_base: Path, apps: Path, spawner: str) -> None:
+    """A tenant's vassal (root of a user namespace mapped to the tenant) may
+    make its tun device but not open /dev/net/tun where that is 0600, as on
+    some hosts: the spawning child opens it in the vassal's namespace while
+    still root and hands the fd over. Reached from the host over the router."""
+    mode = stat.S_IMODE(os.stat("/dev/net/tun").st_mode)
+    os.chmod("/dev/net/tun", 0o600)
+    try:
+        extra = ["--emperor-zygote=false"] if spawner == "fork+exec" else []
+        with emperor_network(start_emperor, 13, hostile_base, *extra, tyrant=True, vassal_dir=hostile_base / "vassals") as (emp, host, router):
+            address = f"{subnet(13)}.2"
+            drop(tenant, emp.dir, "tnet.ini", vassal_ini(apps / "net.py", address, "tenant", host, router))
+            assert wait_for(lambda: http(address), 30, what="the tenant's vassal over the router") == "hello from tenant"
+            top = emp.vassal("tnet.ini")["pid"]
+            assert Path(f"/proc/{top}/uid_map").read_text().split() == ["0", str(tenant.uid), "1"]
+    finally:
+        os.chmod("/dev/net/tun", mode)
