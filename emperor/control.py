@@ -485,7 +485,7 @@ class ControlServer(_Server):
             os.umask(old_umask)
         self.owned = True
         os.chmod(self.path, self.mode)
-        sock.listen(128)
+        sock.listen(socket.SOMAXCONN)
         sock.setblocking(False)
         self._listen(sock)
 

@@ -38,14 +38,23 @@ def request(path: str, command: str, args: dict, timeout: float | None = 30.0) -
     """Send one request; yield the reply, then any pushed lines (``logs -f``)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
-    try:
-        sock.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
-        sock.close()
-        raise NoEmperor(f"no emperor at {path} ({exc.strerror})") from None
-    except PermissionError:
-        sock.close()
-        raise Refused(f"not permitted to connect to {path}", 1) from None
+    deadline = time.monotonic() + (timeout or 30.0)
+    while True:
+        try:
+            sock.connect(path)
+            break
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise NoEmperor(f"no emperor at {path} ({exc.strerror})") from None
+        except PermissionError:
+            sock.close()
+            raise Refused(f"not permitted to connect to {path}", 1) from None
+        except BlockingIOError:
+            # The emperor's backlog is full (someone floods it with connects): try again a while.
+            if time.monotonic() > deadline:
+                sock.close()
+                raise NoEmperor(f"the emperor at {path} is not accepting connections (its backlog is full)") from None
+            time.sleep(0.05)
     with sock:
         sock.sendall(json.dumps({"command": command, "args": args}).encode() + b"\n")
         buf = b""
@@ -144,8 +153,8 @@ def router_table(doc: dict):
         # direct: the router reads the vassal's device; offloads: 64 KB
         # frames over the socket; plain: uWSGI's framing (a uWSGI peer).
         mode = "direct" if c.get("direct") else "offloads" if c.get("offloads") else "plain"
-        table.add_row(str(c.get("vassal")), str(c.get("address")), mode, str(c.get("packets_in")), str(c.get("packets_out")),
-                      str(c.get("bytes_in")), str(c.get("bytes_out")), str(c.get("drops")))
+        table.add_row(*(_shown(c.get(k)) for k in ("vassal", "address")), mode,
+                      *(_shown(c.get(k)) for k in ("packets_in", "packets_out", "bytes_in", "bytes_out", "drops")))
     return table
 
 
@@ -198,8 +207,10 @@ def run(args: argparse.Namespace) -> int:
         if args.json and not args.follow:
             _print(first["result"])
             return 0
+        # A vassal's output is the tenant's: on a terminal it must stay text
+        # (no window titles, clipboard writes, screen clears).
         for line in lines:
-            print(json.dumps({"line": line}) if args.json else line, flush=True)
+            print(json.dumps({"line": line}) if args.json else printable(str(line)), flush=True)
         if args.follow:
             try:
                 for message in messages:
@@ -208,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
                         print(f"emperorctl: {message['note']}", file=sys.stderr, flush=True)
                         return REFUSED
                     line = message.get("line", "")
-                    print(json.dumps({"line": line}) if args.json else line, flush=True)
+                    print(json.dumps({"line": line}) if args.json else printable(str(line)), flush=True)
             except KeyboardInterrupt:
                 pass
         return 0

@@ -69,6 +69,9 @@ from netrouter.wire import (
 from vassal.loop import Loop
 
 MAX_BACKLOG = 4 * 1024 * 1024
+# One unprivileged uid may hold at most this many connections (a tenant that
+# can reach the socket must not take every slot, nor hold 1024 backlogs).
+MAX_CONNECTIONS_PER_UID = 64
 CONNECTION_BUFFER = 320 * 1024  # at most: a few 64 KB super-packets per read
 DEFAULT_MAX_CONNECTIONS = 1024
 TRIM_INTERVAL = 1.0  # idle receive buffers are freed within two of these
@@ -223,6 +226,13 @@ class Router:
             except OSError:
                 pid, uid = 0, -1
             root = uid == 0
+            per_uid = sum(1 for c in self.connections.values() if c.peer_uid == uid) if not root else 0
+            if not root and per_uid >= MAX_CONNECTIONS_PER_UID:
+                sock.close()
+                self.refused["connections"] += 1
+                self._quiet_say("connection", f"refused a connection from pid {pid} (uid {uid}): "
+                                f"{MAX_CONNECTIONS_PER_UID} connections from that uid already")
+                continue
             if self.open_counts[root] >= self.max_connections:
                 sock.close()
                 self.refused["connections"] += 1
@@ -519,6 +529,12 @@ class Router:
 
     def _to_vassal(self, conn: Connection, src: int, dst: int, hdr: memoryview | None, packet: memoryview | bytes,
                    from_tun: bool = False) -> None:
+        if len(conn.outbuf) > MAX_BACKLOG:
+            # It stopped reading: nothing more is made for it (segmenting
+            # first would be work for the drop), and it goes.
+            conn.drops += 1
+            self.close(conn, f"stopped reading ({len(conn.outbuf)} bytes unread)")
+            return
         if hdr is not None and not conn.vnet and needs_work(hdr):
             # A peer without offloads gets finished, segmented packets.
             try:
@@ -541,9 +557,6 @@ class Router:
             return
         if not self.chain_in.allows(src, dst, len(packet)):
             self.drops["firewall"] += 1
-            conn.drops += 1
-            return
-        if len(conn.outbuf) > MAX_BACKLOG:
             conn.drops += 1
             return
         conn.packets_in += 1

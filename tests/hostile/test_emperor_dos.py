@@ -507,3 +507,35 @@ def test_nesting_bombs_cost_only_their_file(start_emperor, hostile_base, tenant)
     again = start_emperor("--emperor-tyrant", vassal_dir=hostile_base / "vassals", control_dir=hostile_base)
     again.wait_state("after.ini", "ready")
     assert again.vassal("bomb1.ini")["state"] == "invalid"
+
+
+ESCAPES_APP = r'''
+import sys
+sys.stderr.write(("\x01" * 15000 + "\n") * 70)
+sys.stderr.write("\x1b]0;PWNED-TITLE\x07\x1b[2J\x1b[31mFAKE: all vassals OK\x1b[0m\n")
+sys.stderr.flush()
+
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Length", "2")])
+    return [b"ok"]
+'''
+
+
+def test_logs_reach_the_operator_as_text_and_bounded(start_emperor, hostile_base, tenant):
+    """`emperorctl logs` printed a vassal's escape sequences raw to the
+    operator's terminal (window title, clear screen, clipboard), and a
+    `logs` reply of control characters encoded to 6 MB that an unread
+    connection pinned in the emperor."""
+    from tests.conftest import unix_http_get, wait_for
+
+    emp = start_emperor("--emperor-tyrant", vassal_dir=hostile_base / "vassals", control_dir=hostile_base)
+    app = hostile_base / "escapes.py"
+    app.write_text(ESCAPES_APP)
+    app.chmod(0o644)
+    tenant.write(emp.dir / "esc.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {tenant.home}/esc.sock\n")
+    wait_for(lambda: unix_http_get(str(tenant.home / "esc.sock")), 20, what="the vassal")
+    shown = emp.ctl("logs", "esc.ini", "-n", "100000").stdout
+    assert "\x1b" not in shown and "\x07" not in shown and "\x01" not in shown
+    assert "FAKE: all vassals OK" in shown  # the text itself is still there, inert
+    reply = emp.ctl("--json", "logs", "esc.ini", "-n", "100000").stdout
+    assert len(reply) < 1_200_000 and _json.loads(reply)["omitted"] > 0

@@ -636,3 +636,20 @@ def test_tenant_vassal_on_the_router_with_a_0600_tun_node(start_emperor, tenant:
             assert Path(f"/proc/{top}/uid_map").read_text().split() == ["0", str(tenant.uid), "1"]
     finally:
         os.chmod("/dev/net/tun", mode)
+
+
+def test_one_uid_cannot_take_every_connection(start_router, tenant: Tenant) -> None:
+    """One tenant with access to the socket held every unprivileged slot
+    (and a backlog in each): at most MAX_CONNECTIONS_PER_UID are its own."""
+    from netrouter.router import MAX_CONNECTIONS_PER_UID
+
+    router = start_router(14, "--socket-group", str(tenant.gid))
+    flood = subprocess.Popen(
+        [sys.executable, "-c", FLOOD, str(router.sock), str(MAX_CONNECTIONS_PER_UID + 6)], user=tenant.uid, group=tenant.gid,
+        extra_groups=[], env={"PATH": "/usr/bin:/bin", "PYTEST_TAG": TEST_TAG}, cwd="/", stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert flood.stdout.readline().split() == ["accepted", str(MAX_CONNECTIONS_PER_UID), "refused", "6"]
+        assert "connections from that uid already" in router.log_text()
+    finally:
+        flood.stdin.close()
+        flood.wait(10)

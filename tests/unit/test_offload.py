@@ -102,12 +102,17 @@ def test_headers_a_peer_may_not_send():
     tcp = tcp_super_packet(b"x" * 100)
     udp = ip_header(28, proto=17) + bytes(8)
     assert valid_header(VNET_HDR.pack(0, 0, 0, 0, 0, 0), tcp)
-    assert valid_header(VNET_HDR.pack(F_NEEDS_CSUM, GSO_TCPV4, 40, 50, 20, 16), tcp)
+    assert valid_header(VNET_HDR.pack(F_NEEDS_CSUM, GSO_TCPV4, 40, 500, 20, 16), tcp)
     assert not valid_header(VNET_HDR.pack(0x40, 0, 0, 0, 0, 0), tcp)  # unknown flag
     assert not valid_header(VNET_HDR.pack(F_NEEDS_CSUM, 0, 0, 0, 20, 500), tcp)  # field outside the packet
     assert not valid_header(VNET_HDR.pack(0, GSO_TCPV4, 40, 50, 0, 0), udp)  # TSO of a UDP packet
     assert not valid_header(VNET_HDR.pack(0, 3, 28, 50, 0, 0), udp)  # UFO: not offered
     assert not valid_header(VNET_HDR.pack(0, GSO_TCPV4, 40, 0, 0, 0), tcp)  # zero MSS
+    # Segmenting is the router's CPU: a segment size of 1 made 65000 segments of one packet.
+    big = tcp_super_packet(b"x" * 60000)
+    assert not valid_header(VNET_HDR.pack(0, GSO_TCPV4, 40, 1, 0, 0), big)
+    assert not valid_header(VNET_HDR.pack(0, GSO_TCPV4, 40, 200, 0, 0), big)
+    assert valid_header(VNET_HDR.pack(0, GSO_TCPV4, 40, 1460, 0, 0), big)
     with pytest.raises(OffloadError):
         plain_packets(VNET_HDR.pack(0, 4, 40, 50, 0, 0), tcp)  # TCPv6 on an IPv4 packet
     with pytest.raises(OffloadError):
