@@ -539,3 +539,27 @@ def test_logs_reach_the_operator_as_text_and_bounded(start_emperor, hostile_base
     assert "FAKE: all vassals OK" in shown  # the text itself is still there, inert
     reply = emp.ctl("--json", "logs", "esc.ini", "-n", "100000").stdout
     assert len(reply) < 1_200_000 and _json.loads(reply)["omitted"] > 0
+
+
+def test_config_read_short_of_fds_is_retried(start_emperor, hostile_base, tenant):
+    """Item 10: at the fd limit a vassal dropped in stayed `invalid` until its
+    file changed; its read is tried again once fds are there."""
+    import os
+    import resource
+
+    from tests.conftest import HELLO, unix_http_get, wait_for
+
+    emp = start_emperor("--emperor-tyrant", vassal_dir=hostile_base / "vassals", control_dir=hostile_base)
+    app = hostile_base / "hello.py"
+    app.write_text(HELLO.read_text())
+    app.chmod(0o644)
+    pid = emp.proc.pid
+    limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir(f"/proc/{pid}/fd"))
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use, limits[1]))
+    try:
+        tenant.write(emp.dir / "late.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {tenant.home}/late.sock\n")
+        wait_for(lambda: "trying again in" in emp.log_text(), 10, what="the retry note")
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+    wait_for(lambda: unix_http_get(str(tenant.home / "late.sock")), 20, what="the vassal, once fds are there")
