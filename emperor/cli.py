@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from emperor.control import AlreadyRunning
     from emperor.core import Emperor
+    from emperor.netrouter import RangeError
     from netrouter.firewall import RuleError
     from netrouter.tun import TunError
     from vassal.hooks import HookError
@@ -67,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except RuleError as exc:
         emperor.cleanup()
-        print(f"emperor: tuntap-router firewall: {exc}", file=sys.stderr)
+        # A firewall rule, or a tuntap-router-tenant-range (RangeError) that names its key.
+        what = "" if isinstance(exc, RangeError) else "tuntap-router firewall: "
+        print(f"emperor: {what}{exc}", file=sys.stderr)
         return 2
     except (OSError, TunError, HookError) as exc:
         emperor.cleanup()
