@@ -492,7 +492,7 @@ class Emperor:
         vassal.signature = signature
         if config is None:
             vassal.error = error
-            if vassal.pid is not None:
+            if vassal.pid is not None or vassal.spawning:
                 self.log(f"[{name}] config invalid, still running the previous one:\n{error}")
             else:
                 vassal.state = INVALID
@@ -503,6 +503,11 @@ class Emperor:
         previous = vassal.config
         vassal.config = config
         vassal.error = None
+        if vassal.spawning:
+            # The zygote has not told us the pid yet: the instance on its way
+            # runs the previous config; once it is there it gets this one.
+            vassal.changed_while_spawning = True
+            return
         if vassal.pid is None:
             if vassal.state in (INVALID, "backoff"):
                 vassal.throttle_ms = 0
@@ -524,7 +529,10 @@ class Emperor:
         a new one is refused (and looked at again when one of theirs goes)."""
         if owner is None or not self.max_per_owner:
             return None
-        held = sum(1 for v in self.vassals.values() if v.owner == owner and not v.removing and v.error_kind != "quota")
+        # A vassal being removed counts while anything of it still runs:
+        # renaming files in a loop would otherwise keep many alive at once.
+        held = sum(1 for v in self.vassals.values()
+                   if v.owner == owner and v.error_kind != "quota" and (not v.removing or v.pid is not None or v.spawning))
         if held < self.max_per_owner:
             return None
         return QUOTA_ERROR.format(uid=owner[0], count=held)

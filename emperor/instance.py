@@ -110,6 +110,8 @@ class Vassal:
     last_read: float = 0.0  # monotonic time its file was last read for a change
     reload_queued: bool = False  # a reload asked for while one was in flight
     error_kind: str | None = None  # "quota": refused for emperor-tyrant-max-vassals, waiting for a place
+    running_config: Config | None = None  # what the current instance was spawned with
+    changed_while_spawning: bool = False  # its file changed before the zygote told us the pid
     tracker: VassalCgroup | ProcessGroupTracker | None = None
     limit_groups: LimitGroups | None = None
     oom_fd: int | None = None
@@ -162,6 +164,7 @@ class Vassal:
         self.last_heartbeat = None
         self.restart_pending = False
         self.reload_queued = False
+        self.changed_while_spawning = False
         cgroup = self.emperor.cgroup_for(self)
         try:
             procs = self.emperor.cgroup_procs_for(self, cgroup)
@@ -171,7 +174,10 @@ class Vassal:
             self._record_exit(None, None, "exit", f"limits: {exc}")
             self._schedule_respawn()
             return
-        assert self.config is not None
+        if self.config is None:
+            self.state = INVALID
+            return
+        self.running_config = self.config
         clone, id_maps, drop = self.emperor.jail_plan(self.config)
         req = SpawnRequest(
             name=self.name,
@@ -251,6 +257,15 @@ class Vassal:
             self.tracker = ProcessGroupTracker(pid)
         self.note(f"spawned (pid {pid})")
         self.emperor.after_spawn(self)
+        if self.changed_while_spawning:
+            self.changed_while_spawning = False
+            running, wanted = self.running_config, self.config
+            if wanted is not None and running is not None and wanted is not running:
+                if wanted.jail_fingerprint() != running.jail_fingerprint():
+                    self.note("its file changed while it was being spawned (jail-level options): restarting")
+                    self.restart()
+                else:
+                    self.reload_queued = True  # handed over once it is ready
 
     # --- the emperor pipe ----------------------------------------------------------
     def send(self, byte: int) -> bool:

@@ -325,6 +325,21 @@ class VassalCgroup:
 
     def prepare(self) -> None:
         os.makedirs(self.path, exist_ok=True)
+        # A kill of the previous instance may have left forks barred (kill()).
+        self._set_pids_max("max")
+
+    def _set_pids_max(self, value: str) -> bool:
+        try:
+            fd = os.open(os.path.join(self.path, "pids.max"), os.O_WRONLY | os.O_TRUNC)  # never made: only the controller's own
+        except OSError:
+            return False  # no pids controller here
+        try:
+            os.write(fd, value.encode())
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     def join(self, pid: int = 0) -> None:
         """Move ``pid`` (0: the caller) into this cgroup."""
@@ -352,6 +367,11 @@ class VassalCgroup:
                 return len(self.pids())
             except OSError:
                 pass
+        if sig == signal.SIGKILL:
+            # Without cgroup.kill, killing is read-then-signal: a fork loop
+            # outruns it (one filled the host's pid space). No more forks,
+            # then the kill; the next prepare() lifts the bar.
+            self._set_pids_max("0")
         count = 0
         for pid in self.pids():
             try:

@@ -35,6 +35,7 @@ def own_namespaces(config: Config) -> set[str]:
 
 
 ENV_TYRANT = "PYEMPEROR_TYRANT"
+MAX_TENANT_TUN_DEVICES = 8
 
 
 def tyrant_owner() -> tuple[int, int] | None:
@@ -76,6 +77,10 @@ def tyrant_problems(config: Config, namespaces: set[str], owner: tuple[int, int]
 
     for key in ("uid-map", "gid-map"):
         refuse(key, f"{key} is not allowed in tyrant mode (root in the namespace is the file's owner)")
+    if len(config.getlist("tuntap-device")) > MAX_TENANT_TUN_DEVICES:
+        entry = config.sources["tuntap-device"][MAX_TENANT_TUN_DEVICES]
+        found.append(Problem(entry.file, entry.line, "tuntap-device",
+                             f"at most {MAX_TENANT_TUN_DEVICES} tuntap-device lines in tyrant mode (each is a /dev/net/tun fd opened for you)"))
     if "user" in namespaces:
         for key in ("uid", "gid"):
             refuse(key, f"{key} is not allowed in tyrant mode with namespaces: the app runs as root of its user namespace, which is the file's owner outside")

@@ -537,3 +537,45 @@ def test_vassals_per_owner_are_capped(start_emperor, hostile_base, make_tenant, 
     emp.wait_state("o.ini", "ready")  # the quota is per owner
     (emp.dir / "g0.ini").unlink()
     emp.wait_state("g2.ini", "ready", timeout=20)  # a place freed up
+
+
+SLOW_STOP = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(1000)\n"
+
+
+def test_renaming_files_does_not_get_past_the_cap(start_emperor, hostile_base, tenant, app):
+    """Renaming a slow-to-stop vassal's file in a loop kept 22 of one
+    tenant's vassals alive under a cap of 2: a vassal on its way out counts
+    while anything of it runs."""
+    emp = start_emperor("--emperor-tyrant", "--emperor-tyrant-max-vassals", "2", "--emperor-curse-tolerance", "4",
+                        vassal_dir=hostile_base / "vassals", control_dir=hostile_base)
+    slow = tenant.write(tenant.home / "slow.py", SLOW_STOP)
+    text = f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = 127.0.0.1:0\nattach-daemon = /usr/bin/python3 {slow}\n"
+    for number in range(3):
+        tenant.write(emp.dir / f"x{number}.ini", text)
+    emp.wait_state("x0.ini", "ready")
+    emp.wait_state("x1.ini", "ready")
+    most = 0
+    for step in range(3, 18):
+        os.rename(emp.dir / f"x{step - 3}.ini", emp.dir / f"x{step}.ini")
+        time.sleep(0.2)
+        running = [v for v in emp.status()["vassals"] if v["pid"] is not None]
+        most = max(most, len(running))
+    assert most <= 2, f"{most} of one tenant's vassals ran at once under a cap of 2"
+
+
+def test_a_change_while_spawning_is_not_lost(tyrant, tenant, app):
+    """A file changed in the milliseconds before the zygote reported the pid
+    was stored but never applied: the vassal served the old config for good
+    (and an invalid version in that window left it `invalid` while serving)."""
+    emp = tyrant()
+    sock = tenant.home / "r.sock"
+    target = emp.dir / "r.ini"
+    for attempt in range(5):
+        old = tenant.write(emp.dir / f".r-old-{attempt}", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {sock}\nenv = STAGE=old{attempt}\n")
+        new = tenant.write(emp.dir / f".r-new-{attempt}", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {sock}\nenv = STAGE=new{attempt}\n")
+        os.rename(old, target)
+        time.sleep(0.002)
+        os.rename(new, target)
+        wait_for(lambda a=attempt: (unix_http_get(str(sock)) or b"").find(f'"new{a}"'.encode()) >= 0, 20, what="the newer config")
+        target.unlink()
+        wait_for(lambda: emp.vassal("r.ini") is None, 20, what="stopped")

@@ -213,3 +213,22 @@ def test_stale_cgroups_of_dead_emperors_are_killed_and_removed(tmp_path, monkeyp
                 os.kill(int(pidfile.read_text()), signal.SIGKILL)
             except (ProcessLookupError, ValueError):
                 pass
+
+
+def test_a_sigkill_bars_forks_until_the_next_prepare(tmp_path):
+    """Read-then-signal loses to a fork loop (one filled the host's pid
+    space): a SIGKILL of a vassal's cgroup first sets pids.max to 0, and the
+    next spawn's prepare() lifts it; a cgroup without pids.max gets none."""
+    import signal
+
+    from jails.tracking import VassalCgroup
+
+    group = VassalCgroup(str(tmp_path / "v"))
+    group.prepare()
+    assert not (tmp_path / "v" / "pids.max").exists()  # not the pids controller's: nothing made
+    (tmp_path / "v" / "pids.max").write_text("max")
+    (tmp_path / "v" / "cgroup.procs").write_text("")
+    group.kill(signal.SIGKILL)
+    assert (tmp_path / "v" / "pids.max").read_text() == "0"
+    group.prepare()
+    assert (tmp_path / "v" / "pids.max").read_text().startswith("max")
