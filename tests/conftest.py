@@ -201,6 +201,18 @@ def _leftover_processes() -> list[str]:
     return found
 
 
+def _someone_elses(entry: Path) -> bool:
+    """A cgroup of an emperor that is alive and not ours (another suite or
+    a person running one on this machine): not this session's leak."""
+    pid = entry.name.split(".")[1]
+    if not pid.isdigit():
+        return False
+    try:
+        return psutil.Process(int(pid)).environ().get("PYTEST_TAG") != TEST_TAG
+    except psutil.Error:
+        return False
+
+
 def _leftover_cgroups() -> list[str]:
     found = []
     if not CGROUP_ROOT.exists():
@@ -208,7 +220,8 @@ def _leftover_cgroups() -> list[str]:
     for hierarchy in [CGROUP_ROOT, *[p for p in CGROUP_ROOT.iterdir() if p.is_dir()]]:
         try:
             for entry in hierarchy.rglob("pyemperor.*"):
-                found.append(str(entry))
+                if not _someone_elses(entry):
+                    found.append(str(entry))
         except OSError:
             continue
     return found
