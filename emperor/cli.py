@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(preprocess_argv(list(sys.argv[1:] if argv is None else argv), options.EMPEROR))
     try:
         settings = load_settings(args)
-        if problems := unsupported(settings):
+        from emperor.core import emperor_hook_problems
+
+        if problems := unsupported(settings) + emperor_hook_problems(settings):
             raise ConfigError(problems)
     except ConfigError as exc:
         for problem in exc.problems:

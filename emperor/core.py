@@ -31,7 +31,7 @@ from emperor.instance import (
     Vassal,
 )
 from emperor.monitor import DirMonitor, Source
-from emperor.names import name_problem
+from emperor.names import name_problem, tenant_name_problem
 from emperor.netrouter import RouterSupervisor, address_problems
 from emperor.spawn import Zygote
 from jails.tracking import (
@@ -83,6 +83,18 @@ def vassal_environment(environ: dict[str, str], passed: list[str]) -> dict[str, 
     env = {k: v for k, v in environ.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
     env.setdefault("PATH", DEFAULT_PATH)
     return env
+
+
+# as-emperor hooks run in the emperor's own process at every spawn (a tenant
+# decides how often): only actions that neither wait nor change the emperor.
+AS_EMPEROR_ACTIONS = ("exec", "print", "write", "mkdir", "unlink")
+
+
+def emperor_hook_problems(settings: Config) -> list[Problem]:
+    return [Problem(h.entry.file, h.entry.line, h.entry.key,
+                    f"action {h.action} cannot run as-emperor (it would block or change the emperor at every spawn); "
+                    f"allowed: {', '.join(AS_EMPEROR_ACTIONS)}")
+            for h in hooks.hooks_for(settings, "as-emperor") if h.action not in AS_EMPEROR_ACTIONS]
 
 
 def _nonblocking_stderr() -> None:
@@ -187,8 +199,12 @@ class Emperor:
         if self.settings.has("emperor-pidfile"):
             self.control.write_pidfile(str(self.settings.get("emperor-pidfile")))
         if self.settings.has("emperor-stats"):
-            self.stats = StatsServer(self, str(self.settings.get("emperor-stats")))
+            address = str(self.settings.get("emperor-stats"))
+            self.stats = StatsServer(self, address)
             self.stats.open()
+            if self.tyrant and "/" not in address:
+                self.log(f"warning: the stats server on {address} shows every tenant's vassals to any local user; "
+                         "in tyrant mode give it a unix socket path (made 0600)")
         self.subreaper = become_subreaper()
         _nonblocking_stderr()
         self.cgroups = CgroupTree.create(f"pyemperor.{os.getpid()}")
@@ -446,6 +462,9 @@ class Emperor:
         if vassal is not None and not vassal.removing and self._too_soon(vassal, path):
             return
         owner = self._owner_of(path)
+        # Spawns run the operator's hooks with the name in their environment,
+        # as root: in tyrant mode it must not be shell syntax.
+        name_error = tenant_name_problem(name) if self.tyrant else None
         if vassal is not None and self.tyrant and vassal.owner != owner:
             # Another user's file under this name: the old vassal's logs and
             # state are not theirs. It goes; forget() then looks here again.
@@ -457,7 +476,7 @@ class Emperor:
         config: Config | None = None
         waiting = vassal is None or vassal.removing or vassal.error_kind == "quota"
         quota = self._over_quota(owner) if waiting else None
-        error = name_problem(name) or quota
+        error = name_problem(name) or name_error or quota
         if vassal is not None:
             vassal.error_kind = "quota" if quota else None
         if error is None:
@@ -643,11 +662,22 @@ class Emperor:
         found = hooks.hooks_for(self.settings, "as-emperor")
         if not found:
             return
-        try:
-            st = os.stat(vassal.path)
+        # The ids the vassal was validated for and runs as, never a fresh
+        # stat: the tenant may have swapped the file for a symlink to root's
+        # (or another tenant's) by now.
+        config = vassal.running_config
+        owner = config.owner if config is not None else None
+        if owner is None and self.tyrant:
+            self.log(f"[{vassal.name}] not running the as-emperor hooks: whose vassal it is is not known")
+            return
+        if owner is not None:
+            uid, gid = owner
+        else:
+            try:
+                st = os.lstat(vassal.path)
+            except OSError:
+                return  # gone already
             uid, gid = st.st_uid, st.st_gid
-        except OSError:
-            uid = gid = 0
         env = {
             **os.environ,
             "UWSGI_VASSAL_CONFIG": vassal.path,
@@ -661,7 +691,7 @@ class Emperor:
                     pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", hook.args], env, setsigdef=(signal.SIGPIPE, signal.SIGCHLD))
                     self.hook_pids[pid] = f"{hook.describe()} for {vassal.name}"
                 else:
-                    hooks.run_hook(hook)
+                    hooks.run_hook(hook)  # only quick actions are allowed here (as_emperor_problems)
             except Exception as exc:
                 self.log(f"hook failed in phase as-emperor for {vassal.name}: {hook.describe()}: {exc}")
 

@@ -765,11 +765,14 @@ class Vassal:
 
     def uwsgi_stats(self) -> dict:
         """The per-vassal fields of uWSGI's emperor stats, for uwsgitop-style tools."""
-        try:
-            st = os.stat(self.path)
-            uid, gid = st.st_uid, st.st_gid
-        except OSError:
-            uid = gid = 0
+        if self.owner is not None:
+            uid, gid = self.owner
+        else:
+            try:
+                st = os.lstat(self.path)
+                uid, gid = st.st_uid, st.st_gid
+            except OSError:
+                uid = gid = -1
         heartbeat = int(time.time() - (time.monotonic() - self.last_heartbeat)) if self.last_heartbeat else 0
         born = int(self.started_at or 0)
         return {

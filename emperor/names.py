@@ -43,3 +43,19 @@ def name_problem(name: str) -> str | None:
     if size > MAX_NAME_BYTES:
         return f"the file name is too long ({size} bytes in UTF-8, at most {MAX_NAME_BYTES}); rename the file"
     return None
+
+
+# What a shell treats as syntax when a name reaches it unquoted (an
+# operator's exec-as-emperor hook with $UWSGI_VASSAL_CONFIG, run as root):
+# globs, word splitting, redirections, expansions, and a leading "-" (an option).
+_SHELL_SYNTAX = re.compile(r"[\s*?\[\]$`;&|<>()'\"\\{}~!#^]")
+
+
+def tenant_name_problem(name: str) -> str | None:
+    """Tyrant mode: why a tenant's file name is refused besides name_problem."""
+    if name.startswith("-"):
+        return f"tyrant mode: the file name {printable(name)!r} starts with '-'; rename the file"
+    if _SHELL_SYNTAX.search(name):
+        return (f"tyrant mode: the file name {printable(name)!r} holds a space or a shell character "
+                "(* ? [ ] $ ` ; & | < > ( ) quotes \\ { } ~ ! # ^); rename the file")
+    return None

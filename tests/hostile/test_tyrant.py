@@ -579,3 +579,41 @@ def test_a_change_while_spawning_is_not_lost(tyrant, tenant, app):
         wait_for(lambda a=attempt: (unix_http_get(str(sock)) or b"").find(f'"new{a}"'.encode()) >= 0, 20, what="the newer config")
         target.unlink()
         wait_for(lambda: emp.vassal("r.ini") is None, 20, what="stopped")
+
+
+# --- the operator's per-vassal hooks, fed what a tenant controls ------------------------------
+
+
+def test_as_emperor_hooks_get_the_validated_owner_and_no_shell_syntax(start_emperor, hostile_base, make_tenant, app):
+    """A tenant swapped its file for a symlink to /etc/passwd right after the
+    spawn: root's exec-as-emperor hook was told uid 0 (or another tenant's);
+    and a file named `x * y.ini` was globbed and split by root's shell."""
+    log = hostile_base / "hook.log"
+    log.write_text("")
+    emp = start_emperor("--emperor-tyrant", "--exec-as-emperor", f"echo uid=$UWSGI_VASSAL_UID cfg=$UWSGI_VASSAL_CONFIG >> {log}",
+                        vassal_dir=hostile_base / "vassals", control_dir=hostile_base)
+    mallory, victim = make_tenant(), make_tenant()
+    theirs = victim.write(victim.home / "v.ini", "[uwsgi]\n", 0o644)
+    victim.home.chmod(0o711)
+    for number in range(5):
+        f = mallory.write(emp.dir / f"r{number}.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = 127.0.0.1:0\n")
+        link = emp.dir / f".l{number}"
+        os.symlink(theirs if number % 2 else "/etc/passwd", link)
+        mallory.own(link)
+        os.replace(link, f)
+    glob = mallory.write(emp.dir / "x * y.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = 127.0.0.1:0\n")
+    assert "shell character" in emp.wait_state(glob.name, "invalid")["error"]
+    time.sleep(2)
+    for line in log.read_text().splitlines():
+        assert line.startswith(f"uid={mallory.uid} "), line
+    assert "x * y" not in log.read_text()
+
+
+def test_blocking_as_emperor_actions_are_refused_at_start(tmp_path):
+    """A wait_for_file as-emperor hook ran inline at every spawn: three
+    tenant files froze the emperor for 24 s."""
+    result = subprocess.run([sys.executable, "-m", "emperor", "--control", str(tmp_path / "c.sock"),
+                             "--hook-as-emperor", "wait_for_file:/nonexistent 8", str(tmp_path)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "action wait_for_file cannot run as-emperor" in result.stderr
