@@ -39,6 +39,18 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: f
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+def world_reachable(path: str | os.PathLike) -> bool:
+    """Whether an unprivileged user can reach ``path`` (every dir above it
+    has the others' x bit): where tests drop privileges, the checkout and
+    the interpreter must be."""
+    path = os.path.abspath(path)
+    while path != "/":
+        if not os.stat(path).st_mode & 0o001:
+            return False
+        path = os.path.dirname(path)
+    return True
+
+
 _handed_out: set[int] = set()
 
 

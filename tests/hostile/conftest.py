@@ -22,21 +22,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, world_reachable
 from tests.linux.test_netrouter import tcp_listener  # noqa: F401  (a fixture the router tests share)
 
 pytestmark = [pytest.mark.linux_only]
 
 TENANT_PREFIX = "pyemt"
-
-
-def world_reachable(path: str | os.PathLike) -> bool:
-    path = os.path.abspath(path)
-    while path != "/":
-        if not os.stat(path).st_mode & 0o001:
-            return False
-        path = os.path.dirname(path)
-    return True
 
 
 @dataclass

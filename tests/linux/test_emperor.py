@@ -389,19 +389,10 @@ def test_control_socket_mode_and_pidfile(start_emperor, tmp_path):
     assert not pidfile.exists()
 
 
-def _world_reachable(path) -> bool:
-    path = os.path.abspath(path)
-    while path != "/":
-        if not os.stat(path).st_mode & 0o001:
-            return False
-        path = os.path.dirname(path)
-    return True
-
-
 def test_unprivileged_peer_refused(start_emperor, request):
-    from tests.conftest import ROOT
+    from tests.conftest import ROOT, world_reachable
 
-    if not (_world_reachable(ROOT) and _world_reachable(sys.executable)):
+    if not (world_reachable(ROOT) and world_reachable(sys.executable)):
         pytest.skip("the checkout or the interpreter is not reachable by an unprivileged user")
     public = Path(tempfile.mkdtemp(prefix="pyemperor-ctl-"))
     request.addfinalizer(lambda: shutil.rmtree(public, ignore_errors=True))

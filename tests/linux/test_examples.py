@@ -50,10 +50,9 @@ def test_tyrant_example_runs_as_the_owner(tmp_path):
     (nobody): the app runs as nobody, its socket in the tenant's dir."""
     import tempfile
 
-    from tests.conftest import EmperorProc
-    from tests.linux.test_emperor import _world_reachable
+    from tests.conftest import EmperorProc, world_reachable
 
-    if not (_world_reachable(ROOT) and _world_reachable(sys.executable)):
+    if not (world_reachable(ROOT) and world_reachable(sys.executable)):
         pytest.skip("the checkout or the interpreter is not reachable by an unprivileged user")
     shared = Path(tempfile.mkdtemp(prefix="pyemperor-tyrant-"))
     shared.chmod(0o755)

@@ -408,9 +408,9 @@ def test_unshare_user_key_and_tyrant_composition(start_emperor, shared_dir):
 def test_tyrant_control_socket_per_owner(start_emperor, shared_dir):
     import subprocess
 
-    from tests.linux.test_emperor import _world_reachable
+    from tests.conftest import world_reachable
 
-    if not (_world_reachable(ROOT) and _world_reachable(sys.executable)):
+    if not (world_reachable(ROOT) and world_reachable(sys.executable)):
         pytest.skip("the checkout or the interpreter is not reachable by an unprivileged user")
     tenant_dir = shared_dir / "t3"
     tenant_dir.mkdir()
