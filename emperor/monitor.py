@@ -82,13 +82,16 @@ class DirMonitor:
         self.on_rescan = on_rescan
         self.scan_interval = scan_interval
         self.inotify = None
+        self.fallback_reason = ""
         self.watches: dict[int, tuple[str, Source]] = {}  # wd -> (role, source)
         self.pending: dict[str, object] = {}
         if INotify is not None and not force_scan and kqueue_module is None:
             try:
                 self.inotify = INotify(nonblocking=True)
-            except OSError:
+            except OSError as exc:
+                # (EMFILE here: fs.inotify.max_user_instances is used up.)
                 self.inotify = None
+                self.fallback_reason = f"inotify unavailable: {exc.strerror}"
         kq = kqueue_module if kqueue_module is not None else (select if hasattr(select, "kqueue") else None)
         self.kqueue: KqueueWatcher | None = None
         if self.inotify is not None:
@@ -106,7 +109,8 @@ class DirMonitor:
             return "inotify"
         if self.kqueue is not None:
             return "kqueue"
-        return f"scan every {self.scan_interval:g}s"
+        reason = f"; {self.fallback_reason}" if self.fallback_reason else ""
+        return f"scan every {self.scan_interval:g}s{reason}"
 
     def _watch(self, source: Source) -> None:
         assert self.inotify is not None and F is not None

@@ -553,10 +553,13 @@ def test_config_read_short_of_fds_is_retried(start_emperor, hostile_base, tenant
     app = hostile_base / "hello.py"
     app.write_text(HELLO.read_text())
     app.chmod(0o644)
+    wait_for(lambda: " watching " in emp.log_text(), 10, what="the emperor fully started")  # not only its control socket
     pid = emp.proc.pid
     limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    # Below what it holds (a short-lived fd counted here must not leave room
+    # for the read): open fds stay, new ones fail.
     in_use = len(os.listdir(f"/proc/{pid}/fd"))
-    resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use, limits[1]))
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use - 3, limits[1]))
     try:
         tenant.write(emp.dir / "late.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {tenant.home}/late.sock\n")
         wait_for(lambda: "trying again in" in emp.log_text(), 10, what="the retry note")
