@@ -28,6 +28,8 @@ except ImportError:  # not on Linux
 # A freshly created file is usually still being written: wait for its
 # close-after-write, or this long, before reading it.
 CREATE_SETTLE = 0.2
+# After a dir was replaced (or events overflowed), it is listed once more this much later.
+RESCAN_AGAIN = 0.5
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,9 @@ class DirMonitor:
         for source in dict.fromkeys(rescans):
             self._watch(source)
             self.on_rescan(source)
+            # A file made while the watch moved to a replaced dir has no event
+            # of its own: a second look a moment later finds it.
+            self.loop.call_later(RESCAN_AGAIN, lambda s=source: self.on_rescan(s))
         for path in dict.fromkeys(now_paths):
             self.on_path(path)
         for path in dict.fromkeys(settle_paths):
