@@ -374,10 +374,6 @@ def test_other_tenants_vassal_and_unknown_name_answer_alike(start_emperor, hosti
 
 # --- second review: floods through the vassal's own channels, bombs in files ----------------
 
-import json as _json  # noqa: E402
-import time as _time  # noqa: E402
-
-import psutil as _psutil  # noqa: E402
 
 PIPE_FLOOD = '''
 import os, threading, time
@@ -418,9 +414,9 @@ def application(environ, start_response):
 
 def _emperor_cost(emp, seconds: float) -> tuple[float, int]:
     """(CPU seconds used, RSS growth in bytes) of the emperor over ``seconds``."""
-    proc = _psutil.Process(emp.proc.pid)
+    proc = psutil.Process(emp.proc.pid)
     cpu0, rss0 = sum(proc.cpu_times()[:2]), proc.memory_info().rss
-    _time.sleep(seconds)
+    time.sleep(seconds)
     return sum(proc.cpu_times()[:2]) - cpu0, proc.memory_info().rss - rss0
 
 
@@ -448,16 +444,15 @@ def test_floods_on_the_vassals_own_channels_are_cheap(start_emperor, hostile_bas
     cpu, rss = _emperor_cost(emp, 3.0)
     assert cpu < 1.5, f"the emperor spent {cpu:.1f}s of CPU in 3s"
     assert rss < 64 * 1024 * 1024, f"the emperor grew by {rss >> 20} MiB"
-    assert _json.loads(emp.ctl("--json", "status").stdout)["vassals"]
+    assert json.loads(emp.ctl("--json", "status").stdout)["vassals"]
 
 
 def test_reload_storm_on_a_stopped_vassal_pins_no_memory(start_emperor, hostile_base, tenant):
     """A tenant SIGSTOPs its top process and touches its file in a loop: each
     reload handed over a 2 MB memfd nobody read (278 MB of shmem)."""
-    import os
     import signal as _signal
 
-    from tests.conftest import HELLO, unix_http_get, wait_for
+    from tests.conftest import HELLO, unix_http_get
 
     emp = start_emperor("--emperor-tyrant", vassal_dir=hostile_base / "vassals", control_dir=hostile_base)
     app = hostile_base / "hello.py"
@@ -469,14 +464,14 @@ def test_reload_storm_on_a_stopped_vassal_pins_no_memory(start_emperor, hostile_
     wait_for(lambda: unix_http_get(str(tenant.home / "s.sock")), 20, what="the vassal")
     top = emp.vassal("storm.ini")["pid"]
     # The memfds in flight are nobody's mapping: the system's shmem counts them.
-    shmem0 = _psutil.virtual_memory().shared
+    shmem0 = psutil.virtual_memory().shared
     os.kill(top, _signal.SIGSTOP)
     try:
         for _ in range(100):
             os.utime(f)
-            _time.sleep(0.01)
-        _time.sleep(1.5)
-        grown = _psutil.virtual_memory().shared - shmem0
+            time.sleep(0.01)
+        time.sleep(1.5)
+        grown = psutil.virtual_memory().shared - shmem0
         assert grown < 32 * 1024 * 1024, f"{grown >> 20} MiB of config handovers in flight"
     finally:
         os.kill(top, _signal.SIGCONT)
@@ -538,16 +533,13 @@ def test_logs_reach_the_operator_as_text_and_bounded(start_emperor, hostile_base
     assert "\x1b" not in shown and "\x07" not in shown and "\x01" not in shown
     assert "FAKE: all vassals OK" in shown  # the text itself is still there, inert
     reply = emp.ctl("--json", "logs", "esc.ini", "-n", "100000").stdout
-    assert len(reply) < 1_200_000 and _json.loads(reply)["omitted"] > 0
+    assert len(reply) < 1_200_000 and json.loads(reply)["omitted"] > 0
 
 
 def test_config_read_short_of_fds_is_retried(start_emperor, hostile_base, tenant):
     """Item 10: at the fd limit a vassal dropped in stayed `invalid` until its
     file changed; its read is tried again once fds are there."""
-    import os
-    import resource
-
-    from tests.conftest import HELLO, unix_http_get, wait_for
+    from tests.conftest import HELLO, unix_http_get
 
     emp = start_emperor("--emperor-tyrant", vassal_dir=hostile_base / "vassals", control_dir=hostile_base)
     app = hostile_base / "hello.py"
