@@ -7,12 +7,15 @@
 (d) as (a), but every vassal in new ipc,uts,fs,pid,net namespaces
     (emperor-use-clone; HTTP over a unix socket, since the vassal has its own
     network namespace)
+(e) as (a), with memory-limit, pids-limit and cpu-limit (cgroups), and the
+    ratio (e)/(a): what limits cost a spawn on this machine's cgroup
+    hierarchy (v1 or v2; vagrant/linux/guest-check.sh prints both)
 
 Each vassal is a hello-world app with one worker on http-socket (loopback).
 uWSGI runs with --emperor-freq 1 for (a) and its default freq for (b).
 Prints the numbers and the ratios ours/uWSGI (lower is better for all three).
 
-    /opt/pyemperor/bin/python bench/spawn.py [--count 200] [--samples 20] [--no-uwsgi]
+    /opt/pyemperor/bin/python bench/spawn.py [--count 200] [--samples 20] [--no-uwsgi] [--limits-only]
 """
 
 from __future__ import annotations
@@ -72,9 +75,12 @@ def wait(predicate, timeout: float, interval: float = 0.0005) -> float:
     raise TimeoutError("timed out")
 
 
-def ini(kind: str, port: int | str) -> str:
+LIMITS = "memory-limit = 128M\npids-limit = 64\ncpu-limit = 0.5\n"
+
+
+def ini(kind: str, port: int | str, extra: str = "") -> str:
     address = port if isinstance(port, str) else f"127.0.0.1:{port}"
-    text = f"[uwsgi]\nhttp-socket = {address}\nwsgi-file = {HELLO}\nprocesses = 1\n"
+    text = f"[uwsgi]\nhttp-socket = {address}\nwsgi-file = {HELLO}\nprocesses = 1\n{extra}"
     if kind == "uwsgi":
         text += "master = true\ndisable-logging = true\n"
     return text
@@ -152,16 +158,17 @@ class Emperor:
         return descendants(self.proc.pid)
 
 
-def bench_first_request(kind: str, workdir: Path, samples: int) -> list[float]:
-    (workdir / "a").mkdir(exist_ok=True)
-    emperor = Emperor(kind, workdir / "a", freq=1)
+def bench_first_request(kind: str, workdir: Path, samples: int, limits: bool = False) -> list[float]:
+    label = "e" if limits else "a"
+    (workdir / label).mkdir(exist_ok=True)
+    emperor = Emperor(kind, workdir / label, freq=1)
     times = []
     try:
         for i in range(samples):
             port = BASE_PORT + i
-            path = emperor.dir / f"a{i}.ini"
-            tmp = emperor.dir / f".a{i}.tmp"
-            tmp.write_text(ini(kind, port))
+            path = emperor.dir / f"{label}{i}.ini"
+            tmp = emperor.dir / f".{label}{i}.tmp"
+            tmp.write_text(ini(kind, port, LIMITS if limits else ""))
             start = time.perf_counter()
             os.rename(tmp, path)
             wait(lambda p=port: answers(p), 30)
@@ -223,18 +230,37 @@ def bench_many(kind: str, workdir: Path, count: int) -> tuple[float, float]:
     return elapsed, per_vassal_mb
 
 
+def cgroup_hierarchy() -> str:
+    return "v2" if os.path.exists("/sys/fs/cgroup/cgroup.controllers") else "v1"
+
+
+def report_limits(firsts: list[float], limited: list[float]) -> None:
+    plain, costly = statistics.median(firsts) * 1000, statistics.median(limited) * 1000
+    print(f"  ours: (e) first 200 with memory/pids/cpu limits on cgroup {cgroup_hierarchy()}: median {costly:.1f} ms "
+          f"vs {plain:.1f} ms without; ratio (e)/(a) {costly / plain:.3f}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--no-uwsgi", action="store_true")
+    parser.add_argument("--limits-only", action="store_true", help="only (a) and (e), ours only")
     args = parser.parse_args()
+    if args.limits_only:
+        with tempfile.TemporaryDirectory(prefix="bench-spawn-limits-") as tmp:
+            firsts = bench_first_request("ours", Path(tmp), args.samples)
+            limited = bench_first_request("ours", Path(tmp), args.samples, limits=True)
+        report_limits(firsts, limited)
+        return 0
     kinds = ["ours"] + ([] if args.no_uwsgi else ["uwsgi"])
     results: dict[str, dict[str, float]] = {}
     for kind in kinds:
         with tempfile.TemporaryDirectory(prefix=f"bench-spawn-{kind}-") as tmp:
             work = Path(tmp)
             firsts = bench_first_request(kind, work, args.samples)
+            if kind == "ours":
+                report_limits(firsts, bench_first_request(kind, work, args.samples, limits=True))
             many, pss = bench_many(kind, work, args.count)
             namespaced = bench_namespaced(kind, work, args.samples)
             results[kind] = {"a_median_ms": statistics.median(firsts) * 1000, "b_seconds": many, "c_pss_mb": pss,

@@ -239,6 +239,8 @@ class Emperor:
             force_scan=force_scan,
         )
         tracking = f"cgroup {self.cgroups.base}" if self.cgroups else "process groups (no writable cgroup)"
+        if self.cgroups and self.cgroups.how:
+            tracking += f" in {self.cgroups.how}"
         self.log(
             f"pid {os.getpid()} watching {', '.join(s.directory + ('/' + s.pattern if s.pattern else '') for s in self.sources)}"
             f" ({self.monitor.mode}); vassals tracked by {tracking}; control {control_path}"

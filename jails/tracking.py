@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from jails import cgroup_home
+
 CGROUP_ROOT = "/sys/fs/cgroup"
 V1_TRACKING_HIERARCHIES = ("pids", "memory", "cpu,cpuacct", "cpu", "systemd")
 
@@ -66,6 +68,10 @@ class CgroupTree:
     # v2: where the emperor moved itself (see leave_for_leaf), and from where.
     own_leaf: str | None = None
     own_dir: str | None = None
+    # v2: the cgroup it was started in, to go back to at exit.
+    started_in: str | None = None
+    # Where the tree is and why, for the start line (v2: see cgroup_home).
+    how: str = ""
 
     @classmethod
     def create(cls, label: str) -> CgroupTree | None:
@@ -74,6 +80,12 @@ class CgroupTree:
             return None
         mount, own = found
         unified = mount == CGROUP_ROOT
+        started_in = now = own
+        how = ""
+        if unified:
+            home = cgroup_home.find(mount, own)
+            own, how = home.own, home.how
+            now = _own_cgroup(None)  # (a transient scope has moved us)
         base = os.path.join(mount, own.lstrip("/"), label)
         try:
             os.makedirs(base, exist_ok=True)
@@ -82,8 +94,9 @@ class CgroupTree:
         if not os.access(os.path.join(base, "cgroup.procs"), os.W_OK):
             _rmdir(base)
             return None
-        tree = cls(base, unified)
-        if unified and own != "/":
+        tree = cls(base, unified, how=how)
+        if unified and now != "/":
+            tree.started_in = os.path.join(mount, started_in.lstrip("/"))
             tree.leave_for_leaf(os.path.join(mount, own.lstrip("/")), label)
         return tree
 
@@ -129,11 +142,15 @@ class CgroupTree:
                 break
             time.sleep(0.02)
         if self.own_leaf is not None and self.own_dir is not None:
-            try:
-                with open(os.path.join(self.own_dir, "cgroup.procs"), "w") as handle:
-                    handle.write("0")  # back where systemd put us, so the leaf can go
-            except OSError:
-                pass
+            # Back where we were started, so the leaf can go (and a transient
+            # scope of ours, now empty, is collected by systemd at once).
+            for home in dict.fromkeys(d for d in (self.started_in, self.own_dir) if d):
+                try:
+                    with open(os.path.join(home, "cgroup.procs"), "w") as handle:
+                        handle.write("0")
+                    break
+                except OSError:
+                    continue
             _rmdir(self.own_leaf)
 
 
@@ -244,7 +261,10 @@ def _stale_parents(tree: CgroupTree) -> list[str]:
     """Where dead emperors' dirs can be: beside our own vassals' tree, and on
     v1 beside our dirs in the limit hierarchies."""
     parents = [os.path.dirname(tree.base)]
-    if not tree.unified:
+    if tree.unified:
+        own = os.path.dirname(tree.base)[len(CGROUP_ROOT):] or "/"
+        parents += cgroup_home.stale_scopes(CGROUP_ROOT, own)  # dead emperors' transient scopes
+    else:
         for controller, hierarchy in V1_LIMIT_HIERARCHIES.items():
             own = _own_cgroup(controller)
             if own is not None:

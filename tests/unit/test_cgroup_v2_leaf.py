@@ -5,9 +5,12 @@ writes to cgroup.procs are checked."""
 
 from __future__ import annotations
 
+import os
 import signal
 
-from jails import tracking
+import pytest
+
+from jails import cgroup_home, tracking
 from tests.conftest import wait_for
 
 
@@ -27,6 +30,7 @@ def test_emperor_moves_into_a_leaf_and_back(tmp_path, monkeypatch):
     own = root / "system.slice" / "pyemperor.service"
     own.mkdir(parents=True)
     (root / "cgroup.controllers").write_text("cpu memory pids\n")
+    (own / "cgroup.controllers").write_text("cpu memory pids\n")  # (as Delegate=yes gives)
     monkeypatch.setattr(tracking, "CGROUP_ROOT", str(root))
     monkeypatch.setattr(tracking, "_own_cgroup", lambda hierarchy: "/system.slice/pyemperor.service")
     fake_cgroupfs(monkeypatch)
@@ -152,6 +156,7 @@ def test_stale_cgroups_of_dead_emperors_are_killed_and_removed(tmp_path, monkeyp
     own = root / "system.slice" / "pyemperor.service"
     own.mkdir(parents=True)
     (root / "cgroup.controllers").write_text("cpu memory pids\n")
+    (own / "cgroup.controllers").write_text("cpu memory pids\n")
     (own / "cgroup.procs").write_text("")
     monkeypatch.setattr(tracking, "CGROUP_ROOT", str(root))
     monkeypatch.setattr(tracking, "_own_cgroup", lambda hierarchy: "/system.slice/pyemperor.service")
@@ -232,3 +237,55 @@ def test_a_sigkill_bars_forks_until_the_next_prepare(tmp_path):
     assert (tmp_path / "v" / "pids.max").read_text() == "0"
     group.prepare()
     assert (tmp_path / "v" / "pids.max").read_text().startswith("max")
+
+
+# --- a home of its own when started outside a delegated cgroup -----------------
+
+def _stand_in(tmp_path, procs: str, controllers: str):
+    root = tmp_path / "cgroup"
+    own = root / "user.slice" / "session-1.scope"
+    own.mkdir(parents=True)
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (own / "cgroup.controllers").write_text(controllers)
+    (own / "cgroup.procs").write_text(procs)
+    return root, own
+
+
+def test_a_shared_cgroup_is_not_a_home(tmp_path):
+    root, _ = _stand_in(tmp_path, "42\n77\n", "cpu memory pids\n")
+    why = cgroup_home.problem(str(root), "/user.slice/session-1.scope", 42)
+    assert why == "/user.slice/session-1.scope is not delegated and holds 1 other process(es)"
+
+
+def test_a_cgroup_without_the_controllers_is_not_a_home(tmp_path):
+    root, _ = _stand_in(tmp_path, "42\n", "memory pids\n")
+    why = cgroup_home.problem(str(root), "/user.slice/session-1.scope", 42)
+    assert why == "/user.slice/session-1.scope is not delegated and lacks the cpu controller(s)"
+
+
+def test_a_delegated_cgroup_is_a_home_whatever_it_holds(tmp_path):
+    root, own = _stand_in(tmp_path, "42\n77\n", "")
+    try:
+        os.setxattr(own, "trusted.delegate", b"1")
+    except OSError as exc:
+        pytest.skip(f"no trusted xattrs on {tmp_path}: {exc}")
+    assert cgroup_home.problem(str(root), "/user.slice/session-1.scope", 42) is None
+    assert cgroup_home.find(str(root), "/user.slice/session-1.scope", 42).own == "/user.slice/session-1.scope"
+
+
+def test_without_systemd_the_home_is_below_the_root(tmp_path, monkeypatch):
+    root, _ = _stand_in(tmp_path, "42\n77\n", "cpu memory pids\n")
+    real_isdir = os.path.isdir
+    monkeypatch.setattr(cgroup_home.os.path, "isdir", lambda p: False if p == "/run/systemd/system" else real_isdir(p))
+    home = cgroup_home.find(str(root), "/user.slice/session-1.scope", 42)
+    assert home.own == "/"
+    assert home.how == "a cgroup below the root (/user.slice/session-1.scope is not delegated and holds 1 other process(es))"
+
+
+def test_dead_emperors_scopes_are_swept_too(tmp_path):
+    slice_ = tmp_path / "system.slice"
+    for name in ("pyemperor-10.scope", "pyemperor-11.scope", "ssh.service", "pyemperor-12.service"):
+        (slice_ / name).mkdir(parents=True)
+    found = cgroup_home.stale_scopes(str(tmp_path), "/system.slice/pyemperor-10.scope")
+    assert found == [str(slice_ / "pyemperor-11.scope")]
+    assert cgroup_home.stale_scopes(str(tmp_path), "/system.slice/pyemperor.service") == []
