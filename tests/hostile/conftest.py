@@ -120,5 +120,7 @@ def tenant(make_tenant) -> Tenant:
 
 @pytest.fixture(scope="session", autouse=True)
 def no_tenant_left():
+    before = set(leftover_tenants())  # (an interrupted run's, or a concurrent suite's: not this session's leak)
     yield
-    assert not leftover_tenants(), f"tenant users left behind: {leftover_tenants()}"
+    left = sorted(set(leftover_tenants()) - before)
+    assert not left, f"tenant users left behind: {left}"

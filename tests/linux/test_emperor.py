@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import select
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import psutil
 import pytest
 
 from tests.conftest import HELLO as HELLO_PATH
-from tests.conftest import answers, free_port, hello_ini, wait_for
+from tests.conftest import TIME_SCALE, answers, free_port, hello_ini, wait_for
 
 
 def vassal_pids(emp, name: str) -> set[int]:
@@ -261,9 +262,14 @@ def test_logs_and_follow(start_emperor):
     follower = subprocess.Popen([sys.executable, "-m", "emperor.ctl", "--control", str(emp.control), "logs", "l.ini", "-n", "0", "-f"],
                                 stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.5)
-        os.utime(emp.dir / "l.ini")
-        line = follower.stdout.readline()
+        # Touched until the follower, subscribed whenever it gets there on a
+        # slow machine, shows a reload (each read bounded).
+        line = ""
+        deadline = time.monotonic() + 30 * TIME_SCALE
+        while "reload" not in line and time.monotonic() < deadline:
+            os.utime(emp.dir / "l.ini")
+            if select.select([follower.stdout], [], [], 1.0)[0]:
+                line = follower.stdout.readline()
         assert "reload" in line
     finally:
         follower.kill()

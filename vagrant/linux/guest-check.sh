@@ -170,6 +170,8 @@ fi
 cpu=max
 [ "$accel" = kvm ] && cpu=host
 
+echo "$accel" > "$RESULTS/accel"
+
 # --- boot -------------------------------------------------------------------------
 log "booting the guest ($accel), serial console in $SERIAL, limit $TIMEOUT_MIN min"
 start=$SECONDS
