@@ -78,7 +78,10 @@ def _own_unified(pid: int) -> str | None:
 
 def _busctl_scope(name: str, pid: int) -> str | None:
     """Ask systemd for a transient scope holding ``pid``; None or the error."""
-    busctl = shutil.which("busctl") or "/usr/bin/busctl"
+    # (root's, not from a PATH that the emperor's caller chose)
+    busctl = next((p for p in ("/usr/bin/busctl", "/bin/busctl") if os.path.exists(p)), None) or shutil.which("busctl")
+    if busctl is None:
+        return "no busctl"
     call = [
         "org.freedesktop.systemd1", "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager",
         "StartTransientUnit", "ssa(sv)a(sa(sv))", name, "fail",
@@ -91,7 +94,8 @@ def _busctl_scope(name: str, pid: int) -> str | None:
     # The system bus, or (no dbus-daemon) systemd's own socket, root only.
     for address in ([], ["--address=unix:path=/run/systemd/private"]):
         try:
-            done = subprocess.run([busctl, *address, "call", *call], capture_output=True, text=True, timeout=10)
+            done = subprocess.run([busctl, *address, "--allow-interactive-authorization=no", "call", *call],
+                                  capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.TimeoutExpired) as exc:
             errors.append(str(exc))
             continue
@@ -109,7 +113,7 @@ def find(mount: str, own: str, pid: int | None = None) -> Home:
     why = problem(mount, own, pid)
     if why is None:
         return Home(own, f"its delegated cgroup {own}")
-    if os.path.isdir("/run/systemd/system"):
+    if os.path.isdir("/run/systemd/system") and os.geteuid() == 0:  # (only root may ask for one)
         name = f"{SCOPE_PREFIX}{pid}.scope"
         error = _busctl_scope(name, pid)
         if error is None:

@@ -243,17 +243,20 @@ def _someone_elses(entry: Path) -> bool:
 
 
 def _leftover_cgroups() -> list[str]:
-    found = []
+    found: list[str] = []
     if not CGROUP_ROOT.exists():
         return found
-    for hierarchy in [CGROUP_ROOT, *[p for p in CGROUP_ROOT.iterdir() if p.is_dir()]]:
-        try:
-            for pattern in ("pyemperor.*", "pyemperor-*.scope"):
-                for entry in hierarchy.rglob(pattern):
+    # v2: one tree; v1: one per hierarchy (and no cgroup.controllers at the top).
+    unified = (CGROUP_ROOT / "cgroup.controllers").exists()
+    trees = [CGROUP_ROOT] if unified else [p for p in CGROUP_ROOT.iterdir() if p.is_dir()]
+    for tree in trees:
+        # os.walk goes on past a dir removed under it (systemd trimming a scope).
+        for directory, subdirs, _ in os.walk(tree, onerror=lambda exc: None):
+            for name in subdirs:
+                if name.startswith("pyemperor.") or (name.startswith("pyemperor-") and name.endswith(".scope")):
+                    entry = Path(directory) / name
                     if not _someone_elses(entry):
                         found.append(str(entry))
-        except OSError:
-            continue
     return found
 
 

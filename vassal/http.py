@@ -1,5 +1,6 @@
-"""HTTP/1.1 on ``http-socket``: parsing with httptools (llhttp), WSGI calls,
-responses with Content-Length or chunked encoding, keep-alive and pipelining.
+"""HTTP/1.1 on ``http-socket``: requests parsed by vassal.http_parser (RFC
+9112), WSGI calls with a PEP 3333 environ, responses with Content-Length or
+chunked encoding, keep-alive and pipelining.
 
 One :class:`HttpConnection` per client socket. The worker feeds it bytes as
 they arrive; complete requests queue up (pipelining) and are answered in
@@ -13,109 +14,24 @@ import socket
 import sys
 import time
 import traceback
-from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes
 
-import httptools
-
 from vassal.fdconn import wait_writable
+from vassal.http_parser import Limits, Rejected, Request, RequestParser
 from vassal.log import log
-from vassal.spool import BodySpool
 
 STATUS_TEXT = {
     400: "Bad Request",
     413: "Content Too Large",
+    414: "URI Too Long",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    501: "Not Implemented",
+    505: "HTTP Version Not Supported",
 }
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
-
-
-@dataclass
-class Request:
-    method: bytes = b""
-    url: bytes = b""
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    body: BodySpool = field(default_factory=BodySpool)
-    version: str = "1.1"
-    keep_alive: bool = True
-    expect_continue: bool = False
-
-
-class Rejected(Exception):
-    """A request refused with ``status`` before the app sees it."""
-
-    def __init__(self, status: int):
-        self.status = status
-
-
-class RequestTooLarge(Rejected):
-    pass
-
-
-class _Parser:
-    """httptools callbacks collecting complete requests into ``done``."""
-
-    def __init__(self, max_head: int, max_body: int, on_expect: Callable[[], None]):
-        self.done: deque[Request] = deque()
-        self.current: Request | None = None
-        self.head_size = 0
-        self.body_size = 0
-        self.max_head = max_head
-        self.max_body = max_body
-        self.on_expect = on_expect
-        self.parser = httptools.HttpRequestParser(self)
-        self._last_header: bytes | None = None
-
-    def on_message_begin(self) -> None:
-        self.current = Request()
-        self.head_size = 0
-        self.body_size = 0
-
-    def on_url(self, url: bytes) -> None:
-        assert self.current is not None
-        self.current.url += url
-        self.head_size += len(url)
-        if self.head_size > self.max_head:
-            raise RequestTooLarge(431)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.current is not None
-        self.head_size += len(name) + len(value) + 4
-        if self.head_size > self.max_head:
-            raise RequestTooLarge(431)
-        self.current.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        req = self.current
-        assert req is not None
-        req.method = self.parser.get_method()
-        req.version = self.parser.get_http_version()
-        if req.version not in ("1.0", "1.1"):
-            raise Rejected(400)  # HTTP/0.9 (no version): nothing to answer it with
-        req.keep_alive = self.parser.should_keep_alive()
-        for name, value in req.headers:
-            if name.lower() == b"content-length" and self.max_body and value.isdigit() and int(value) > self.max_body:
-                raise RequestTooLarge(413)
-            if name.lower() == b"expect" and value.lower() == b"100-continue" and req.version == "1.1":
-                req.expect_continue = True
-        if req.expect_continue:
-            self.on_expect()
-
-    def on_body(self, body: bytes) -> None:
-        assert self.current is not None
-        self.body_size += len(body)
-        if self.max_body and self.body_size > self.max_body:
-            raise RequestTooLarge(413)
-        self.current.body.write(body)
-
-    def on_message_complete(self) -> None:
-        assert self.current is not None
-        self.done.append(self.current)
-        self.current = None
 
 
 class HttpConnection:
@@ -130,13 +46,13 @@ class HttpConnection:
         max_head: int = 65536,
         max_body: int = 0,
         on_request: RequestHook | None = None,
+        limits: Limits | None = None,
     ):
         self.sock = sock
         self.peer = peer
         self.server_name, self.server_port = server
         self.app = app
-        self.parser = _Parser(max_head, max_body, self._send_continue)
-        self.closing = False
+        self.parser = RequestParser(limits or Limits(head=max_head, body=max_body), self._send_continue)
         self.on_request = on_request
 
     def _send_continue(self) -> None:
@@ -147,27 +63,17 @@ class HttpConnection:
         if not data:
             return False
         try:
-            self.parser.parser.feed_data(data)
+            self.parser.feed(data)
         except Rejected as exc:
-            self._send_error(exc.status)
+            # What was whole before the bad bytes is answered first, in order.
+            if self._answer_queued():
+                self._send_error(exc.status, exc.detail)
             return False
-        except httptools.HttpParserUpgrade:
-            # No websocket support: answer what was parsed, then close.
-            self.closing = True
-        except httptools.HttpParserError as exc:
-            # httptools wraps what a callback raised.
-            cause = exc.__context__ or exc.__cause__
-            if isinstance(cause, Rejected):
-                self._send_error(cause.status)
-                return False
-            self._answer_queued()
-            self._send_error(400, str(exc))
-            return False
-        return self._answer_queued() and not self.closing
+        return self._answer_queued()
 
     @property
     def idle(self) -> bool:
-        return self.parser.current is None and not self.parser.done
+        return self.parser.idle
 
     def _answer_queued(self) -> bool:
         while self.parser.done:
@@ -191,20 +97,22 @@ class HttpConnection:
             log(f"bad request from {self.peer}: {detail}")
 
     def environ(self, req: Request) -> dict:
-        url = httptools.parse_url(req.url)
-        path = unquote_to_bytes(url.path or b"/").decode("latin-1")
+        path = unquote_to_bytes(req.path).decode("latin-1") if req.path != b"*" else "*"
         env = {
             "REQUEST_METHOD": req.method.decode("latin-1"),
             "SCRIPT_NAME": "",
             "PATH_INFO": path,
-            "QUERY_STRING": (url.query or b"").decode("latin-1"),
-            "REQUEST_URI": req.url.decode("latin-1"),
+            "QUERY_STRING": (req.query or b"").decode("latin-1"),
+            "REQUEST_URI": req.target.decode("latin-1"),
             "SERVER_NAME": self.server_name,
             "SERVER_PORT": self.server_port,
             "SERVER_PROTOCOL": f"HTTP/{req.version}",
             "wsgi.version": (1, 0),
             "wsgi.url_scheme": "http",
             "wsgi.input": req.body.finish(),
+            # The body was read whole by the server: the input ends where it
+            # does (a chunked upload reaches werkzeug, which checks this).
+            "wsgi.input_terminated": True,
             "wsgi.errors": sys.stderr,
             "wsgi.multithread": False,
             "wsgi.multiprocess": True,
@@ -217,21 +125,29 @@ class HttpConnection:
         else:
             env["REMOTE_ADDR"] = "127.0.0.1"
         for name, value in req.headers:
-            key = name.decode("latin-1").upper().replace("-", "_")
-            text = value.decode("latin-1").strip(" \t")  # optional whitespace around a field value
-            if key == "CONTENT_LENGTH" or key == "CONTENT_TYPE":
-                env[key] = text
+            if b"_" in name:
+                # Never a CGI variable: an underscore name would alias a dashed
+                # one (Content_Length over Content-Length, X_Forwarded_For).
                 continue
-            if "_" in name.decode("latin-1"):
-                # Header names with underscores would alias dashed ones (spoofing).
-                continue
-            key = "HTTP_" + key
-            if key in env:
-                env[key] += ("; " if key == "HTTP_COOKIE" else ", ") + text
+            text = value.decode("latin-1")
+            if name == b"content-length":
+                env["CONTENT_LENGTH"] = text
+            elif name == b"content-type":
+                env["CONTENT_TYPE"] = text
+            elif name == b"host":
+                continue  # below, from the target's authority where it has one
             else:
-                env[key] = text
-        if "CONTENT_LENGTH" not in env and req.body.size:
+                key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
+                if key in env:
+                    env[key] += ("; " if key == "HTTP_COOKIE" else ", ") + text
+                else:
+                    env[key] = text
+        if req.host is not None:
+            env["HTTP_HOST"] = req.host.decode("latin-1")
+        if req.chunked or ("CONTENT_LENGTH" not in env and req.body.size):
             env["CONTENT_LENGTH"] = str(req.body.size)
+        if req.trailers:
+            env["pyemperor.trailers"] = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in req.trailers]
         return env
 
     def handle(self, req: Request) -> bool:

@@ -21,6 +21,7 @@ from vassal import hooks, jail, protocol
 from vassal.app import load_app
 from vassal.cheaper import Cheaper, listen_backlog
 from vassal.config import Config
+from vassal.http_parser import Limits
 from vassal.log import log, set_role
 from vassal.loop import Loop, reaped
 from vassal.scoreboard import Scoreboard
@@ -141,6 +142,13 @@ class Master:
             max_head=int(self.config.get("buffer-size")),  # type: ignore[arg-type]
             max_body=int(self.config.get("limit-post")),  # type: ignore[arg-type]
             keepalive=int(self.config.get("http-keepalive")),  # type: ignore[arg-type]
+            http_limits=Limits(
+                head=int(self.config.get("buffer-size")),  # type: ignore[arg-type]
+                body=int(self.config.get("limit-post")),  # type: ignore[arg-type]
+                request_line=int(self.config.get("limit-request-line")),  # type: ignore[arg-type]
+                fields=int(self.config.get("limit-request-fields")),  # type: ignore[arg-type]
+                field_size=int(self.config.get("limit-request-field-size")),  # type: ignore[arg-type]
+            ),
             max_requests=int(self.config.get("max-requests")),  # type: ignore[arg-type]
             scoreboard=self.scoreboard if scoreboard else None,
             access_log=not self.config.get("disable-logging"),

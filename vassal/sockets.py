@@ -23,11 +23,15 @@ class Listener:
 
     @property
     def server(self) -> tuple[str, str]:
-        """SERVER_NAME and SERVER_PORT for the WSGI environ."""
+        """SERVER_NAME and SERVER_PORT for the WSGI environ (PEP 3333): the
+        vassal's host name (its own, in a UTS namespace), never a wildcard
+        address, and the bound port, or 80 on a unix socket (what a URL
+        rebuilt from them needs; a Host header says more, and nginx's params
+        win over both)."""
+        name = socket.gethostname()
         if self.sock.family == socket.AF_UNIX:
-            return "localhost", "0"
-        host, port = self.sock.getsockname()[:2]
-        return str(host), str(port)
+            return name, "80"
+        return name, str(self.sock.getsockname()[1])
 
     def close(self) -> None:
         path = self.address if self.sock.family == socket.AF_UNIX else None

@@ -9,6 +9,7 @@ the connection closes after it, as nginx expects from a uwsgi upstream.
 
 from __future__ import annotations
 
+import functools
 import io
 import socket
 import struct
@@ -25,9 +26,17 @@ HEADER = 4
 
 
 ENV_DEFAULTS = {"SCRIPT_NAME": "", "PATH_INFO": "/", "QUERY_STRING": "", "SERVER_NAME": "localhost",
-                "SERVER_PORT": "0", "SERVER_PROTOCOL": "HTTP/1.1"}
+                "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1"}
+# The body is read whole before the app runs: wsgi.input ends where it does.
 WSGI_CONSTANTS = {"wsgi.version": (1, 0), "wsgi.multithread": False, "wsgi.multiprocess": True,
-                  "wsgi.run_once": False, "wsgi.file_wrapper": FileWrapper}
+                  "wsgi.run_once": False, "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True}
+
+
+@functools.lru_cache(maxsize=64)
+def env_defaults(server: tuple[str, str]) -> dict[str, str]:
+    """CGI defaults for what a peer leaves out, with the listener's own
+    SERVER_NAME and SERVER_PORT (nginx's params, when sent, win)."""
+    return {**ENV_DEFAULTS, "SERVER_NAME": server[0], "SERVER_PORT": server[1]}
 
 
 class ProtocolError(Exception):
@@ -94,6 +103,7 @@ class UwsgiConnection:
                  max_body: int = 0, on_request: RequestHook | None = None):
         self.sock = sock
         self.app = app
+        self.defaults = env_defaults(server)
         self.max_head = max_head
         self.max_body = max_body
         self.on_request = on_request
@@ -158,15 +168,15 @@ class UwsgiConnection:
         send_error(self.sock, status, detail)
 
     def _handle(self, body: BodySpool | io.BytesIO) -> None:
-        respond(self.sock, self.env, body, self.app, self.on_request)  # type: ignore[arg-type]
+        respond(self.sock, self.env, body, self.app, self.on_request, defaults=self.defaults)  # type: ignore[arg-type]
 
 
 def respond(sock, variables: dict, body: BodySpool | io.BytesIO, app: Callable, on_request: RequestHook | None,
-            complete: bool = False) -> None:
+            complete: bool = False, defaults: dict[str, str] = ENV_DEFAULTS) -> None:
     """Run the app for one parsed request and send its answer. ``complete``:
-    the vars were parsed over ENV_DEFAULTS with WSGI_CONSTANTS (one C call)."""
+    the vars were parsed over the defaults with WSGI_CONSTANTS (one C call)."""
     # nginx sends most of these; the rest get CGI defaults.
-    env: dict = variables if complete else ENV_DEFAULTS | variables | WSGI_CONSTANTS
+    env: dict = variables if complete else defaults | variables | WSGI_CONSTANTS
     if not env.get("CONTENT_LENGTH"):
         env.pop("CONTENT_LENGTH", None)
     https = env.get("HTTPS")
@@ -177,7 +187,8 @@ def respond(sock, variables: dict, body: BodySpool | io.BytesIO, app: Callable, 
     run_app(app, env, response, body, time.monotonic(), on_request, lambda: send_error(sock, 500, "app error"))
 
 
-def respond_whole(sock, data: bytes, app: Callable, on_request: RequestHook | None, max_head: int) -> bool:
+def respond_whole(sock, data: bytes, app: Callable, on_request: RequestHook | None, max_head: int,
+                  defaults: dict[str, str] = ENV_DEFAULTS) -> bool:
     """The common case in one call: ``data`` is one whole bodyless request
     (nginx's upstream GET, read at accept). False: leave it to UwsgiConnection,
     which also answers what is malformed."""
@@ -187,7 +198,7 @@ def respond_whole(sock, data: bytes, app: Callable, on_request: RequestHook | No
     if len(data) != HEADER + size or size > max_head:
         return False
     try:
-        env = _fast_parse_vars(data, HEADER, HEADER + size, ENV_DEFAULTS, WSGI_CONSTANTS)
+        env = _fast_parse_vars(data, HEADER, HEADER + size, defaults, WSGI_CONSTANTS)
     except (ProtocolError, ValueError):
         return False
     length = env.get("CONTENT_LENGTH")

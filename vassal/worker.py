@@ -19,9 +19,10 @@ from collections.abc import Callable
 
 from vassal import fdconn
 from vassal.http import HttpConnection, access_line
+from vassal.http_parser import Limits
 from vassal.log import log
 from vassal.sockets import Listener
-from vassal.uwsgiproto import UwsgiConnection, respond_whole
+from vassal.uwsgiproto import UwsgiConnection, env_defaults, respond_whole
 
 # Seconds a draining worker waits for a just-accepted connection's first request.
 DRAIN_FIRST_REQUEST = 5.0
@@ -41,6 +42,7 @@ class Worker:
         max_head: int,
         max_body: int,
         keepalive: int,
+        http_limits: Limits | None = None,
         max_requests: int,
         scoreboard=None,
         access_log: bool = True,
@@ -52,6 +54,7 @@ class Worker:
         self.notify_fd = notify_fd
         self.max_head = max_head
         self.max_body = max_body
+        self.http_limits = http_limits or Limits(head=max_head, body=max_body)
         self.keepalive = keepalive
         self.max_requests = max_requests
         self.requests = 0
@@ -182,6 +185,7 @@ class Worker:
             max_head=self.max_head,
             max_body=self.max_body,
             on_request=self._served,
+            **({"limits": self.http_limits} if kind is HttpConnection else {}),
         )
         self.last_seen[conn] = time.monotonic()
         self.handlers[conn] = handler
@@ -206,15 +210,15 @@ class Worker:
             return False
         fd, data = accepted
         conn = fdconn.FdConnection(fd)
+        _, _, server = self._listener_info(listener)
         if data is not None:
             try:
-                if respond_whole(conn, data, self.app, self._served, self.max_head):
+                if respond_whole(conn, data, self.app, self._served, self.max_head, env_defaults(server)):
                     conn.close()
                     return True
             except OSError:
                 conn.close()
                 return True
-        _, _, server = self._listener_info(listener)
         handler = UwsgiConnection(conn, "unix", server, self.app, max_head=self.max_head, max_body=self.max_body,
                                   on_request=self._served)
         if data is not None and not self._feed(handler, data):

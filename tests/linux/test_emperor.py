@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import select
 import tempfile
 import time
 from pathlib import Path
@@ -435,7 +435,8 @@ def test_vassals_exit_when_emperor_dies(start_emperor):
         # An emperor killed outright cannot clean up: every cgroup it made
         # (the vassal's, the zygote's spare) goes once its processes are gone.
         subs = [e.path for e in os.scandir(tracking) if e.is_dir()] if os.path.isdir(tracking) else []
-        for sub in [*subs, tracking]:
+        # (v2: and the leaf it had moved itself into)
+        for sub in [*subs, tracking, tracking + ".emperor"]:
             wait_for(lambda s=sub: not os.path.exists(s) or (os.rmdir(s) or True), 10, what=f"rmdir {sub}")
         stale = emp.control
         for path in (stale, stale.with_name(stale.name + ".lock")):

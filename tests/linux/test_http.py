@@ -130,15 +130,19 @@ def test_head_has_no_body(run_vassal):
 @pytest.mark.parametrize("request_bytes", [
     b"GARBAGE\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
-    b"GET / HTTP/9.9\r\n\r\n",
-    b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
-    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
 ])
 def test_malformed_gets_400(run_vassal, request_bytes):
     v = run_vassal()
     out = v.raw(request_bytes)
     assert out.startswith(b"HTTP/1.1 400"), out
     assert answers(v.port)  # the worker lives on
+
+
+def test_unknown_major_version_gets_505(run_vassal):
+    v = run_vassal()
+    assert v.raw(b"GET / HTTP/9.9\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 505")
 
 
 def test_huge_header_431(run_vassal):
@@ -511,6 +515,63 @@ def env_vassal(run_vassal, tmp_path):
     return run_vassal(extra="buffer-size = 8192\nlimit-post = 16384\n", app=str(app))
 
 
+@pytest.fixture(scope="module")
+def table_vassal(tmp_path_factory):
+    """One environ-echoing vassal for every row of the request tables."""
+    from tests.linux.http_requests import ENV_APP
+
+    base = tmp_path_factory.mktemp("table")
+    (base / "envapp.py").write_text(ENV_APP)
+    port = free_port()
+    cfg = base / "table.ini"
+    text = hello_ini(port, extra="buffer-size = 8192\nlimit-post = 16384\n", processes=2)
+    cfg.write_text(text.replace(text.splitlines()[1], f"wsgi-file = {base / 'envapp.py'}"))
+    log = base / "table.log"
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen([sys.executable, "-m", "vassal", str(cfg)], stdout=handle, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTEST_TAG": TEST_TAG})
+    v = VassalProc(proc, port, log)
+    try:
+        wait_for(lambda: answers(port) or proc.poll() is not None, 15, what="table vassal answering")
+        yield v
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def send_in_pieces(port: int, data: bytes, seed: int, timeout: float = 5.0) -> bytes:
+    """``data`` in pieces of 1-64 bytes, each its own segment (TCP_NODELAY,
+    a pause between), then everything until the server closes."""
+    import random
+
+    rng = random.Random(seed)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        at = 0
+        try:
+            while at < len(data):
+                size = rng.randint(1, 64)
+                sock.sendall(data[at:at + size])
+                at += size
+                time.sleep(0.0005)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before the end: the answer is what counts
+        out = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+
 def _table_ids(table):
     return [row[0] for row in table]
 
@@ -518,9 +579,15 @@ def _table_ids(table):
 from tests.linux.http_requests import INVALID, VALID  # noqa: E402
 
 
+def _closing(raw: bytes) -> bytes:
+    return raw.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1) if b"\r\n\r\n" in raw else raw
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "pieces"])
 @pytest.mark.parametrize("name,raw,expected", VALID, ids=_table_ids(VALID))
-def test_valid_request_table(env_vassal, name, raw, expected):
-    out = env_vassal.raw(raw.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1) if b"\r\n\r\n" in raw else raw)
+def test_valid_request_table(table_vassal, name, raw, expected, split):
+    raw = _closing(raw)
+    out = send_in_pieces(table_vassal.port, raw, seed=len(raw)) if split else table_vassal.raw(raw)
     head, _, body = out.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), (name, out[:300])
     doc = json.loads(body)
@@ -531,8 +598,11 @@ def test_valid_request_table(env_vassal, name, raw, expected):
             assert doc.get(key) == value, (name, key, doc.get(key))
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "pieces"])
 @pytest.mark.parametrize("name,raw,status", INVALID, ids=_table_ids(INVALID))
-def test_invalid_request_table(env_vassal, name, raw, status):
-    out = env_vassal.raw(raw)
+def test_invalid_request_table(table_vassal, name, raw, status, split):
+    out = send_in_pieces(table_vassal.port, raw, seed=len(raw)) if split else table_vassal.raw(raw)
     assert out.startswith(f"HTTP/1.1 {status}".encode()), (name, out[:200])
-    assert answers(env_vassal.port)  # the worker lives on
+    assert b"Connection: close" in out.partition(b"\r\n\r\n")[0]
+    assert answers(table_vassal.port)  # the worker lives on
+    assert "Traceback" not in table_vassal.text()  # a client's error is not the server's

@@ -132,14 +132,19 @@ cleanup_host() {
     fi
 }
 trap cleanup_host EXIT
+trap 'exit 143' TERM INT HUP  # (so that the EXIT trap stops the guest)
 "$PY" -m venv "$WHEEL_VENV"
-"$WHEEL_VENV/bin/pip" install -q --upgrade pip
-"$WHEEL_VENV/bin/pip" wheel -q -w "$RESULTS/wheels" "$CHECKOUT[test,uwsgi]" pip setuptools wheel
-UWSGI_EMBED_PLUGINS=tuntap "$WHEEL_VENV/bin/pip" wheel -q --no-cache-dir --no-binary :all: --no-deps \
+pip_quiet() {  # (a machine's pip.conf may name find-links dirs that are not there)
+    "$@" 2> >(grep -v '^WARNING: Location' >&2)
+}
+pip_quiet "$WHEEL_VENV/bin/pip" install -q --upgrade pip
+pip_quiet "$WHEEL_VENV/bin/pip" wheel -q -w "$RESULTS/wheels" "$CHECKOUT[test,uwsgi]" pip setuptools wheel
+UWSGI_EMBED_PLUGINS=tuntap pip_quiet "$WHEEL_VENV/bin/pip" wheel -q --no-cache-dir --no-binary :all: --no-deps \
     -w "$RESULTS/wheels/tuntap" uwsgi
 rm -f "$RESULTS"/wheels/pyemperor-*.whl  # installed editable from the checkout, as .ci/run does
 log "wheels built in $((SECONDS - start)) s: $(ls "$RESULTS/wheels" | wc -l) files"
-printf '%s\n' "${PYEMPEROR_GUEST_TESTS:-tests}" > "$RESULTS/pytest-args"
+# (-vv after .ci/run's -q: one line per test, so a slow guest's log shows where it is)
+printf '%s\n' "${PYEMPEROR_GUEST_TESTS:--vv --durations=20 tests}" > "$RESULTS/pytest-args"
 
 # bench/spawn.py's limit cost on this host's hierarchy, to print beside the guest's.
 if [ -x /opt/pyemperor/bin/python ] && /opt/pyemperor/bin/python -c 'import emperor' 2>/dev/null; then

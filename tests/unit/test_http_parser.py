@@ -1,0 +1,127 @@
+"""The request parser and the environ, fed the request tables of
+tests/linux/http_requests.py whole, byte by byte and in random pieces of
+1-64 bytes, in-process over a socketpair: every split gives the same answer
+and the same environ."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+
+import pytest
+
+from tests.linux.http_requests import ENV_APP, INVALID, VALID
+from vassal.http import HttpConnection
+from vassal.http_parser import Limits, Rejected, RequestParser
+
+LIMITS = Limits(head=8192, body=16384)  # as the table vassal's buffer-size and limit-post
+_namespace: dict = {}
+exec(compile(ENV_APP, "envapp.py", "exec"), _namespace)
+APP = _namespace["application"]
+
+
+def splits(raw: bytes) -> list[list[bytes]]:
+    rng = random.Random(len(raw))
+    out = [[raw]]
+    if len(raw) <= 4096:
+        out.append([raw[i:i + 1] for i in range(len(raw))])
+    for _ in range(3):
+        pieces, at = [], 0
+        while at < len(raw):
+            size = rng.randint(1, 64)
+            pieces.append(raw[at:at + size])
+            at += size
+        out.append(pieces)
+    return out
+
+
+def serve(pieces: list[bytes]) -> bytes:
+    ours, theirs = socket.socketpair()
+    theirs.settimeout(5)
+    conn = HttpConnection(ours, ("198.18.0.9", 40000), ("vassal-host", "8080"), APP, limits=LIMITS)
+    try:
+        for piece in pieces:
+            if not conn.feed(piece):
+                break
+    finally:
+        ours.close()
+    out = b""
+    while chunk := theirs.recv(65536):
+        out += chunk
+    theirs.close()
+    return out
+
+
+def _closing(raw: bytes) -> bytes:
+    return raw.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+
+
+@pytest.mark.parametrize("name,raw,expected", VALID, ids=[row[0] for row in VALID])
+def test_valid_rows_give_the_same_environ_however_split(name, raw, expected):
+    answers = set()
+    for pieces in splits(_closing(raw)):
+        out = serve(pieces)
+        head, _, body = out.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), (name, out[:300])
+        doc = json.loads(body)
+        for key, value in expected.items():
+            assert doc.get(key) == value, (name, key, doc.get(key))
+        answers.add(body)
+    assert len(answers) == 1, name
+
+
+@pytest.mark.parametrize("name,raw,status", INVALID, ids=[row[0] for row in INVALID])
+def test_invalid_rows_get_their_status_however_split(name, raw, status, capfd):
+    for pieces in splits(raw):
+        out = serve(pieces)
+        assert out.startswith(f"HTTP/1.1 {status} ".encode()), (name, len(pieces), out[:200])
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_oversized_lines_are_refused_before_they_end():
+    """414/431 as soon as the limit is passed, not when the line ends."""
+    for prefix, status in ((b"GET /" + b"a" * 9000, 414), (b"GET / HTTP/1.1\r\nHost: h\r\nX: " + b"b" * 9000, 431)):
+        parser = RequestParser(Limits())
+        with pytest.raises(Rejected) as err:
+            parser.feed(prefix)
+        assert err.value.status == status
+
+
+@pytest.mark.parametrize("key,lines,status", [
+    ("request_line", [b"GET /" + b"a" * 200 + b" HTTP/1.1"], 414),
+    ("field_size", [b"GET / HTTP/1.1", b"X: " + b"a" * 200], 431),
+    ("fields", [b"GET / HTTP/1.1"] + [b"X-%d: v" % i for i in range(11)], 431),
+    ("head", [b"GET / HTTP/1.1"] + [b"X-%d: %s" % (i, b"v" * 90) for i in range(5)], 431),
+])
+def test_each_limit_is_its_own(key, lines, status):
+    small = {"request_line": 100, "field_size": 100, "fields": 10, "head": 400}[key]
+    raw = b"\r\n".join([*lines, b"Host: h", b"", b""])
+    with pytest.raises(Rejected) as err:
+        RequestParser(Limits(**{key: small})).feed(raw)
+    assert err.value.status == status
+    RequestParser(Limits()).feed(raw)  # the defaults take it
+
+
+def test_pipelined_requests_after_a_chunked_one():
+    parser = RequestParser(Limits())
+    parser.feed(b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+                b"GET /b HTTP/1.1\r\nHost: h\r\n\r\nGET /c HTTP/1.1\r\nHost: h\r\n")
+    assert [r.path for r in parser.done] == [b"/a", b"/b"]
+    assert parser.current is not None and not parser.idle
+    parser.feed(b"\r\n")
+    assert [r.path for r in parser.done] == [b"/a", b"/b", b"/c"]
+
+
+def test_a_space_run_in_a_field_costs_linear_time():
+    """(a lazy regex group backtracked quadratically over runs of spaces):
+    against the same head with letters instead of spaces, measured here."""
+    import time
+
+    def cost(filler: bytes) -> float:
+        raw = b"GET / HTTP/1.1\r\nHost: h\r\n" + b"".join(b"X-%d: a%sb\r\n" % (i, filler * 8000) for i in range(90)) + b"\r\n"
+        started = time.monotonic()
+        RequestParser(Limits(head=1 << 20)).feed(raw)
+        return time.monotonic() - started
+
+    assert cost(b" ") < 20 * cost(b"x") + 0.05

@@ -1,0 +1,378 @@
+"""HTTP/1.1 requests off the wire (RFC 9112), strict wherever framing,
+routing or the environ's headers are at stake.
+
+Incremental: ``feed`` takes whatever arrived (one byte or many requests) and
+queues complete requests in ``done``; a request that cannot be answered
+safely raises :class:`Rejected` with the status to send before closing.
+Lines are checked as they arrive, so an oversized request line (414), field
+(431) or head (431) is refused without waiting for the rest of it, and
+nothing is scanned twice.
+
+What is refused, and why (each is a way for two parsers to disagree):
+a bare LF or CR, NUL and other controls, whitespace before a field's colon,
+obs-fold; Transfer-Encoding with Content-Length, or on HTTP/1.0, or with a
+coding other than one final ``chunked`` (501); two Content-Lengths, two
+Hosts, two Content-Types, no Host on HTTP/1.1; a chunk size that is not
+plain hex; trailers that name framing, routing or authentication fields.
+Trailers never become request headers: they are kept apart in
+``Request.trailers``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vassal.spool import BodySpool
+
+TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
+# field-value: any octet but the controls (HTAB allowed); the OWS around it
+# is stripped afterwards (a lazy group here would backtrack quadratically
+# over a run of spaces).
+_FIELD = re.compile(rb"([" + TCHAR + rb"]+):([^\x00-\x08\x0a-\x1f\x7f]*)")
+_REQUEST_LINE = re.compile(rb"([" + TCHAR + rb"]+) ([^\x00-\x20\x7f]+) HTTP/([0-9])\.([0-9])")
+_TOKEN = re.compile(rb"[" + TCHAR + rb"]+")
+_QUOTED = rb'"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[^\x00-\x08\x0a-\x1f\x7f])*"'
+# chunk-size [ chunk-ext ]: BWS around ";" and "=" (RFC 9112 section 7.1.1).
+_CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})((?:[ \t]*;[ \t]*[" + TCHAR + rb"]+(?:[ \t]*=[ \t]*(?:[" + TCHAR + rb"]+|" + _QUOTED + rb"))?)*)"
+)
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
+_ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)([/?][^#]*)?")
+_USERINFO = re.compile(rb"[A-Za-z0-9\-._~%!$&'()*+,;=:]*")
+
+# Fields a request may carry once only: the server acts on exactly one.
+SINGLETONS = frozenset((b"host", b"content-length", b"content-type"))
+# Trailers that would change how the request was framed, routed or
+# authenticated if anyone merged them (RFC 9110 section 6.5.1).
+FORBIDDEN_TRAILERS = frozenset((
+    b"host", b"content-length", b"content-type", b"content-encoding", b"content-range", b"transfer-encoding",
+    b"te", b"trailer", b"connection", b"keep-alive", b"upgrade", b"expect", b"range", b"authorization",
+    b"proxy-authorization", b"cookie", b"set-cookie", b"www-authenticate", b"x-forwarded-for",
+    b"x-forwarded-host", b"x-forwarded-proto", b"x-real-ip", b"forwarded", b"max-forwards", b"cache-control",
+))
+MAX_CHUNK_LINE = 4096  # a size and its extensions
+MAX_LEADING_EMPTY_LINES = 8  # RFC 9112 section 2.2: ignore a few CRLFs before a request
+
+
+class Rejected(Exception):
+    """A request refused with ``status`` before the app sees it."""
+
+    def __init__(self, status: int, detail: str = ""):
+        super().__init__(detail or str(status))
+        self.status = status
+        self.detail = detail
+
+
+class RequestTooLarge(Rejected):
+    pass
+
+
+@dataclass(frozen=True)
+class Limits:
+    head: int = 65536  # buffer-size: the whole head
+    request_line: int = 8190  # limit-request-line (414)
+    fields: int = 100  # limit-request-fields (431)
+    field_size: int = 8190  # limit-request-field-size (431)
+    body: int = 0  # limit-post (413; 0: none)
+
+
+@dataclass
+class Request:
+    method: bytes = b""
+    target: bytes = b""
+    version: str = "1.1"
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # (lower-case name, value)
+    body: BodySpool = field(default_factory=BodySpool)
+    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    keep_alive: bool = True
+    expect_continue: bool = False
+    chunked: bool = False
+    path: bytes = b""  # the target's path (absolute-form: without scheme and authority)
+    query: bytes | None = None
+    host: bytes | None = None  # from the target (absolute-form) or the Host field
+
+    @property
+    def url(self) -> bytes:
+        return self.target
+
+
+# Parser states.
+_HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS = range(6)
+
+
+class RequestParser:
+    def __init__(self, limits: Limits, on_expect: Callable[[], None] | None = None):
+        self.limits = limits
+        self.on_expect = on_expect
+        self.done: deque[Request] = deque()
+        self.current: Request | None = None
+        self._buf = bytearray()
+        self._state = _HEAD
+        self._head_size = 0
+        self._lines: list[bytes] = []
+        self._empty_lines = 0
+        self._remaining = 0
+        self._body_size = 0
+        self._failed: Rejected | None = None
+
+    @property
+    def idle(self) -> bool:
+        """Between requests, with nothing of the next one received."""
+        return self.current is None and not self._buf and not self.done
+
+    def feed(self, data: bytes) -> None:
+        if self._failed is not None:
+            raise self._failed
+        self._buf += data
+        try:
+            self._run()
+        except Rejected as exc:
+            self._failed = exc
+            self._buf.clear()
+            raise
+
+    # --- the state machine -----------------------------------------------------
+    def _run(self) -> None:
+        buf = self._buf
+        pos = 0
+        while True:
+            state = self._state
+            if state == _HEAD or state == _TRAILERS:
+                end = buf.find(b"\n", pos)
+                if end < 0:
+                    self._check_partial_line(len(buf) - pos)
+                    break
+                line = bytes(buf[pos:end])
+                pos = end + 1
+                if not line.endswith(b"\r"):
+                    raise Rejected(400, "bare LF in the request head")
+                self._line(line[:-1], len(line) + 1)
+            elif state == _BODY:
+                take = min(len(buf) - pos, self._remaining)
+                if take == 0:
+                    break
+                self._body(bytes(buf[pos:pos + take]))
+                pos += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._complete()
+            elif state == _CHUNK_SIZE:
+                end = buf.find(b"\n", pos)
+                if end < 0:
+                    if len(buf) - pos > MAX_CHUNK_LINE:
+                        raise Rejected(400, "chunk size line too long")
+                    break
+                line = bytes(buf[pos:end])
+                pos = end + 1
+                self._chunk_size(line)
+            elif state == _CHUNK_DATA:
+                take = min(len(buf) - pos, self._remaining)
+                if take == 0:
+                    break
+                self._body(bytes(buf[pos:pos + take]))
+                pos += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._state = _CHUNK_END
+            else:  # _CHUNK_END: the CRLF after a chunk's data
+                if len(buf) - pos < 2:
+                    if len(buf) > pos and buf[pos] != 13:
+                        raise Rejected(400, "chunk data not followed by CRLF")
+                    break
+                if buf[pos:pos + 2] != b"\r\n":
+                    raise Rejected(400, "chunk data not followed by CRLF")
+                pos += 2
+                self._state = _CHUNK_SIZE
+        if pos:
+            del buf[:pos]
+
+    def _check_partial_line(self, pending: int) -> None:
+        """Refuse a line that is already too long, before it ends."""
+        if self._state == _HEAD and self.current is None:
+            if pending > self.limits.request_line:
+                raise RequestTooLarge(414, "request line too long")
+        elif pending > self.limits.field_size:
+            raise RequestTooLarge(431, "header field too large")
+        if self._head_size + pending > self.limits.head:
+            raise RequestTooLarge(431, "request head too large")
+
+    def _line(self, line: bytes, size: int) -> None:
+        if self.current is None and len(line) > self.limits.request_line:
+            raise RequestTooLarge(414, "request line too long")
+        self._head_size += size
+        if self._head_size > self.limits.head:
+            raise RequestTooLarge(431, "request head too large")
+        if self._state == _TRAILERS:
+            if line:
+                self._trailer(line)
+            else:
+                self._complete()
+            return
+        if self.current is None:
+            if not line:
+                self._empty_lines += 1
+                if self._empty_lines > MAX_LEADING_EMPTY_LINES:
+                    raise Rejected(400, "empty lines instead of a request")
+                self._head_size = 0
+                return
+            self._request_line(line)
+        elif line:
+            if len(line) > self.limits.field_size:
+                raise RequestTooLarge(431, "header field too large")
+            if len(self._lines) >= self.limits.fields:
+                raise RequestTooLarge(431, "too many header fields")
+            self._lines.append(line)
+        else:
+            self._head_complete()
+
+    def _request_line(self, line: bytes) -> None:
+        match = _REQUEST_LINE.fullmatch(line)
+        if match is None:
+            if b" " in line and b"HTTP/" not in line.rsplit(b" ", 1)[-1]:
+                raise Rejected(400, "no HTTP version (HTTP/0.9 is not served)")
+            raise Rejected(400, "malformed request line")
+        method, target, major, minor = match.groups()
+        if major != b"1":
+            raise Rejected(505, f"HTTP/{major.decode()}.{minor.decode()} not supported")
+        self.current = Request(method=method, target=target, version="1.0" if minor == b"0" else "1.1")
+        self._lines = []
+
+    def _head_complete(self) -> None:
+        req = self.current
+        assert req is not None
+        seen: set[bytes] = set()
+        codings: list[bytes] = []
+        length: int | None = None
+        connection: list[bytes] = []
+        for raw in self._lines:
+            match = _FIELD.fullmatch(raw)
+            if match is None:
+                if raw[:1] in (b" ", b"\t"):
+                    raise Rejected(400, "obsolete line folding")
+                raise Rejected(400, "malformed header field")
+            name, value = match.groups()
+            name, value = name.lower(), value.strip(b" \t")
+            if name in SINGLETONS:
+                if name in seen:
+                    raise Rejected(400, f"more than one {name.decode()} field")
+                seen.add(name)
+            if name == b"content-length":
+                if not value.isdigit() or len(value) > 18:
+                    raise Rejected(400, "invalid Content-Length")
+                length = int(value)
+            elif name == b"transfer-encoding":
+                codings += [c.strip(b" \t").lower() for c in value.split(b",") if c.strip(b" \t")]
+            elif name == b"connection":
+                connection += [c.strip(b" \t").lower() for c in value.split(b",")]
+            elif name == b"host":
+                req.host = value
+            elif name == b"expect" and value.lower() == b"100-continue" and req.version == "1.1":
+                req.expect_continue = True
+            req.headers.append((name, value))
+        self._lines = []
+        if req.method == b"CONNECT":
+            raise Rejected(501, "CONNECT is not served (no tunnels)")
+        self._target(req)
+        if req.version == "1.1" and b"host" not in seen:
+            raise Rejected(400, "HTTP/1.1 request without Host")
+        if req.host is not None and _HOST.fullmatch(req.host) is None:
+            raise Rejected(400, "invalid Host")
+        if req.version == "1.1":
+            req.keep_alive = b"close" not in connection
+        else:
+            req.keep_alive = b"keep-alive" in connection and b"close" not in connection
+        if codings:
+            if req.version == "1.0":
+                raise Rejected(400, "Transfer-Encoding on HTTP/1.0")  # RFC 9112 section 6.1: faulty framing
+            if length is not None:
+                raise Rejected(400, "both Transfer-Encoding and Content-Length")
+            if codings[-1] != b"chunked" or codings.count(b"chunked") > 1:
+                raise Rejected(400, "Transfer-Encoding does not end in one chunked")
+            if len(codings) > 1:
+                raise Rejected(501, f"transfer coding {codings[0].decode('latin-1')} not supported")
+            req.chunked = True
+        if self.limits.body and length is not None and length > self.limits.body:
+            raise RequestTooLarge(413, "request body too large")
+        if req.expect_continue and self.on_expect is not None and (req.chunked or length):
+            self.on_expect()
+        if req.chunked:
+            self._state = _CHUNK_SIZE
+        elif length:
+            self._remaining = length
+            self._state = _BODY
+        else:
+            self._complete()
+
+    def _target(self, req: Request) -> None:
+        target = req.target
+        if target.startswith(b"/"):
+            path, sep, query = target.partition(b"?")
+            req.path, req.query = path, (query if sep else None)
+            return
+        if target == b"*":
+            if req.method != b"OPTIONS":
+                raise Rejected(400, "the asterisk form is for OPTIONS only")
+            req.path = b"*"
+            return
+        match = _ABSOLUTE.fullmatch(target)
+        if match is None:
+            raise Rejected(400, "malformed request target")
+        _scheme, authority, rest = match.groups()
+        userinfo, at, hostport = authority.rpartition(b"@")
+        if (at and _USERINFO.fullmatch(userinfo) is None) or not hostport or _HOST.fullmatch(hostport) is None:
+            raise Rejected(400, "malformed authority in the request target")
+        # RFC 9112 section 3.2.2: the target's authority replaces Host.
+        req.host = hostport
+        path, sep, query = (rest or b"/").partition(b"?")
+        req.path, req.query = (path or b"/"), (query if sep else None)
+
+    def _chunk_size(self, line: bytes) -> None:
+        if not line.endswith(b"\r"):
+            raise Rejected(400, "bare LF in chunked framing")
+        match = _CHUNK_LINE.fullmatch(line[:-1])
+        if match is None:
+            raise Rejected(400, "malformed chunk size")
+        size = int(match.group(1), 16)
+        if size == 0:
+            self._state = _TRAILERS
+            self._lines = []
+            return
+        if self.limits.body and self._body_size + size > self.limits.body:
+            raise RequestTooLarge(413, "request body too large")
+        self._remaining = size
+        self._state = _CHUNK_DATA
+
+    def _trailer(self, line: bytes) -> None:
+        req = self.current
+        assert req is not None
+        if len(line) > self.limits.field_size:
+            raise RequestTooLarge(431, "trailer field too large")
+        if len(req.headers) + len(req.trailers) >= self.limits.fields:
+            raise RequestTooLarge(431, "too many header and trailer fields")
+        match = _FIELD.fullmatch(line)
+        if match is None:
+            raise Rejected(400, "malformed trailer field")
+        name, value = match.groups()
+        name, value = name.lower(), value.strip(b" \t")
+        if name in FORBIDDEN_TRAILERS:
+            raise Rejected(400, f"trailer {name.decode()} is not allowed")
+        req.trailers.append((name, value))
+
+    def _body(self, data: bytes) -> None:
+        self._body_size += len(data)
+        if self.limits.body and self._body_size > self.limits.body:
+            raise RequestTooLarge(413, "request body too large")
+        assert self.current is not None
+        self.current.body.write(data)
+
+    def _complete(self) -> None:
+        assert self.current is not None
+        self.done.append(self.current)
+        self.current = None
+        self._state = _HEAD
+        self._head_size = 0
+        self._body_size = 0
+        self._empty_lines = 0
