@@ -60,6 +60,15 @@ def parse_nonneg_int(text: str) -> int:
     return value
 
 
+def parse_mount(text: str) -> str:
+    prefix, sep, target = text.partition("=")
+    if not sep or not target.strip():
+        raise ValueError_(f"expected /PREFIX=APP, got {text!r}")
+    if prefix and not prefix.startswith("/"):
+        raise ValueError_(f"the mountpoint {prefix!r} must start with / (or be empty: the root)")
+    return f"{prefix.rstrip('/')}={target.strip()}"
+
+
 def parse_positive_int(text: str) -> int:
     value = parse_int(text)
     if value < 1:
@@ -231,6 +240,8 @@ _opt("wsgi-file", parse_nonempty, "load a WSGI app from this file", metavar="FIL
 _opt("wsgi", parse_nonempty, "alias of module", metavar="MODULE[:CALLABLE]")
 _opt("module", parse_nonempty, "load a WSGI app from pkg.mod:callable", metavar="MODULE[:CALLABLE]")
 _opt("callable", parse_nonempty, "name of the WSGI callable", default="application", metavar="NAME")
+_opt("mount", parse_mount, "load another app at a URL prefix (a file or MODULE[:CALLABLE])", multi=True, metavar="/PREFIX=APP")
+_bool("manage-script-name", "pick the mounted app by PATH_INFO's prefix and move it to SCRIPT_NAME")
 _opt("chdir", parse_nonempty, "change to this dir before loading the app", metavar="DIR")
 _opt("pythonpath", parse_nonempty, "add a dir to sys.path", multi=True, metavar="DIR")
 _opt("env", parse_kv, "set an environment variable", multi=True, metavar="KEY=VALUE")
