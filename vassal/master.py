@@ -21,6 +21,7 @@ from vassal import hooks, jail, protocol
 from vassal.app import load_app
 from vassal.cheaper import Cheaper, listen_backlog
 from vassal.config import Config
+from vassal.handover import Handover
 from vassal.http_parser import Limits
 from vassal.log import log, set_role
 from vassal.loop import Loop, reaped
@@ -44,8 +45,10 @@ def set_title(title: str) -> None:
 
 
 class Master:
-    def __init__(self, name: str, config: Config, listeners: list[Listener], ctl: socket.socket, loop: Loop):
+    def __init__(self, name: str, config: Config, listeners: list[Listener], ctl: socket.socket, loop: Loop,
+                 handover: Handover | None = None):
         self.name = name
+        self.handover = handover
         self.config = config
         self.listeners = listeners
         self.ctl = ctl
@@ -151,6 +154,7 @@ class Master:
             ),
             max_requests=int(self.config.get("max-requests")),  # type: ignore[arg-type]
             scoreboard=self.scoreboard if scoreboard else None,
+            handover=self.handover,
             access_log=not self.config.get("disable-logging"),
             memory_report=bool(self.config.get("memory-report")),
         )

@@ -28,6 +28,7 @@ from netrouter.tun import TunError
 from vassal import hooks, jail, protocol
 from vassal.app import has_app
 from vassal.config import Config, ConfigError
+from vassal.handover import Handover
 from vassal.log import log, set_role, set_sink
 from vassal.logpipe import LogPipe
 from vassal.loop import Loop, Timer, reaped
@@ -73,6 +74,8 @@ class Top:
         self.draining: dict[int, MasterHandle] = {}
         self.daemons: dict[str, Daemon] = {}
         self.generation = 0
+        # Made before any app master: every generation's workers share it.
+        self.handover = Handover()
         self.stopping = False
         self.exit_code = protocol.EXIT_OK
         self.loyal_sent = False
@@ -372,7 +375,7 @@ class Top:
             if self.logpipe is not None:
                 self.logpipe.child_fds()
                 set_sink(None)
-            Master(self.name, self.config, listeners, child_end, self.loop).run()
+            Master(self.name, self.config, listeners, child_end, self.loop, self.handover).run()
         child_end.close()
         parent_end.setblocking(False)
         handle = MasterHandle(pid, parent_end, self.generation, time.monotonic())

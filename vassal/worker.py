@@ -3,7 +3,8 @@ keep-alive connections one request at a time.
 
 Idle keep-alive connections wait in the poller, so a client that keeps a
 connection open does not hold the worker. SIGTERM means drain: stop
-accepting, finish the request in hand, close idle connections, exit.
+accepting, finish the request in hand, hand idle connections to a serving
+worker (vassal.handover), exit.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import traceback
 from collections.abc import Callable
 
 from vassal import fdconn
+from vassal.handover import Handover
 from vassal.http import HttpConnection, access_line
 from vassal.http_parser import Limits
 from vassal.log import log
@@ -26,6 +28,7 @@ from vassal.uwsgiproto import UwsgiConnection, env_defaults, respond_whole
 
 # Seconds a draining worker waits for a just-accepted connection's first request.
 DRAIN_FIRST_REQUEST = 5.0
+HANDOVER = object()  # the poller's tag for the handover socket
 ACCEPT_BATCH = 16
 # A client that does not read its response for this long is dropped.
 SEND_TIMEOUT = struct.pack("ll", 60, 0)
@@ -43,6 +46,7 @@ class Worker:
         max_body: int,
         keepalive: int,
         http_limits: Limits | None = None,
+        handover: Handover | None = None,
         max_requests: int,
         scoreboard=None,
         access_log: bool = True,
@@ -55,6 +59,8 @@ class Worker:
         self.max_head = max_head
         self.max_body = max_body
         self.http_limits = http_limits or Limits(head=max_head, body=max_body)
+        self.handover = handover
+        self.origin: dict[socket.socket, tuple[str, tuple[str, str]]] = {}  # conn -> (kind, server), to hand it over
         self.keepalive = keepalive
         self.max_requests = max_requests
         self.requests = 0
@@ -116,14 +122,19 @@ class Worker:
         self.poller.register(wake_r, None)
         for listener in self.listeners:
             self.poller.register(listener.sock.fileno(), listener)
+        if self.handover is not None:
+            self.poller.register(self.handover.recv_end.fileno(), HANDOVER)
         draining_since = None
         while True:
             if self.stopping and draining_since is None:
                 # Drain: stop accepting (the next master's workers take new
-                # connections from the same sockets), finish what is in hand.
+                # connections from the same sockets) and taking handed-over
+                # ones, finish what is in hand.
                 draining_since = time.monotonic()
                 for listener in self.listeners:
                     self.poller.unregister(listener.sock.fileno())
+                if self.handover is not None:
+                    self.poller.unregister(self.handover.recv_end.fileno())
             if draining_since is not None:
                 self._close_drained(draining_since)
                 if not self.last_seen:
@@ -140,6 +151,9 @@ class Worker:
                         os.read(wake_r, 512)
                     except BlockingIOError:
                         pass
+                elif data is HANDOVER:
+                    if not self.stopping:
+                        self._adopt()
                 elif type(data) is Listener:
                     # Several per wakeup: a burst of short connections (nginx's
                     # uwsgi upstream) otherwise costs an epoll round each.
@@ -154,13 +168,31 @@ class Worker:
             self._close(conn)
 
     def _close_drained(self, since: float) -> None:
-        """While draining, a keep-alive connection between requests is closed
-        (clients retry such requests); one accepted but not yet sent its first
-        request is given DRAIN_FIRST_REQUEST seconds to do so."""
+        """While draining, a connection between requests goes to a serving
+        worker (vassal.handover): closing it would race the client's next
+        request. Without one to take it (or if it cannot go), a keep-alive
+        connection is closed, and one accepted but not yet sent its first
+        request is given DRAIN_FIRST_REQUEST seconds."""
         late = time.monotonic() - since > DRAIN_FIRST_REQUEST
         for conn, handler in list(self.handlers.items()):
-            if handler.idle and (self.served.get(conn, 0) > 0 or late):
+            if not handler.idle:
+                continue
+            origin = self.origin.get(conn)
+            if self.handover is not None and origin is not None and self.handover.give(conn, *origin):
+                self._close(conn)  # our copy only: the connection lives on in the message
+            elif self.served.get(conn, 0) > 0 or late:
                 self._close(conn)
+
+    def _adopt(self) -> None:
+        """Connections a draining worker handed over: served from here on."""
+        assert self.handover is not None
+        for conn, kind, server in self.handover.take():
+            try:
+                peer = conn.getpeername() if conn.family != socket.AF_UNIX else None
+            except OSError:
+                conn.close()
+                continue
+            self._serve(conn, UwsgiConnection if kind == "uwsgi" else HttpConnection, peer, server)
 
     def _accept(self, listener: Listener) -> bool:
         try:
@@ -177,6 +209,10 @@ class Worker:
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, SEND_TIMEOUT)
         if family != socket.AF_UNIX:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._serve(conn, kind, peer, server)
+        return True
+
+    def _serve(self, conn: socket.socket, kind: type, peer, server: tuple[str, str]) -> None:
         handler = kind(
             conn,
             peer or "unix",
@@ -189,6 +225,8 @@ class Worker:
         )
         self.last_seen[conn] = time.monotonic()
         self.handlers[conn] = handler
+        if self.handover is not None:
+            self.origin[conn] = ("uwsgi" if kind is UwsgiConnection else "http", server)
         # Most clients send the request right after connecting: answer it
         # before paying for a poller registration (nginx's uwsgi upstream
         # connections then never need one).
@@ -196,7 +234,6 @@ class Worker:
         if conn in self.handlers:
             self.poller.register(conn.fileno(), (conn, handler))
             self.registered.add(conn)
-        return True
 
     def _accept_fd(self, listener: Listener) -> bool:
         """A uwsgi-protocol connection as a bare fd (vassal.fdconn): nginx's
@@ -275,6 +312,7 @@ class Worker:
         self.last_seen.pop(conn, None)
         self.handlers.pop(conn, None)
         self.served.pop(conn, None)
+        self.origin.pop(conn, None)
         if conn in self.registered:
             # (Only then: a failed unregister formats the socket's repr, which is slow.)
             self.registered.discard(conn)

@@ -46,7 +46,7 @@ fi
 PACKAGES=(
     systemd systemd-sysv dbus udev kmod linux-image-amd64 initramfs-tools
     python3 python3-venv python3-dev gcc libc6-dev
-    iproute2 nginx iperf3 curl procps psmisc util-linux mount passwd
+    iproute2 nginx iperf3 wrk curl procps psmisc util-linux mount passwd
     nftables e2fsprogs ca-certificates
 )
 SOURCES=/etc/apt/sources.list.d/debian.sources
