@@ -44,7 +44,15 @@ class Tenant:
         return path
 
     def write(self, path: Path, text: str, mode: int = 0o644) -> Path:
-        path.write_text(text)
+        if path.exists():
+            # Rewritten in place without O_CREAT: with fs.protected_regular
+            # (systemd hosts set it) even root may not O_CREAT-open another
+            # user's file in a sticky world-writable dir such as vassals/.
+            with open(path, "r+") as handle:
+                handle.truncate()
+                handle.write(text)
+        else:
+            path.write_text(text)
         return self.own(path, mode)
 
     def run(self, *argv: str, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
