@@ -3,6 +3,9 @@
 
 - our http-socket vs uWSGI's http-socket vs gunicorn's sync worker (direct)
 - nginx + our socket (uwsgi protocol) vs nginx + uWSGI's socket
+- reload under load: wrk -c50 keep-alive against 4 workers while the server
+  reloads 10 times (ours and uWSGI's emperor: the vassal file touched;
+  gunicorn: SIGHUP); errors and p99 for each (--reloads 0 skips it)
 
 Hello-world WSGI app, one worker, wrk with keep-alive from another process,
 loopback only. Prints requests/s, p99 latency and ratios to uWSGI.
@@ -56,6 +59,33 @@ def wrk(port: int, seconds: int, connections: int) -> tuple[float, float]:
     return rps, float(p99.group(1)) * scale
 
 
+def wrk_errors(out: str) -> int:
+    errors = 0
+    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if sockets:
+        errors += sum(int(n) for n in sockets.groups())
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        errors += int(non2xx.group(1))
+    return errors
+
+
+def reload_under_load(port: int, reload, reloads: int, connections: int = 50) -> tuple[int, float, float]:
+    """(errors, p99 ms, req/s) of wrk while ``reload()`` runs ``reloads`` times."""
+    seconds = max(5, reloads + 3)
+    proc = subprocess.Popen(["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", "--latency",
+                             f"http://127.0.0.1:{port}/"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(1.0)
+    for _ in range(reloads):
+        reload()
+        time.sleep(0.8)
+    out, _ = proc.communicate(timeout=seconds + 30)
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)] if p99 else 0.0
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    return wrk_errors(out), float(p99.group(1)) * scale if p99 else 0.0, float(rps.group(1)) if rps else 0.0
+
+
 def start(argv: list[str], work: Path, name: str) -> subprocess.Popen:
     return subprocess.Popen(argv, stdout=open(work / f"{name}.log", "wb"), stderr=subprocess.STDOUT, cwd=work)
 
@@ -90,6 +120,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--reloads", type=int, default=10)
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("bench/http.py needs wrk: apt-get install -y wrk", file=sys.stderr)
@@ -138,6 +169,9 @@ def main() -> int:
                 usock = work / "uwsgi.sock"
                 measure("nginx + uWSGI socket", [uwsgi, "--socket", str(usock), "--chmod-socket=666", "--wsgi-file", str(HELLO),
                                                  "--master", "--processes", "1", "--disable-logging"], 0, front=f"unix:{usock}")
+        reloaded: dict[str, tuple[int, float, float]] = {}
+        if args.reloads:
+            reloaded = reload_rows(work, uwsgi, gunicorn, args.reloads)
     for name, (rps, p99) in results.items():
         print(f"{name:>22}: {rps:9.0f} req/s  p99 {p99:7.2f} ms", flush=True)
     pairs = [("ours http-socket", "uWSGI http-socket"), ("ours http-socket", "gunicorn sync"),
@@ -145,7 +179,51 @@ def main() -> int:
     for ours, theirs in pairs:
         if ours in results and theirs in results:
             print(f"{ours} / {theirs}: {results[ours][0] / results[theirs][0]:.2f}")
+    for name, (errors, p99, rps) in reloaded.items():
+        print(f"{name:>22}: {errors:6d} errors in {args.reloads} reloads under wrk -c50  p99 {p99:7.2f} ms  {rps:9.0f} req/s")
     return 0
+
+
+def reload_rows(work: Path, uwsgi: str | None, gunicorn: str | None, reloads: int) -> dict[str, tuple[int, float, float]]:
+    rows: dict[str, tuple[int, float, float]] = {}
+
+    def touch(path: Path):
+        return lambda: os.utime(path)
+
+    port = free_port()
+    vassals = work / "reload-ours"
+    vassals.mkdir()
+    ini = vassals / "r.ini"
+    ini.write_text(f"[uwsgi]\nwsgi-file = {HELLO}\nhttp-socket = 127.0.0.1:{port}\nprocesses = 4\ndisable-logging = true\n")
+    proc = start([str(BIN / "emperor"), "--control", str(work / "reload.sock"), str(vassals)], work, "reload-ours")
+    try:
+        wait_port(port)
+        rows["ours (emperor)"] = reload_under_load(port, touch(ini), reloads)
+    finally:
+        stop(proc)
+    if uwsgi:
+        port = free_port()
+        vassals = work / "reload-uwsgi"
+        vassals.mkdir()
+        ini = vassals / "r.ini"
+        ini.write_text(f"[uwsgi]\nwsgi-file = {HELLO}\nhttp-socket = 127.0.0.1:{port}\nmaster = true\nprocesses = 4\n"
+                       "disable-logging = true\nhttp-keepalive = 1\n")
+        proc = start([uwsgi, "--emperor", str(vassals)], work, "reload-uwsgi")
+        try:
+            wait_port(port)
+            rows["uWSGI (emperor)"] = reload_under_load(port, touch(ini), reloads)
+        finally:
+            stop(proc)
+    if gunicorn:
+        port = free_port()
+        proc = start([gunicorn, "-w", "4", "--keep-alive", "5", "-b", f"127.0.0.1:{port}", "--chdir", str(HELLO.parent),
+                      "hello:application"], work, "reload-gunicorn")
+        try:
+            wait_port(port)
+            rows["gunicorn (SIGHUP)"] = reload_under_load(port, lambda: proc.send_signal(signal.SIGHUP), reloads)
+        finally:
+            stop(proc)
+    return rows
 
 
 if __name__ == "__main__":

@@ -39,6 +39,55 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need_apt[@]}"
 fi
 
+# --- results dir and wheels (the guest has no network) -------------------------
+rm -rf "$RESULTS"
+mkdir -p "$RESULTS/wheels/tuntap"
+SERIAL=$RESULTS/serial.log
+log "building wheels on the host"
+start=$SECONDS
+WHEEL_VENV=$(mktemp -d /var/tmp/pyemperor-wheels.XXXXXX)
+cleanup_host() {
+    rm -rf "$WHEEL_VENV"
+    [ -z "${rootfs:-}" ] || rm -rf "$rootfs"
+    if [ -n "${QEMU_PID:-}" ] && kill -0 "$QEMU_PID" 2>/dev/null; then
+        kill "$QEMU_PID" 2>/dev/null || true
+        wait "$QEMU_PID" 2>/dev/null || true
+    fi
+}
+trap cleanup_host EXIT
+trap 'exit 143' TERM INT HUP  # (so that the EXIT trap stops the guest)
+"$PY" -m venv "$WHEEL_VENV"
+pip_quiet() {  # (a machine's pip.conf may name find-links dirs that are not there)
+    "$@" 2> >(grep -v '^WARNING: Location' >&2)
+}
+pip_quiet "$WHEEL_VENV/bin/pip" install -q --upgrade pip
+pip_quiet "$WHEEL_VENV/bin/pip" wheel -q -w "$RESULTS/wheels" "$CHECKOUT[test,uwsgi]" pip setuptools wheel
+UWSGI_EMBED_PLUGINS=tuntap pip_quiet "$WHEEL_VENV/bin/pip" wheel -q --no-cache-dir --no-binary :all: --no-deps \
+    -w "$RESULTS/wheels/tuntap" uwsgi
+rm -f "$RESULTS"/wheels/pyemperor-*.whl  # installed editable from the checkout, as .ci/run does
+log "wheels built in $((SECONDS - start)) s: $(ls "$RESULTS/wheels" | wc -l) files"
+# (-vv after .ci/run's -q: one line per test, so a slow guest's log shows where it is)
+# The shared libraries the wheels' binaries were linked against here (uWSGI
+# picks up libxml2, libssl... where they are installed): the guest gets the
+# Debian packages that hold them.
+wheel_libs() {
+    local unpacked
+    unpacked=$(mktemp -d /var/tmp/pyemperor-wheel-libs.XXXXXX)
+    for wheel in "$RESULTS"/wheels/*.whl "$RESULTS"/wheels/tuntap/*.whl; do
+        "$PY" -m zipfile -e "$wheel" "$unpacked/$(basename "$wheel")" 2>/dev/null || true
+    done
+    find "$unpacked" -type f \( -name '*.so*' -o -path '*/bin/*' -o -name uwsgi \) -exec sh -c \
+        'head -c4 "$1" | grep -q ELF && ldd "$1" 2>/dev/null' _ {} \; |
+        awk '/=> \//{print $3}' | sort -u | while read -r lib; do
+            # (merged /usr: dpkg knows a library by one of its two paths)
+            dpkg -S "$lib" 2>/dev/null || dpkg -S "$(realpath "$lib")" 2>/dev/null || true
+        done | cut -d: -f1 | sort -u
+    rm -rf "$unpacked"
+}
+mapfile -t WHEEL_PACKAGES < <(wheel_libs)
+log "the wheels' binaries need: ${WHEEL_PACKAGES[*]:-nothing beyond libc}"
+printf '%s\n' "${PYEMPEROR_GUEST_TESTS:--vv --durations=20 tests}" > "$RESULTS/pytest-args"
+
 # --- the root filesystem, cached by what goes into it -------------------------
 # What the guest needs: an init and a kernel, what .ci/run would otherwise
 # fetch with apt (it finds them all present and installs nothing), and what
@@ -48,11 +97,12 @@ PACKAGES=(
     python3 python3-venv python3-dev gcc libc6-dev
     iproute2 nginx iperf3 wrk curl procps psmisc util-linux mount passwd
     nftables e2fsprogs ca-certificates
+    "${WHEEL_PACKAGES[@]}"
 )
 SOURCES=/etc/apt/sources.list.d/debian.sources
 [ -f "$SOURCES" ] || SOURCES=/etc/apt/sources.list
 [ -f "$SOURCES" ] || die "no apt sources on this machine to take the Debian archive from"
-key=$( { printf '%s\n' "${PACKAGES[@]}"; cat "$SOURCES"; sed -n '/^customize()/,/^}/p' "$0"; } | sha256sum | cut -c1-16)
+key=$( { printf '%s\n' "${PACKAGES[@]}" | sort -u; cat "$SOURCES"; sed -n '/^customize()/,/^}/p' "$0"; } | sha256sum | cut -c1-16)
 IMAGE_DIR=$CACHE/bookworm-$key
 
 customize() {  # $1: the root filesystem dir
@@ -96,7 +146,6 @@ else
     rm -rf "$IMAGE_DIR"
     mkdir -p "$IMAGE_DIR"
     rootfs=$(mktemp -d /var/tmp/pyemperor-rootfs.XXXXXX)
-    trap 'rm -rf "$rootfs"' EXIT
     start=$SECONDS
     mmdebstrap --variant=minbase --include="$(IFS=,; echo "${PACKAGES[*]}")" \
         bookworm "$rootfs" "$SOURCES" > "$IMAGE_DIR/mmdebstrap.log" 2>&1 \
@@ -108,7 +157,7 @@ else
     truncate -s 8G "$IMAGE_DIR/root.ext4"
     mkfs.ext4 -q -L pyemperor-root -d "$rootfs" "$IMAGE_DIR/root.ext4"
     rm -rf "$rootfs"
-    trap - EXIT
+    rootfs=
     touch "$IMAGE_DIR/ready"
     log "root filesystem built in $((SECONDS - start)) s"
 fi
@@ -116,35 +165,6 @@ fi
 for old in "$CACHE"/bookworm-*; do
     [ "$old" = "$IMAGE_DIR" ] || rm -rf "$old"
 done
-
-# --- results dir and wheels (the guest has no network) -------------------------
-rm -rf "$RESULTS"
-mkdir -p "$RESULTS/wheels/tuntap"
-SERIAL=$RESULTS/serial.log
-log "building wheels on the host"
-start=$SECONDS
-WHEEL_VENV=$(mktemp -d /var/tmp/pyemperor-wheels.XXXXXX)
-cleanup_host() {
-    rm -rf "$WHEEL_VENV"
-    if [ -n "${QEMU_PID:-}" ] && kill -0 "$QEMU_PID" 2>/dev/null; then
-        kill "$QEMU_PID" 2>/dev/null || true
-        wait "$QEMU_PID" 2>/dev/null || true
-    fi
-}
-trap cleanup_host EXIT
-trap 'exit 143' TERM INT HUP  # (so that the EXIT trap stops the guest)
-"$PY" -m venv "$WHEEL_VENV"
-pip_quiet() {  # (a machine's pip.conf may name find-links dirs that are not there)
-    "$@" 2> >(grep -v '^WARNING: Location' >&2)
-}
-pip_quiet "$WHEEL_VENV/bin/pip" install -q --upgrade pip
-pip_quiet "$WHEEL_VENV/bin/pip" wheel -q -w "$RESULTS/wheels" "$CHECKOUT[test,uwsgi]" pip setuptools wheel
-UWSGI_EMBED_PLUGINS=tuntap pip_quiet "$WHEEL_VENV/bin/pip" wheel -q --no-cache-dir --no-binary :all: --no-deps \
-    -w "$RESULTS/wheels/tuntap" uwsgi
-rm -f "$RESULTS"/wheels/pyemperor-*.whl  # installed editable from the checkout, as .ci/run does
-log "wheels built in $((SECONDS - start)) s: $(ls "$RESULTS/wheels" | wc -l) files"
-# (-vv after .ci/run's -q: one line per test, so a slow guest's log shows where it is)
-printf '%s\n' "${PYEMPEROR_GUEST_TESTS:--vv --durations=20 tests}" > "$RESULTS/pytest-args"
 
 # bench/spawn.py's limit cost on this host's hierarchy, to print beside the guest's.
 if [ -x /opt/pyemperor/bin/python ] && /opt/pyemperor/bin/python -c 'import emperor' 2>/dev/null; then
