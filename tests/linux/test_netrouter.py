@@ -622,8 +622,10 @@ def test_plain_peer_gets_segmented_checksummed_packets(netdir):
             stats = json.loads(s.recv(65536))
         (peer,) = stats["connections"]
         assert peer["offloads"] is False
-        # Super-packets came off the device: far fewer reads than segments.
-        assert stats["tun"]["packets_in"] < len(payload) // 1448 // 4
+        # Super-packets came off the device: far fewer reads than segments
+        # (how many segments a super-packet holds follows the sender's pace:
+        # some 4-10 here, nearer 4 on an emulated guest; 1 without GSO).
+        assert stats["tun"]["packets_in"] < len(payload) // 1448 // 2
         assert peer["packets_in"] > len(payload) // 1448
     finally:
         if bridge is not None:
