@@ -560,9 +560,15 @@ def limit_groups(tree: CgroupTree, name: str, limits: Limits) -> LimitGroups:
     if tree.unified:
         parent = os.path.dirname(tree.base)
         for directory in (parent, tree.base):
+            control = os.path.join(directory, "cgroup.subtree_control")
             try:
-                with open(os.path.join(directory, "cgroup.subtree_control"), "w") as handle:
-                    handle.write(" ".join(f"+{c}" for c in wanted))
+                with open(control) as handle:
+                    missing = [c for c in wanted if c not in handle.read().split()]
+                # A write takes the kernel's cgroup lock and walks the subtree
+                # even when nothing changes: only for what is not enabled yet.
+                if missing:
+                    with open(control, "w") as handle:
+                        handle.write(" ".join(f"+{c}" for c in missing))
             except OSError as exc:
                 raise LimitError(f"cannot enable the {', '.join(wanted)} controller(s) in {directory}: {exc.strerror}"
                                  " (the emperor needs a delegated cgroup; see the systemd unit)") from None
