@@ -8,6 +8,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -128,7 +129,116 @@ accept_read(PyObject *self, PyObject *args)
     return result;
 }
 
+
+/* RFC 9110 tchar. */
+static unsigned char tchar[256];
+/* Octets a field value may hold: not the controls (HTAB allowed). */
+static unsigned char vchar[256];
+/* Octets of a request target: visible ASCII and obs-text, no space. */
+static unsigned char target_char[256];
+
+static void
+init_tables(void)
+{
+    const char *extra = "!#$%&'*+-.^_`|~";
+    for (int c = 0; c < 256; c++) {
+        tchar[c] = (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c && strchr(extra, c));
+        vchar[c] = c == '\t' || (c >= 0x20 && c != 0x7f);
+        target_char[c] = c > 0x20 && c != 0x7f;
+    }
+}
+
+/* The lexing half of vassal.http_parser's whole-head fast path, the same
+ * rules as its Python: a request line and fields that are plain and within
+ * the limits give (end, method, target, minor, [(lower-case name, value)]);
+ * anything else gives None and the Python parser (which says what is
+ * wrong) takes the head line by line. Semantics stay in Python. */
+static PyObject *
+lex_head(PyObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    Py_ssize_t max_head, max_line, max_field, max_fields;
+    if (!PyArg_ParseTuple(args, "y*nnnn", &buf, &max_head, &max_line, &max_field, &max_fields))
+        return NULL;
+    const unsigned char *p = (const unsigned char *) buf.buf;
+    Py_ssize_t len = buf.len, i = 0;
+    PyObject *fields = NULL, *result = NULL;
+    /* The request line: token SP target SP HTTP/1.d CRLF */
+    Py_ssize_t m0 = 0;
+    while (i < len && tchar[p[i]])
+        i++;
+    if (i == m0 || i >= len || p[i] != ' ')
+        goto plain_none;
+    Py_ssize_t m1 = i++, t0 = i;
+    while (i < len && target_char[p[i]])
+        i++;
+    if (i == t0 || i >= len || p[i] != ' ')
+        goto plain_none;
+    Py_ssize_t t1 = i++;
+    if (len - i < 10 || memcmp(p + i, "HTTP/1.", 7) != 0 || p[i + 7] < '0' || p[i + 7] > '9' || p[i + 8] != '\r' || p[i + 9] != '\n')
+        goto plain_none;
+    char minor = (char) p[i + 7];
+    i += 10;
+    if (i - 2 > max_line)
+        goto plain_none;
+    fields = PyList_New(0);
+    if (fields == NULL)
+        goto done;
+    Py_ssize_t count = 0;
+    for (;;) {
+        if (i + 1 < len && p[i] == '\r' && p[i + 1] == '\n') {
+            i += 2;
+            break;  /* the end of the head */
+        }
+        Py_ssize_t n0 = i;
+        while (i < len && tchar[p[i]])
+            i++;
+        if (i == n0 || i >= len || p[i] != ':')
+            goto plain_none;
+        Py_ssize_t n1 = i++;
+        Py_ssize_t v0 = i;
+        while (i < len && vchar[p[i]])
+            i++;
+        if (i + 1 >= len || p[i] != '\r' || p[i + 1] != '\n')
+            goto plain_none;  /* a bare CR or LF, a control, or not all here yet */
+        Py_ssize_t v1 = i;
+        if (v1 - n0 > max_field || ++count > max_fields)
+            goto plain_none;
+        i += 2;
+        while (v0 < v1 && (p[v0] == ' ' || p[v0] == '\t'))
+            v0++;
+        while (v1 > v0 && (p[v1 - 1] == ' ' || p[v1 - 1] == '\t'))
+            v1--;
+        PyObject *name = PyBytes_FromStringAndSize(NULL, n1 - n0);
+        if (name == NULL)
+            goto done;
+        char *out = PyBytes_AS_STRING(name);
+        for (Py_ssize_t k = n0; k < n1; k++)
+            out[k - n0] = (char) ((p[k] >= 'A' && p[k] <= 'Z') ? p[k] + 32 : p[k]);
+        PyObject *pair = Py_BuildValue("(Ny#)", name, (const char *) p + v0, v1 - v0);
+        if (pair == NULL)
+            goto done;
+        int failed = PyList_Append(fields, pair);
+        Py_DECREF(pair);
+        if (failed)
+            goto done;
+    }
+    if (i > max_head)
+        goto plain_none;
+    result = Py_BuildValue("(ny#y#cO)", i, (const char *) p + m0, m1 - m0, (const char *) p + t0, t1 - t0, minor, fields);
+    goto done;
+plain_none:
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(fields);
+    PyBuffer_Release(&buf);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"lex_head", lex_head, METH_VARARGS,
+     "lex_head(data, max_head, max_line, max_field, max_fields) -> None | (end, method, target, minor, fields): "
+     "a whole plain HTTP/1.x request head lexed, or None for the Python parser to take."},
     {"accept_read", accept_read, METH_VARARGS,
      "accept_read(listen_fd, size) -> None | (fd, bytes | None): accept4 (non-blocking, close-on-exec) "
      "and a first read of up to size bytes, in one call."},
@@ -146,5 +256,6 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    init_tables();
     return PyModule_Create(&module);
 }

@@ -54,6 +54,28 @@ class HttpConnection:
         self.app = app
         self.parser = RequestParser(limits or Limits(head=max_head, body=max_body), self._send_continue)
         self.on_request = on_request
+        # What every request's environ on this connection starts from (a copy
+        # of a dict is cheaper than building one).
+        self.base_env = {
+            "SCRIPT_NAME": "",
+            "SERVER_NAME": self.server_name,
+            "SERVER_PORT": self.server_port,
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            # The body was read whole by the server: the input ends where it
+            # does (a chunked upload reaches werkzeug, which checks this).
+            "wsgi.input_terminated": True,
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": False,
+            "wsgi.multiprocess": True,
+            "wsgi.run_once": False,
+            "wsgi.file_wrapper": FileWrapper,
+        }
+        if isinstance(peer, tuple):
+            self.base_env["REMOTE_ADDR"] = str(peer[0])
+            self.base_env["REMOTE_PORT"] = str(peer[1])
+        else:
+            self.base_env["REMOTE_ADDR"] = "127.0.0.1"
 
     def _send_continue(self) -> None:
         # The client waits for this before sending a body it announced.
@@ -97,33 +119,14 @@ class HttpConnection:
             log(f"bad request from {self.peer}: {detail}")
 
     def environ(self, req: Request) -> dict:
-        path = unquote_to_bytes(req.path).decode("latin-1") if req.path != b"*" else "*"
-        env = {
-            "REQUEST_METHOD": req.method.decode("latin-1"),
-            "SCRIPT_NAME": "",
-            "PATH_INFO": path,
-            "QUERY_STRING": (req.query or b"").decode("latin-1"),
-            "REQUEST_URI": req.target.decode("latin-1"),
-            "SERVER_NAME": self.server_name,
-            "SERVER_PORT": self.server_port,
-            "SERVER_PROTOCOL": f"HTTP/{req.version}",
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": "http",
-            "wsgi.input": req.body.finish(),
-            # The body was read whole by the server: the input ends where it
-            # does (a chunked upload reaches werkzeug, which checks this).
-            "wsgi.input_terminated": True,
-            "wsgi.errors": sys.stderr,
-            "wsgi.multithread": False,
-            "wsgi.multiprocess": True,
-            "wsgi.run_once": False,
-            "wsgi.file_wrapper": FileWrapper,
-        }
-        if isinstance(self.peer, tuple):
-            env["REMOTE_ADDR"] = str(self.peer[0])
-            env["REMOTE_PORT"] = str(self.peer[1])
-        else:
-            env["REMOTE_ADDR"] = "127.0.0.1"
+        raw_path = req.path
+        env = self.base_env.copy()
+        env["REQUEST_METHOD"] = req.method.decode("latin-1")
+        env["PATH_INFO"] = unquote_to_bytes(raw_path).decode("latin-1") if b"%" in raw_path else raw_path.decode("latin-1")
+        env["QUERY_STRING"] = req.query.decode("latin-1") if req.query else ""
+        env["REQUEST_URI"] = req.target.decode("latin-1")
+        env["SERVER_PROTOCOL"] = "HTTP/1.1" if req.version == "1.1" else "HTTP/1.0"
+        env["wsgi.input"] = req.body.finish()
         for name, value in req.headers:
             if b"_" in name:
                 # Never a CGI variable: an underscore name would alias a dashed

@@ -61,6 +61,26 @@ MAX_CHUNK_LINE = 4096  # a size and its extensions
 MAX_LEADING_EMPTY_LINES = 8  # RFC 9112 section 2.2: ignore a few CRLFs before a request
 
 
+def _lex_fields(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """Field lines as (lower-case name, value without its OWS)."""
+    fields = []
+    for raw in lines:
+        match = _FIELD.fullmatch(raw)
+        if match is None:
+            if raw[:1] in (b" ", b"\t"):
+                raise Rejected(400, "obsolete line folding")
+            raise Rejected(400, "malformed header field")
+        name, value = match.groups()
+        fields.append((name.lower(), value.strip(b" \t")))
+    return fields
+
+
+try:
+    from vassal._speedups import lex_head as _lex_head  # the same lexing in C, when built
+except ImportError:  # pragma: no cover - a machine without a compiler
+    _lex_head = None
+
+
 class Rejected(Exception):
     """A request refused with ``status`` before the app sees it."""
 
@@ -147,15 +167,25 @@ class RequestParser:
             raise
 
     def _whole_head(self, data: bytes) -> bytes:
-        """A head that arrived whole, parsed in one pass (line by line, as
-        _run would, costs a few microseconds more per request); the bytes
-        after it are returned. Anything unusual is left to _run."""
+        """A head that arrived whole, lexed in one pass (line by line, as
+        _run does, costs microseconds more per request: in C where
+        vassal._speedups was built); the bytes after it are returned.
+        Anything unusual is left to _run, which says what is wrong."""
+        limits = self.limits
+        if _lex_head is not None:
+            lexed = _lex_head(data, limits.head, limits.request_line, limits.field_size, limits.fields)
+            if lexed is None:
+                return data
+            end, method, target, minor, fields = lexed
+            self.current = Request(method, target, "1.0" if minor == b"0" else "1.1")
+            self._head_size = end
+            self._head_complete(fields)
+            return data[end:]
         end = data.find(b"\r\n\r\n")
         if end <= 0:
             return data
         head = data[:end]
         lines = head.split(b"\r\n")
-        limits = self.limits
         # Every CR and LF belongs to a CRLF, no line is too long, none too many:
         # else the line by line path says which it is.
         if (head.count(b"\n") != len(lines) - 1 or head.count(b"\r") != len(lines) - 1
@@ -166,8 +196,7 @@ class RequestParser:
             return data
         self._request_line(lines[0])
         self._head_size = end + 4
-        self._lines = lines[1:]
-        self._head_complete()
+        self._head_complete(_lex_fields(lines[1:]))
         return data[end + 4:]
 
     # --- the state machine -----------------------------------------------------
@@ -262,7 +291,7 @@ class RequestParser:
                 raise RequestTooLarge(431, "too many header fields")
             self._lines.append(line)
         else:
-            self._head_complete()
+            self._head_complete(_lex_fields(self._lines))
 
     def _request_line(self, line: bytes) -> None:
         match = _REQUEST_LINE.fullmatch(line)
@@ -276,22 +305,16 @@ class RequestParser:
         self.current = Request(method=method, target=target, version="1.0" if minor == b"0" else "1.1")
         self._lines = []
 
-    def _head_complete(self) -> None:
+    def _head_complete(self, fields: list[tuple[bytes, bytes]]) -> None:
         req = self.current
         assert req is not None
+        self._lines = []
         counts: dict[bytes, int] = {}
         codings: list[bytes] = []
         length: int | None = None
         connection: list[bytes] = []
         headers = req.headers
-        for raw in self._lines:
-            match = _FIELD.fullmatch(raw)
-            if match is None:
-                if raw[:1] in (b" ", b"\t"):
-                    raise Rejected(400, "obsolete line folding")
-                raise Rejected(400, "malformed header field")
-            name, value = match.groups()
-            name, value = name.lower(), value.strip(b" \t")
+        for name, value in fields:
             headers.append((name, value))
             special = _SPECIAL.get(name)
             if special is None:
@@ -313,7 +336,6 @@ class RequestParser:
             elif special == _EXPECT and value.lower() == b"100-continue" and req.version == "1.1":
                 req.expect_continue = True
         seen = counts
-        self._lines = []
         if req.method == b"CONNECT":
             raise Rejected(501, "CONNECT is not served (no tunnels)")
         self._target(req)

@@ -125,3 +125,73 @@ def test_a_space_run_in_a_field_costs_linear_time():
         return time.monotonic() - started
 
     assert cost(b" ") < 20 * cost(b"x") + 0.05
+
+
+# --- the C lexer (vassal._speedups.lex_head) and the Python one agree -------------
+
+def _outcome(raw: bytes, with_c: bool, monkeypatch) -> object:
+    from vassal import http_parser
+
+    if not with_c:
+        monkeypatch.setattr(http_parser, "_lex_head", None)
+    parser = RequestParser(Limits(head=2048, request_line=300, field_size=300, fields=12, body=4096))
+    try:
+        parser.feed(raw)
+    except Rejected as exc:
+        result: object = ("rejected", exc.status)
+    else:
+        result = [(r.method, r.target, r.version, r.headers, r.host, r.keep_alive, r.chunked, r.body.size) for r in parser.done]
+    monkeypatch.undo()
+    return result
+
+
+def test_c_and_python_lexers_agree_on_the_tables(monkeypatch):
+    pytest.importorskip("vassal._speedups")
+    for _, raw, *_ in VALID + INVALID:
+        assert _outcome(raw, True, monkeypatch) == _outcome(raw, False, monkeypatch), raw[:80]
+
+
+_PIECES = [b"GET", b"POST", b"FOO", b"G T", b" ", b"/", b"/p?q", b"*", b"http://h/x", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0",
+           b"HTTP/1.", b"\r\n", b"\n", b"\r", b"Host: h", b"Host:h", b"Host : h", b"HOST: a", b"Content-Length: 3",
+           b"content-length: 03", b"Transfer-Encoding: chunked", b"X_Y: z", b"X: a\tb", b"X: \x00", b"X: \x7f", b"X: \xe9",
+           b" folded", b"\tfolded", b":", b"abc", b"0\r\n\r\n", b"3\r\nabc\r\n", b"Connection: close", b"Expect: 100-continue",
+           b"X" * 290, b"Y: " + b"v" * 300]
+
+
+def test_c_and_python_lexers_agree_on_random_heads(monkeypatch):
+    pytest.importorskip("vassal._speedups")
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=1500, deadline=None)
+    @given(st.lists(st.sampled_from(_PIECES), min_size=1, max_size=14), st.booleans())
+    def agree(pieces, end):
+        raw = b"".join(pieces) + (b"\r\n\r\n" if end else b"")
+        assert _outcome(raw, True, monkeypatch) == _outcome(raw, False, monkeypatch), raw
+
+    agree()
+
+
+def test_c_and_python_lexers_agree_on_structured_heads(monkeypatch):
+    pytest.importorskip("vassal._speedups")
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    methods = st.sampled_from([b"GET", b"POST", b"BREW", b"CONNECT", b"OPTIONS", b"G\x00T", b"", b"GET "])
+    targets = st.sampled_from([b"/", b"/a?b=c", b"/%41", b"*", b"http://h:1/x", b"s://]x/", b"h:80", b"/\xe9", b"/a b", b""])
+    versions = st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/1.9", b"HTTP/2.0", b"HTTP/1.", b"http/1.1", b""])
+    names = st.sampled_from([b"Host", b"host", b"Content-Length", b"Transfer-Encoding", b"Content-Type", b"Connection",
+                             b"Expect", b"X-A", b"X_A", b"X A", b"", b"N" * 280])
+    values = st.sampled_from([b"h", b"3", b"chunked", b"gzip, chunked", b"close", b"keep-alive", b"100-continue", b" v ",
+                              b"a\tb", b"a\x01b", b"a\rb", b"\xe9", b"", b"v" * 300, b"1.2.3.4:80", b"a b/c"])
+    seps = st.sampled_from([b": ", b":", b" : ", b":\t"])
+    eols = st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r"])
+
+    @settings(max_examples=3000, deadline=None)
+    @given(methods, targets, versions, eols, st.lists(st.tuples(names, seps, values, eols), max_size=14),
+           st.sampled_from([b"\r\n", b"", b"\n"]), st.sampled_from([b"", b"abc", b"0\r\n\r\n", b"GET / HTTP/1.1\r\n"]))
+    def agree(method, target, version, eol, fields, last, tail):
+        raw = method + b" " + target + b" " + version + eol + b"".join(n + s + v + e for n, s, v, e in fields) + last + tail
+        assert _outcome(raw, True, monkeypatch) == _outcome(raw, False, monkeypatch), raw
+
+    agree()
