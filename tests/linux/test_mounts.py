@@ -28,6 +28,11 @@ from flask import Flask, request, url_for
 application = Flask(__name__)
 
 
+@application.route("/upload", methods=["POST"])
+def upload():
+    return {"size": len(request.get_data())}
+
+
 @application.route("/hello/<name>")
 def hello(name):
     return {"url": url_for("hello", name=name), "external": url_for("hello", name=name, _external=True),
@@ -147,3 +152,23 @@ def test_frameworks_build_urls_with_the_prefix(vassal, tmp_path, framework):
         assert doc["external"] == f"http://127.0.0.1:{port}/app/hello/world"
     else:
         assert doc["script_name"] == "/app" and doc["path_info"] == "/hello/world" and doc["path"] == "/app/hello/world"
+
+
+def test_a_chunked_upload_reaches_flask_whole(vassal, tmp_path):
+    """werkzeug reads a chunked body only when wsgi.input_terminated says the
+    server ended it (it came through as 0 bytes)."""
+    pytest.importorskip("flask")
+    import http.client
+
+    app = tmp_path / "flask_app.py"
+    app.write_text(FLASK)
+    port = vassal(f"wsgi-file = {app}\n")
+    payload = os.urandom(100 * 1024)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/upload", body=iter([payload[i:i + 8192] for i in range(0, len(payload), 8192)]),
+                     headers={"Content-Type": "application/octet-stream"}, encode_chunked=True)
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read()) == {"size": len(payload)}
+    finally:
+        conn.close()
