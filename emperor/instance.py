@@ -36,7 +36,6 @@ STOPPING = "stopping"
 STOPPED = "stopped"
 BACKOFF = "backoff"
 INVALID = "invalid"
-STATES = (STARTING, READY, RELOADING, STOPPING, STOPPED, BACKOFF, INVALID)
 
 # A vassal that stays up this long gets its backoff reset (DESIGN section 3).
 STABLE_AFTER = 30.0

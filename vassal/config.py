@@ -423,13 +423,6 @@ class Config:
         return json.dumps({"path": self.path, "scope": self.scope, "files": files,
                            "entries": [[e.key, e.value, index[e.file], e.line] for e in self.expanded]}).encode()
 
-    def as_dict(self) -> dict[str, object]:
-        out: dict[str, object] = {}
-        for key, vals in self.values.items():
-            opt = options.get(key)
-            out[key] = list(vals) if opt and opt.multi else vals[-1]
-        return out
-
 
 def unsupported(config: Config) -> list[Problem]:
     """Keys this version validates but cannot act on here: not implemented

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import jails
 from vassal.config import Config, Entry
 from vassal.log import log
-from vassal.options import HOOK_PHASES
 
 WAIT_DEFAULT_TIMEOUT = 10.0
 # hook-timeout's default: a hook that hangs must not leave its vassal
@@ -67,18 +66,6 @@ def hooks_for(config: Config, phase: str) -> list[Hook]:
                 args = " ".join(value) if isinstance(value, tuple) else str(value)
                 found.append(Hook(phase, form, args, entry))
     return found
-
-
-def needs(config: Config) -> set[str]:
-    """Namespaces the configured hooks need (validation: hostname needs uts...)."""
-    wanted = set()
-    for phase in HOOK_PHASES:
-        for hook in hooks_for(config, phase):
-            if hook.action == "hostname":
-                wanted.add("uts")
-            elif hook.action in ("mount", "umount"):
-                wanted.add("fs")
-    return wanted
 
 
 def hook_timeout(config: Config) -> float | None:

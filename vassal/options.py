@@ -25,7 +25,6 @@ HOOK_PHASES = (
     "post-app",
     "as-user-atexit",
 )
-EMPEROR_HOOK_PHASES = ("as-root", "as-emperor", "as-vassal")
 
 CLONE_NAMESPACES = ("ipc", "uts", "fs", "mount", "pid", "net", "user", "cgroup")
 

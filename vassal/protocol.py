@@ -28,16 +28,6 @@ CONFIG_FD = 41
 # The same for the first start: the fd that holds the config.
 ENV_CONFIG_FD = "PYEMPEROR_CONFIG_FD"
 
-NAMES = {
-    SPAWNED: "spawned",
-    CONFIG_CHUNK: "config-chunk",
-    READY: "ready",
-    LOYAL: "loyal",
-    VOLUNTARY_SHUTDOWN: "voluntary-shutdown",
-    HEARTBEAT: "heartbeat",
-    BROODLORD: "broodlord",
-}
-
 # Exit codes of our vassal's top process, so the emperor can name the reason.
 EXIT_OK = 0
 EXIT_ERROR = 1
