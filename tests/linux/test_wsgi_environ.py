@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -144,3 +146,42 @@ def test_bare_uwsgi_packets_get_the_listeners_name_and_port(vassal_with, tmp_pat
         doc = http_over(sock, uwsgi_packet({"REQUEST_METHOD": "GET", "PATH_INFO": "/n", "SERVER_NAME": "front.example",
                                             "SERVER_PORT": "443", "QUERY_STRING": "a=b", "HTTP_HOST": "front.example"}))
     assert doc["SERVER_NAME"] == "front.example" and doc["SERVER_PORT"] == "443" and doc["uri"] == "http://front.example/n?a=b"
+
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+@pytest.mark.skipif(not os.path.exists(NGINX), reason="nginx is not installed (apt-get install nginx)")
+def test_behind_nginx_its_params_win_and_validate(vassal_with, tmp_path):
+    work = tmp_path / "nginx"
+    work.mkdir()
+    tmp_path.chmod(0o755)
+    sock = tmp_path / "app.sock"
+    vassal_with(f"socket = {sock}\nchmod-socket = 666", lambda: sock.exists())
+    port = free_port()
+    (work / "nginx.conf").write_text(f"""
+user root; worker_processes 1; pid {work}/nginx.pid; error_log {work}/error.log;
+events {{ worker_connections 64; }}
+http {{ access_log off; client_body_temp_path {work}/body; proxy_temp_path {work}/proxy; fastcgi_temp_path {work}/fcgi;
+  uwsgi_temp_path {work}/uwsgi; scgi_temp_path {work}/scgi;
+  server {{ listen 127.0.0.1:{port}; server_name front.example;
+    location / {{ include /etc/nginx/uwsgi_params; uwsgi_pass unix:{sock}; }} }} }}
+""")
+    nginx = subprocess.Popen([NGINX, "-e", str(work / "error.log"), "-p", str(work), "-c", str(work / "nginx.conf"),
+                              "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                             env={**os.environ, "PYTEST_TAG": TEST_TAG})
+    try:
+        def fetch() -> dict | None:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                    return http_over(conn, b"GET /n?x=1 HTTP/1.1\r\nHost: front.example\r\nConnection: close\r\n\r\n")
+            except (OSError, AssertionError):
+                return None
+
+        doc = wait_for(fetch, 20, what="nginx -> vassal")
+        assert doc["SERVER_NAME"] == "front.example" and doc["SERVER_PORT"] == str(port)
+        assert doc["QUERY_STRING"] == "x=1" and doc["SCRIPT_NAME"] == ""
+        assert doc["uri"] == "http://front.example/n?x=1"
+    finally:
+        nginx.send_signal(signal.SIGQUIT)
+        nginx.wait(15)
