@@ -10,8 +10,8 @@ makes before any app master, and whichever serving worker reads it first
 carries on. A connection mid-request finishes on its worker first.
 
 Every worker of every generation inherits both ends; a draining worker stops
-reading. If no worker reads any more (the vassal is stopping), what was
-handed over is closed when the last process holding the pair exits.
+reading. When the vassal stops (no generation to come), the top process
+reads the pair instead and closes what arrives at once.
 """
 
 from __future__ import annotations
@@ -31,16 +31,28 @@ class Handover:
         # by the send buffer only (not net.unix.max_dgram_qlen).
         self.send_end, self.recv_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
 
-    def give(self, conn: socket.socket, kind: str, server: tuple[str, str]) -> bool:
-        """Pass ``conn`` on; False if it could not go now (try again later).
-        The caller closes its own copy after a True."""
+    def give(self, conn: socket.socket, kind: str, server: tuple[str, str]) -> bool | None:
+        """Pass ``conn`` on: True when it went (the caller closes its own
+        copy), None when the pair is full for now (keep it, try again on
+        the next pass: a serving worker is taking them), False when it
+        cannot go at all."""
         note = json.dumps({"k": kind, "s": list(server), "f": int(conn.family)}).encode()
         try:
             self.send_end.sendmsg([note], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [conn.fileno()]))],
                                   socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
         except OSError:
-            return False  # EAGAIN (a full buffer) or nobody left to read
+            return False
         return True
+
+    def close_waiting(self) -> int:
+        """The vassal is stopping, no worker takes any more: what waits in
+        the pair is closed now, not when the last process holding it exits."""
+        taken = self.take()
+        for conn, _, _ in taken:
+            conn.close()
+        return len(taken)
 
     def take(self) -> list[tuple[socket.socket, str, tuple[str, str]]]:
         """The connections waiting now (another worker may win any of them)."""

@@ -23,6 +23,7 @@ from vassal.log import log
 
 STATUS_TEXT = {
     400: "Bad Request",
+    408: "Request Timeout",
     413: "Content Too Large",
     414: "URI Too Long",
     431: "Request Header Fields Too Large",
@@ -54,6 +55,11 @@ class HttpConnection:
         self.app = app
         self.parser = RequestParser(limits or Limits(head=max_head, body=max_body), self._send_continue)
         self.on_request = on_request
+        self.continue_due = False
+        # Set once an error was answered: the worker then closes lingering
+        # (reads what the client still sends), or the kernel would reset the
+        # connection over unread bytes and the client never see the answer.
+        self.linger = False
         # What every request's environ on this connection starts from (a copy
         # of a dict is cheaper than building one).
         self.base_env = {
@@ -78,8 +84,13 @@ class HttpConnection:
             self.base_env["REMOTE_ADDR"] = "127.0.0.1"
 
     def _send_continue(self) -> None:
-        # The client waits for this before sending a body it announced.
-        self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # The client waits for this before sending a body it announced; after
+        # the answers to requests pipelined before it, or the client takes it
+        # for theirs.
+        if self.parser.done:
+            self.continue_due = True
+        else:
+            self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def feed(self, data: bytes) -> bool:
         if not data:
@@ -97,11 +108,22 @@ class HttpConnection:
     def idle(self) -> bool:
         return self.parser.idle
 
+    @property
+    def head_pending(self) -> bool:
+        return self.parser.in_head
+
+    def timed_out(self) -> None:
+        """The head did not arrive in time (the worker closes next)."""
+        self._send_error(408, "request head not complete in time")
+
     def _answer_queued(self) -> bool:
         while self.parser.done:
             req = self.parser.done.popleft()
             if not self.handle(req):
                 return False
+        if self.continue_due:
+            self.continue_due = False
+            self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         return True
 
     def _send_error(self, status: int, detail: str = "") -> None:
@@ -115,6 +137,7 @@ class HttpConnection:
             self.sock.sendall(head + body)
         except OSError:
             pass
+        self.linger = True
         if detail:
             log(f"bad request from {self.peer}: {detail}")
 
@@ -139,6 +162,8 @@ class HttpConnection:
                 env["CONTENT_TYPE"] = text
             elif name == b"host":
                 continue  # below, from the target's authority where it has one
+            elif name == b"transfer-encoding":
+                continue  # the app gets the body decoded, with its CONTENT_LENGTH
             else:
                 key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
                 if key in env:

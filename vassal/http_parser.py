@@ -41,7 +41,6 @@ _CHUNK_LINE = re.compile(
 )
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
 _ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)([/?][^#]*)?")
-_USERINFO = re.compile(rb"[A-Za-z0-9\-._~%!$&'()*+,;=:]*")
 
 # Fields a request may carry once only: the server acts on exactly one.
 SINGLETONS = frozenset((b"host", b"content-length", b"content-type"))
@@ -145,12 +144,18 @@ class RequestParser:
         self._empty_lines = 0
         self._remaining = 0
         self._body_size = 0
+        self._scanned = 0
         self._failed: Rejected | None = None
 
     @property
     def idle(self) -> bool:
         """Between requests, with nothing of the next one received."""
         return self.current is None and not self._buf and not self.done
+
+    @property
+    def in_head(self) -> bool:
+        """Part of a request head received, not all of it."""
+        return (self.current is None and bool(self._buf)) or (self.current is not None and self._state == _HEAD)
 
     def feed(self, data: bytes) -> None:
         if self._failed is not None:
@@ -203,12 +208,18 @@ class RequestParser:
     def _run(self) -> None:
         buf = self._buf
         pos = 0
+        # A partial line left by the last feed was searched up to here
+        # already: a line fed byte by byte is not rescanned (quadratic).
+        scanned, self._scanned = self._scanned, 0
         while True:
             state = self._state
             if state == _HEAD or state == _TRAILERS:
-                end = buf.find(b"\n", pos)
+                end = buf.find(b"\n", max(pos, scanned))
+                scanned = 0
                 if end < 0:
-                    self._check_partial_line(len(buf) - pos)
+                    # (a CR at the very end may be its line's own: not counted)
+                    self._check_partial_line(len(buf) - pos - (buf[-1] == 13))
+                    self._scanned = len(buf) - pos
                     break
                 line = bytes(buf[pos:end])
                 pos = end + 1
@@ -225,10 +236,12 @@ class RequestParser:
                 if self._remaining == 0:
                     self._complete()
             elif state == _CHUNK_SIZE:
-                end = buf.find(b"\n", pos)
+                end = buf.find(b"\n", max(pos, scanned))
+                scanned = 0
                 if end < 0:
                     if len(buf) - pos > MAX_CHUNK_LINE:
                         raise Rejected(400, "chunk size line too long")
+                    self._scanned = len(buf) - pos
                     break
                 line = bytes(buf[pos:end])
                 pos = end + 1
@@ -311,6 +324,7 @@ class RequestParser:
         self._lines = []
         counts: dict[bytes, int] = {}
         codings: list[bytes] = []
+        framed_by_te = False
         length: int | None = None
         connection: list[bytes] = []
         headers = req.headers
@@ -328,6 +342,7 @@ class RequestParser:
                     raise Rejected(400, "invalid Content-Length")
                 length = int(value)
             elif special == _TRANSFER_ENCODING:
+                framed_by_te = True  # present, even empty: it must then be valid
                 codings += [c.strip(b" \t").lower() for c in value.split(b",") if c.strip(b" \t")]
             elif special == _CONNECTION:
                 connection += [c.strip(b" \t").lower() for c in value.split(b",")]
@@ -347,12 +362,12 @@ class RequestParser:
             req.keep_alive = b"close" not in connection
         else:
             req.keep_alive = b"keep-alive" in connection and b"close" not in connection
-        if codings:
+        if framed_by_te:
             if req.version == "1.0":
                 raise Rejected(400, "Transfer-Encoding on HTTP/1.0")  # RFC 9112 section 6.1: faulty framing
             if length is not None:
                 raise Rejected(400, "both Transfer-Encoding and Content-Length")
-            if codings[-1] != b"chunked" or codings.count(b"chunked") > 1:
+            if not codings or codings[-1] != b"chunked" or codings.count(b"chunked") > 1:
                 raise Rejected(400, "Transfer-Encoding does not end in one chunked")
             if len(codings) > 1:
                 raise Rejected(501, f"transfer coding {codings[0].decode('latin-1')} not supported")
@@ -383,10 +398,13 @@ class RequestParser:
         match = _ABSOLUTE.fullmatch(target)
         if match is None:
             raise Rejected(400, "malformed request target")
-        _scheme, authority, rest = match.groups()
-        userinfo, at, hostport = authority.rpartition(b"@")
-        if (at and _USERINFO.fullmatch(userinfo) is None) or not hostport or _HOST.fullmatch(hostport) is None:
+        scheme, authority, rest = match.groups()
+        if scheme.lower() not in (b"http", b"https"):
+            raise Rejected(400, "the request target's scheme is not http")
+        # RFC 9110 section 4.2.4: userinfo in an http(s) URI is an error.
+        if b"@" in authority or not authority or _HOST.fullmatch(authority) is None:
             raise Rejected(400, "malformed authority in the request target")
+        hostport = authority
         # RFC 9112 section 3.2.2: the target's authority replaces Host.
         req.host = hostport
         path, sep, query = (rest or b"/").partition(b"?")

@@ -155,6 +155,7 @@ class Master:
             max_requests=int(self.config.get("max-requests")),  # type: ignore[arg-type]
             scoreboard=self.scoreboard if scoreboard else None,
             handover=self.handover,
+            head_timeout=float(self.config.get("http-head-timeout")),  # type: ignore[arg-type]
             access_log=not self.config.get("disable-logging"),
             memory_report=bool(self.config.get("memory-report")),
         )

@@ -259,6 +259,7 @@ _opt("buffer-size", parse_size, "largest request head accepted", default=65536, 
 _opt("limit-post", parse_size, "largest request body accepted (0: no limit)", default=0, metavar="BYTES")
 _opt("limit-request-line", parse_positive_int, "longest HTTP request line accepted (longer: 414)", default=8190, metavar="BYTES")
 _opt("limit-request-fields", parse_positive_int, "most HTTP header fields in a request (more: 431)", default=100, metavar="N")
+_opt("http-head-timeout", parse_positive_int, "seconds from a request head's first byte to its end (then 408)", default=30, metavar="S")
 _opt("limit-request-field-size", parse_positive_int, "longest HTTP header field line (longer: 431)", default=8190, metavar="BYTES")
 _opt("http-keepalive", parse_nonneg_int, "idle keep-alive timeout in seconds", default=15, metavar="S")
 _opt("reload-mercy", parse_nonneg_int, "seconds an old app master may drain on reload", default=30, metavar="S")

@@ -256,6 +256,10 @@ class Top:
     def stop(self, graceful: bool) -> None:
         if self.stopping and graceful:
             return
+        if not self.stopping:
+            # No generation to come: idle connections the draining workers
+            # hand over are closed here at once, not left open in the pair.
+            self.loop.add_reader(self.handover.recv_end, lambda _fd=None: self.handover.close_waiting())
         self.stopping = True
         sig = signal.SIGTERM if graceful else signal.SIGKILL
         mercy = int(self.config.get("reload-mercy"))  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ worker (vassal.handover), exit.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
@@ -29,6 +30,17 @@ from vassal.uwsgiproto import UwsgiConnection, env_defaults, respond_whole
 # Seconds a draining worker waits for a just-accepted connection's first request.
 DRAIN_FIRST_REQUEST = 5.0
 HANDOVER = object()  # the poller's tag for the handover socket
+LINGER_SECONDS = 5.0  # reading what a refused client still sends
+ACCEPT_PAUSE = 1.0  # out of fds: seconds without accepting
+
+
+class _Discard:
+    """A lingering connection's reader: everything is dropped until EOF."""
+
+    idle = False
+
+    def feed(self, data: bytes) -> bool:
+        return bool(data)
 ACCEPT_BATCH = 16
 # A client that does not read its response for this long is dropped.
 SEND_TIMEOUT = struct.pack("ll", 60, 0)
@@ -47,6 +59,7 @@ class Worker:
         keepalive: int,
         http_limits: Limits | None = None,
         handover: Handover | None = None,
+        head_timeout: float = 30.0,
         max_requests: int,
         scoreboard=None,
         access_log: bool = True,
@@ -60,7 +73,11 @@ class Worker:
         self.max_body = max_body
         self.http_limits = http_limits or Limits(head=max_head, body=max_body)
         self.handover = handover
+        self.head_timeout = head_timeout
         self.origin: dict[socket.socket, tuple[str, tuple[str, str]]] = {}  # conn -> (kind, server), to hand it over
+        self.head_since: dict[socket.socket, float] = {}  # conn -> when its unfinished head began
+        self.lingering: dict[socket.socket, float] = {}  # conn -> when to stop draining it
+        self.accept_paused_until: float | None = None
         self.keepalive = keepalive
         self.max_requests = max_requests
         self.requests = 0
@@ -131,8 +148,9 @@ class Worker:
                 # connections from the same sockets) and taking handed-over
                 # ones, finish what is in hand.
                 draining_since = time.monotonic()
-                for listener in self.listeners:
-                    self.poller.unregister(listener.sock.fileno())
+                if self.accept_paused_until is None:  # (else they are off already)
+                    for listener in self.listeners:
+                        self.poller.unregister(listener.sock.fileno())
                 if self.handover is not None:
                     self.poller.unregister(self.handover.recv_end.fileno())
             if draining_since is not None:
@@ -178,9 +196,14 @@ class Worker:
             if not handler.idle:
                 continue
             origin = self.origin.get(conn)
-            if self.handover is not None and origin is not None and self.handover.give(conn, *origin):
-                self._close(conn)  # our copy only: the connection lives on in the message
-            elif self.served.get(conn, 0) > 0 or late:
+            if self.handover is not None and origin is not None:
+                given = self.handover.give(conn, *origin)
+                if given:
+                    self._close(conn)  # our copy only: the connection lives on in the message
+                    continue
+                if given is None:
+                    continue  # the pair is full: again on the next pass (reload-mercy bounds it)
+            if self.served.get(conn, 0) > 0 or late:
                 self._close(conn)
 
     def _adopt(self) -> None:
@@ -201,6 +224,9 @@ class Worker:
             fd, peer = listener.sock._accept()  # type: ignore[attr-defined]
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return False  # another worker won the race
+        except OSError as exc:
+            self._accept_failed(exc)
+            return False
         kind, family, server = self._listener_info(listener)
         # Blocking (as accept4 leaves it) with a kernel send timeout: sendall
         # is then one syscall, not a poll per chunk as with a Python-level
@@ -231,7 +257,7 @@ class Worker:
         # before paying for a poller registration (nginx's uwsgi upstream
         # connections then never need one).
         self._read(conn, handler)
-        if conn in self.handlers:
+        if conn in self.handlers and conn not in self.registered:  # (closed, or lingering and registered)
             self.poller.register(conn.fileno(), (conn, handler))
             self.registered.add(conn)
 
@@ -241,7 +267,8 @@ class Worker:
         is registered anywhere."""
         try:
             accepted = fdconn.accept_read(listener.sock.fileno())
-        except OSError:
+        except OSError as exc:
+            self._accept_failed(exc)
             return False
         if accepted is None:
             return False
@@ -268,6 +295,42 @@ class Worker:
         self.registered.add(conn)  # type: ignore[arg-type]
         return True
 
+    def _accept_failed(self, exc: OSError) -> None:
+        """Out of fds (or kernel memory): stop accepting for a moment rather
+        than spin on a listener that stays readable; what is open is served."""
+        if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM) or self.stopping:
+            return
+        if self.accept_paused_until is None:
+            log(f"worker {self.index}: cannot accept ({exc.strerror}): pausing accepts for {ACCEPT_PAUSE:g}s")
+            for listener in self.listeners:
+                self.poller.unregister(listener.sock.fileno())
+        self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+
+    def _resume_accepting(self) -> None:
+        if self.accept_paused_until is not None and time.monotonic() >= self.accept_paused_until and not self.stopping:
+            self.accept_paused_until = None
+            for listener in self.listeners:
+                self.poller.register(listener.sock.fileno(), listener)
+
+    def _linger(self, conn: socket.socket) -> None:
+        """After an error answer: no more writes, and what the client still
+        sends (the body it had started) is read and dropped until it closes
+        or LINGER_SECONDS pass, so that the kernel does not reset the
+        connection over unread bytes before the client reads the answer."""
+        try:
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        self.handlers[conn] = _Discard()  # type: ignore[assignment]
+        self.lingering[conn] = time.monotonic() + LINGER_SECONDS
+        self.head_since.pop(conn, None)
+        if conn not in self.registered:
+            self.poller.register(conn.fileno(), (conn, self.handlers[conn]))
+            self.registered.add(conn)
+        else:
+            self.poller.data[conn.fileno()] = (conn, self.handlers[conn])
+
     def _listener_info(self, listener: Listener) -> tuple[type, int, tuple[str, str]]:
         info = self.listener_info.get(listener.sock)
         if info is None:
@@ -284,9 +347,16 @@ class Worker:
             self._close(conn)
             return
         if self._feed(handler, data):
-            self.last_seen[conn] = time.monotonic()
+            now = self.last_seen[conn] = time.monotonic()
             if handler.idle:  # a whole request was answered
                 self.served[conn] = self.served.get(conn, 0) + 1
+                self.head_since.pop(conn, None)
+            elif getattr(handler, "head_pending", False):
+                self.head_since.setdefault(conn, now)  # a head has begun: it has http-head-timeout to end
+            else:
+                self.head_since.pop(conn, None)
+        elif getattr(handler, "linger", False) and data and type(conn) is socket.socket:
+            self._linger(conn)
         else:
             self._close(conn)
 
@@ -301,11 +371,24 @@ class Worker:
             return False
 
     def _expire_idle(self) -> None:
+        self._resume_accepting()
         if not self.last_seen:
             return
-        deadline = time.monotonic() - self.keepalive
+        now = time.monotonic()
+        deadline = now - self.keepalive
         for conn, seen in list(self.last_seen.items()):
             if seen < deadline:
+                self._close(conn)
+        # A head trickled byte by byte keeps a connection seen: it gets
+        # http-head-timeout from its first byte, whatever the pace (slowloris).
+        for conn, since in list(self.head_since.items()):
+            if now - since > self.head_timeout:
+                handler = self.handlers.get(conn)
+                if isinstance(handler, HttpConnection):
+                    handler.timed_out()
+                self._close(conn)
+        for conn, until in list(self.lingering.items()):
+            if now > until:
                 self._close(conn)
 
     def _close(self, conn: socket.socket) -> None:
@@ -313,6 +396,8 @@ class Worker:
         self.handlers.pop(conn, None)
         self.served.pop(conn, None)
         self.origin.pop(conn, None)
+        self.head_since.pop(conn, None)
+        self.lingering.pop(conn, None)
         if conn in self.registered:
             # (Only then: a failed unregister formats the socket's repr, which is slow.)
             self.registered.discard(conn)

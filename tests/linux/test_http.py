@@ -47,7 +47,7 @@ class VassalProc:
 def run_vassal(tmp_path):
     started: list[VassalProc] = []
 
-    def start(extra: str = "", processes: int = 1, app: str | None = None, wait: bool = True) -> VassalProc:
+    def start(extra: str = "", processes: int = 1, app: str | None = None, wait: bool = True, preexec=None) -> VassalProc:
         port = free_port()
         cfg = tmp_path / f"v{len(started)}.ini"
         text = hello_ini(port, extra=extra, processes=processes)
@@ -57,7 +57,7 @@ def run_vassal(tmp_path):
         log = tmp_path / f"v{len(started)}.log"
         with open(log, "wb") as handle:
             proc = subprocess.Popen([sys.executable, "-m", "vassal", str(cfg)], stdout=handle, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "PYTEST_TAG": TEST_TAG})
+                                    env={**os.environ, "PYTEST_TAG": TEST_TAG}, preexec_fn=preexec)
         v = VassalProc(proc, port, log)
         started.append(v)
         if wait:
@@ -606,3 +606,65 @@ def test_invalid_request_table(table_vassal, name, raw, status, split):
     assert b"Connection: close" in out.partition(b"\r\n\r\n")[0]
     assert answers(table_vassal.port)  # the worker lives on
     assert "Traceback" not in table_vassal.text()  # a client's error is not the server's
+
+
+def test_a_refused_upload_is_answered_not_reset(run_vassal):
+    """After 413 the worker reads and drops the rest of the body (lingering
+    close): closing with it unread made the kernel reset the connection, and
+    http.client saw ConnectionResetError, never the 413."""
+    import http.client
+
+    v = run_vassal(extra="limit-post = 100000\n")
+    conn = http.client.HTTPConnection("127.0.0.1", v.port, timeout=20)
+    try:
+        conn.request("POST", "/echo", body=b"x" * 5_000_000)
+        resp = conn.getresponse()
+        assert resp.status == 413
+    finally:
+        conn.close()
+    assert answers(v.port)
+
+
+def test_a_head_trickled_byte_by_byte_gets_408(run_vassal):
+    """Any byte refreshed the idle timer: a slowloris head lived forever."""
+    v = run_vassal(extra="http-head-timeout = 2\nhttp-keepalive = 15\n")
+    with socket.create_connection(("127.0.0.1", v.port), timeout=20) as sock:
+        started = time.monotonic()
+        out = b""
+        for byte in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"z" * 100:
+            try:
+                sock.send(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.2)
+            sock.setblocking(False)
+            try:
+                out += sock.recv(4096)
+            except BlockingIOError:
+                pass
+            sock.setblocking(True)
+            if out:
+                break
+        assert out.startswith(b"HTTP/1.1 408"), out
+        assert time.monotonic() - started < 10 * TIME_SCALE
+    assert answers(v.port)
+
+
+def test_out_of_fds_the_worker_pauses_accepting_and_lives(run_vassal, tmp_path):
+    """EMFILE on accept crashed the worker (and dropped what it held)."""
+    import resource
+
+    v = run_vassal(wait=False, preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48)))
+    wait_for(lambda: answers(v.port), 15, what="vassal up")
+    held = []
+    try:
+        for _ in range(80):
+            sock = socket.create_connection(("127.0.0.1", v.port), timeout=5)
+            sock.sendall(b"GET / HTTP/1.1\r\n")  # a head that never ends
+            held.append(sock)
+        wait_for(lambda: "pausing accepts" in v.text(), 10, what="the pause logged")
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(lambda: answers(v.port), 15, what="answering again")
+    assert "worker crashed" not in v.text() and "Traceback" not in v.text()

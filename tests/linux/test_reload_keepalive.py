@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.conftest import answers, free_port, hello_ini, wait_for
+from tests.conftest import TIME_SCALE, answers, free_port, hello_ini, wait_for
 
 RELOADS = 10
 
@@ -108,3 +108,67 @@ def test_wrk_keepalive_sees_no_error_across_ten_reloads(loaded):
     assert "requests in" in out, out
     assert "Socket errors" not in out and "Non-2xx" not in out, out
     assert int(re.search(r"(\d+) requests in", out).group(1)) > 0
+
+
+def _idle_connections(port: int, count: int) -> list[http.client.HTTPConnection]:
+    conns = []
+    for _ in range(count):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/")
+        assert conn.getresponse().read().startswith(b"Hello")
+        conns.append(conn)
+    return conns
+
+
+def test_more_idle_connections_than_the_pair_holds_all_survive_a_reload(start_emperor):
+    """Past ~280 handed-over connections the socketpair is full: the rest
+    were closed (the race again) instead of waiting for room."""
+    emp = start_emperor()
+    port = free_port()
+    (emp.dir / "ka.ini").write_text(hello_ini(port, processes=1, extra="reload-mercy = 20\ndisable-logging = true\n"))
+    wait_for(lambda: answers(port), 20, what="vassal up")
+    conns = _idle_connections(port, 1000)
+    try:
+        before = emp.log_text().count("ready (pid")
+        emp.ctl("reload", "ka.ini")
+        wait_for(lambda: emp.log_text().count("ready (pid") > before, 30, what="reloaded")
+        time.sleep(1.0)
+        failed = []
+        for i, conn in enumerate(conns):
+            try:
+                conn.request("GET", "/")
+                assert conn.getresponse().read().startswith(b"Hello")
+            except Exception as exc:
+                failed.append((i, repr(exc)))
+        assert not failed, (len(failed), failed[:5])
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_a_stop_closes_idle_connections_at_once(start_emperor, tmp_path):
+    """On a stop no generation takes them: they were left open, unanswered,
+    until the slowest request in flight ended (then reset)."""
+    emp = start_emperor()
+    port = free_port()
+    app = tmp_path / "slow.py"
+    app.write_text("import time\n\ndef application(environ, start_response):\n"
+                   "    if environ['PATH_INFO'] == '/sleep':\n        time.sleep(15)\n"
+                   "    start_response('200 OK', [('Content-Length', '5')])\n    return [b'Hello']\n")
+    (emp.dir / "stop.ini").write_text(f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = 127.0.0.1:{port}\nprocesses = 2\n"
+                                      "disable-logging = true\nreload-mercy = 20\n")
+    wait_for(lambda: answers(port), 20, what="vassal up")
+    # The slow request first: its worker is busy in the app, so the idle
+    # connections are all the other worker's, which is free to let them go.
+    slow = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    slow.request("GET", "/sleep")
+    time.sleep(0.5)
+    idle = _idle_connections(port, 4)
+    (emp.dir / "stop.ini").unlink()
+    started = time.monotonic()
+    for conn in idle:
+        conn.sock.settimeout(30)
+        assert conn.sock.recv(1) == b""  # EOF, promptly
+    assert time.monotonic() - started < 2 * TIME_SCALE
+    for conn in [*idle, slow]:
+        conn.close()

@@ -195,3 +195,47 @@ def test_c_and_python_lexers_agree_on_structured_heads(monkeypatch):
         assert _outcome(raw, True, monkeypatch) == _outcome(raw, False, monkeypatch), raw
 
     agree()
+
+
+def test_a_line_of_exactly_the_limit_is_taken_however_split():
+    """(the CR of a line cut before its LF was counted against the limit)"""
+    line = b"GET /" + b"a" * 8176 + b" HTTP/1.1"
+    field = b"X: " + b"b" * 8187
+    assert len(line) == len(field) == 8190
+    for raw in (line + b"\r\nHost: a\r\n\r\n", b"GET / HTTP/1.1\r\nHost: a\r\n" + field + b"\r\n\r\n"):
+        cut = raw.index(b"\r\n", 20 if raw.startswith(b"GET / ") else 0) + 1
+        for pieces in ([raw], [raw[:cut], raw[cut:]]):
+            parser = RequestParser(Limits())
+            for piece in pieces:
+                parser.feed(piece)
+            assert len(parser.done) == 1
+
+
+def test_a_line_fed_byte_by_byte_is_not_rescanned():
+    import time
+
+    def cost(size: int) -> float:
+        parser = RequestParser(Limits(field_size=1 << 20, head=1 << 21))
+        data = b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"v" * size
+        started = time.monotonic()
+        for i in range(len(data)):
+            parser.feed(data[i:i + 1])
+        return time.monotonic() - started
+
+    small, big = cost(20000), cost(80000)
+    assert big < 8 * small + 0.05  # linear: 4x; quadratic would be 16x
+
+
+def test_a_pipelined_100_continue_waits_for_the_answers_before_it():
+    ours, theirs = socket.socketpair()
+    theirs.settimeout(5)
+    conn = HttpConnection(ours, ("198.18.0.9", 1), ("h", "80"), APP, limits=LIMITS)
+    conn.feed(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\nPOST /2 HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+    first = theirs.recv(65536)
+    while b"100 Continue" not in first:
+        first += theirs.recv(65536)
+    assert first.startswith(b"HTTP/1.1 200") and first.index(b"HTTP/1.1 100 Continue") > first.index(b"\r\n\r\n")
+    conn.feed(b"abc")
+    assert b'"body": "abc"' in theirs.recv(65536)
+    ours.close()
+    theirs.close()
