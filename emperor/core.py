@@ -30,7 +30,7 @@ from emperor.instance import (
     Signature,
     Vassal,
 )
-from emperor.monitor import DirMonitor, Source
+from emperor.monitor import DirMonitor, Source, is_regular
 from emperor.names import name_problem, tenant_name_problem
 from emperor.netrouter import RouterSupervisor, address_problems
 from emperor.spawn import Zygote
@@ -453,7 +453,7 @@ class Emperor:
                 self.log(f"ignoring {path}: a vassal named {name} already runs from {vassal.path}")
                 return
         signature = Signature.of(path)
-        if signature is None or not os.path.isfile(path):
+        if signature is None or not is_regular(path):
             if vassal is not None and not vassal.removing:
                 self.log(f"[{name}] config gone, stopping")
                 vassal.removing = True

@@ -24,6 +24,7 @@ from emperor.spawn import Spawned, SpawnRequest, config_fd, spawn
 from jails.tracking import LimitError, LimitGroups, ProcessGroupTracker, VassalCgroup
 from vassal import protocol
 from vassal.config import Config, ConfigError
+from vassal.identity import stat_following
 from vassal.loop import Timer
 
 if TYPE_CHECKING:
@@ -67,7 +68,12 @@ class Signature:
     @classmethod
     def of(cls, path: str) -> Signature | None:
         try:
-            st = os.stat(path)
+            st = stat_following(path)
+        except PermissionError:
+            try:
+                st = os.lstat(path)  # a link its owner may not follow: read_config says so
+            except OSError:
+                return None
         except OSError:
             return None
         return cls(st.st_ino, st.st_dev, st.st_mtime_ns, st.st_ctime_ns, st.st_size)

@@ -12,10 +12,12 @@ import fnmatch
 import glob
 import os
 import select
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from vassal.config import VALID_EXTENSIONS
+from vassal.identity import stat_following
 from vassal.loop import Loop
 
 try:
@@ -64,7 +66,23 @@ class Source:
                 candidates = [e.path for e in os.scandir(self.directory)]
             except OSError:
                 candidates = []
-        return sorted(p for p in candidates if self.wants(p) and os.path.isfile(p))
+        return sorted(p for p in candidates if self.wants(p) and is_regular(p))
+
+
+def is_regular(path: str) -> bool:
+    """A regular file, through a symlink too (one a protected_symlinks
+    kernel lets only its owner follow: see stat_following)."""
+    try:
+        return stat.S_ISREG(stat_following(path).st_mode)
+    except PermissionError:
+        # Not even its owner may follow it: a vassal file still, whose
+        # reading will say why it cannot run (never silently skipped).
+        try:
+            return stat.S_ISLNK(os.lstat(path).st_mode)
+        except OSError:
+            return False
+    except OSError:
+        return False
 
 
 class DirMonitor:

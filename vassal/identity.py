@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -42,3 +43,18 @@ def acting_as(owner: tuple[int, int] | None) -> Iterator[None]:
         os.seteuid(0)
         os.setegid(saved_gid)
         os.setgroups(saved_groups)
+
+
+def stat_following(path: str) -> os.stat_result:
+    """``os.stat``, and where the kernel refuses root to follow a user's
+    symlink in a sticky world-writable dir (fs.protected_symlinks, which
+    systemd hosts set), followed as the link's owner, as the kernel allows.
+    Raises OSError as os.stat does."""
+    try:
+        return os.stat(path)
+    except PermissionError:
+        link = os.lstat(path)
+        if not stat.S_ISLNK(link.st_mode) or os.geteuid() != 0:
+            raise
+        with acting_as((link.st_uid, link.st_gid)):
+            return os.stat(path)
