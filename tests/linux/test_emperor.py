@@ -162,7 +162,9 @@ def test_backoff_grows_and_reset(start_emperor):
     before = v["restarts"]
     emp.ctl("reset", "crash.ini")
     wait_for(lambda: emp.vassal("crash.ini")["restarts"] > before, 3, what="reset retried now")
-    after = emp.vassal("crash.ini")
+    # (its crash takes a moment on a slow machine: then it is in backoff again)
+    after = wait_for(lambda: (x := emp.vassal("crash.ini")) and x["state"] == "backoff" and x["restarts"] > before and x,
+                     15, what="back in backoff")
     assert after["backoff_until"] - after["last_exit"]["at"] < delays[1]
 
 
