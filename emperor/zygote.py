@@ -32,8 +32,6 @@ import signal
 import socket
 import sys
 
-import httptools  # noqa: F401
-
 import jails
 import vassal.app  # noqa: F401
 import vassal.cli
