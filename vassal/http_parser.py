@@ -226,7 +226,7 @@ class RequestParser:
                 if not line.endswith(b"\r"):
                     raise Rejected(400, "bare LF in the request head")
                 self._line(line[:-1], len(line) + 1)
-            elif state == _BODY:
+            elif state == _BODY or state == _CHUNK_DATA:
                 take = min(len(buf) - pos, self._remaining)
                 if take == 0:
                     break
@@ -234,7 +234,10 @@ class RequestParser:
                 pos += take
                 self._remaining -= take
                 if self._remaining == 0:
-                    self._complete()
+                    if state == _BODY:
+                        self._complete()
+                    else:
+                        self._state = _CHUNK_END
             elif state == _CHUNK_SIZE:
                 end = buf.find(b"\n", max(pos, scanned))
                 scanned = 0
@@ -246,15 +249,6 @@ class RequestParser:
                 line = bytes(buf[pos:end])
                 pos = end + 1
                 self._chunk_size(line)
-            elif state == _CHUNK_DATA:
-                take = min(len(buf) - pos, self._remaining)
-                if take == 0:
-                    break
-                self._body(bytes(buf[pos:pos + take]))
-                pos += take
-                self._remaining -= take
-                if self._remaining == 0:
-                    self._state = _CHUNK_END
             else:  # _CHUNK_END: the CRLF after a chunk's data
                 if len(buf) - pos < 2:
                     if len(buf) > pos and buf[pos] != 13:
