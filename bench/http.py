@@ -161,7 +161,7 @@ def main() -> int:
         if uwsgi:
             port = free_port()
             measure("uWSGI http-socket", [uwsgi, "--http11-socket", f"127.0.0.1:{port}", "--wsgi-file", str(HELLO),
-                                          "--master", "--processes", "1", "--disable-logging", "--http-keepalive", "1"], port)
+                                          "--master", "--processes", "1", "--disable-logging", "--http-keepalive"], port)
         if gunicorn:
             port = free_port()
             measure("gunicorn sync", [gunicorn, "-w", "1", "-b", f"127.0.0.1:{port}", "--chdir", str(HELLO.parent), "hello:application"], port)
