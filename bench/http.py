@@ -195,30 +195,28 @@ def reload_rows(work: Path, uwsgi: str | None, gunicorn: str | None, reloads: in
     def touch(path: Path):
         return lambda: os.utime(path)
 
-    port = free_port()
-    vassals = work / "reload-ours"
-    vassals.mkdir()
-    ini = vassals / "r.ini"
-    ini.write_text(f"[uwsgi]\nwsgi-file = {HELLO}\nhttp-socket = 127.0.0.1:{port}\nprocesses = 4\ndisable-logging = true\n")
-    proc = start([str(BIN / "emperor"), "--control", str(work / "reload.sock"), str(vassals)], work, "reload-ours")
-    try:
-        wait_port(port)
-        rows["ours (emperor)"] = reload_under_load(port, touch(ini), reloads)
-    finally:
-        stop(proc)
-    if uwsgi:
+    def emperor_row(label: str, kind: str, ini: str, argv) -> None:
+        """A 4-worker vassal under an emperor (``argv(vassal dir)``), reloaded by touching its file."""
         port = free_port()
-        vassals = work / "reload-uwsgi"
+        vassals = work / f"reload-{kind}"
         vassals.mkdir()
-        ini = vassals / "r.ini"
-        ini.write_text(f"[uwsgi]\nwsgi-file = {HELLO}\nhttp11-socket = 127.0.0.1:{port}\nmaster = true\nprocesses = 4\n"
-                       "disable-logging = true\nhttp-keepalive = 1\n")
-        proc = start([uwsgi, "--emperor", str(vassals)], work, "reload-uwsgi")
+        path = vassals / "r.ini"
+        path.write_text(ini.format(hello=HELLO, port=port))
+        proc = start(argv(vassals), work, f"reload-{kind}")
         try:
             wait_port(port)
-            rows["uWSGI (emperor)"] = reload_under_load(port, touch(ini), reloads)
+            rows[label] = reload_under_load(port, touch(path), reloads)
         finally:
             stop(proc)
+
+    emperor_row("ours (emperor)", "ours",
+                "[uwsgi]\nwsgi-file = {hello}\nhttp-socket = 127.0.0.1:{port}\nprocesses = 4\ndisable-logging = true\n",
+                lambda d: [str(BIN / "emperor"), "--control", str(work / "reload.sock"), str(d)])
+    if uwsgi:
+        emperor_row("uWSGI (emperor)", "uwsgi",
+                    "[uwsgi]\nwsgi-file = {hello}\nhttp11-socket = 127.0.0.1:{port}\nmaster = true\nprocesses = 4\n"
+                    "disable-logging = true\nhttp-keepalive = 1\n",
+                    lambda d: [uwsgi, "--emperor", str(d)])
     if gunicorn:
         port = free_port()
         proc = start([gunicorn, "-w", "4", "--keep-alive", "5", "-b", f"127.0.0.1:{port}", "--chdir", str(HELLO.parent),

@@ -98,6 +98,22 @@ def vassal_ini(app: Path, port: int, extra: str = "") -> str:
     return f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = 127.0.0.1:{port}\nprocesses = 2\n{extra}"
 
 
+def beside_a_neighbour(vassals: Path, app: Path, name: str, extra: str) -> tuple[int, int]:
+    """Vassal ``name`` with ``extra`` and a plain neighbour, both answering:
+    (its port, the neighbour's)."""
+    port, neighbour = free_port(), free_port()
+    (vassals / "neighbour.ini").write_text(vassal_ini(app, neighbour))
+    (vassals / name).write_text(vassal_ini(app, port, extra))
+    wait_for(lambda: answers(port) and answers(neighbour), 90, what=f"{name} and its neighbour")
+    return port, neighbour
+
+
+def remove_all(vassals: Path) -> None:
+    for path in vassals.glob("*.ini"):
+        path.unlink()
+    wait_for(lambda: not status()["vassals"], 60, what="vassals gone")
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     """pyemperor.service from contrib/, on a vassal dir of this module."""
@@ -156,10 +172,7 @@ def test_limits_are_exactly_in_the_cgroup_the_vassal_names(service):
 
 def test_a_memory_hog_is_oom_killed_as_a_group_and_the_neighbour_answers(service):
     vassals, app = service
-    hog, neighbour = free_port(), free_port()
-    (vassals / "neighbour.ini").write_text(vassal_ini(app, neighbour))
-    (vassals / "hog.ini").write_text(vassal_ini(app, hog, "memory-limit = 160M\n"))
-    wait_for(lambda: answers(hog) and answers(neighbour), 90, what="hog and neighbour")
+    hog, neighbour = beside_a_neighbour(vassals, app, "hog.ini", "memory-limit = 160M\n")
     group = cgroup_of(hog)
     before = {int(p) for p in (group / "cgroup.procs").read_text().split()}
     assert len(before) >= 3  # top, master, two workers (and more)
@@ -176,26 +189,19 @@ def test_a_memory_hog_is_oom_killed_as_a_group_and_the_neighbour_answers(service
     assert answers(neighbour)
     wait_for(lambda: (x := vassal("hog.ini"))["state"] == "ready" and x["pid"] != first, 90, what="the hog respawned")
     assert answers(neighbour)
-    for name in ("hog.ini", "neighbour.ini"):
-        (vassals / name).unlink()
-    wait_for(lambda: not status()["vassals"], 60, what="vassals gone")
+    remove_all(vassals)
 
 
 def test_a_fork_bomb_is_contained(service):
     vassals, app = service
-    bomb, neighbour = free_port(), free_port()
-    (vassals / "neighbour.ini").write_text(vassal_ini(app, neighbour))
-    (vassals / "bomb.ini").write_text(vassal_ini(app, bomb, "pids-limit = 24\n"))
-    wait_for(lambda: answers(bomb) and answers(neighbour), 90, what="bomb and neighbour")
+    bomb, neighbour = beside_a_neighbour(vassals, app, "bomb.ini", "pids-limit = 24\n")
     group = cgroup_of(bomb)
     code, body = http_get(bomb, "/forkbomb", timeout=60)
     assert code == 200 and 0 < int(body) < 24
     assert int((group / "pids.current").read_text()) <= 24
     assert "max" in (group / "pids.events").read_text()
     assert answers(neighbour)
-    for name in ("bomb.ini", "neighbour.ini"):
-        (vassals / name).unlink()
-    wait_for(lambda: not status()["vassals"], 60, what="vassals gone")
+    remove_all(vassals)
     assert not group.exists()
 
 
@@ -214,9 +220,7 @@ def test_systemctl_reload_reloads_every_vassal(service):
     for name, port in ports.items():
         wait_for(lambda p=port, n=name: http_get(p)[1].decode() not in before[n], 90, what=f"{name} reloaded")
     assert show("MainPID") == main_pid  # the emperor itself stays
-    for name in ports:
-        (vassals / name).unlink()
-    wait_for(lambda: not status()["vassals"], 60, what="vassals gone")
+    remove_all(vassals)
 
 
 def test_systemctl_stop_leaves_no_process_and_no_cgroup(service):
