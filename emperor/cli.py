@@ -6,9 +6,10 @@ import argparse
 import os
 import sys
 
-from vassal import options
-from vassal.cliopts import add_option_flags, preprocess_argv
-from vassal.config import ConfigError, Entry, build, read_entries, unsupported
+import jails
+from bedrock import options
+from bedrock.cliopts import add_option_flags, preprocess_argv
+from bedrock.config import ConfigError, Entry, build, read_entries
 
 DEFAULT_DIR = "/etc/vassals"
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args)
         from emperor.core import emperor_hook_problems
 
-        if problems := unsupported(settings) + emperor_hook_problems(settings):
+        if problems := jails.unsupported(settings) + emperor_hook_problems(settings):
             raise ConfigError(problems)
     except ConfigError as exc:
         for problem in exc.problems:

@@ -31,8 +31,8 @@ from emperor.commands import USAGE, CommandError, Peer
 from emperor.names import printable
 
 if TYPE_CHECKING:
+    from bedrock.loop import Timer
     from emperor.core import Emperor
-    from vassal.loop import Timer
 
 MAX_REQUEST = 65536
 # A request is {"command": VERB, "args": {"names": [...]}}: three levels.
@@ -613,7 +613,7 @@ class StatsServer(_Server):
         self.address = address
 
     def open(self) -> None:
-        from vassal.sockets import bind
+        from bedrock.sockets import bind
 
         listener = bind("stats", self.address, 64, 0o600)
         self._listen(listener.sock)

@@ -17,6 +17,18 @@ import time
 from collections.abc import Callable
 
 import jails
+from bedrock.config import (
+    Config,
+    ConfigError,
+    ConfigUnavailable,
+    Problem,
+    build,
+    overrides_entries,
+    read_with_templates,
+)
+from bedrock.identity import acting_as
+from bedrock.log import stamped
+from bedrock.loop import Loop, reaped
 from emperor import commands
 from emperor.commands import CommandError, Peer
 from emperor.control import ControlServer, StatsServer
@@ -44,19 +56,6 @@ from jails.tracking import (
     remove_v1_bases,
 )
 from vassal import hooks, jail
-from vassal.config import (
-    Config,
-    ConfigError,
-    ConfigUnavailable,
-    Problem,
-    build,
-    overrides_entries,
-    read_with_templates,
-    unsupported,
-)
-from vassal.identity import acting_as
-from vassal.log import stamped
-from vassal.loop import Loop, reaped
 
 
 def become_subreaper() -> bool:
@@ -421,7 +420,7 @@ class Emperor:
         if owner is not None and (forced := self.overrides_for(config)[len(self.vassal_set):]):
             config = build(path, entries + overrides_entries(self.vassal_set + forced), env=env, lenient=lenient)
             config.owner = owner
-        if not lenient and (problems := unsupported(config) + jail.problems(config, set(self.clone), tyrant=owner)
+        if not lenient and (problems := jails.unsupported(config) + jail.problems(config, set(self.clone), tyrant=owner)
                             + address_problems(self.settings, config, owner[0] if owner else None)):
             raise ConfigError(problems)
         return config

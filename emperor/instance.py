@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 import psutil
 
 import jails
+from bedrock import protocol
+from bedrock.config import Config, ConfigError
+from bedrock.identity import stat_following
+from bedrock.loop import Timer
 from emperor.logbuf import LogBuffer, read_available
 from emperor.spawn import Spawned, SpawnRequest, config_fd, spawn
 from jails.tracking import LimitError, LimitGroups, ProcessGroupTracker, VassalCgroup
-from vassal import protocol
-from vassal.config import Config, ConfigError
-from vassal.identity import stat_following
-from vassal.loop import Timer
 
 if TYPE_CHECKING:
     from emperor.core import Emperor

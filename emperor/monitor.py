@@ -16,9 +16,9 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vassal.config import VALID_EXTENSIONS
-from vassal.identity import stat_following
-from vassal.loop import Loop
+from bedrock.config import VALID_EXTENSIONS
+from bedrock.identity import stat_following
+from bedrock.loop import Loop
 
 try:
     from inotify_simple import INotify

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from vassal.log import UNSAFE, escape, printable
+from bedrock.log import UNSAFE, escape, printable
 
 __all__ = ["name_problem", "printable"]
 

@@ -24,11 +24,11 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from bedrock import protocol
+from bedrock.config import Config, Problem
 from netrouter.firewall import Chain, RuleError
 from netrouter.tun import TunError, delete_persistent, open_tun
 from netrouter.wire import BROKER, frame
-from vassal import protocol
-from vassal.config import Config, Problem
 from vassal.tuntap import DEFAULT_ROUTER_SOCKET
 
 if TYPE_CHECKING:

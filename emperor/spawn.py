@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import jails
+from bedrock import protocol
 from netrouter.tun import ENV_TUN_FDS
-from vassal import protocol
 
 # The vassal end of the emperor pipe always lands on this fd in the child.
 VASSAL_PIPE_FD = 3

@@ -10,9 +10,10 @@ from __future__ import annotations
 import sys
 from functools import cache
 
+from bedrock.config import Config, Problem, unimplemented
 from jails.base import Backend, JailError
 
-__all__ = ["Backend", "JailError", "backend"]
+__all__ = ["Backend", "JailError", "backend", "unsupported"]
 
 
 @cache
@@ -24,3 +25,9 @@ def backend() -> Backend:
     from jails.linux_backend import LinuxBackend
 
     return LinuxBackend()
+
+
+def unsupported(config: Config) -> list[Problem]:
+    """Keys this version validates but cannot act on here: not implemented
+    yet, or for another platform (the backend says which)."""
+    return unimplemented(config) + backend().refused(config)

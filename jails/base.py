@@ -12,7 +12,7 @@ import grp
 import os
 import pwd
 
-from vassal.config import Config, Problem
+from bedrock.config import Config, Problem
 
 
 class JailError(Exception):

@@ -29,8 +29,8 @@ import errno
 import os
 import struct
 
+from bedrock.config import Config, Problem
 from jails.base import Backend, JailError, drop_to, refuse
-from vassal.config import Config, Problem
 
 JAIL_CREATE = 0x01
 JAIL_UPDATE = 0x02

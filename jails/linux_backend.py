@@ -7,9 +7,9 @@ import os
 import socket
 import struct
 
+from bedrock.config import Config, Problem
 from jails import linux
 from jails.base import Backend, refuse
-from vassal.config import Config, Problem
 
 FREEBSD_ONLY = {
     key: f"{key} is FreeBSD only (on Linux use unshare, pivot-root, chroot)"

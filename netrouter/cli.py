@@ -14,12 +14,12 @@ import socket
 import sys
 from collections.abc import Callable
 
+from bedrock.loop import Loop
 from jails.linux import interface_up
 from netrouter.firewall import RuleError
 from netrouter.hostaddr import AddressError
 from netrouter.router import DEFAULT_MAX_CONNECTIONS, Router, say
 from netrouter.tun import TunError, disable_ipv6, open_tun, set_offloads
-from vassal.loop import Loop
 
 REPORT_INTERVAL = 1.0
 STATS_TIMEOUT = 5.0  # a stats reader that does not read is dropped after this

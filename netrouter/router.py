@@ -37,6 +37,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from bedrock.loop import Loop
 from netrouter.firewall import Chain
 from netrouter.hostaddr import AddressWatch
 from netrouter.offload import (
@@ -66,7 +67,6 @@ from netrouter.wire import (
     ipv4_addresses,
     send_or_queue,
 )
-from vassal.loop import Loop
 
 MAX_BACKLOG = 4 * 1024 * 1024
 # One unprivileged uid may hold at most this many connections (a tenant that

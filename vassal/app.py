@@ -10,7 +10,7 @@ import runpy
 import sys
 from collections.abc import Callable
 
-from vassal.config import Config
+from bedrock.config import Config
 
 
 class AppLoadError(Exception):

@@ -8,9 +8,10 @@ import os
 import sys
 from collections.abc import Callable
 
-from vassal import options, protocol
-from vassal.cliopts import add_option_flags, preprocess_argv
-from vassal.config import MAX_HANDED_BYTES, Config, ConfigError, from_json, load, unsupported
+import jails
+from bedrock import options, protocol
+from bedrock.cliopts import add_option_flags, preprocess_argv
+from bedrock.config import MAX_HANDED_BYTES, Config, ConfigError, from_json, load
 
 _PARSER: argparse.ArgumentParser | None = None
 
@@ -95,7 +96,7 @@ def run_handed() -> int:
         config = handed_config()
         if config is None:
             raise ConfigError([_problem(f"no config handed over ({protocol.ENV_CONFIG_FD} unset)")])
-        if problems := unsupported(config):
+        if problems := jails.unsupported(config):
             raise ConfigError(problems)
     except ConfigError as exc:
         for problem in exc.problems:
@@ -105,7 +106,7 @@ def run_handed() -> int:
 
 
 def _problem(message: str):
-    from vassal.config import Problem
+    from bedrock.config import Problem
 
     return Problem("<command line>", None, None, message)
 
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"vassal: {problem}", file=sys.stderr)
         return 1 if args.check else protocol.EXIT_CONFIG
-    missing = unsupported(config)
+    missing = jails.unsupported(config)
     if args.check:
         for problem in missing:
             print(f"vassal: warning: {problem}", file=sys.stderr)

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import jails
-from vassal.config import Config, Entry
-from vassal.log import log
+from bedrock.config import Config, Entry
+from bedrock.log import log
 
 WAIT_DEFAULT_TIMEOUT = 10.0
 # hook-timeout's default: a hook that hangs must not leave its vassal

@@ -17,9 +17,9 @@ import traceback
 from collections.abc import Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
+from bedrock.log import log
 from vassal.fdconn import wait_writable
 from vassal.http_parser import Limits, Rejected, Request, RequestParser
-from vassal.log import log
 
 STATUS_TEXT = {
     400: "Bad Request",

@@ -14,12 +14,13 @@ import signal
 import sys
 
 import jails
+from bedrock import protocol
+from bedrock.config import Config, Entry, Problem
+from bedrock.identity import groups_of
+from bedrock.log import log
 from jails import linux, netlink
 from jails.base import resolve_group, resolve_user
-from vassal import hooks, protocol
-from vassal.config import Config, Entry, Problem
-from vassal.identity import groups_of
-from vassal.log import log
+from vassal import hooks
 from vassal.tuntap import TunLink
 
 # Namespaces the emperor cloned for us (emperor-use-clone), set at spawn.

@@ -26,7 +26,7 @@ import time
 import zlib
 from collections.abc import Callable
 
-from vassal.loop import Loop
+from bedrock.loop import Loop
 
 Encoder = Callable[[bytes], bytes]
 _VAR_RE = re.compile(rb"\$\{(msgnl|msg|unix|micros|strftime:[^}]*)\}")

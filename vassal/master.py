@@ -16,17 +16,18 @@ import time
 import traceback
 
 import jails
+from bedrock import protocol
+from bedrock.config import Config
+from bedrock.log import log, set_role
+from bedrock.loop import Loop, reaped
+from bedrock.sockets import Listener
 from jails import JailError
-from vassal import hooks, jail, protocol
+from vassal import hooks, jail
 from vassal.app import load_app
 from vassal.cheaper import Cheaper, listen_backlog
-from vassal.config import Config
 from vassal.handover import Handover
 from vassal.http_parser import Limits
-from vassal.log import log, set_role
-from vassal.loop import Loop, reaped
 from vassal.scoreboard import Scoreboard
-from vassal.sockets import Listener
 from vassal.status import StatusChannel
 from vassal.worker import Worker
 

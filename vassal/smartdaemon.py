@@ -18,8 +18,8 @@ from collections.abc import Callable
 import psutil
 
 import jails
-from vassal.log import log
-from vassal.loop import Loop
+from bedrock.log import log
+from bedrock.loop import Loop
 
 CHECK_INTERVAL = 1.0
 START_WAIT = 30.0

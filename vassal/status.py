@@ -13,7 +13,7 @@ import json
 import os
 import socket
 
-from vassal import protocol
+from bedrock import protocol
 
 MAX_DATAGRAM = 60000
 

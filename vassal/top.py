@@ -22,19 +22,20 @@ from dataclasses import dataclass, field
 import psutil
 
 import jails
+from bedrock import protocol
+from bedrock.config import Config, ConfigError
+from bedrock.log import log, set_role, set_sink
+from bedrock.loop import Loop, Timer, reaped
+from bedrock.sockets import Listener, SocketError, bind
 from jails import JailError
 from jails.netlink import NetlinkError
 from netrouter.tun import TunError
-from vassal import hooks, jail, protocol
+from vassal import hooks, jail
 from vassal.app import has_app
-from vassal.config import Config, ConfigError
 from vassal.handover import Handover
-from vassal.log import log, set_role, set_sink
 from vassal.logpipe import LogPipe
-from vassal.loop import Loop, Timer, reaped
 from vassal.master import Master, set_title
 from vassal.smartdaemon import SmartDaemon
-from vassal.sockets import Listener, SocketError, bind
 from vassal.status import keep_from_exec as keep_status_from_exec
 
 DAEMON_RESPAWN_DELAY = 1.0

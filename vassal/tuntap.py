@@ -17,6 +17,8 @@ import os
 import socket
 import struct
 
+from bedrock.log import log
+from bedrock.loop import Loop
 from netrouter.offload import PLAIN_HDR, VNET_HDR_LEN, OffloadError, needs_work, plain_packets
 from netrouter.tun import disable_ipv6, open_tun, set_offloads
 from netrouter.wire import (
@@ -33,8 +35,6 @@ from netrouter.wire import (
     header,
     send_or_queue,
 )
-from vassal.log import log
-from vassal.loop import Loop
 
 DEFAULT_ROUTER_SOCKET = "/run/emperor/tuntap.sock"
 RECONNECT_DELAY = 1.0

@@ -17,8 +17,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from bedrock.log import log
 from vassal.http import STATUS_TEXT, FileWrapper, RequestHook, _Response, run_app
-from vassal.log import log
 from vassal.spool import BodySpool
 
 WSGI_MODIFIER1 = 0

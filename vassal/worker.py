@@ -19,12 +19,12 @@ import time
 import traceback
 from collections.abc import Callable
 
+from bedrock.log import log
+from bedrock.sockets import Listener
 from vassal import fdconn
 from vassal.handover import Handover
 from vassal.http import HttpConnection, access_line
 from vassal.http_parser import Limits
-from vassal.log import log
-from vassal.sockets import Listener
 from vassal.uwsgiproto import UwsgiConnection, env_defaults, respond_whole
 
 # Seconds a draining worker waits for a just-accepted connection's first request.

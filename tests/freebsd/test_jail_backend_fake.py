@@ -15,6 +15,7 @@ import os
 
 import pytest
 
+from bedrock.config import load
 from jails import JailError
 from jails.freebsd import (
     JAIL_ATTACH,
@@ -24,7 +25,6 @@ from jails.freebsd import (
     FreeBSDBackend,
     JailParam,
 )
-from vassal.config import load
 
 
 class FakeLibc:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from bedrock.loop import Loop
 from emperor.monitor import DirMonitor, Source
-from vassal.loop import Loop
 
 
 @dataclass

@@ -220,8 +220,8 @@ def test_hung_hook_is_cut_off_by_hook_timeout(hook: str, tenant: Tenant, hostile
 def test_exec_hook_timeout_kills_its_process_group(tmp_path: Path) -> None:
     """What the hook's shell started goes with it (here, no cgroup would
     catch it later): a backgrounded child that outlives the shell's kill."""
+    from bedrock.config import Entry
     from vassal import hooks
-    from vassal.config import Entry
 
     pidfile = tmp_path / "sleeper"
     command = f"sleep 1000 & echo $! > {pidfile}; wait"
@@ -241,8 +241,8 @@ def test_exec_hook_timeout_kills_its_process_group(tmp_path: Path) -> None:
 
 
 def test_wait_action_obeys_hook_timeout() -> None:
+    from bedrock.config import Entry
     from vassal import hooks
-    from vassal.config import Entry
 
     hook = hooks.Hook("pre-app", "wait_for_file", "/nonexistent/never 100000", Entry("hook-pre-app", "wait_for_file:/nonexistent/never 100000", "t.ini", 1))
     started = time.monotonic()

@@ -457,9 +457,9 @@ def test_router_addresses_are_never_claimable(start_router) -> None:
 
 # --- tyrant mode: the operator's ranges --------------------------------------------------
 def test_tenant_range_check(make_tenant, hostile_base: Path) -> None:
+    from bedrock import options
+    from bedrock.config import Entry, build, load
     from emperor.netrouter import RangeError, address_problems, tenant_ranges
-    from vassal import options
-    from vassal.config import Entry, build, load
 
     alice, bob = make_tenant(), make_tenant()
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from vassal import options
-from vassal.config import ConfigError, load
+from bedrock import options
+from bedrock.config import ConfigError, load
 
 
 def write(path: Path, text: str, mode: str = "w") -> Path:
@@ -243,8 +243,8 @@ def test_check_command_lists_every_error(tmp_path):
 
 
 def test_cli_flags_mirror_keys(tmp_path):
+    from bedrock.cliopts import preprocess_argv
     from vassal.cli import build_parser
-    from vassal.cliopts import preprocess_argv
 
     parser = build_parser()
     args = parser.parse_args(preprocess_argv(["--processes", "4", "--lazy-apps", "--env", "A=1", "--env", "B=2", "--master=false", "f.ini"], options.VASSAL))
@@ -257,8 +257,8 @@ def test_cli_flags_mirror_keys(tmp_path):
 
 
 def test_emperor_bool_flag_does_not_eat_dir():
+    from bedrock.cliopts import preprocess_argv
     from emperor.cli import build_parser
-    from vassal.cliopts import preprocess_argv
 
     args = build_parser().parse_args(preprocess_argv(["--emperor-tyrant", "/etc/vassals", "--emperor-tyrant=false"], options.EMPEROR))
     assert args.dirs == ["/etc/vassals"]
@@ -299,7 +299,7 @@ def test_only_small_regular_files_are_read(tmp_path, kind):
 def test_handed_config_is_what_was_validated(tmp_path, monkeypatch):
     """The vassal rebuilds the emperor's expanded entries without expanding
     them again: %% stays one percent sign, $(VAR) is the emperor's value."""
-    from vassal.config import from_json
+    from bedrock.config import from_json
 
     monkeypatch.setenv("PE_HANDED", "from-the-emperor")
     f = write(tmp_path / "h.ini", "[uwsgi]\nmy = %%(my)\nenv = A=100%%\nenv = B=$(PE_HANDED)\nenv = C=%(my) %n\nprocesses = 2\n")

@@ -1,5 +1,5 @@
-"""The packages form layers (issue 13): jails/ below netrouter/ below vassal/
-below emperor/, no package importing one above it. Today's upward edges
+"""The packages form layers (issue 13): bedrock/ below jails/ below netrouter/
+below vassal/ below emperor/, no package importing one above it. Today's upward edges
 are listed here and may only go away: a new one fails, and so does a
 listed one that no longer exists (take it off the list)."""
 
@@ -9,14 +9,10 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-LAYERS = ["jails", "netrouter", "vassal", "emperor"]  # lowest first
+LAYERS = ["bedrock", "jails", "netrouter", "vassal", "emperor"]  # lowest first
 # (importing module, imported package): edges to remove, not to add to.
 KNOWN_UPWARD = {
-    ("jails.base", "vassal"),
-    ("jails.freebsd", "vassal"),
     ("jails.linux_backend", "vassal"),
-    ("netrouter.router", "vassal"),
-    ("netrouter.cli", "vassal"),
 }
 
 

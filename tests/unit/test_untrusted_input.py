@@ -12,10 +12,10 @@ import time
 
 import pytest
 
+from bedrock.loop import Loop
 from emperor import untrusted
 from emperor.logbuf import EchoLimit, LogBuffer, read_available
 from emperor.names import name_problem, printable
-from vassal.loop import Loop
 
 # --- bounded JSON -------------------------------------------------------------------
 

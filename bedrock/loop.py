@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from vassal.log import stamped
+from bedrock.log import stamped
 
 Callback = Callable[[], Any]
 # The timer heap is swept of cancelled timers when it grows past this (and

@@ -19,9 +19,9 @@ import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from vassal import options
-from vassal.identity import acting_as
-from vassal.options import Option
+from bedrock import options
+from bedrock.identity import acting_as
+from bedrock.options import Option
 
 VALID_EXTENSIONS = (".ini", ".toml")
 INI_SECTIONS = ("uwsgi", "vassal")
@@ -424,18 +424,16 @@ class Config:
                            "entries": [[e.key, e.value, index[e.file], e.line] for e in self.expanded]}).encode()
 
 
-def unsupported(config: Config) -> list[Problem]:
-    """Keys this version validates but cannot act on here: not implemented
-    yet, or for another platform (the jail backend says which)."""
-    import jails  # (jails imports this module)
-
+def unimplemented(config: Config) -> list[Problem]:
+    """Keys this version validates but does not act on yet (keys for another
+    platform are the jail backend's to refuse: ``jails.unsupported``)."""
     found = []
     for key, entries in config.sources.items():
         opt = options.get(key)
         if opt is not None and not opt.implemented:
             entry = entries[0]
             found.append(Problem(entry.file, entry.line, key, "not implemented yet in this version of pyemperor"))
-    return found + jails.backend().refused(config)
+    return found
 
 
 def _referenced_names(entries: Sequence[Entry]) -> set[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from vassal import options
+from bedrock import options
 
 
 class _Collect(argparse.Action):
