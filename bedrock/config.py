@@ -516,6 +516,24 @@ def from_json(data: bytes) -> Config:
     return build(path, entries, scope=scope, expanded=True)
 
 
+def from_fd(fd: int) -> Config:
+    """The handed config from the sealed memfd the emperor passed (closed
+    here), bounded like :func:`from_json`."""
+    try:
+        chunks = []
+        offset = 0
+        while chunk := os.pread(fd, 1 << 20, offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+            if offset > MAX_HANDED_BYTES:
+                break
+    except OSError as exc:
+        raise ConfigError([Problem("<emperor>", None, None, f"cannot read the handed config: {exc.strerror}")]) from None
+    finally:
+        os.close(fd)
+    return from_json(b"".join(chunks))
+
+
 def read_with_templates(
     path: str,
     *,

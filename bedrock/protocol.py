@@ -1,6 +1,9 @@
-"""The emperor pipe: single bytes over a unix socketpair, as in uWSGI."""
+"""The emperor pipe: single bytes over a unix socketpair, as in uWSGI; and
+the environment variables the emperor hands a vassal."""
 
 from __future__ import annotations
+
+import os
 
 ENV_FD = "UWSGI_EMPEROR_FD"
 # Ours: a datagram socket for the app master's status (emperor/spawn.py).
@@ -35,3 +38,22 @@ EXIT_CONFIG = 2
 EXIT_APP_LOAD = 3
 EXIT_HOOK = 4
 EXIT_REASONS = {EXIT_APP_LOAD: "app-load", EXIT_HOOK: "hook"}
+
+# Namespaces the emperor cloned for the vassal (emperor-use-clone).
+ENV_CLONED = "PYEMPEROR_CLONED"
+# Tyrant mode: "UID:GID" of the vassal file's owner.
+ENV_TYRANT = "PYEMPEROR_TYRANT"
+
+
+def cloned_namespaces() -> set[str]:
+    """In a vassal: the namespaces the emperor already made for it."""
+    return {n for n in os.environ.get(ENV_CLONED, "").split(",") if n}
+
+
+def tyrant_owner() -> tuple[int, int] | None:
+    """In a vassal: the file's owner in tyrant mode, else None."""
+    raw = os.environ.get(ENV_TYRANT, "")
+    if not raw:
+        return None
+    uid, _, gid = raw.partition(":")
+    return int(uid), int(gid)

@@ -121,3 +121,14 @@ def _chown(path: str, owner: str) -> None:
     except KeyError as exc:
         raise SocketError(f"chown-socket: unknown user or group {exc.args[0]!r}") from None
     os.chown(path, uid, gid, follow_symlinks=False)
+
+
+def recv_or_eof(sock: socket.socket, size: int) -> bytes | None:
+    """One non-blocking read: None when there is nothing yet, b"" when the
+    peer is gone (an error counts as gone: the caller's EOF path cleans up)."""
+    try:
+        return sock.recv(size)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""

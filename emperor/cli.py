@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     from emperor.control import AlreadyRunning
     from emperor.core import Emperor
     from emperor.netrouter import RangeError
+    from jails.tun import TunError
     from netrouter.firewall import RuleError
-    from netrouter.tun import TunError
     from vassal.hooks import HookError
 
     emperor = Emperor(settings)

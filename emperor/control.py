@@ -26,6 +26,7 @@ from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING
 
 import jails
+from bedrock.sockets import bind, recv_or_eof
 from emperor import untrusted
 from emperor.commands import USAGE, CommandError, Peer
 from emperor.names import printable
@@ -236,12 +237,9 @@ class Connection:
 
     def _read(self) -> None:
         want = MAX_REQUEST + 1 - len(self.inbuf) if self.state == REQUEST else 4096
-        try:
-            data = self.sock.recv(max(1, want))
-        except (BlockingIOError, InterruptedError):
+        data = recv_or_eof(self.sock, max(1, want))
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             if self.state in (REPLIED, DROPPED) and self.outbuf:
                 # Half-closed after its request: it may still read the reply.
@@ -613,8 +611,6 @@ class StatsServer(_Server):
         self.address = address
 
     def open(self) -> None:
-        from bedrock.sockets import bind
-
         listener = bind("stats", self.address, 64, 0o600)
         self._listen(listener.sock)
 

@@ -55,7 +55,7 @@ from jails.tracking import (
     reap_stale,
     remove_v1_bases,
 )
-from vassal import hooks, jail
+from vassal import hooks, phases
 
 
 def become_subreaper() -> bool:
@@ -358,7 +358,7 @@ class Emperor:
         """``vassal-set`` values, then in tyrant mode without namespaces the
         file owner's uid/gid (last, so the file cannot override them)."""
         overrides = list(self.vassal_set)
-        if config.owner is not None and not jail.tyrant_namespaces(config, set(self.clone)):
+        if config.owner is not None and not phases.tyrant_namespaces(config, set(self.clone)):
             overrides += [("uid", str(config.owner[0])), ("gid", str(config.owner[1]))]
         return overrides
 
@@ -368,12 +368,12 @@ class Emperor:
         tenant's vassal in any namespace gets a user namespace mapped to the
         owner owning them all; without namespaces it simply is the owner."""
         if config.owner is None:
-            id_maps = jail.id_maps(config) if "user" in self.clone else None
+            id_maps = jails.backend().id_maps(config) if "user" in self.clone else None
             return list(self.clone), id_maps, None
-        namespaces = jail.tyrant_namespaces(config, set(self.clone))
+        namespaces = phases.tyrant_namespaces(config, set(self.clone))
         if not namespaces:
             return [], None, config.owner
-        return sorted(namespaces), jail.id_maps(config, config.owner), None
+        return sorted(namespaces), jails.backend().id_maps(config, config.owner), None
 
     def tyrant_owner(self, path: str) -> tuple[int, int] | None:
         """The (uid, gid) a file's vassal runs as in tyrant mode. A symlink
@@ -420,7 +420,7 @@ class Emperor:
         if owner is not None and (forced := self.overrides_for(config)[len(self.vassal_set):]):
             config = build(path, entries + overrides_entries(self.vassal_set + forced), env=env, lenient=lenient)
             config.owner = owner
-        if not lenient and (problems := jails.unsupported(config) + jail.problems(config, set(self.clone), tyrant=owner)
+        if not lenient and (problems := jails.unsupported(config) + phases.problems(config, set(self.clone), tyrant=owner)
                             + address_problems(self.settings, config, owner[0] if owner else None)):
             raise ConfigError(problems)
         return config

@@ -23,6 +23,8 @@ from bedrock import protocol
 from bedrock.config import Config, ConfigError
 from bedrock.identity import stat_following
 from bedrock.loop import Timer
+from bedrock.proc import kill_quietly
+from bedrock.sockets import recv_or_eof
 from emperor.logbuf import LogBuffer, read_available
 from emperor.spawn import Spawned, SpawnRequest, config_fd, spawn
 from jails.tracking import LimitError, LimitGroups, ProcessGroupTracker, VassalCgroup
@@ -298,12 +300,9 @@ class Vassal:
 
     def _on_pipe(self) -> None:
         assert self.pipe is not None
-        try:
-            data = self.pipe.recv(256)
-        except (BlockingIOError, InterruptedError):
+        data = recv_or_eof(self.pipe, 256)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             # The vassal closed its end: it is exiting; SIGCHLD tells the rest.
             self.emperor.loop.remove_reader(self.pipe)
@@ -550,10 +549,7 @@ class Vassal:
         self.timers.pop("term", None)
         if self.pid is not None and not self.wrapped:
             # A uWSGI vassal takes SIGTERM as "reload": only ours get it.
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            kill_quietly(self.pid, signal.SIGTERM)
 
     def curse(self) -> None:
         """SIGKILL every process of the vassal."""
@@ -563,10 +559,7 @@ class Vassal:
         if self.exit_reason is None and self.state != STOPPING:
             self.exit_reason = "curse"
         if self.pid is not None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_quietly(self.pid, signal.SIGKILL)
         if self.tracker is not None:
             self.tracker.kill(signal.SIGKILL)
 

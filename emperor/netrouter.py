@@ -26,10 +26,12 @@ from typing import TYPE_CHECKING
 
 from bedrock import protocol
 from bedrock.config import Config, Problem
+from bedrock.proc import exec_child
+from bedrock.sockets import recv_or_eof
+from jails.tun import TunError, delete_persistent, open_tun
+from netrouter.client import DEFAULT_ROUTER_SOCKET
 from netrouter.firewall import Chain, RuleError
-from netrouter.tun import TunError, delete_persistent, open_tun
 from netrouter.wire import BROKER, frame
-from vassal.tuntap import DEFAULT_ROUTER_SOCKET
 
 if TYPE_CHECKING:
     from emperor.core import Emperor
@@ -166,16 +168,7 @@ class RouterSupervisor:
             argv += ["--stats", self.stats_address]
         pid = os.fork()
         if pid == 0:  # pragma: no cover - execs
-            try:
-                signal.set_wakeup_fd(-1)
-                for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGPIPE):
-                    signal.signal(sig, signal.SIG_DFL)
-                signal.pthread_sigmask(signal.SIG_SETMASK, [])
-                os.dup2(theirs.fileno(), REPORT_FD)
-                os.closerange(REPORT_FD + 1, os.sysconf("SC_OPEN_MAX"))
-                os.execv(argv[0], argv)
-            finally:
-                os._exit(127)
+            exec_child(argv, what="emperor: cannot start the router", fds=[(theirs.fileno(), REPORT_FD)])
         theirs.close()
         ours.setblocking(False)
         self.pid = pid
@@ -233,12 +226,9 @@ class RouterSupervisor:
 
     def _on_report(self) -> None:
         assert self.report is not None
-        try:
-            data = self.report.recv(1 << 20)
-        except (BlockingIOError, InterruptedError):
+        data = recv_or_eof(self.report, 1 << 20)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.emperor.loop.forget(self.report)
             return

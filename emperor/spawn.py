@@ -13,7 +13,6 @@ import fcntl
 import itertools
 import json
 import os
-import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -21,7 +20,9 @@ from dataclasses import dataclass, field
 
 import jails
 from bedrock import protocol
-from netrouter.tun import ENV_TUN_FDS
+from bedrock.proc import exec_child, proxy_pid1, reset_signals, wire_child
+from bedrock.sockets import recv_or_eof
+from jails.tun import ENV_TUN_FDS
 
 # The vassal end of the emperor pipe always lands on this fd in the child.
 VASSAL_PIPE_FD = 3
@@ -32,6 +33,8 @@ VASSAL_STATUS_FD = 4
 VASSAL_CONFIG_FD = 5
 # Tyrant mode: /dev/net/tun fds opened for the vassal's tuntap-devices, from here on.
 VASSAL_TUN_FD = 6
+# The zygote's end of its socket to the emperor, named in its argv.
+ZYGOTE_FD = 3
 
 
 @dataclass
@@ -86,7 +89,7 @@ def build_env(req: SpawnRequest) -> dict[str, str]:
     env[protocol.ENV_STATUS_FD] = str(VASSAL_STATUS_FD)
     env["UWSGI_VASSAL_NAME"] = req.name
     env["UWSGI_VASSAL_CONFIG"] = req.path
-    env["PYEMPEROR_CLONED"] = ",".join(req.clone)
+    env[protocol.ENV_CLONED] = ",".join(req.clone)
     if req.as_vassal:
         env["PYEMPEROR_AS_VASSAL"] = json.dumps(req.as_vassal)
     if req.brokered:
@@ -94,9 +97,9 @@ def build_env(req: SpawnRequest) -> dict[str, str]:
     else:
         env.pop(protocol.ENV_BROKERED, None)
     if req.tyrant is not None:
-        env["PYEMPEROR_TYRANT"] = f"{req.tyrant[0]}:{req.tyrant[1]}"
+        env[protocol.ENV_TYRANT] = f"{req.tyrant[0]}:{req.tyrant[1]}"
     else:
-        env.pop("PYEMPEROR_TYRANT", None)
+        env.pop(protocol.ENV_TYRANT, None)
     if req.config is not None:
         env[protocol.ENV_CONFIG_FD] = str(VASSAL_CONFIG_FD)
     return env
@@ -169,16 +172,8 @@ def enter_clone(clone: list[str], id_maps: tuple[str, str] | None, tun_devices: 
     forks it and stays behind as a proxy forwarding signals and exit status."""
     pid_ns, tun = unshare_clone(clone, id_maps, tun_devices)
     hand_tun_fds(tun, env)
-    if not pid_ns:
-        return
-    child = os.fork()
-    if child == 0:
-        return
-    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, lambda s, f: os.kill(child, s))
-    _, status = os.waitpid(child, 0)
-    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+    if pid_ns:
+        proxy_pid1()
 
 
 def spawn(req: SpawnRequest) -> Spawned:
@@ -195,24 +190,14 @@ def spawn(req: SpawnRequest) -> Spawned:
         try:
             os.setsid()
             join_cgroups(req.cgroup_procs)
-            signal.set_wakeup_fd(-1)
-            for sig in range(1, signal.NSIG):
-                try:
-                    if signal.getsignal(sig) not in (signal.SIG_DFL, None):
-                        signal.signal(sig, signal.SIG_DFL)
-                except (OSError, ValueError):
-                    pass
-            signal.pthread_sigmask(signal.SIG_SETMASK, [])
-            os.dup2(devnull, 0)
-            os.dup2(log_w, 1)
-            os.dup2(log_w, 2)
+            reset_signals()
             moves = [(theirs.fileno(), VASSAL_PIPE_FD), (status_theirs.fileno(), VASSAL_STATUS_FD)]
-            place_fds(moves + ([(handed, VASSAL_CONFIG_FD)] if handed is not None else []))
+            wire_child(devnull, log_w, moves + ([(handed, VASSAL_CONFIG_FD)] if handed is not None else []))
             os.chdir(cwd)
             enter_clone(req.clone, req.id_maps, req.tun_devices, env)
             if req.drop is not None:
                 become_owner(req.drop)
-            os.execve(argv[0], argv, env)
+            exec_child(argv, env, what=f"emperor: cannot start vassal {req.name}")
         except BaseException as exc:
             try:
                 os.write(2, f"emperor: cannot start vassal {req.name}: {exc}\n".encode())
@@ -236,17 +221,6 @@ def status_pair() -> tuple[socket.socket, socket.socket]:
     return ours, theirs
 
 
-def place_fds(moves: list[tuple[int, int]]) -> None:
-    """Put each source fd at its target number (inheritable), then close every
-    fd above the highest target. Sources are first moved above the targets,
-    so one move never clobbers another's source."""
-    high = [fcntl.fcntl(source, fcntl.F_DUPFD, 64) for source, _ in moves]
-    for fd, (_, target) in zip(high, moves, strict=True):
-        os.dup2(fd, target)
-    top = max(target for _, target in moves)
-    os.closerange(top + 1, os.sysconf("SC_OPEN_MAX"))
-
-
 class Zygote:
     """The emperor's side of the zygote (see emperor/zygote.py)."""
 
@@ -264,21 +238,12 @@ class Zygote:
         no more than that: what it holds stays in every forked vassal's
         memory, however os.environ is cleared after the fork."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        theirs.set_inheritable(True)
-        argv = [sys.executable, "-P", "-m", "emperor.zygote", str(theirs.fileno())]
+        argv = [sys.executable, "-P", "-m", "emperor.zygote", str(ZYGOTE_FD)]
         if spare_base:
             argv.append(spare_base)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - execs
-            try:
-                ours.close()
-                signal.set_wakeup_fd(-1)
-                for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGPIPE):
-                    signal.signal(sig, signal.SIG_DFL)
-                signal.pthread_sigmask(signal.SIG_SETMASK, [])
-                os.execve(argv[0], argv, dict(os.environ) if env is None else env)
-            finally:
-                os._exit(127)
+            exec_child(argv, env, what="emperor: cannot start the zygote", fds=[(theirs.fileno(), ZYGOTE_FD)])
         theirs.close()
         ours.setblocking(False)
         self.sock = ours
@@ -351,12 +316,9 @@ class Zygote:
     def on_readable(self) -> None:
         assert self.sock is not None
         while True:
-            try:
-                data = self.sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
+            data = recv_or_eof(self.sock, 65536)
+            if data is None:
                 return
-            except OSError:
-                data = b""
             if not data:
                 return
             reply = json.loads(data)

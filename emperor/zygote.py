@@ -40,9 +40,10 @@ import vassal.master  # noqa: F401
 import vassal.status  # noqa: F401
 import vassal.top  # noqa: F401
 import vassal.worker  # noqa: F401
-from emperor.spawn import VASSAL_TUN_FD, become_owner, join_cgroups, place_fds, unshare_clone
+from bedrock.proc import wire_child
+from emperor.spawn import VASSAL_TUN_FD, become_owner, join_cgroups, unshare_clone
 from jails.tracking import copy_limits
-from netrouter.tun import ENV_TUN_FDS
+from jails.tun import ENV_TUN_FDS
 
 try:
     import setproctitle
@@ -85,10 +86,7 @@ def run_vassal(request: dict, fds: list[int], sock: socket.socket) -> None:
         sock.close()
         pipe_fd, log_fd, null_fd, status_fd, config_fd, *tun = fds
         os.setsid()
-        os.dup2(null_fd, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        place_fds([(pipe_fd, int(request["pipe_fd"])), (status_fd, int(request["status_fd"])),
+        wire_child(null_fd, log_fd, [(pipe_fd, int(request["pipe_fd"])), (status_fd, int(request["status_fd"])),
                    (config_fd, int(request["config_fd"]))] + [(fd, VASSAL_TUN_FD + n) for n, fd in enumerate(tun)])
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)

@@ -30,9 +30,21 @@ class Backend(abc.ABC):
         """Keys this platform cannot honour, each named with its file and line."""
 
     @abc.abstractmethod
-    def isolate(self, config: Config) -> list:
+    def isolate(self, config: Config) -> None:
         """Between the pre-jail and post-jail hooks, as root: enter the
-        vassal's jail. Returns the tun links to run (Linux) or []."""
+        vassal's jail (namespaces or jail(2), mounts, hostname)."""
+
+    def configure_network(self, config: Config) -> None:  # noqa: B027 (optional)
+        """After isolate, once the vassal's tun devices exist: net-mtu,
+        net-iface, net-route (a platform without them refuses those keys)."""
+
+    def interface_up(self, device: str) -> None:
+        """Bring a network interface up (the router's tun device)."""
+        raise JailError("tun devices are Linux only")
+
+    def id_maps(self, config: Config, owner: tuple[int, int] | None = None) -> tuple[str, str]:
+        """uid/gid maps of the vassal's user namespace (Linux only)."""
+        raise JailError("user namespaces are Linux only")
 
     @abc.abstractmethod
     def change_root(self, config: Config) -> None:
@@ -95,6 +107,11 @@ class Backend(abc.ABC):
     def teardown(self, config: Config, name: str) -> None:  # noqa: B027 (optional)
         """After a vassal is gone, as root in the emperor: remove what it left
         in the kernel (a FreeBSD jail and its rctl rules)."""
+
+
+def own_namespaces(config: Config) -> set[str]:
+    """The namespaces a vassal's ``unshare`` asks for ("mount" is "fs")."""
+    return {"fs" if n == "mount" else n for n in (config.get("unshare") or ())}  # type: ignore[union-attr]
 
 
 def refuse(config: Config, keys: dict[str, str]) -> list[Problem]:

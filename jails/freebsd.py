@@ -238,7 +238,7 @@ class FreeBSDBackend(Backend):
                 found.append(Problem(entry.file, entry.line, key, f"{key} needs jail = ROOTFS [HOSTNAME [NAME]]{why}"))
         return found
 
-    def isolate(self, config: Config) -> list:
+    def isolate(self, config: Config) -> None:
         vassal = os.environ.get("UWSGI_VASSAL_NAME") or os.path.basename(config.path)
         if config.has("jail-attach"):
             self.attach(str(config.get("jail-attach")))
@@ -246,7 +246,6 @@ class FreeBSDBackend(Backend):
             self.create(config, vassal)
         elif config.has("hostname"):
             raise JailError("hostname needs a jail on FreeBSD (jail = ROOTFS HOSTNAME)")
-        return []
 
     def create(self, config: Config, vassal: str) -> int:
         name = jail_name(config, vassal)

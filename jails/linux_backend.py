@@ -1,5 +1,6 @@
-"""The Linux backend: namespaces, mounts, cgroups (jails/linux.py, the
-policy of which namespaces a vassal gets is in vassal/jail.py)."""
+"""The Linux backend: namespaces, mounts, cgroups (jails/linux.py and
+jails/namespaces.py; the policy of which namespaces a vassal gets is in
+vassal/phases.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import socket
 import struct
 
 from bedrock.config import Config, Problem
-from jails import linux
+from jails import linux, namespaces
 from jails.base import Backend, refuse
 
 FREEBSD_ONLY = {
@@ -21,17 +22,29 @@ class LinuxBackend(Backend):
     name = "linux"
 
     def refused(self, config: Config) -> list[Problem]:
-        return refuse(config, FREEBSD_ONLY)
+        found = refuse(config, FREEBSD_ONLY)
+        for key in ("uid-map", "gid-map"):
+            for value, entry in zip(config.getlist(key), config.sources.get(key, []), strict=False):
+                try:
+                    linux.parse_id_map(str(value), key)
+                except linux.JailError as exc:
+                    found.append(Problem(entry.file, entry.line, key, str(exc)))
+        return found
 
-    def isolate(self, config: Config) -> list:
-        from vassal import jail
+    def isolate(self, config: Config) -> None:
+        namespaces.enter_namespaces(config)
 
-        return jail.enter_namespaces(config)
+    def configure_network(self, config: Config) -> None:
+        namespaces.configure_network(config)
 
     def change_root(self, config: Config) -> None:
-        from vassal import jail
+        namespaces.change_root(config)
 
-        jail.change_root(config)
+    def interface_up(self, device: str) -> None:
+        linux.interface_up(device)
+
+    def id_maps(self, config: Config, owner: tuple[int, int] | None = None) -> tuple[str, str]:
+        return namespaces.id_maps(config, owner)
 
     def clone_for_spawn(self, clone, id_maps, tun_devices: int = 0) -> tuple[bool, list[int]]:
         """With a user namespace: made first, mapped, and owning the others.

@@ -9,6 +9,8 @@ import os
 import socket
 import struct
 
+from jails.base import JailError
+
 NETLINK_ROUTE = 0
 RTM_NEWADDR = 20
 RTM_NEWROUTE = 24
@@ -29,7 +31,7 @@ RT_SCOPE_LINK = 253
 RTN_UNICAST = 1
 
 
-class NetlinkError(Exception):
+class NetlinkError(JailError):
     pass
 
 

@@ -14,12 +14,12 @@ import socket
 import sys
 from collections.abc import Callable
 
+import jails
 from bedrock.loop import Loop
-from jails.linux import interface_up
+from jails.tun import TunError, disable_ipv6, open_tun, set_offloads
 from netrouter.firewall import RuleError
 from netrouter.hostaddr import AddressError
 from netrouter.router import DEFAULT_MAX_CONNECTIONS, Router, say
-from netrouter.tun import TunError, disable_ipv6, open_tun, set_offloads
 
 REPORT_INTERVAL = 1.0
 STATS_TIMEOUT = 5.0  # a stats reader that does not read is dropped after this
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_offloads:
             set_offloads(tun_fd, True)
         disable_ipv6(args.device)
-        interface_up(args.device)
+        jails.backend().interface_up(args.device)
     except (TunError, OSError) as exc:
         print(f"netrouter: {exc}", file=sys.stderr)
         return 1

@@ -37,6 +37,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import jails
 from bedrock.loop import Loop
 from netrouter.firewall import Chain
 from netrouter.hostaddr import AddressWatch
@@ -222,7 +223,7 @@ class Router:
                     self.loop.call_later(ACCEPT_PAUSE, lambda: self.loop.add_reader(self.server, self._accept))
                 return
             try:
-                pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+                pid, uid, _gid = jails.backend().peer_credentials(sock)
             except OSError:
                 pid, uid = 0, -1
             root = uid == 0

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import jails
 from bedrock import options, protocol
 from bedrock.cliopts import add_option_flags, preprocess_argv
-from bedrock.config import MAX_HANDED_BYTES, Config, ConfigError, from_json, load
+from bedrock.config import Config, ConfigError, from_fd, load
 
 _PARSER: argparse.ArgumentParser | None = None
 
@@ -69,23 +69,7 @@ def handed_config() -> Config | None:
     fd_text = os.environ.pop(protocol.ENV_CONFIG_FD, "")
     if not fd_text.isdigit():
         return None
-    return config_from_fd(int(fd_text))
-
-
-def config_from_fd(fd: int) -> Config:
-    try:
-        chunks = []
-        offset = 0
-        while chunk := os.pread(fd, 1 << 20, offset):
-            chunks.append(chunk)
-            offset += len(chunk)
-            if offset > MAX_HANDED_BYTES:
-                break
-    except OSError as exc:
-        raise ConfigError([_problem(f"cannot read the handed config: {exc.strerror}")]) from None
-    finally:
-        os.close(fd)
-    return from_json(b"".join(chunks))
+    return from_fd(int(fd_text))
 
 
 def run_handed() -> int:

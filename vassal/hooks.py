@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import jails
 from bedrock.config import Config, Entry
 from bedrock.log import log
+from bedrock.proc import killpg_quietly
 
 WAIT_DEFAULT_TIMEOUT = 10.0
 # hook-timeout's default: a hook that hangs must not leave its vassal
@@ -150,18 +151,12 @@ def _exec(command: str, timeout: float | None) -> None:
         # Waited for by pid: no other reaper runs while a hook does.
         code = proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        killpg_quietly(proc.pid, signal.SIGKILL)
         proc.wait()
         raise _timed_out(timeout, ": killed its process group") from None  # type: ignore[arg-type]
     except BaseException:
         # Interrupted (a signal handler raised): the hook must not outlive us.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        killpg_quietly(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
     if code != 0:

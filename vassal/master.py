@@ -20,9 +20,10 @@ from bedrock import protocol
 from bedrock.config import Config
 from bedrock.log import log, set_role
 from bedrock.loop import Loop, reaped
-from bedrock.sockets import Listener
+from bedrock.proc import kill_quietly, rss
+from bedrock.sockets import Listener, recv_or_eof
 from jails import JailError
-from vassal import hooks, jail
+from vassal import hooks, phases
 from vassal.app import load_app
 from vassal.cheaper import Cheaper, listen_backlog
 from vassal.handover import Handover
@@ -96,7 +97,7 @@ class Master:
         jails.backend().die_with_parent(signal.SIGTERM)  # if the top process is killed outright
         self.parent_loop.reset_signals_in_child()
         try:
-            jail.drop_privileges(self.config)
+            phases.drop_privileges(self.config)
             hooks.run_phase(self.config, "as-user")
             hooks.run_phase(self.config, "pre-app")
         except hooks.HookExit as exc:
@@ -171,10 +172,10 @@ class Master:
             if self.harakiri and started and now - started > self.harakiri:
                 log(f"HARAKIRI: worker {index + 1} (pid {pid}) stuck for {now - started:.0f}s on {line!r}, killing it")
                 self.scoreboard.clear(index)
-                _kill(pid, signal.SIGKILL)
-            elif self.reload_on_rss and _rss(pid) > self.reload_on_rss:
-                log(f"worker {index + 1} (pid {pid}) uses {_rss(pid) // 1048576} MB > reload-on-rss, recycling it")
-                _kill(pid, signal.SIGTERM)
+                kill_quietly(pid, signal.SIGKILL)
+            elif self.reload_on_rss and rss(pid) > self.reload_on_rss:
+                log(f"worker {index + 1} (pid {pid}) uses {rss(pid) // 1048576} MB > reload-on-rss, recycling it")
+                kill_quietly(pid, signal.SIGTERM)
         if self.cheaper is not None and not self.stopping:
             self._cheaper_step()
         if not self.stopping:
@@ -186,7 +187,7 @@ class Master:
         workers = []
         for pid, (index, _) in sorted(self.workers.items(), key=lambda item: item[1][0]):
             started, requests, _ = self.scoreboard.read(index)
-            workers.append({"index": index + 1, "pid": pid, "rss_bytes": _rss(pid), "busy": bool(started),
+            workers.append({"index": index + 1, "pid": pid, "rss_bytes": rss(pid), "busy": bool(started),
                             "requests": requests, "cheapened": pid in self.cheapened})
         cheaper = None
         if self.cheaper is not None:
@@ -202,7 +203,7 @@ class Master:
     def _cheaper_step(self) -> None:
         assert self.cheaper is not None
         live = {pid: index for pid, (index, _) in self.workers.items() if pid not in self.cheapened}
-        rss = {pid: _rss(pid) for pid in live}
+        rss = {pid: rss(pid) for pid in live}
         busy = sum(1 for index in live.values() if self.scoreboard.read(index)[0])
         backlog = max((listen_backlog(listener.sock) for listener in self.listeners), default=0)
         decision = self.cheaper.decide(len(live), busy, backlog, sum(rss.values()))
@@ -222,7 +223,7 @@ class Master:
             victim = max(live, key=lambda p: rss[p]) if over else min(
                 live, key=lambda p: (bool(self.scoreboard.read(live[p])[0]), -live[p]))
             self.cheapened.add(victim)
-            _kill(victim, signal.SIGKILL if over else signal.SIGTERM)
+            kill_quietly(victim, signal.SIGKILL if over else signal.SIGTERM)
             log(f"cheaper: -1 worker (pid {victim}; {decision.reason})")
 
     def _run_single(self) -> int:
@@ -295,12 +296,9 @@ class Master:
             self.loop.call_later(delay, lambda i=index: self._spawn(i))
 
     def _on_ctl(self) -> None:
-        try:
-            data = self.ctl.recv(64)
-        except (BlockingIOError, InterruptedError):
+        data = recv_or_eof(self.ctl, 64)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             # The top process is gone: nothing may outlive it.
             self.stop(graceful=False)
@@ -309,34 +307,6 @@ class Master:
         self.stopping = True
         sig = signal.SIGTERM if graceful else signal.SIGKILL
         for pid in list(self.workers):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+            kill_quietly(pid, sig)
         if not graceful:
             self.loop.remove_reader(self.ctl)
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _rss(pid: int) -> int:
-    """A process's resident set in bytes: /proc where there is one (cheap),
-    psutil elsewhere (FreeBSD has no /proc by default)."""
-    try:
-        with open(f"/proc/{pid}/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, IndexError):
-        return 0
-    try:
-        import psutil
-
-        return psutil.Process(pid).memory_info().rss
-    except Exception:
-        return 0

@@ -15,11 +15,10 @@ import signal
 import time
 from collections.abc import Callable
 
-import psutil
-
 import jails
 from bedrock.log import log
 from bedrock.loop import Loop
+from bedrock.proc import alive, kill_quietly
 
 CHECK_INTERVAL = 1.0
 START_WAIT = 30.0
@@ -32,28 +31,6 @@ def read_pid(path: str) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() and int(text) > 0 else None
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        pass  # no /proc (FreeBSD), or gone between the two looks
-    except OSError:
-        return True
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except Exception:
-        return True
 
 
 class SmartDaemon:
@@ -103,7 +80,4 @@ class SmartDaemon:
         self.stopped = True
         pid = self._ours(read_pid(self.pidfile)) or self._ours(self.pid)
         if pid is not None:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+            kill_quietly(pid, sig)

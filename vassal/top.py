@@ -23,14 +23,13 @@ import psutil
 
 import jails
 from bedrock import protocol
-from bedrock.config import Config, ConfigError
+from bedrock.config import Config, ConfigError, from_fd
 from bedrock.log import log, set_role, set_sink
 from bedrock.loop import Loop, Timer, reaped
-from bedrock.sockets import Listener, SocketError, bind
+from bedrock.proc import exec_child, kill_quietly, killpg_quietly
+from bedrock.sockets import Listener, SocketError, bind, recv_or_eof
 from jails import JailError
-from jails.netlink import NetlinkError
-from netrouter.tun import TunError
-from vassal import hooks, jail
+from vassal import hooks, phases
 from vassal.app import has_app
 from vassal.handover import Handover
 from vassal.logpipe import LogPipe
@@ -149,13 +148,11 @@ class Top:
 
     def _take_config(self, fd: int) -> None:
         """The emperor's validated config for the next reload."""
-        from vassal.cli import config_from_fd
-
         if self.reload_config is not None:
             os.close(fd)  # we read our own file (not started by our emperor)
             return
         try:
-            self.handed = config_from_fd(fd)
+            self.handed = from_fd(fd)
         except ConfigError as exc:
             log(f"ignoring a handed config: {exc}")
 
@@ -192,13 +189,13 @@ class Top:
             self.logpipe.start(loop)
         self._attach_emperor()
         self.send(protocol.SPAWNED)
-        bad = jail.problems(self.config, jail.cloned_namespaces(), tyrant=jail.tyrant_owner())
+        bad = phases.problems(self.config, protocol.cloned_namespaces(), tyrant=protocol.tyrant_owner())
         if bad:
             for problem in bad:
                 log(str(problem))
             return protocol.EXIT_CONFIG
         try:
-            self.tun_links = jail.enter(self.config)
+            self.tun_links = phases.enter(self.config)
             for link in self.tun_links:
                 link.start(self.loop)
             apply_process_settings(self.config)
@@ -209,7 +206,7 @@ class Top:
         except hooks.HookError as exc:
             log(str(exc))
             return protocol.EXIT_HOOK
-        except (SocketError, JailError, NetlinkError, TunError, OSError) as exc:
+        except (SocketError, JailError, OSError) as exc:  # (tun and netlink errors are JailErrors)
             log(str(exc))
             return protocol.EXIT_ERROR
         if has_app(self.config):
@@ -265,9 +262,9 @@ class Top:
         sig = signal.SIGTERM if graceful else signal.SIGKILL
         mercy = int(self.config.get("reload-mercy"))  # type: ignore[arg-type]
         for handle in self._masters():
-            self._signal(handle.pid, sig)
+            kill_quietly(handle.pid, sig)
             if graceful and handle.kill_timer is None:
-                handle.kill_timer = self.loop.call_later(mercy, lambda p=handle.pid: self._signal(p, signal.SIGKILL))
+                handle.kill_timer = self.loop.call_later(mercy, lambda p=handle.pid: kill_quietly(p, signal.SIGKILL))
         for smart in self.smart_daemons.values():
             smart.stop(sig)
         for daemon in self.daemons.values():
@@ -282,18 +279,11 @@ class Top:
         return [h for h in (self.current, self.pending, *self.draining.values()) if h is not None]
 
     @staticmethod
-    def _signal(pid: int, sig: int) -> None:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-    @staticmethod
     def _signal_group(pid: int, sig: int) -> None:
         try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            Top._signal(pid, sig)
+            killpg_quietly(pid, sig) or kill_quietly(pid, sig)
+        except PermissionError:
+            kill_quietly(pid, sig)
 
     # --- reload ------------------------------------------------------------------
     def reload(self) -> None:
@@ -340,7 +330,7 @@ class Top:
             for key in wanted:
                 if key in self.listeners or key in fresh:
                     continue
-                fresh[key] = bind(key[0], key[1], backlog, mode, owner, tenant=jail.socket_tenant(config))  # type: ignore[arg-type]
+                fresh[key] = bind(key[0], key[1], backlog, mode, owner, tenant=phases.socket_tenant(config))  # type: ignore[arg-type]
         except SocketError:
             for listener in fresh.values():
                 listener.close()
@@ -388,12 +378,9 @@ class Top:
         self.loop.add_reader(parent_end, lambda h=handle: self._on_master(h))
 
     def _on_master(self, handle: MasterHandle) -> None:
-        try:
-            data = handle.ctl.recv(256)
-        except (BlockingIOError, InterruptedError):
+        data = recv_or_eof(handle.ctl, 256)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.loop.remove_reader(handle.ctl)
             return
@@ -414,9 +401,9 @@ class Top:
         self.draining[handle.pid] = handle
         if self.current is handle:
             self.current = None
-        self._signal(handle.pid, signal.SIGTERM)
+        kill_quietly(handle.pid, signal.SIGTERM)
         mercy = int(self.config.get("reload-mercy"))  # type: ignore[arg-type]
-        handle.kill_timer = self.loop.call_later(mercy, lambda p=handle.pid: self._signal(p, signal.SIGKILL))
+        handle.kill_timer = self.loop.call_later(mercy, lambda p=handle.pid: kill_quietly(p, signal.SIGKILL))
 
     def _master_exited(self, handle: MasterHandle, status: int) -> None:
         self.loop.remove_reader(handle.ctl)
@@ -501,12 +488,9 @@ class Top:
                 if self.logpipe is not None:
                     self.logpipe.child_fds()
                     set_sink(None)
-                jail.drop_privileges(self.config)
-                signal.set_wakeup_fd(-1)
-                for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE):
-                    signal.signal(sig, signal.SIG_DFL)
+                phases.drop_privileges(self.config)
                 argv = ["/bin/sh", "-c", daemon.command] if _needs_shell(daemon.command) else shlex.split(daemon.command)
-                os.execvp(argv[0], argv)
+                exec_child(argv, what=f"attach-daemon {daemon.command!r}", search_path=True)
             except BaseException as exc:
                 log(f"attach-daemon {daemon.command!r}: {exc}")
             finally:

@@ -20,6 +20,7 @@ import traceback
 from collections.abc import Callable
 
 from bedrock.log import log
+from bedrock.proc import rss
 from bedrock.sockets import Listener
 from vassal import fdconn
 from vassal.handover import Handover
@@ -429,6 +430,4 @@ class Poller:
 
 
 def _rss_mb() -> int:
-    from vassal.master import _rss
-
-    return _rss(os.getpid()) // 1048576
+    return rss(os.getpid()) // 1048576

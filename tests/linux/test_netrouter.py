@@ -485,9 +485,9 @@ def test_big_frames_only_for_peers_that_accept(netdir, tmp_path):
     import subprocess
     import sys
 
+    from netrouter.client import claim_packet
     from netrouter.wire import BIG_FRAMES, OFFER_PAYLOAD, FrameBuffer, frame
     from tests.conftest import TEST_TAG
-    from vassal.tuntap import claim_packet
 
     device = f"pe{random.randint(0, 0xFFFFFF):06x}"
     sock_path, stats_path = netdir / "r.sock", netdir / "stats.sock"
@@ -548,7 +548,7 @@ PLAIN_BRIDGE = """
 import fcntl, os, select, socket, struct, sys
 sys.path.insert(0, sys.argv[4])
 from netrouter.wire import FrameBuffer, frame
-from vassal.tuntap import claim_packet
+from netrouter.client import claim_packet
 fd = os.open("/dev/net/tun", os.O_RDWR)
 fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH22s", b"pt0", 0x0001 | 0x1000, b""))  # IFF_TUN | IFF_NO_PI: no offloads
 os.system(f"ip addr add {sys.argv[2]}/24 dev pt0 && ip link set pt0 up && ip link set lo up")
@@ -645,10 +645,10 @@ def test_passed_fd_must_be_a_tun_device_with_offload_headers(netdir):
     import subprocess
     import sys
 
-    from netrouter.tun import open_tun
+    from jails.tun import open_tun
+    from netrouter.client import claim_packet
     from netrouter.wire import OFFER_PAYLOAD, TUN_FD, VNET_OFFER, FrameBuffer, frame
     from tests.conftest import TEST_TAG
-    from vassal.tuntap import claim_packet
 
     tag = f"{random.randint(0, 0xFFFFFF):06x}"
     device = f"pe{tag}"

@@ -19,8 +19,8 @@ import struct
 
 from bedrock.log import log
 from bedrock.loop import Loop
+from jails.tun import disable_ipv6, open_tun, set_offloads
 from netrouter.offload import PLAIN_HDR, VNET_HDR_LEN, OffloadError, needs_work, plain_packets
-from netrouter.tun import disable_ipv6, open_tun, set_offloads
 from netrouter.wire import (
     BIG_FRAMES,
     OFFER_PAYLOAD,

@@ -6,6 +6,8 @@ import fcntl
 import os
 import struct
 
+from jails.base import JailError
+
 TUNSETIFF = 0x400454CA
 TUNSETPERSIST = 0x400454CB
 IFF_TUN = 0x0001
@@ -17,7 +19,7 @@ TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO_ECN = 0x01, 0x02, 0x08
 OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN
 
 
-class TunError(Exception):
+class TunError(JailError):
     pass
 
 

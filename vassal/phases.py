@@ -10,41 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import sys
 
 import jails
 from bedrock import protocol
 from bedrock.config import Config, Entry, Problem
 from bedrock.identity import groups_of
-from bedrock.log import log
-from jails import linux, netlink
-from jails.base import resolve_group, resolve_user
+from bedrock.protocol import cloned_namespaces, tyrant_owner
+from jails.base import own_namespaces, resolve_group, resolve_user
+from netrouter.client import TunLink
 from vassal import hooks
-from vassal.tuntap import TunLink
 
-# Namespaces the emperor cloned for us (emperor-use-clone), set at spawn.
-ENV_CLONED = "PYEMPEROR_CLONED"
-
-
-def cloned_namespaces() -> set[str]:
-    return {n for n in os.environ.get(ENV_CLONED, "").split(",") if n}
-
-
-def own_namespaces(config: Config) -> set[str]:
-    return {"fs" if n == "mount" else n for n in (config.get("unshare") or ())}  # type: ignore[union-attr]
-
-
-ENV_TYRANT = "PYEMPEROR_TYRANT"
 MAX_TENANT_TUN_DEVICES = 8
-
-
-def tyrant_owner() -> tuple[int, int] | None:
-    raw = os.environ.get(ENV_TYRANT, "")
-    if not raw:
-        return None
-    uid, _, gid = raw.partition(":")
-    return int(uid), int(gid)
 
 
 def tyrant_namespaces(config: Config, cloned: set[str]) -> set[str]:
@@ -122,11 +98,7 @@ def problems(config: Config, cloned: set[str], tyrant: tuple[int, int] | None = 
                 found.append(Problem(entry.file, entry.line, key, f"{what} needs the {namespace} namespace (add it to unshare or emperor-use-clone)"))
 
     for key in ("uid-map", "gid-map"):
-        for value, entry in zip(config.getlist(key), config.sources.get(key, []), strict=False):
-            try:
-                linux.parse_id_map(str(value), key)
-            except linux.JailError as exc:
-                found.append(Problem(entry.file, entry.line, key, str(exc)))
+        for entry in config.sources.get(key, []):
             if "user" not in have:
                 found.append(Problem(entry.file, entry.line, key, f"{key} needs the user namespace (add it to unshare or emperor-use-clone)"))
     need("hostname", "uts", "hostname")
@@ -150,7 +122,8 @@ def enter(config: Config) -> list:
     backend = jails.backend()
     run_as_vassal()
     hooks.run_phase(config, "pre-jail")
-    links = backend.isolate(config)
+    backend.isolate(config)
+    links = setup_network(config)
     hooks.run_phase(config, "post-jail")
     hooks.run_phase(config, "in-jail")
     backend.change_root(config)
@@ -158,65 +131,18 @@ def enter(config: Config) -> list:
     return links
 
 
-def enter_namespaces(config: Config) -> list:
-    """Linux: the namespaces this vassal makes itself, fresh /proc and /sys,
-    lo, the tun devices and addresses, the hostname."""
-    cloned = cloned_namespaces()
-    own = own_namespaces(config)
-    fresh = own - cloned
-    if fresh:
-        flags = linux.namespace_flags(fresh)
-        if "user" in fresh:
-            uid_map, gid_map = id_maps(config)
-            linux.unshare_user(flags & ~linux.CLONE_NEWUSER, uid_map, gid_map)
-        else:
-            linux.unshare(flags)
-        if "pid" in fresh:
-            _become_pid1()
-    have = cloned | own
-    if "fs" in have:
-        linux.make_mounts_private()
-        if "pid" in have:
-            linux.mount_proc()
-        if "net" in have:
-            linux.mount_sys()
-    if "net" in have:
-        linux.interface_up("lo")
-    links = setup_network(config)
-    if config.has("hostname"):
-        linux.sethostname(str(config.get("hostname")))
-    return links
-
-
-def change_root(config: Config) -> None:
-    """Linux: pivot-root, then chroot."""
-    if config.has("pivot-root"):
-        new_root, old_root = config.get("pivot-root")  # type: ignore[misc]
-        pivot_root(new_root, old_root)
-    if config.has("chroot"):
-        directory = str(config.get("chroot"))
-        os.chroot(directory)
-        os.chdir("/")
-
-
 def setup_network(config: Config) -> list:
-    """tuntap-device, then net-iface and net-route over netlink (no binaries)."""
+    """The tuntap-device links (the router's clients), then the backend's
+net-mtu / net-iface / net-route, then each link learns its address."""
     links = []
     brokered = os.environ.get(protocol.ENV_BROKERED) == "1"
     for index, words in enumerate(config.getlist("tuntap-device")):
         links.append(TunLink(words[0], words[1] if len(words) > 1 else None, brokered=brokered and index == 0))
-    for device, mtu in config.getlist("net-mtu"):
-        if not mtu.isdigit() or not 68 <= int(mtu) <= 65535:
-            raise linux.JailError(f"net-mtu {device}: MTU must be 68..65535, not {mtu!r}")
-        linux.set_mtu(device, int(mtu))
+    jails.backend().configure_network(config)
     for device, cidr in config.getlist("net-iface"):
-        netlink.add_address(device, cidr)
-        linux.interface_up(device)
         for link in links:
             if link.device == device:
                 link.set_address(cidr.partition("/")[0])
-    for destination, gateway in config.getlist("net-route"):
-        netlink.add_route(destination, gateway)
     return links
 
 
@@ -233,61 +159,6 @@ def run_as_vassal() -> None:
             raise
         except Exception as exc:
             raise hooks.HookError(f"hook failed in phase as-vassal: {hook.describe()}: {exc}") from None
-
-
-def pivot_root(new_root: str, old_root: str) -> None:
-    """pivot_root into NEW (bound onto itself if it is not a mount point),
-    then detach the old root so no host path stays reachable."""
-    new_root = os.path.abspath(new_root)
-    if not os.path.isdir(new_root):
-        raise linux.JailError(f"pivot-root: {new_root} is not a directory")
-    if not linux.is_mount_point(new_root):
-        log(f"pivot-root: {new_root} is not a mount point, binding it onto itself")
-        linux.mount(new_root, new_root, None, linux.MS_BIND | linux.MS_REC)
-    put_old = os.path.join(new_root, old_root.lstrip("/"))
-    os.makedirs(put_old, exist_ok=True)
-    linux.pivot_root(new_root, put_old)
-    os.chdir("/")
-    inside = "/" + old_root.lstrip("/")
-    linux.umount(inside, linux.MNT_DETACH)
-    try:
-        os.rmdir(inside)
-    except OSError:
-        pass
-
-
-def _become_pid1() -> None:
-    """After unshare(CLONE_NEWPID) only our next child is in the namespace,
-    as its PID 1. That child carries on as the top process; this process
-    stays as a proxy that forwards signals and exits with its status, so a
-    uWSGI emperor (which tracks this pid) still sees one vassal."""
-    child = os.fork()
-    if child == 0:
-        return
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, lambda s, f: os.kill(child, s))
-    signal.set_wakeup_fd(-1)
-    while True:
-        try:
-            _, status = os.waitpid(child, 0)
-            break
-        except InterruptedError:
-            continue
-        except ChildProcessError:
-            status = 1 << 8
-            break
-    sys.stdout.flush()
-    os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
-
-
-def id_maps(config: Config, owner: tuple[int, int] | None = None) -> tuple[str, str]:
-    """The vassal's uid/gid maps; in tyrant mode always root -> the file's owner."""
-    owner = owner or tyrant_owner()
-    if owner is not None:
-        return f"0 {owner[0]} 1", f"0 {owner[1]} 1"
-    uid_map = linux.parse_id_map(str(config.get("uid-map")), "uid-map") if config.has("uid-map") else linux.default_id_map("uid")
-    gid_map = linux.parse_id_map(str(config.get("gid-map")), "gid-map") if config.has("gid-map") else linux.default_id_map("gid")
-    return uid_map, gid_map
 
 
 def drop_privileges(config: Config) -> None:

@@ -1,0 +1,155 @@
+"""Process helpers every pyemperor process uses around fork and exec: one
+signal reset for children, one fd placement, one exec, one PID-1 proxy,
+quiet kills and the resident set of a process."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+# What a proxy in front of a pid namespace passes on to the PID 1 behind it.
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def kill_quietly(pid: int, sig: int) -> bool:
+    """Signal a process that may be gone already: False if it was."""
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def killpg_quietly(pgid: int, sig: int) -> bool:
+    """Signal a process group that may be gone already: False if it was."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def reset_signals() -> None:
+    """In a forked child: every handler back to its default, SIG_IGN too
+    (an ignored SIGPIPE survives exec and breaks pipelines in the programs
+    we start), no wakeup fd shared with the parent, nothing blocked."""
+    signal.set_wakeup_fd(-1)
+    for sig in range(1, signal.NSIG):
+        try:
+            if signal.getsignal(sig) not in (signal.SIG_DFL, None):
+                signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass  # SIGKILL, SIGSTOP and the real-time ones Python cannot set
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def place_fds(moves: Sequence[tuple[int, int]]) -> None:
+    """Put each source fd at its target number (inheritable), then close every
+    fd above the highest target. Sources are first moved above the targets,
+    so one move never clobbers another's source."""
+    high = [fcntl.fcntl(source, fcntl.F_DUPFD, 64) for source, _ in moves]
+    for fd, (_, target) in zip(high, moves, strict=True):
+        os.dup2(fd, target)
+    top = max((target for _, target in moves), default=2)
+    os.closerange(top + 1, os.sysconf("SC_OPEN_MAX"))
+
+
+def wire_child(null_fd: int, log_fd: int, moves: Sequence[tuple[int, int]]) -> None:
+    """A spawned vassal's fds: stdin from /dev/null, stdout and stderr to
+    its log pipe, each of ``moves`` at its number, nothing else open."""
+    os.dup2(null_fd, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    place_fds(moves)
+
+
+def exec_child(argv: Sequence[str], env: dict[str, str] | None = None, *, what: str,
+               fds: Sequence[tuple[int, int]] | None = None, search_path: bool = False) -> NoReturn:
+    """In a forked child: reset signals, place ``fds`` (closing the rest),
+    exec. Never returns: a failure is written to stderr under ``what``
+    and the child exits 127, as a shell does for a command it cannot run."""
+    try:
+        reset_signals()
+        if fds is not None:
+            place_fds(fds)
+        environ = dict(os.environ) if env is None else env
+        if search_path:
+            os.execvpe(argv[0], list(argv), environ)
+        os.execve(argv[0], list(argv), environ)
+    except BaseException as exc:
+        try:
+            os.write(2, f"{what}: {exc}\n".encode())
+        except OSError:
+            pass
+    os._exit(127)
+
+
+def exit_code(status: int) -> int:
+    """A wait status as a shell reports it: the exit code, or 128 + signal."""
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.waitstatus_to_exitcode(status) & 0xFF
+
+
+def proxy_pid1() -> None:
+    """After unshare(CLONE_NEWPID) only our next child is in the namespace,
+    as its PID 1. The child returns from here and carries on; this process
+    stays behind holding nothing but the child, forwards signals to it and
+    exits with its status, so whoever tracks our pid (the emperor, a uWSGI
+    emperor) still sees one process."""
+    child = os.fork()
+    if child == 0:
+        return
+    signal.set_wakeup_fd(-1)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    for sig in FORWARDED:
+        signal.signal(sig, lambda s, _f: kill_quietly(child, s))
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+            break
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            status = 1 << 8
+            break
+    os._exit(exit_code(status))
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` names a live process (not a zombie); one we may not
+    signal counts as alive."""
+    import psutil
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except Exception:
+        return True
+
+
+def rss(pid: int) -> int:
+    """A process's resident set in bytes, 0 if it is gone (psutil: the same
+    call on Linux and FreeBSD, which has no /proc by default)."""
+    import psutil  # (only masters that watch memory pay for the import)
+
+    try:
+        return psutil.Process(pid).memory_info().rss
+    except (psutil.Error, OSError):
+        return 0
