@@ -11,6 +11,9 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+# Imported up front: after pivot-root or chroot the vassal may not reach it.
+import psutil
+
 # What a proxy in front of a pid namespace passes on to the PID 1 behind it.
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -128,8 +131,6 @@ def proxy_pid1() -> None:
 def alive(pid: int) -> bool:
     """Whether ``pid`` names a live process (not a zombie); one we may not
     signal counts as alive."""
-    import psutil
-
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -147,8 +148,6 @@ def alive(pid: int) -> bool:
 def rss(pid: int) -> int:
     """A process's resident set in bytes, 0 if it is gone (psutil: the same
     call on Linux and FreeBSD, which has no /proc by default)."""
-    import psutil  # (only masters that watch memory pay for the import)
-
     try:
         return psutil.Process(pid).memory_info().rss
     except (psutil.Error, OSError):

@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"emperor: {problem}", file=sys.stderr)
         return 2
-    from emperor.control import AlreadyRunning
+    from emperor.control_server import AlreadyRunning
     from emperor.core import Emperor
-    from emperor.netrouter import RangeError
+    from emperor.router_supervisor import RangeError
     from jails.tun import TunError
     from netrouter.firewall import RuleError
     from vassal.hooks import HookError

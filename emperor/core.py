@@ -31,21 +31,21 @@ from bedrock.log import stamped
 from bedrock.loop import Loop, reaped
 from emperor import commands
 from emperor.commands import CommandError, Peer
-from emperor.control import ControlServer, StatsServer
-from emperor.instance import (
+from emperor.control_server import ControlServer, StatsServer
+from emperor.lifecycle import (
+    BACKOFF,
     INVALID,
     READY,
     RELOADING,
     STARTING,
-    STOPPED,
     STOPPING,
     Signature,
     Vassal,
 )
 from emperor.monitor import DirMonitor, Source, is_regular
 from emperor.names import name_problem, tenant_name_problem
-from emperor.netrouter import RouterSupervisor, address_problems
-from emperor.spawn import Zygote
+from emperor.router_supervisor import RouterSupervisor, address_problems
+from emperor.zygote_client import ZygoteClient
 from jails.tracking import (
     CgroupTree,
     LimitError,
@@ -138,7 +138,7 @@ class Emperor:
         self.control: ControlServer | None = None
         self.stats: StatsServer | None = None
         self.subreaper = False
-        self.zygote: Zygote | None = None
+        self.zygote: ZygoteClient | None = None
         self.pending_spawns: dict[int, Vassal] = {}
         # Exits reaped before the zygote told us whose pid it was: pid -> (status, when).
         self.early_exits: dict[int, tuple[int, float]] = {}
@@ -250,7 +250,7 @@ class Emperor:
     def _start_zygote(self) -> None:
         if self.shutting_down:
             return
-        self.zygote = Zygote(self._zygote_reply, self._zygote_want_write)
+        self.zygote = ZygoteClient(self._zygote_reply, self._zygote_want_write)
         # Spare pre-moved intermediates need cgroup dirs that can be renamed (v1).
         self.zygote.start(self.cgroups.base if self.cgroups and not self.cgroups.unified else None, self.vassal_env)
         self.loop.add_reader(self.zygote.sock, self.zygote.on_readable)
@@ -438,8 +438,7 @@ class Emperor:
                      f"{traceback.format_exc().rstrip()}")
             vassal = self.vassals.get(os.path.basename(path))
             if vassal is not None and vassal.pid is None and not vassal.spawning:
-                vassal.state = INVALID
-                vassal.error = f"internal error: {type(exc).__name__}: {exc}"
+                vassal.invalid(f"internal error: {type(exc).__name__}: {exc}")
 
     def _on_path(self, path: str) -> None:
         if self.shutting_down:
@@ -504,7 +503,7 @@ class Emperor:
                             error_kind="quota" if quota else None)
             self.vassals[name] = vassal
             if config is None:
-                vassal.state = INVALID
+                vassal.invalid(error)
                 self.log(f"[{name}] invalid config, not starting:\n{error}")
                 return
             vassal.spawn()
@@ -515,9 +514,8 @@ class Emperor:
             if vassal.pid is not None or vassal.spawning:
                 self.log(f"[{name}] config invalid, still running the previous one:\n{error}")
             else:
-                vassal.state = INVALID
                 vassal.config = None
-                vassal._cancel("backoff")
+                vassal.invalid(error)
                 self.log(f"[{name}] invalid config:\n{error}")
             return
         previous = vassal.config
@@ -529,9 +527,8 @@ class Emperor:
             vassal.changed_while_spawning = True
             return
         if vassal.pid is None:
-            if vassal.state in (INVALID, "backoff"):
+            if vassal.state in (INVALID, BACKOFF):
                 vassal.throttle_ms = 0
-                vassal.state = STARTING
                 vassal.start_now()
             return
         if vassal.state == STOPPING:
@@ -566,12 +563,8 @@ class Emperor:
         if wait <= 0:
             vassal.last_read = now
             return False
-        if "reread" not in vassal.timers:
-            def again() -> None:
-                vassal.timers.pop("reread", None)
-                self.on_path(path)
-
-            vassal.timers["reread"] = self.loop.call_later(wait, again)
+        if not vassal.has_timer("reread"):
+            vassal.after(wait, "reread", lambda: self.on_path(path))
         return True
 
     def _owner_of(self, path: str) -> tuple[int, int] | None:
@@ -597,14 +590,7 @@ class Emperor:
     def forget(self, vassal: Vassal) -> None:
         if self.vassals.get(vassal.name) is vassal:
             del self.vassals[vassal.name]
-        for timer in vassal.timers.values():
-            timer.cancel()
-        vassal.timers.clear()
-        if isinstance(vassal.tracker, VassalCgroup):
-            vassal.tracker.remove()
-        if vassal.limit_groups is not None:
-            vassal.limit_groups.remove()
-        vassal.state = STOPPED
+        vassal.dispose()
         self.log(f"[{vassal.name}] removed")
         if not self.shutting_down and os.path.lexists(vassal.path) and vassal.name not in self.vassals:
             self.on_path(vassal.path)  # a file that came back meanwhile (e.g. another owner's)

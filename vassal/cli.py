@@ -96,11 +96,12 @@ def _problem(message: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = shared_parser()
-    args = parser.parse_args(preprocess_argv(list(sys.argv[1:] if argv is None else argv), options.VASSAL))
-    if not args.check and os.environ.get(protocol.ENV_CONFIG_FD):
-        # Started by our emperor: the argv only names the file (uWSGI's form).
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if "--check" not in raw and os.environ.get(protocol.ENV_CONFIG_FD):
+        # Started by our emperor: the argv only names the file, for ps.
         return run_handed()
+    parser = shared_parser()
+    args = parser.parse_args(preprocess_argv(raw, options.VASSAL))
     path, kind = _config_source(args, parser)
     try:
         config = load_from_args(args, path, kind)

@@ -203,10 +203,10 @@ class Master:
     def _cheaper_step(self) -> None:
         assert self.cheaper is not None
         live = {pid: index for pid, (index, _) in self.workers.items() if pid not in self.cheapened}
-        rss = {pid: rss(pid) for pid in live}
+        sizes = {pid: rss(pid) for pid in live}
         busy = sum(1 for index in live.values() if self.scoreboard.read(index)[0])
         backlog = max((listen_backlog(listener.sock) for listener in self.listeners), default=0)
-        decision = self.cheaper.decide(len(live), busy, backlog, sum(rss.values()))
+        decision = self.cheaper.decide(len(live), busy, backlog, sum(sizes.values()))
         last = self.cheaper.last
         if last is not None:
             # The title is how the emperor's stats see this without a channel.
@@ -220,7 +220,7 @@ class Master:
         elif decision.action == "remove" and live:
             # The idlest (or, over the hard limit, the largest) worker goes.
             over = "hard" in decision.reason
-            victim = max(live, key=lambda p: rss[p]) if over else min(
+            victim = max(live, key=lambda p: sizes[p]) if over else min(
                 live, key=lambda p: (bool(self.scoreboard.read(live[p])[0]), -live[p]))
             self.cheapened.add(victim)
             kill_quietly(victim, signal.SIGKILL if over else signal.SIGTERM)

@@ -17,7 +17,7 @@ from emperor.names import printable
 
 if TYPE_CHECKING:
     from emperor.core import Emperor
-    from emperor.instance import Vassal
+    from emperor.lifecycle import Vassal
 
 VERBS = (
     "status", "reload", "stop", "start", "restart", "reset", "logs", "stats", "router",

@@ -9,6 +9,5 @@ def execute(emperor, args, peer):
         if vassal.config is None:
             raise CommandError(f"{vassal.name}: config invalid: {vassal.error}")
     for vassal in vassals:
-        vassal.held = False
         vassal.restart()
     return {"restarted": [v.name for v in vassals]}

@@ -7,6 +7,5 @@ from emperor.commands import select_vassals
 def execute(emperor, args, peer):
     vassals = select_vassals(emperor, args, peer, allow_all=False)
     for vassal in vassals:
-        vassal.held = True
-        vassal.stop()
+        vassal.hold()
     return {"stopped": [v.name for v in vassals]}

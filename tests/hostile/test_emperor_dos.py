@@ -185,7 +185,7 @@ def test_nested_json_on_the_control_socket_is_a_usage_error(start_emperor, hosti
 # --- 10: control and log resources ----------------------------------------------------
 
 def test_non_reading_followers_are_bounded_and_root_still_served(start_emperor, hostile_base, tenant):
-    from emperor.control import MAX_PER_UID
+    from emperor.control_server import MAX_PER_UID
 
     emp = tyrant_emperor(start_emperor, hostile_base)
     flood = script(hostile_base, "flood.py", FLOOD)
@@ -245,7 +245,7 @@ def test_out_of_fds_no_spin_and_root_still_served(start_emperor, hostile_base, t
 
 
 def test_idle_and_oversized_requests_are_cut_off(start_emperor, hostile_base, tenant):
-    from emperor.control import MAX_REQUEST, REQUEST_TIMEOUT
+    from emperor.control_server import MAX_REQUEST, REQUEST_TIMEOUT
 
     emp = tyrant_emperor(start_emperor, hostile_base)
     talk = ("import socket, sys, time\n"

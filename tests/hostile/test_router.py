@@ -459,7 +459,7 @@ def test_router_addresses_are_never_claimable(start_router) -> None:
 def test_tenant_range_check(make_tenant, hostile_base: Path) -> None:
     from bedrock import options
     from bedrock.config import Entry, build, load
-    from emperor.netrouter import RangeError, address_problems, tenant_ranges
+    from emperor.router_supervisor import RangeError, address_problems, tenant_ranges
 
     alice, bob = make_tenant(), make_tenant()
 

@@ -19,7 +19,7 @@ ALLOWED = {
     # of the C accept speedup, not a platform question.
     ("vassal.fdconn", "ctypes"), ("vassal.fdconn", "CDLL"),
     # The tun device's fds and name pass through; opening is jails.tun's.
-    ("emperor.netrouter", "jails.tun"), ("emperor.spawn", "jails.tun"), ("emperor.zygote", "jails.tun"),
+    ("emperor.router_supervisor", "jails.tun"), ("emperor.spawn", "jails.tun"), ("emperor.zygote", "jails.tun"),
     ("emperor.cli", "jails.tun"), ("netrouter.cli", "jails.tun"),
     ("netrouter.client", "jails.tun"),
     # The directory monitor: inotify on Linux, kqueue elsewhere, chosen by

@@ -214,7 +214,7 @@ class _FakeEmperor:
 
 def _server_and_client():
     from emperor.commands import Peer
-    from emperor.control import Connection, _Server
+    from emperor.control_server import Connection, _Server
 
     server = _Server(_FakeEmperor())  # type: ignore[arg-type]
     ours, theirs = socket.socketpair()
@@ -224,7 +224,7 @@ def _server_and_client():
 
 
 def test_a_follower_that_does_not_read_is_dropped_with_a_note():
-    from emperor.control import FOLLOW_BUFFER
+    from emperor.control_server import FOLLOW_BUFFER
 
     server, connection, client = _server_and_client()
     connection.follow()
@@ -254,7 +254,7 @@ def test_a_follower_that_does_not_read_is_dropped_with_a_note():
 
 
 def test_one_bounded_request_per_connection():
-    from emperor.control import MAX_REQUEST
+    from emperor.control_server import MAX_REQUEST
 
     server, connection, client = _server_and_client()
     handled: list[bytes] = []

@@ -39,6 +39,32 @@ STOPPING = "stopping"
 STOPPED = "stopped"
 BACKOFF = "backoff"
 INVALID = "invalid"
+STATES = frozenset({STARTING, READY, RELOADING, STOPPING, STOPPED, BACKOFF, INVALID})
+
+# The state a vassal may enter -> the states it may come from (supervisor's
+# _assertInState, as one table). Every change goes through Vassal._enter.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    # A spawn: the first, a respawn after backoff, a restart (from stopping),
+    # an operator's start of a stopped or invalid one, a fixed file.
+    STARTING: STATES,
+    # The ready byte, or a reload that never said so within its timeout.
+    READY: frozenset({STARTING, RELOADING}),
+    # One graceful reload at a time (another one waits: reload_queued).
+    RELOADING: frozenset({STARTING, READY}),
+    # Only a vassal with processes stops; one stopping stays so.
+    STOPPING: frozenset({STARTING, READY, RELOADING}),
+    # Gone for good (held, voluntary, removed), from anything.
+    STOPPED: STATES,
+    # A crash, or a spawn that failed before any process existed.
+    BACKOFF: STATES,
+    # The file does not validate: never while it is stopping (that ends in
+    # stopped or, on its way back, a restart).
+    INVALID: STATES - {STOPPING},
+}
+
+
+class StateError(AssertionError):
+    """A transition the table refuses: a bug in the emperor, not the vassal's."""
 
 # A vassal that stays up this long gets its backoff reset (DESIGN section 3).
 STABLE_AFTER = 30.0
@@ -147,6 +173,45 @@ class Vassal:
         if timer is not None:
             timer.cancel()
 
+    def _enter(self, new: str) -> None:
+        """The one place a vassal changes state."""
+        if self.state not in TRANSITIONS[new]:
+            raise StateError(f"vassal {self.name}: {self.state} -> {new} is not a transition")
+        self.state = new
+
+    def has_timer(self, name: str) -> bool:
+        return name in self.timers
+
+    def after(self, delay: float, name: str, callback) -> None:
+        """``callback`` in ``delay`` seconds, as this vassal's timer ``name``
+        (replacing one of that name; all go when the vassal does)."""
+        def fire() -> None:
+            self.timers.pop(name, None)
+            callback()
+
+        self._timer(name, delay, fire)
+
+    def invalid(self, error: str | None) -> None:
+        """Its file does not validate and nothing of it runs: it waits for a
+        fixed file (a stopping one ends as it was going to)."""
+        self.error = error
+        self._cancel("backoff")
+        self.backoff_until = None
+        if self.state != STOPPING:
+            self._enter(INVALID)
+
+    def dispose(self) -> None:
+        """Forgotten by the emperor (its file is gone): no timer, cgroup or
+        limit group stays behind."""
+        for timer in self.timers.values():
+            timer.cancel()
+        self.timers.clear()
+        if isinstance(self.tracker, VassalCgroup):
+            self.tracker.remove()
+        if self.limit_groups is not None:
+            self.limit_groups.remove()
+        self._enter(STOPPED)
+
     def note(self, message: str) -> None:
         self.emperor.log(f"[{self.name}] {message}")
 
@@ -182,7 +247,7 @@ class Vassal:
             self._schedule_respawn()
             return
         if self.config is None:
-            self.state = INVALID
+            self._enter(INVALID)
             return
         self.running_config = self.config
         clone, id_maps, drop = self.emperor.jail_plan(self.config)
@@ -226,7 +291,7 @@ class Vassal:
         self.pipe = spawned.pipe
         self.log_fd = spawned.log_fd
         self.tracker = cgroup
-        self.state = STARTING
+        self._enter(STARTING)
         self.started_at = time.time()
         self.ready_at = None
         self.spawns += 1
@@ -341,7 +406,7 @@ class Vassal:
     def _on_message(self, byte: int) -> None:
         if byte == protocol.READY:
             if self.state in (STARTING, RELOADING):
-                self.state = READY
+                self._enter(READY)
                 self.ready_at = time.time()
                 self._cancel("reload")
                 self.note("ready")
@@ -502,7 +567,7 @@ class Vassal:
             return False
         if not self.send(protocol.RELOAD):
             return False
-        self.state = RELOADING
+        self._enter(RELOADING)
         self._timer("reload", RELOAD_TIMEOUT, self._reload_timed_out)
         self.note("graceful reload")
         return True
@@ -511,17 +576,24 @@ class Vassal:
         self.timers.pop("reload", None)
         if self.state == RELOADING:
             self.note(f"no ready message {RELOAD_TIMEOUT:.0f}s after a reload; considering it ready")
-            self.state = READY
+            self._enter(READY)
             if self.reload_queued:
                 self.reload_queued = False
                 self.reload(reread=False)
 
     def restart(self) -> None:
+        self.held = False
         if self.pid is None and not self.spawning:
-            self.held = False
             self.start_now()
             return
         self.restart_pending = True
+        self.stop()
+
+    def hold(self) -> None:
+        """The operator's stop: down until start, restart or reset, also when
+        a restart was on its way (it is called off)."""
+        self.held = True
+        self.restart_pending = False
         self.stop()
 
     def stop(self) -> None:
@@ -530,14 +602,14 @@ class Vassal:
             self._cancel(name)
         if self.pid is None and not self.spawning:
             if self.state in (BACKOFF, STARTING, READY, RELOADING):
-                self.state = STOPPED
+                self._enter(STOPPED)
             self.backoff_until = None
             if self.removing:
                 self.emperor.forget(self)
             return
         if self.state == STOPPING:
             return
-        self.state = STOPPING
+        self._enter(STOPPING)
         tolerance = self.emperor.curse_tolerance
         if not self.send(protocol.STOP):
             self._terminate()
@@ -632,7 +704,7 @@ class Vassal:
     def _after_exit(self) -> None:
         uptime = time.time() - (self.started_at or time.time())
         if self.removing:
-            self.state = STOPPED
+            self._enter(STOPPED)
             self.emperor.forget(self)
             return
         if self.restart_pending:
@@ -641,7 +713,7 @@ class Vassal:
             self.spawn()
             return
         if self.held or self.voluntary or self.state == STOPPING:
-            self.state = STOPPED
+            self._enter(STOPPED)
             return
         if uptime >= STABLE_AFTER:
             self.throttle_ms = 0
@@ -653,7 +725,7 @@ class Vassal:
         cap = self.emperor.max_throttle_ms
         self.throttle_ms = base if self.throttle_ms == 0 else min(cap, self.throttle_ms * 2)
         delay = self.throttle_ms / 1000.0
-        self.state = BACKOFF
+        self._enter(BACKOFF)
         self.backoff_until = time.time() + delay
         self.note(f"respawn in {delay:.1f}s")
         self._timer("backoff", delay, self._backoff_done)

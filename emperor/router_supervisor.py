@@ -35,7 +35,7 @@ from netrouter.wire import BROKER, frame
 
 if TYPE_CHECKING:
     from emperor.core import Emperor
-    from emperor.instance import Vassal
+    from emperor.lifecycle import Vassal
 
 TENANT_RANGE = "tuntap-router-tenant-range"
 
