@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(preprocess_argv(list(sys.argv[1:] if argv is None else argv), options.EMPEROR))
     try:
         settings = load_settings(args)
-        from emperor.core import emperor_hook_problems
+        from emperor.launcher import emperor_hook_problems
 
         if problems := jails.unsupported(settings) + emperor_hook_problems(settings):
             raise ConfigError(problems)
@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"emperor: {problem}", file=sys.stderr)
         return 2
-    from emperor.control_server import AlreadyRunning
     from emperor.core import Emperor
     from emperor.router_supervisor import RangeError
+    from emperor.singleton import AlreadyRunning
     from jails.tun import TunError
     from netrouter.firewall import RuleError
     from vassal.hooks import HookError

@@ -16,7 +16,6 @@ connection."""
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import resource
@@ -30,6 +29,7 @@ from bedrock.sockets import bind, recv_or_eof
 from emperor import untrusted
 from emperor.commands import USAGE, CommandError, Peer
 from emperor.names import printable
+from emperor.singleton import SingleInstance
 
 if TYPE_CHECKING:
     from bedrock.loop import Timer
@@ -69,10 +69,6 @@ CLOSED = "closed"
 OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 # Errors of one pending connection, not of the listening socket.
 TRANSIENT_ACCEPT = (errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EPERM)
-
-
-class AlreadyRunning(Exception):
-    pass
 
 
 class Connection:
@@ -453,28 +449,13 @@ class ControlServer(_Server):
         super().__init__(emperor)
         self.path = os.path.abspath(path)
         self.mode = mode
-        self.lock_fd: int | None = None
-        self.pidfile: str | None = None
-        self.pidfile_fd: int | None = None
+        self.instance = SingleInstance(self.path)
         self.owned = False
 
     def open(self) -> None:
         """One emperor per control socket: a lock file next to it decides,
         and a live socket at the path is refused even without the lock."""
-        directory = os.path.dirname(self.path)
-        os.makedirs(directory, exist_ok=True)
-        self.lock_fd = _lock(self.path + ".lock")
-        if self.lock_fd is None:
-            raise AlreadyRunning(f"another emperor holds {self.path}")
-        if os.path.exists(self.path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(self.path)
-                raise AlreadyRunning(f"another emperor answers on {self.path}")
-            except (ConnectionRefusedError, FileNotFoundError):
-                os.unlink(self.path)  # stale, from an emperor that died
-            finally:
-                probe.close()
+        self.instance.acquire()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
         try:
@@ -486,15 +467,6 @@ class ControlServer(_Server):
         sock.listen(socket.SOMAXCONN)
         sock.setblocking(False)
         self._listen(sock)
-
-    def write_pidfile(self, path: str) -> None:
-        path = os.path.abspath(path)
-        fd = _lock(path, truncate=False)
-        if fd is None:
-            raise AlreadyRunning(f"another emperor holds the pidfile {path}")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.pidfile, self.pidfile_fd = path, fd
 
     def on_connection(self, conn: socket.socket) -> None:
         try:
@@ -575,32 +547,7 @@ class ControlServer(_Server):
             except OSError:
                 pass
             self.owned = False
-        if self.lock_fd is not None:
-            try:
-                os.unlink(self.path + ".lock")
-            except OSError:
-                pass
-            os.close(self.lock_fd)
-            self.lock_fd = None
-        if self.pidfile_fd is not None:
-            try:
-                os.unlink(self.pidfile)  # type: ignore[arg-type]
-            except OSError:
-                pass
-            os.close(self.pidfile_fd)
-            self.pidfile_fd = None
-
-
-def _lock(path: str, truncate: bool = False) -> int | None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            return None
-        raise
-    return fd
+        self.instance.release()
 
 
 class StatsServer(_Server):

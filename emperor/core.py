@@ -9,7 +9,6 @@ timers.
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import signal
 import stat
@@ -21,41 +20,26 @@ from bedrock.config import (
     Config,
     ConfigError,
     ConfigUnavailable,
-    Problem,
-    build,
-    overrides_entries,
-    read_with_templates,
 )
-from bedrock.identity import acting_as
 from bedrock.log import stamped
 from bedrock.loop import Loop, reaped
-from emperor import commands
+from emperor import commands, reporting
 from emperor.commands import CommandError, Peer
 from emperor.control_server import ControlServer, StatsServer
-from emperor.lifecycle import (
-    BACKOFF,
-    INVALID,
-    READY,
-    RELOADING,
-    STARTING,
-    STOPPING,
-    Signature,
-    Vassal,
-)
+from emperor.launcher import Launcher
+from emperor.lifecycle import Signature, Vassal
 from emperor.monitor import DirMonitor, Source, is_regular
 from emperor.names import name_problem, tenant_name_problem
-from emperor.router_supervisor import RouterSupervisor, address_problems
+from emperor.pidfile import Pidfile
+from emperor.router_supervisor import RouterSupervisor
+from emperor.states import BACKOFF, INVALID, READY, RELOADING, STARTING, STOPPING
 from emperor.zygote_client import ZygoteClient
 from jails.tracking import (
     CgroupTree,
-    LimitError,
-    Limits,
-    VassalCgroup,
-    limit_groups,
     reap_stale,
     remove_v1_bases,
 )
-from vassal import hooks, phases
+from vassal import hooks
 
 
 def become_subreaper() -> bool:
@@ -63,43 +47,16 @@ def become_subreaper() -> bool:
     return jails.backend().become_subreaper()
 
 
-# What every vassal's environment holds besides its own ``env`` keys, the
-# emperor protocol's variables and the operator's ``vassal-env-pass``: a
-# secret in the emperor's environment must not reach a tenant's app.
-BASE_ENV = ("PATH", "LANG", "LANGUAGE", "LC_*", "TZ")
 # A config read that failed for lack of fds or memory is tried again after this.
 CONFIG_RETRY = 1.0
 # A vassal's file is read again at most this often (the last change always).
 REREAD_INTERVAL = 0.5
 QUOTA_ERROR = "tyrant mode: quota reached: uid {uid} already has {count} vassals (emperor-tyrant-max-vassals); this one starts when one of them goes"
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def vassal_environment(environ: dict[str, str], passed: list[str]) -> dict[str, str]:
-    """The one environment a vassal's config is expanded in ($(VAR)) and that
-    its processes start with."""
-    patterns = (*BASE_ENV, *passed)
-    env = {k: v for k, v in environ.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
-    env.setdefault("PATH", DEFAULT_PATH)
-    return env
-
-
-# as-emperor hooks run in the emperor's own process at every spawn (a tenant
-# decides how often): only actions that neither wait nor change the emperor.
-AS_EMPEROR_ACTIONS = ("exec", "print", "write", "mkdir", "unlink")
-
-
-def emperor_hook_problems(settings: Config) -> list[Problem]:
-    return [Problem(h.entry.file, h.entry.line, h.entry.key,
-                    f"action {h.action} cannot run as-emperor (it would block or change the emperor at every spawn); "
-                    f"allowed: {', '.join(AS_EMPEROR_ACTIONS)}")
-            for h in hooks.hooks_for(settings, "as-emperor") if h.action not in AS_EMPEROR_ACTIONS]
 
 
 def _nonblocking_stderr() -> None:
     """Echoing vassal output must never block the loop. Only a pipe or socket
     of our own is made non-blocking: a terminal or file is shared with others."""
-    import stat
 
     try:
         mode = os.fstat(2).st_mode
@@ -114,20 +71,10 @@ class Emperor:
         self.settings = settings
         self.loop = Loop()
         self.vassals: dict[str, Vassal] = {}
-        self.by_pid: dict[int, Vassal] = {}
         self.sources = [Source.parse(spec) for spec in settings.getlist("emperor")]
-        self.throttle_ms = int(settings.get("emperor-throttle"))  # type: ignore[arg-type]
-        self.max_throttle_ms = int(settings.get("emperor-max-throttle"))  # type: ignore[arg-type]
-        self.required_heartbeat = int(settings.get("emperor-required-heartbeat"))  # type: ignore[arg-type]
-        self.curse_tolerance = int(settings.get("emperor-curse-tolerance"))  # type: ignore[arg-type]
-        self.log_lines = int(settings.get("emperor-log-lines"))  # type: ignore[arg-type]
-        self.wrapper: str | None = settings.get("emperor-wrapper")  # type: ignore[assignment]
-        self.inherit: list[str] = [os.path.abspath(p) for p in settings.getlist("vassals-inherit")]
-        self.vassal_set: list[tuple[str, str]] = list(settings.getlist("vassal-set"))
-        self.vassal_env = vassal_environment(dict(os.environ), list(settings.getlist("vassal-env-pass")))
-        self.tyrant = bool(settings.get("emperor-tyrant"))
+        self.launcher = Launcher(settings, self.loop, self.log, self.vassal_log, self.forget)
+        self.tyrant = self.launcher.tyrant
         self.max_per_owner = int(settings.get("emperor-tyrant-max-vassals") or 0)  # type: ignore[arg-type]
-        self.clone: list[str] = ["fs" if n == "mount" else n for n in (settings.get("emperor-use-clone") or ())]  # type: ignore[union-attr]
         self._log = log or self._default_log
         self.loop.report = self.log  # a failing callback is logged like anything else of ours
         self.started_at = time.time()
@@ -137,16 +84,12 @@ class Emperor:
         self.monitor: DirMonitor | None = None
         self.control: ControlServer | None = None
         self.stats: StatsServer | None = None
+        self.pidfile: Pidfile | None = None
         self.subreaper = False
-        self.zygote: ZygoteClient | None = None
-        self.pending_spawns: dict[int, Vassal] = {}
         # Exits reaped before the zygote told us whose pid it was: pid -> (status, when).
         self.early_exits: dict[int, tuple[int, float]] = {}
-        self.hook_pids: dict[int, str] = {}
         self.retrying: set[str] = set()  # config files to read again (ConfigUnavailable)
-        self.routers: list[RouterSupervisor] = []
         self.dropped_log_lines = 0
-        self.as_vassal = [(h.action, h.args, h.entry.key, h.entry.value) for h in hooks.hooks_for(settings, "as-vassal")]
 
     # --- logging -----------------------------------------------------------
     @staticmethod
@@ -196,7 +139,8 @@ class Emperor:
         self.control = ControlServer(self, control_path, int(self.settings.get("emperor-control-mode")))  # type: ignore[arg-type]
         self.control.open()
         if self.settings.has("emperor-pidfile"):
-            self.control.write_pidfile(str(self.settings.get("emperor-pidfile")))
+            self.pidfile = Pidfile(str(self.settings.get("emperor-pidfile")))
+            self.pidfile.write()
         if self.settings.has("emperor-stats"):
             address = str(self.settings.get("emperor-stats"))
             self.stats = StatsServer(self, address)
@@ -207,16 +151,17 @@ class Emperor:
         self.subreaper = become_subreaper()
         _nonblocking_stderr()
         self.cgroups = CgroupTree.create(f"pyemperor.{os.getpid()}")
+        self.launcher.cgroups = self.cgroups
         reap_stale(self.cgroups, self.log)  # a SIGKILLed emperor's leftovers would hold ports and cgroups
-        self.routers = [
+        self.launcher.routers = [
             RouterSupervisor(self, spec, self.settings.getlist("tuntap-router-firewall-in"), self.settings.getlist("tuntap-router-firewall-out"))
             for spec in self.settings.getlist("tuntap-router")
         ]
-        for router in self.routers:
+        for router in self.launcher.routers:
             router.create_device()  # before exec-as-root, which may configure it
         # exec-as-root / hook-as-root: once, at start, before any vassal.
         hooks.run_phase(self.settings, "as-root")
-        for router in self.routers:
+        for router in self.launcher.routers:
             router.start()
         if self.subreaper and self.settings.get("emperor-zygote"):
             # Vassals forked by the zygote are re-parented to us: only as a subreaper.
@@ -250,38 +195,38 @@ class Emperor:
     def _start_zygote(self) -> None:
         if self.shutting_down:
             return
-        self.zygote = ZygoteClient(self._zygote_reply, self._zygote_want_write)
+        self.launcher.zygote = ZygoteClient(self._zygote_reply, self._zygote_want_write)
         # Spare pre-moved intermediates need cgroup dirs that can be renamed (v1).
-        self.zygote.start(self.cgroups.base if self.cgroups and not self.cgroups.unified else None, self.vassal_env)
-        self.loop.add_reader(self.zygote.sock, self.zygote.on_readable)
+        self.launcher.zygote.start(self.cgroups.base if self.cgroups and not self.cgroups.unified else None, self.launcher.vassal_env)
+        self.loop.add_reader(self.launcher.zygote.sock, self.launcher.zygote.on_readable)
 
     def _zygote_want_write(self, wanted: bool) -> None:
-        if self.zygote is None or self.zygote.sock is None:
+        if self.launcher.zygote is None or self.launcher.zygote.sock is None:
             return
         if wanted:
-            self.loop.add_writer(self.zygote.sock, self.zygote.flush)
+            self.loop.add_writer(self.launcher.zygote.sock, self.launcher.zygote.flush)
         else:
-            self.loop.remove_writer(self.zygote.sock)
+            self.loop.remove_writer(self.launcher.zygote.sock)
 
     def _zygote_reply(self, request_id: int, pid: int | None, error: str | None) -> None:
-        vassal = self.pending_spawns.pop(request_id, None)
+        vassal = self.launcher.pending_spawns.pop(request_id, None)
         if vassal is None:
             return
         vassal.spawned(pid, error)
         if pid is not None and pid in self.early_exits:
             status, _ = self.early_exits.pop(pid)
-            self.by_pid.pop(pid, None)
+            self.launcher.by_pid.pop(pid, None)
             vassal.exited(status)
 
     def _zygote_died(self, status: int) -> None:
-        zygote = self.zygote
-        self.zygote = None
+        zygote = self.launcher.zygote
+        self.launcher.zygote = None
         if zygote is not None:
             if zygote.sock is not None:
                 self.loop.forget(zygote.sock)
             zygote.fail_pending("the zygote died")
             zygote.close()
-        for request_id in list(self.pending_spawns):
+        for request_id in list(self.launcher.pending_spawns):
             self._zygote_reply(request_id, None, "the zygote died")
         if not self.shutting_down:
             self.log(f"zygote died ({os.waitstatus_to_exitcode(status)}), starting a new one")
@@ -296,10 +241,10 @@ class Emperor:
         return self.shutting_down and not self.vassals
 
     def cleanup(self) -> None:
-        for router in self.routers:
+        for router in self.launcher.routers:
             router.stop()
-        if self.zygote is not None:
-            zygote, self.zygote = self.zygote, None
+        if self.launcher.zygote is not None:
+            zygote, self.launcher.zygote = self.launcher.zygote, None
             zygote.close()  # end of file: it exits
             if zygote.pid:
                 try:
@@ -312,6 +257,8 @@ class Emperor:
             self.stats.close()
         if self.control:
             self.control.close()
+        if self.pidfile:
+            self.pidfile.remove()
         if self.cgroups:
             self.cgroups.remove()
             remove_v1_bases(os.path.basename(self.cgroups.base))
@@ -353,77 +300,6 @@ class Emperor:
         for vassal in list(self.vassals.values()):
             if os.path.dirname(vassal.path) == source.directory and vassal.path not in present and self.source_for(vassal.path) is source:
                 self.on_path(vassal.path)
-
-    def overrides_for(self, config: Config) -> list[tuple[str, str]]:
-        """``vassal-set`` values, then in tyrant mode without namespaces the
-        file owner's uid/gid (last, so the file cannot override them)."""
-        overrides = list(self.vassal_set)
-        if config.owner is not None and not phases.tyrant_namespaces(config, set(self.clone)):
-            overrides += [("uid", str(config.owner[0])), ("gid", str(config.owner[1]))]
-        return overrides
-
-    def jail_plan(self, config: Config) -> tuple[list[str], tuple[str, str] | None, tuple[int, int] | None]:
-        """(namespaces the spawning child makes, their uid/gid maps, the ids
-        the vassal becomes before it runs): DESIGN 3's tyrant contract. A
-        tenant's vassal in any namespace gets a user namespace mapped to the
-        owner owning them all; without namespaces it simply is the owner."""
-        if config.owner is None:
-            id_maps = jails.backend().id_maps(config) if "user" in self.clone else None
-            return list(self.clone), id_maps, None
-        namespaces = phases.tyrant_namespaces(config, set(self.clone))
-        if not namespaces:
-            return [], None, config.owner
-        return sorted(namespaces), jails.backend().id_maps(config, config.owner), None
-
-    def tyrant_owner(self, path: str) -> tuple[int, int] | None:
-        """The (uid, gid) a file's vassal runs as in tyrant mode. A symlink
-        counts only if its own owner is root (the operator's) or the target's
-        owner: otherwise one tenant would run, and name, another's config."""
-        if not self.tyrant:
-            return None
-        link = os.lstat(path)
-        if stat.S_ISLNK(link.st_mode):
-            # Followed as the link's owner: whether a file exists in another
-            # tenant's private dir, and whose it is, is not the link owner's to learn.
-            with acting_as((link.st_uid, link.st_gid)):
-                target = os.stat(path)
-        else:
-            target = link
-        if target.st_nlink > 1:
-            # Whoever made a hard link chose the name, not the owner we would see.
-            raise ConfigError([Problem(path, None, None, f"tyrant mode: the file has {target.st_nlink} hard links: refusing it")])
-        if target is link:
-            return link.st_uid, link.st_gid
-        if link.st_uid not in (0, target.st_uid):
-            raise ConfigError([Problem(path, None, None, f"tyrant mode: a symlink of uid {link.st_uid} to a file of uid {target.st_uid}: refusing it")])
-        if self.settings.get("emperor-tyrant-nofollow"):
-            return link.st_uid, link.st_gid
-        return target.st_uid, target.st_gid
-
-    def read_config(self, path: str) -> Config:
-        """The one parse of a vassal's file (DESIGN 3): in the vassals' clean
-        environment, templates checked for ownership in tyrant mode, every
-        rule validated; the vassal is handed exactly this."""
-        lenient = bool(self.wrapper) and path.endswith(".ini")
-        owner = None
-        if self.tyrant:
-            try:
-                owner = self.tyrant_owner(path)
-            except OSError as exc:
-                raise ConfigError([Problem(path, None, None, f"tyrant mode: cannot stat: {exc.strerror}")]) from None
-            if owner is not None and (owner[0] == 0 or owner[1] == 0):
-                raise ConfigError([Problem(path, None, None, f"tyrant mode: refusing a file owned by root (uid {owner[0]}, gid {owner[1]}); chown it to the tenant")])
-        env = self.vassal_env
-        entries = read_with_templates(path, inherit=self.inherit, env=env, owner=owner)
-        config = build(path, entries + overrides_entries(self.vassal_set), env=env, lenient=lenient)
-        config.owner = owner
-        if owner is not None and (forced := self.overrides_for(config)[len(self.vassal_set):]):
-            config = build(path, entries + overrides_entries(self.vassal_set + forced), env=env, lenient=lenient)
-            config.owner = owner
-        if not lenient and (problems := jails.unsupported(config) + phases.problems(config, set(self.clone), tyrant=owner)
-                            + address_problems(self.settings, config, owner[0] if owner else None)):
-            raise ConfigError(problems)
-        return config
 
     def on_path(self, path: str) -> None:
         """Something happened to ``path``: decide what it means. Whatever a
@@ -481,7 +357,7 @@ class Emperor:
             vassal.error_kind = "quota" if quota else None
         if error is None:
             try:
-                config = self.read_config(path)
+                config = self.launcher.read_config(path)
             except ConfigUnavailable as exc:
                 # Out of fds or memory: not the file's fault; look again soon
                 # rather than leave it invalid until it changes.
@@ -499,7 +375,7 @@ class Emperor:
                 vassal.error = error
                 vassal.path = path
                 return
-            vassal = Vassal(name=name, path=path, emperor=self, signature=signature, config=config, error=error, owner=owner,
+            vassal = Vassal(name=name, path=path, launcher=self.launcher, signature=signature, config=config, error=error, owner=owner,
                             error_kind="quota" if quota else None)
             self.vassals[name] = vassal
             if config is None:
@@ -571,7 +447,7 @@ class Emperor:
         """Tyrant mode: whose vassal ``path`` makes (None: nobody's but root's,
         e.g. a refused symlink)."""
         try:
-            return self.tyrant_owner(path)
+            return self.launcher.tyrant_owner(path)
         except (ConfigError, OSError):
             return None
 
@@ -603,107 +479,21 @@ class Emperor:
                 self.on_path(first.path)
 
     # --- processes -------------------------------------------------------------
-    def cgroup_for(self, vassal: Vassal) -> VassalCgroup | None:
-        if self.cgroups is None:
-            return None
-        cgroup = self.cgroups.vassal(vassal.name)
-        if self.cgroups.unified:
-            # A previous instance's dir keeps its OOM count (memory.events), a
-            # zygote spare's dir taking its place would not: a fresh dir makes
-            # the OOM baseline 0 whichever of the two the vassal ends up in.
-            cgroup.remove()
-        try:
-            cgroup.prepare()
-        except OSError as exc:
-            self.log(f"[{vassal.name}] cannot create cgroup {cgroup.path}: {exc}; tracking by process group")
-            return None
-        return cgroup
-
-    def cgroup_procs_for(self, vassal: Vassal, cgroup: VassalCgroup | None) -> list[str]:
-        """The cgroups a new vassal process joins: tracking, and limits (set now)."""
-        procs = [os.path.join(cgroup.path, "cgroup.procs")] if cgroup else []
-        config = vassal.config
-        limits = Limits(
-            memory=config.get("memory-limit") if config else None,  # type: ignore[arg-type]
-            pids=config.get("pids-limit") if config else None,  # type: ignore[arg-type]
-            cpu=config.get("cpu-limit") if config else None,  # type: ignore[arg-type]
-        )
-        vassal.limit_groups = None
-        if not limits or not jails.backend().limits_in_cgroups:
-            return procs  # (FreeBSD: rctl rules, set by the vassal's jail)
-        if self.cgroups is None:
-            raise LimitError("memory-limit, pids-limit and cpu-limit need a writable cgroup tree (run the emperor as root)")
-        groups = limit_groups(self.cgroups, vassal.name, limits)
-        groups.apply(limits)
-        vassal.limit_groups = groups
-        return sorted(set(procs) | set(groups.procs_files()))
-
-    def after_spawn(self, vassal: Vassal) -> None:
-        assert vassal.pid is not None
-        self.by_pid[vassal.pid] = vassal
-        self._run_as_emperor(vassal)
-
-    def _run_as_emperor(self, vassal: Vassal) -> None:
-        """hook-as-emperor / exec-as-emperor: for every spawn, in the emperor,
-        never waited for (a command's exit is reaped by the SIGCHLD loop)."""
-        found = hooks.hooks_for(self.settings, "as-emperor")
-        if not found:
-            return
-        # The ids the vassal was validated for and runs as, never a fresh
-        # stat: the tenant may have swapped the file for a symlink to root's
-        # (or another tenant's) by now.
-        config = vassal.running_config
-        owner = config.owner if config is not None else None
-        if owner is None and self.tyrant:
-            self.log(f"[{vassal.name}] not running the as-emperor hooks: whose vassal it is is not known")
-            return
-        if owner is not None:
-            uid, gid = owner
-        else:
-            try:
-                st = os.lstat(vassal.path)
-            except OSError:
-                return  # gone already
-            uid, gid = st.st_uid, st.st_gid
-        env = {
-            **os.environ,
-            "UWSGI_VASSAL_CONFIG": vassal.path,
-            "UWSGI_VASSAL_PID": str(vassal.pid),
-            "UWSGI_VASSAL_UID": str(uid),
-            "UWSGI_VASSAL_GID": str(gid),
-        }
-        for hook in found:
-            try:
-                if hook.action == "exec":
-                    pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", hook.args], env, setsigdef=(signal.SIGPIPE, signal.SIGCHLD))
-                    self.hook_pids[pid] = f"{hook.describe()} for {vassal.name}"
-                else:
-                    hooks.run_hook(hook)  # only quick actions are allowed here (as_emperor_problems)
-            except Exception as exc:
-                self.log(f"hook failed in phase as-emperor for {vassal.name}: {hook.describe()}: {exc}")
-
-    def oom_killed(self, vassal: Vassal) -> bool:
-        groups = vassal.limit_groups
-        return groups is not None and groups.oom_kills() > groups.oom_baseline
-
     def reap(self) -> None:
         for pid, status in reaped():
-            if self.zygote is not None and pid == self.zygote.pid:
+            if self.launcher.zygote is not None and pid == self.launcher.zygote.pid:
                 self._zygote_died(status)
                 continue
-            router = next((r for r in self.routers if r.pid == pid), None)
+            router = next((r for r in self.launcher.routers if r.pid == pid), None)
             if router is not None:
                 router.exited(status)
                 continue
-            if pid in self.hook_pids:
-                what = self.hook_pids.pop(pid)
-                if status != 0:
-                    self.log(f"hook failed in phase as-emperor: {what}: exited with {os.waitstatus_to_exitcode(status)}")
+            if self.launcher.hook_exited(pid, status):
                 continue
-            vassal = self.by_pid.pop(pid, None)
+            vassal = self.launcher.by_pid.pop(pid, None)
             if vassal is not None and vassal.pid == pid:
                 vassal.exited(status)
-            elif self.pending_spawns:
+            elif self.launcher.pending_spawns:
                 # Maybe a zygote-forked vassal that died before its pid reached us.
                 now = time.monotonic()
                 self.early_exits[pid] = (status, now)
@@ -727,23 +517,23 @@ class Emperor:
             "shutting_down": self.shutting_down,
             "vassal_count": len(self.vassals),
             "dropped_log_lines": self.dropped_log_lines,
-            "throttle_ms": self.throttle_ms,
-            "max_throttle_ms": self.max_throttle_ms,
+            "throttle_ms": self.launcher.throttle_ms,
+            "max_throttle_ms": self.launcher.max_throttle_ms,
         }
 
     def status(self, names: list[str] | None = None, peer: Peer | None = None) -> dict:
         vassals = [v for n, v in sorted(self.vassals.items()) if not names or n in names]
         if peer is not None:
             vassals = [v for v in vassals if peer.may_see(v)]
-        return {"emperor": self.emperor_status(), "vassals": [v.status() for v in vassals]}
+        return {"emperor": self.emperor_status(), "vassals": [reporting.status(v) for v in vassals]}
 
     def router_stats(self) -> dict:
-        if not self.routers:
+        if not self.launcher.routers:
             return {"running": False, "connections": [], "rules": {"in": [], "out": []},
                     "drops": {"firewall": 0, "spoofed": 0, "unknown_destination": 0, "ipv6": 0, "oversize": 0, "malformed": 0}}
-        doc = self.routers[0].stats()
-        if len(self.routers) > 1:
-            doc["routers"] = [r.stats() for r in self.routers]
+        doc = self.launcher.routers[0].stats()
+        if len(self.launcher.routers) > 1:
+            doc["routers"] = [r.stats() for r in self.launcher.routers]
         return doc
 
     def stats_document(self) -> dict:
@@ -752,7 +542,7 @@ class Emperor:
         doc = self.status()
         emperor = doc["emperor"]
         for entry in doc["vassals"]:
-            entry.update(self.vassals[entry["name"]].uwsgi_stats())
+            entry.update(reporting.uwsgi_stats(self.vassals[entry["name"]]))
         return {
             "version": "pyemperor",
             "pid": emperor["pid"],
@@ -761,7 +551,7 @@ class Emperor:
             "cwd": os.getcwd(),
             "emperor": [s.directory for s in self.sources],
             "emperor_tyrant": 1 if self.tyrant else 0,
-            "throttle_level": self.throttle_ms,
+            "throttle_level": self.launcher.throttle_ms,
             "vassals": doc["vassals"],
             "router": self.router_stats(),
             "blacklist": [

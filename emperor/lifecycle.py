@@ -16,8 +16,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import psutil
-
 import jails
 from bedrock import protocol
 from bedrock.config import Config, ConfigError
@@ -26,45 +24,23 @@ from bedrock.loop import Timer
 from bedrock.proc import kill_quietly
 from bedrock.sockets import recv_or_eof
 from emperor.logbuf import LogBuffer, read_available
-from emperor.spawn import Spawned, SpawnRequest, config_fd, spawn
+from emperor.reporting import ProcessTree, clean_report
+from emperor.spawn import Spawned, config_fd
+from emperor.states import (
+    BACKOFF,
+    INVALID,
+    READY,
+    RELOADING,
+    STARTING,
+    STOPPED,
+    STOPPING,
+    TRANSITIONS,
+    StateError,
+)
 from jails.tracking import LimitError, LimitGroups, ProcessGroupTracker, VassalCgroup
 
 if TYPE_CHECKING:
-    from emperor.core import Emperor
-
-STARTING = "starting"
-READY = "ready"
-RELOADING = "reloading"
-STOPPING = "stopping"
-STOPPED = "stopped"
-BACKOFF = "backoff"
-INVALID = "invalid"
-STATES = frozenset({STARTING, READY, RELOADING, STOPPING, STOPPED, BACKOFF, INVALID})
-
-# The state a vassal may enter -> the states it may come from (supervisor's
-# _assertInState, as one table). Every change goes through Vassal._enter.
-TRANSITIONS: dict[str, frozenset[str]] = {
-    # A spawn: the first, a respawn after backoff, a restart (from stopping),
-    # an operator's start of a stopped or invalid one, a fixed file.
-    STARTING: STATES,
-    # The ready byte, or a reload that never said so within its timeout.
-    READY: frozenset({STARTING, RELOADING}),
-    # One graceful reload at a time (another one waits: reload_queued).
-    RELOADING: frozenset({STARTING, READY}),
-    # Only a vassal with processes stops; one stopping stays so.
-    STOPPING: frozenset({STARTING, READY, RELOADING}),
-    # Gone for good (held, voluntary, removed), from anything.
-    STOPPED: STATES,
-    # A crash, or a spawn that failed before any process existed.
-    BACKOFF: STATES,
-    # The file does not validate: never while it is stopping (that ends in
-    # stopped or, on its way back, a restart).
-    INVALID: STATES - {STOPPING},
-}
-
-
-class StateError(AssertionError):
-    """A transition the table refuses: a bug in the emperor, not the vassal's."""
+    from emperor.launcher import Launcher
 
 # A vassal that stays up this long gets its backoff reset (DESIGN section 3).
 STABLE_AFTER = 30.0
@@ -72,11 +48,6 @@ STABLE_AFTER = 30.0
 EMPTY_POLL = 0.02
 # A reload that never reports ready again is given up on after this long.
 RELOAD_TIMEOUT = 60.0
-# Status shows at most this many processes of a vassal's tree, each title cut
-# to this length (the tenant chooses both), sampled at most this often.
-MAX_TREE = 64
-MAX_TITLE = 200
-USAGE_CACHE = 1.0
 # What a vassal may send on the emperor pipe and the status socket before it
 # is read only once a second (legitimate traffic is a few bytes, one report).
 PIPE_BYTES_PER_SECOND = 4096
@@ -111,7 +82,7 @@ class Signature:
 class Vassal:
     name: str
     path: str
-    emperor: Emperor
+    launcher: Launcher
     config: Config | None = None
     signature: Signature | None = None
     state: str = STARTING
@@ -150,23 +121,20 @@ class Vassal:
     oom_fd: int | None = None
     timers: dict[str, Timer] = field(default_factory=dict)
     log: LogBuffer | None = None
-    _cpu_sample: tuple[float, float] | None = None
-    _procs: dict[int, psutil.Process] = field(default_factory=dict)
-    _detail: list[dict] = field(default_factory=list)
-    _usage: tuple[float, tuple[int, float, int]] | None = None
+    tree: ProcessTree = field(default_factory=ProcessTree)
     _budgets: dict[str, tuple[float, int]] = field(default_factory=dict)
     _throttled: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.log = LogBuffer(self.emperor.log_lines, echo=self._echo)
+        self.log = LogBuffer(self.launcher.log_lines, echo=self._echo)
 
     # --- helpers -------------------------------------------------------------
     def _echo(self, line: str) -> None:
-        self.emperor.vassal_log(self, line)
+        self.launcher.vassal_log(self, line)
 
     def _timer(self, name: str, delay: float, callback) -> None:
         self._cancel(name)
-        self.timers[name] = self.emperor.loop.call_later(delay, callback)
+        self.timers[name] = self.launcher.loop.call_later(delay, callback)
 
     def _cancel(self, name: str) -> None:
         timer = self.timers.pop(name, None)
@@ -213,7 +181,7 @@ class Vassal:
         self._enter(STOPPED)
 
     def note(self, message: str) -> None:
-        self.emperor.log(f"[{self.name}] {message}")
+        self.launcher.log(f"[{self.name}] {message}")
 
     @property
     def alive(self) -> bool:
@@ -221,7 +189,7 @@ class Vassal:
 
     @property
     def wrapped(self) -> bool:
-        return bool(self.emperor.wrapper) and self.path.endswith(".ini")
+        return self.launcher.wraps(self.path)
 
     # --- spawning ------------------------------------------------------------------
     def spawn(self) -> None:
@@ -237,9 +205,9 @@ class Vassal:
         self.restart_pending = False
         self.reload_queued = False
         self.changed_while_spawning = False
-        cgroup = self.emperor.cgroup_for(self)
+        cgroup = self.launcher.cgroup_for(self)
         try:
-            procs = self.emperor.cgroup_procs_for(self, cgroup)
+            procs = self.launcher.cgroup_procs_for(self, cgroup)
         except (LimitError, OSError) as exc:
             self.note(f"cannot apply limits: {exc}")
             self.error = str(exc)
@@ -250,36 +218,9 @@ class Vassal:
             self._enter(INVALID)
             return
         self.running_config = self.config
-        clone, id_maps, drop = self.emperor.jail_plan(self.config)
-        req = SpawnRequest(
-            name=self.name,
-            path=self.path,
-            kind="toml" if self.path.endswith(".toml") else "ini",
-            inherit=list(self.emperor.inherit),
-            overrides=self.emperor.overrides_for(self.config),
-            tyrant=self.config.owner,
-            brokered=any(router.serves(self) for router in self.emperor.routers),
-            id_maps=id_maps,
-            wrapper=self.emperor.wrapper if self.wrapped else None,
-            cgroup_procs=procs,
-            cgroup_dir=cgroup.path if cgroup else None,
-            clone=clone,
-            as_vassal=self.emperor.as_vassal,
-            env=self.emperor.vassal_env,
-            # A wrapped program (a real uWSGI) reads its own file: only ours are handed theirs.
-            config=None if self.wrapped else self.config.to_json(),
-            drop=drop,
-            # Root of a tenant's user namespace may make tun devices but not open a 0600 /dev/net/tun.
-            tun_devices=len(self.config.getlist("tuntap-device")) if self.config.owner is not None and "user" in clone else 0,
-        )
-        zygote = self.emperor.zygote if not req.wrapper else None
         try:
-            if zygote is not None:
-                request_id, spawned = zygote.spawn(req)
-                self.emperor.pending_spawns[request_id] = self
-                self.spawning = True
-            else:
-                spawned = spawn(req)
+            spawned = self.launcher.launch(self, cgroup, procs)
+            self.spawning = spawned.pid is None
         except OSError as exc:
             self.note(f"cannot spawn: {exc}")
             self._record_exit(None, None, "exit", f"spawn failed: {exc}")
@@ -295,12 +236,10 @@ class Vassal:
         self.started_at = time.time()
         self.ready_at = None
         self.spawns += 1
-        self._procs.clear()
-        self._cpu_sample = None
-        self._usage = None
+        self.tree = ProcessTree()
         self._budgets.clear()
         self._throttled.clear()
-        loop = self.emperor.loop
+        loop = self.launcher.loop
         loop.add_reader(self.pipe, self._on_pipe)
         loop.add_reader(self.log_fd, self._on_log)
         self.app_status = None
@@ -311,7 +250,7 @@ class Vassal:
             self.oom_fd = self.limit_groups.oom_eventfd()
             if self.oom_fd is not None:
                 loop.add_reader(self.oom_fd, self._on_oom)
-        for router in self.emperor.routers:
+        for router in self.launcher.routers:
             if router.serves(self):
                 router.broker(self)
         if spawned.pid is not None:
@@ -328,7 +267,7 @@ class Vassal:
         if self.tracker is None:
             self.tracker = ProcessGroupTracker(pid)
         self.note(f"spawned (pid {pid})")
-        self.emperor.after_spawn(self)
+        self.launcher.after_spawn(self)
         if self.changed_while_spawning:
             self.changed_while_spawning = False
             running, wanted = self.running_config, self.config
@@ -370,7 +309,7 @@ class Vassal:
             return
         if not data:
             # The vassal closed its end: it is exiting; SIGCHLD tells the rest.
-            self.emperor.loop.remove_reader(self.pipe)
+            self.launcher.loop.remove_reader(self.pipe)
             return
         # A flood of one byte means what one of them means (the vassal's
         # code can write here), and a vassal that floods is read less.
@@ -390,7 +329,7 @@ class Vassal:
         self._budgets[what] = (started, used)
         if used <= per_second:
             return False
-        loop = self.emperor.loop
+        loop = self.launcher.loop
         loop.remove_reader(fileobj)
 
         def resume() -> None:
@@ -422,7 +361,7 @@ class Vassal:
             # re-arming a timer per byte let a flood fill the loop's heap.
             self.last_heartbeat = time.monotonic()
             if "heartbeat" not in self.timers:
-                self._timer("heartbeat", self.emperor.required_heartbeat, self._heartbeat_due)
+                self._timer("heartbeat", self.launcher.required_heartbeat, self._heartbeat_due)
         elif byte == protocol.VOLUNTARY_SHUTDOWN:
             self.voluntary = True
             self.note("announced a voluntary shutdown")
@@ -480,7 +419,7 @@ class Vassal:
         if self._over_budget("status", 1, STATUS_REPORTS_PER_SECOND, self.status_sock, self._on_status):
             self.note(f"more than {STATUS_REPORTS_PER_SECOND} status reports a second: reading them once a second")
         try:
-            report = _clean_report(untrusted.loads(data, max_bytes=65536, max_depth=16))
+            report = clean_report(untrusted.loads(data, max_bytes=65536, max_depth=16))
         except (ValueError, RecursionError) as exc:
             problem = f"ignoring a malformed status report: {exc}"
         except Exception as exc:  # whatever a report holds costs that report only
@@ -495,13 +434,13 @@ class Vassal:
 
     def _close_status(self) -> None:
         if self.status_sock is not None:
-            self.emperor.loop.forget(self.status_sock)
+            self.launcher.loop.forget(self.status_sock)
             self.status_sock.close()
             self.status_sock = None
 
     def _close_oom(self) -> None:
         if self.oom_fd is not None:
-            self.emperor.loop.forget(self.oom_fd)
+            self.launcher.loop.forget(self.oom_fd)
             os.close(self.oom_fd)
             self.oom_fd = None
 
@@ -509,11 +448,11 @@ class Vassal:
         self.timers.pop("heartbeat", None)
         if self.pid is None or self.state == STOPPING or self.last_heartbeat is None:
             return
-        left = self.last_heartbeat + self.emperor.required_heartbeat - time.monotonic()
+        left = self.last_heartbeat + self.launcher.required_heartbeat - time.monotonic()
         if left > 0:
             self._timer("heartbeat", left, self._heartbeat_due)
             return
-        self.note(f"no heartbeat for {self.emperor.required_heartbeat}s, cursing it")
+        self.note(f"no heartbeat for {self.launcher.required_heartbeat}s, cursing it")
         self.curse()
 
     def _on_log(self) -> None:
@@ -527,7 +466,7 @@ class Vassal:
 
     def _close_log(self) -> None:
         if self.log_fd is not None:
-            self.emperor.loop.remove_reader(self.log_fd)
+            self.launcher.loop.remove_reader(self.log_fd)
             tail = read_available(self.log_fd) if self.log_fd is not None else None
             if tail and self.log is not None:
                 self.log.feed(tail)
@@ -553,7 +492,7 @@ class Vassal:
             return True
         if reread and not self.wrapped:
             try:
-                config = self.emperor.read_config(self.path)
+                config = self.launcher.read_config(self.path)
             except ConfigError as exc:
                 self.error = str(exc)
                 self.note(f"config invalid, reloading the previous one:\n{exc}")
@@ -605,12 +544,12 @@ class Vassal:
                 self._enter(STOPPED)
             self.backoff_until = None
             if self.removing:
-                self.emperor.forget(self)
+                self.launcher.forget(self)
             return
         if self.state == STOPPING:
             return
         self._enter(STOPPING)
-        tolerance = self.emperor.curse_tolerance
+        tolerance = self.launcher.curse_tolerance
         if not self.send(protocol.STOP):
             self._terminate()
         else:
@@ -655,7 +594,7 @@ class Vassal:
         self.pid = None
         self.spawning = False
         if self.pipe is not None:
-            self.emperor.loop.forget(self.pipe)
+            self.launcher.loop.forget(self.pipe)
             self.pipe.close()
             self.pipe = None
         for name in ("heartbeat", "term", "reload"):
@@ -663,7 +602,7 @@ class Vassal:
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
         reason = self.exit_reason or ("signal" if sig is not None else protocol.EXIT_REASONS.get(code or 0, "exit"))
-        if reason in ("exit", "signal") and self.emperor.oom_killed(self):
+        if reason in ("exit", "signal") and self.launcher.oom_killed(self):
             reason = "oom"
         detail = f"killed by signal {sig}" if sig is not None else f"exit code {code}"
         if failed_spawn:
@@ -705,7 +644,7 @@ class Vassal:
         uptime = time.time() - (self.started_at or time.time())
         if self.removing:
             self._enter(STOPPED)
-            self.emperor.forget(self)
+            self.launcher.forget(self)
             return
         if self.restart_pending:
             self.restart_pending = False
@@ -721,8 +660,8 @@ class Vassal:
         self._schedule_respawn()
 
     def _schedule_respawn(self) -> None:
-        base = self.emperor.throttle_ms
-        cap = self.emperor.max_throttle_ms
+        base = self.launcher.throttle_ms
+        cap = self.launcher.max_throttle_ms
         self.throttle_ms = base if self.throttle_ms == 0 else min(cap, self.throttle_ms * 2)
         delay = self.throttle_ms / 1000.0
         self._enter(BACKOFF)
@@ -735,165 +674,3 @@ class Vassal:
         self.backoff_until = None
         if self.state == BACKOFF and self.pid is None and not self.spawning:
             self.spawn()
-
-    # --- status ----------------------------------------------------------------
-    def _tree(self) -> list[psutil.Process]:
-        if isinstance(self.tracker, VassalCgroup) and self.pid is not None:
-            pids = self.tracker.pids()
-        elif self.pid is not None:
-            try:
-                top = psutil.Process(self.pid)
-                pids = [self.pid] + [p.pid for p in top.children(recursive=True)]
-            except psutil.Error:
-                pids = []
-        else:
-            pids = []
-        procs = []
-        for pid in pids:
-            proc = self._procs.get(pid)
-            if proc is None:
-                try:
-                    proc = self._procs[pid] = psutil.Process(pid)
-                except psutil.Error:
-                    continue
-            procs.append(proc)
-        for gone in set(self._procs) - set(pids):
-            del self._procs[gone]
-        return procs
-
-    def usage(self) -> tuple[int, float, int]:
-        """(RSS bytes, CPU percent since the last sample, process count) of the
-        whole tree. The tenant decides how many processes and how long their
-        command lines: the detail is bounded, and sampled at most once a second
-        however many clients ask."""
-        now = time.monotonic()
-        if self._usage is not None and now - self._usage[0] < USAGE_CACHE:
-            return self._usage[1]
-        rss = 0
-        cpu = 0.0
-        procs = self._tree()
-        self._detail = []
-        for proc in procs:
-            try:
-                own = proc.memory_info().rss
-                rss += own
-                times = proc.cpu_times()
-                cpu += times.user + times.system
-                title = " ".join(proc.cmdline()[:16])[:MAX_TITLE].strip("\0 ") if len(self._detail) < MAX_TREE else ""
-            except psutil.Error:
-                continue
-            if len(self._detail) < MAX_TREE:
-                self._detail.append({"pid": proc.pid, "rss_bytes": own, "title": title})
-        percent = 0.0
-        if self._cpu_sample is not None and now > self._cpu_sample[0]:
-            percent = max(0.0, (cpu - self._cpu_sample[1]) / (now - self._cpu_sample[0]) * 100.0)
-        self._cpu_sample = (now, cpu)
-        result = (rss, round(percent, 1), len(procs))
-        self._usage = (now, result)
-        return result
-
-    def status(self) -> dict:
-        rss, cpu, count = self.usage()
-        detail = self._detail
-        report = self.app_status if self.pid is not None else None
-        if report is not None:
-            # The app master's own report: RSS sampled every second, busy-ness, cheaper's reasons.
-            workers = [w for w in report["workers"] if not w["cheapened"]]
-            rss_list = [w["rss_bytes"] for w in workers]
-            cheaper = report["cheaper"]
-        else:
-            # Single-process vassals (the master serves) and foreign vassals: the process tree.
-            workers = [p for p in detail if p["title"].startswith("vassal worker")]
-            rss_list = [p["rss_bytes"] for p in workers]
-            cheaper = None
-        return {
-            "workers": len(workers),
-            "worker_rss_bytes": rss_list,
-            "worker_detail": workers if report is not None else None,
-            "cheaper": cheaper,
-            "jail": jails.backend().describe(self.config, self.name) if self.config is not None else None,
-            "tree": detail,
-            "name": self.name,
-            "config": self.path,
-            "state": self.state,
-            "pid": self.pid,
-            "restarts": self.restarts,
-            "last_exit": self.last_exit,
-            "loyal": self.loyal,
-            "started_at": self.started_at,
-            "ready_at": self.ready_at,
-            "backoff_until": self.backoff_until,
-            "error": self.error,
-            "rss_bytes": rss,
-            "cpu_percent": cpu,
-            "processes": count,
-            "held": self.held,
-            "wrapped": self.wrapped,
-            "unknown_pipe_bytes": self.unknown_bytes,
-            "last_heartbeat_age": None if self.last_heartbeat is None else round(time.monotonic() - self.last_heartbeat, 1),
-        }
-
-    def uwsgi_stats(self) -> dict:
-        """The per-vassal fields of uWSGI's emperor stats, for uwsgitop-style tools."""
-        if self.owner is not None:
-            uid, gid = self.owner
-        else:
-            try:
-                st = os.lstat(self.path)
-                uid, gid = st.st_uid, st.st_gid
-            except OSError:
-                uid = gid = -1
-        heartbeat = int(time.time() - (time.monotonic() - self.last_heartbeat)) if self.last_heartbeat else 0
-        born = int(self.started_at or 0)
-        return {
-            "id": self.name,
-            "pid": self.pid or 0,
-            "born": born,
-            "last_mod": int((self.signature.mtime_ns if self.signature else 0) / 1e9),
-            "last_heartbeat": heartbeat,
-            "loyal": 1 if self.loyal else 0,
-            "ready": 1 if self.state == READY else 0,
-            "accepting": 1 if self.state in (READY, RELOADING) else 0,
-            "last_loyal": 0,
-            "last_ready": int(self.ready_at or 0),
-            "last_accepting": int(self.ready_at or 0),
-            "first_run": born,
-            "last_run": born,
-            "cursed": 1 if self.last_exit and self.last_exit.get("reason") == "curse" else 0,
-            "zerg": 0,
-            "on_demand": "",
-            "uid": uid,
-            "gid": gid,
-            "monitor": os.path.dirname(self.path),
-            "respawns": self.restarts,
-        }
-
-
-def _clean_report(doc: object) -> dict | None:
-    """An app master's report with only the fields and types we show; None
-    if it is not one (the app itself could write anything on that socket)."""
-    if not isinstance(doc, dict) or not isinstance(doc.get("workers"), list):
-        return None
-
-    def number(value: object) -> int:
-        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-    workers = [
-        {"index": number(w.get("index")), "pid": number(w.get("pid")), "rss_bytes": number(w.get("rss_bytes")),
-         "busy": w.get("busy") is True, "requests": number(w.get("requests")), "cheapened": w.get("cheapened") is True}
-        for w in doc["workers"][:1024] if isinstance(w, dict)
-    ]
-    cheaper = doc.get("cheaper")
-    if isinstance(cheaper, dict):
-        last = cheaper.get("last")
-        cheaper = {
-            "minimum": number(cheaper.get("minimum")),
-            "maximum": number(cheaper.get("maximum")),
-            "workers": number(cheaper.get("workers")),
-            "last": {"action": str(last.get("action"))[:16], "count": number(last.get("count")),
-                     "reason": str(last.get("reason"))[:200], "at": last.get("at") if isinstance(last.get("at"), float) else None}
-            if isinstance(last, dict) else None,
-        }
-    else:
-        cheaper = None
-    return {"workers": workers, "cheaper": cheaper, "master_pid": number(doc.get("master_pid"))}

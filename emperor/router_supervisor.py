@@ -201,7 +201,7 @@ class RouterSupervisor:
         # Second line of defence: the config was checked when read, but a
         # refused address must never reach the router, whatever let it by.
         try:
-            owner = self.emperor.tyrant_owner(vassal.path)
+            owner = self.emperor.launcher.tyrant_owner(vassal.path)
         except OSError as exc:
             vassal.note(f"not brokering a router connection: cannot stat {vassal.path}: {exc.strerror}")
             return

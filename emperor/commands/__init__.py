@@ -53,7 +53,7 @@ class Peer:
     def may_see(self, vassal: Vassal) -> bool:
         if self.privileged:
             return True
-        if not vassal.emperor.tyrant:
+        if not vassal.launcher.tyrant:
             return False
         return vassal.owner is not None and vassal.owner[0] == self.uid
 
