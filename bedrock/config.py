@@ -401,6 +401,47 @@ class Config:
             return opt.default
         return default
 
+    # Typed reads: the value as its option parsed it, or the default when
+    # the key is unset; a key read as a type its option does not parse to
+    # is a bug here, not a config error (TypeError).
+    def _typed(self, key: str, kinds: tuple[type, ...], what: str) -> object:
+        value = self.get(key)
+        # (bool is an int to isinstance, never to us)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds):
+            raise TypeError(f"option {key} holds {type(value).__name__}, not {what}")
+        return value
+
+    def get_opt_int(self, key: str) -> int | None:
+        value = self._typed(key, (int,), "an integer")
+        return value if isinstance(value, int) else None
+
+    def get_int(self, key: str, default: int = 0) -> int:
+        value = self.get_opt_int(key)
+        return default if value is None else value
+
+    def get_opt_float(self, key: str) -> float | None:
+        value = self._typed(key, (int, float), "a number")
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def get_float(self, key: str, default: float = 0.0) -> float:
+        value = self.get_opt_float(key)
+        return default if value is None else value
+
+    def get_opt_str(self, key: str) -> str | None:
+        value = self._typed(key, (str,), "a string")
+        return value if isinstance(value, str) else None
+
+    def get_str(self, key: str, default: str = "") -> str:
+        value = self.get_opt_str(key)
+        return default if value is None else value
+
+    def get_words(self, key: str) -> tuple[str, ...]:
+        value = self._typed(key, (tuple,), "words")
+        return tuple(str(w) for w in value) if isinstance(value, tuple) else ()
+
+    def get_bool(self, key: str) -> bool:
+        return bool(self._typed(key, (bool,), "a boolean"))
+
     def getlist(self, key: str) -> list:
         return list(self.values.get(key, ()))
 
@@ -480,7 +521,7 @@ def build(
             continue
         try:
             value = opt.parse(text)
-        except options.ValueError_ as exc:
+        except options.BadValue as exc:
             problems.append(Problem(entry.file, entry.line, entry.key, str(exc)))
             continue
         name = opt.name

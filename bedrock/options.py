@@ -32,7 +32,7 @@ _TRUE = {"true", "1", "yes", "on", "y"}
 _FALSE = {"false", "0", "no", "off", "n", ""}
 
 
-class ValueError_(ValueError):
+class BadValue(ValueError):
     """A value that does not fit its option's type; the message says why."""
 
 
@@ -42,36 +42,36 @@ def parse_bool(text: str) -> bool:
         return True
     if low in _FALSE:
         return False
-    raise ValueError_(f"expected true/false/1/0/yes/no, got {text!r}")
+    raise BadValue(f"expected true/false/1/0/yes/no, got {text!r}")
 
 
 def parse_int(text: str) -> int:
     try:
         return int(text.strip(), 0)
     except ValueError:
-        raise ValueError_(f"expected an integer, got {text!r}") from None
+        raise BadValue(f"expected an integer, got {text!r}") from None
 
 
 def parse_nonneg_int(text: str) -> int:
     value = parse_int(text)
     if value < 0:
-        raise ValueError_(f"expected a non-negative integer, got {text!r}")
+        raise BadValue(f"expected a non-negative integer, got {text!r}")
     return value
 
 
 def parse_mount(text: str) -> str:
     prefix, sep, target = text.partition("=")
     if not sep or not target.strip():
-        raise ValueError_(f"expected /PREFIX=APP, got {text!r}")
+        raise BadValue(f"expected /PREFIX=APP, got {text!r}")
     if prefix and not prefix.startswith("/"):
-        raise ValueError_(f"the mountpoint {prefix!r} must start with / (or be empty: the root)")
+        raise BadValue(f"the mountpoint {prefix!r} must start with / (or be empty: the root)")
     return f"{prefix.rstrip('/')}={target.strip()}"
 
 
 def parse_positive_int(text: str) -> int:
     value = parse_int(text)
     if value < 1:
-        raise ValueError_(f"expected a positive integer, got {text!r}")
+        raise BadValue(f"expected a positive integer, got {text!r}")
     return value
 
 
@@ -79,9 +79,9 @@ def parse_float(text: str) -> float:
     try:
         value = float(text.strip())
     except ValueError:
-        raise ValueError_(f"expected a number, got {text!r}") from None
+        raise BadValue(f"expected a number, got {text!r}") from None
     if value < 0:
-        raise ValueError_(f"expected a non-negative number, got {text!r}")
+        raise BadValue(f"expected a non-negative number, got {text!r}")
     return value
 
 
@@ -92,7 +92,7 @@ _SIZE_MULT = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 def parse_size(text: str) -> int:
     match = _SIZE_RE.match(text)
     if not match:
-        raise ValueError_(f"expected a size like 512M or 1G or 1048576, got {text!r}")
+        raise BadValue(f"expected a size like 512M or 1G or 1048576, got {text!r}")
     return int(float(match.group(1)) * _SIZE_MULT[match.group(2).lower()])
 
 
@@ -100,16 +100,16 @@ def parse_mode(text: str) -> int:
     try:
         mode = int(text.strip(), 8)
     except ValueError:
-        raise ValueError_(f"expected an octal mode like 660, got {text!r}") from None
+        raise BadValue(f"expected an octal mode like 660, got {text!r}") from None
     if not 0 <= mode <= 0o7777:
-        raise ValueError_(f"mode out of range: {text!r}")
+        raise BadValue(f"mode out of range: {text!r}")
     return mode
 
 
 def parse_kv(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise ValueError_(f"expected KEY=VALUE, got {text!r}")
+        raise BadValue(f"expected KEY=VALUE, got {text!r}")
     return key.strip(), value
 
 
@@ -117,16 +117,16 @@ def parse_addr(text: str) -> str:
     """A listening address: ``host:port``, ``:port`` or a unix socket path."""
     text = text.strip()
     if not text:
-        raise ValueError_("empty address")
+        raise BadValue("empty address")
     if "/" in text or text.startswith("@"):
         return text
     host, sep, port = text.rpartition(":")
     if not sep:
-        raise ValueError_(f"expected host:port or a unix socket path, got {text!r}")
+        raise BadValue(f"expected host:port or a unix socket path, got {text!r}")
     if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError_(f"bad port in address {text!r}")
+        raise BadValue(f"bad port in address {text!r}")
     if host.startswith("[") != host.endswith("]"):
-        raise ValueError_(f"bad IPv6 host in address {text!r}")
+        raise BadValue(f"bad IPv6 host in address {text!r}")
     return text
 
 
@@ -134,7 +134,7 @@ def parse_clone_list(text: str) -> tuple[str, ...]:
     items = tuple(part.strip() for part in re.split(r"[,\s]+", text) if part.strip())
     for item in items:
         if item not in CLONE_NAMESPACES:
-            raise ValueError_(
+            raise BadValue(
                 f"unknown namespace {item!r} (known: {', '.join(CLONE_NAMESPACES)})"
             )
     return items
@@ -145,7 +145,7 @@ def parse_words(minimum: int, maximum: int | None = None) -> Callable[[str], tup
         words = tuple(text.split())
         if len(words) < minimum or (maximum is not None and len(words) > maximum):
             want = str(minimum) if maximum == minimum else f"{minimum}..{maximum or 'n'}"
-            raise ValueError_(f"expected {want} space-separated values, got {text!r}")
+            raise BadValue(f"expected {want} space-separated values, got {text!r}")
         return words
 
     return parse
@@ -158,9 +158,9 @@ def parse_hook(text: str) -> tuple[str, str]:
         # uWSGI allows arg-less actions (e.g. "exit"); everything else needs ACTION:ARGS.
         if action in ("exit",):
             return action, ""
-        raise ValueError_(f"expected ACTION:ARGS, got {text!r}")
+        raise BadValue(f"expected ACTION:ARGS, got {text!r}")
     if action not in HOOK_ACTIONS:
-        raise ValueError_(f"unknown hook action {action!r} (known: {', '.join(HOOK_ACTIONS)})")
+        raise BadValue(f"unknown hook action {action!r} (known: {', '.join(HOOK_ACTIONS)})")
     return action, args
 
 
@@ -188,13 +188,13 @@ LOG_ENCODERS = ("prefix", "suffix", "nl", "format", "json", "gzip", "compress")
 def _log_encoder(text: str) -> str:
     name = text.strip().partition(" ")[0]
     if name not in LOG_ENCODERS:
-        raise ValueError_(f"unknown log encoder {name!r} (known: {', '.join(LOG_ENCODERS)})")
+        raise BadValue(f"unknown log encoder {name!r} (known: {', '.join(LOG_ENCODERS)})")
     return text.strip() if name not in ("prefix", "suffix") else text.lstrip()
 
 
 def parse_nonempty(text: str) -> str:
     if not text.strip():
-        raise ValueError_("empty value")
+        raise BadValue("empty value")
     return text.strip()
 
 

@@ -26,13 +26,13 @@ from bedrock.loop import Loop, reaped
 from emperor import commands, reporting
 from emperor.commands import CommandError, Peer
 from emperor.control_server import ControlServer, StatsServer
+from emperor.file_changes import Action, Known, Sight, on_config, on_sight
 from emperor.launcher import Launcher
 from emperor.lifecycle import Signature, Vassal
 from emperor.monitor import DirMonitor, Source, is_regular
 from emperor.names import name_problem, tenant_name_problem
 from emperor.pidfile import Pidfile
 from emperor.router_supervisor import RouterSupervisor
-from emperor.states import BACKOFF, INVALID, READY, RELOADING, STARTING, STOPPING
 from emperor.zygote_client import ZygoteClient
 from jails.tracking import (
     CgroupTree,
@@ -74,7 +74,7 @@ class Emperor:
         self.sources = [Source.parse(spec) for spec in settings.getlist("emperor")]
         self.launcher = Launcher(settings, self.loop, self.log, self.vassal_log, self.forget)
         self.tyrant = self.launcher.tyrant
-        self.max_per_owner = int(settings.get("emperor-tyrant-max-vassals") or 0)  # type: ignore[arg-type]
+        self.max_per_owner = settings.get_int("emperor-tyrant-max-vassals")
         self._log = log or self._default_log
         self.loop.report = self.log  # a failing callback is logged like anything else of ours
         self.started_at = time.time()
@@ -135,14 +135,14 @@ class Emperor:
     # --- start and stop ------------------------------------------------------
     def start(self, force_scan: bool = False) -> None:
         """Bind the control socket (refusing if another emperor has it), then watch."""
-        control_path = str(self.settings.get("emperor-control"))
-        self.control = ControlServer(self, control_path, int(self.settings.get("emperor-control-mode")))  # type: ignore[arg-type]
+        control_path = self.settings.get_str("emperor-control")
+        self.control = ControlServer(self, control_path, self.settings.get_int("emperor-control-mode"))
         self.control.open()
         if self.settings.has("emperor-pidfile"):
-            self.pidfile = Pidfile(str(self.settings.get("emperor-pidfile")))
+            self.pidfile = Pidfile(self.settings.get_str("emperor-pidfile"))
             self.pidfile.write()
         if self.settings.has("emperor-stats"):
-            address = str(self.settings.get("emperor-stats"))
+            address = self.settings.get_str("emperor-stats")
             self.stats = StatsServer(self, address)
             self.stats.open()
             if self.tyrant and "/" not in address:
@@ -163,7 +163,7 @@ class Emperor:
         hooks.run_phase(self.settings, "as-root")
         for router in self.launcher.routers:
             router.start()
-        if self.subreaper and self.settings.get("emperor-zygote"):
+        if self.subreaper and self.settings.get_bool("emperor-zygote"):
             # Vassals forked by the zygote are re-parented to us: only as a subreaper.
             self._start_zygote()
         loop = self.loop
@@ -179,7 +179,7 @@ class Emperor:
             self.sources,
             self.on_path,
             self.rescan,
-            float(self.settings.get("emperor-freq")),  # type: ignore[arg-type]
+            self.settings.get_float("emperor-freq"),
             force_scan=force_scan,
         )
         tracking = f"cgroup {self.cgroups.base}" if self.cgroups else "process groups (no writable cgroup)"
@@ -327,28 +327,25 @@ class Emperor:
                 self.log(f"ignoring {path}: a vassal named {name} already runs from {vassal.path}")
                 return
         signature = Signature.of(path)
-        if signature is None or not is_regular(path):
-            if vassal is not None and not vassal.removing:
-                self.log(f"[{name}] config gone, stopping")
-                vassal.removing = True
-                vassal.stop()
+        present = signature is not None and is_regular(path)
+        owner = self._owner_of(path) if present else None
+        known = None if vassal is None else Known(vassal.removing, vassal.spawning, vassal.pid is not None, vassal.state)
+        sight = on_sight(known, present, vassal is not None and vassal.signature == signature,
+                         vassal is not None and self.tyrant and vassal.owner != owner)
+        if sight is Sight.IGNORE:
             return
-        if vassal is not None and vassal.signature == signature and not vassal.removing:
+        if present and vassal is not None and not vassal.removing and self._too_soon(vassal, path):
             return
-        if vassal is not None and not vassal.removing and self._too_soon(vassal, path):
+        if sight is Sight.REMOVE:
+            assert vassal is not None
+            why = "the file's owner changed, stopping the previous owner's vassal" if present else "config gone, stopping"
+            self.log(f"[{name}] {why}")
+            vassal.removing = True
+            vassal.stop()
             return
-        owner = self._owner_of(path)
         # Spawns run the operator's hooks with the name in their environment,
         # as root: in tyrant mode it must not be shell syntax.
         name_error = tenant_name_problem(name) if self.tyrant else None
-        if vassal is not None and self.tyrant and vassal.owner != owner:
-            # Another user's file under this name: the old vassal's logs and
-            # state are not theirs. It goes; forget() then looks here again.
-            if not vassal.removing:
-                self.log(f"[{name}] the file's owner changed, stopping the previous owner's vassal")
-                vassal.removing = True
-                vassal.stop()
-            return
         config: Config | None = None
         waiting = vassal is None or vassal.removing or vassal.error_kind == "quota"
         quota = self._over_quota(owner) if waiting else None
@@ -365,56 +362,52 @@ class Emperor:
                 return
             except ConfigError as exc:
                 error = str(exc)
-        if vassal is None or vassal.removing:
-            if vassal is not None:
-                # Came back while stopping: let the old instance go, then start anew.
-                vassal.removing = False
-                vassal.restart_pending = config is not None
-                vassal.signature = signature
-                vassal.config = config
-                vassal.error = error
-                vassal.path = path
-                return
+        previous = vassal.config if vassal is not None else None
+        jail_changed = previous is not None and config is not None and previous.jail_fingerprint() != config.jail_fingerprint()
+        action = on_config(known, config is not None, jail_changed)
+        if action in (Action.NEW, Action.NEW_INVALID):
             vassal = Vassal(name=name, path=path, launcher=self.launcher, signature=signature, config=config, error=error, owner=owner,
                             error_kind="quota" if quota else None)
             self.vassals[name] = vassal
-            if config is None:
+            if action is Action.NEW:
+                vassal.spawn()
+            else:
                 vassal.invalid(error)
                 self.log(f"[{name}] invalid config, not starting:\n{error}")
-                return
-            vassal.spawn()
             return
+        assert vassal is not None
         vassal.signature = signature
-        if config is None:
+        if action is Action.COME_BACK:
+            # Let the old instance go, then start anew.
+            vassal.removing = False
+            vassal.restart_pending = config is not None
+            vassal.config = config
             vassal.error = error
-            if vassal.pid is not None or vassal.spawning:
-                self.log(f"[{name}] config invalid, still running the previous one:\n{error}")
-            else:
-                vassal.config = None
-                vassal.invalid(error)
-                self.log(f"[{name}] invalid config:\n{error}")
+            vassal.path = path
             return
-        previous = vassal.config
+        if action is Action.KEEP_OLD:
+            vassal.error = error
+            self.log(f"[{name}] config invalid, still running the previous one:\n{error}")
+            return
+        if action is Action.INVALID:
+            vassal.config = None
+            vassal.invalid(error)
+            self.log(f"[{name}] invalid config:\n{error}")
+            return
         vassal.config = config
         vassal.error = None
-        if vassal.spawning:
-            # The zygote has not told us the pid yet: the instance on its way
-            # runs the previous config; once it is there it gets this one.
+        if action is Action.DEFER:
+            # The instance on its way runs the previous config; once its pid
+            # is known it gets this one.
             vassal.changed_while_spawning = True
-            return
-        if vassal.pid is None:
-            if vassal.state in (INVALID, BACKOFF):
-                vassal.throttle_ms = 0
-                vassal.start_now()
-            return
-        if vassal.state == STOPPING:
-            return
-        if previous is not None and previous.jail_fingerprint() != config.jail_fingerprint():
+        elif action is Action.START:
+            vassal.throttle_ms = 0
+            vassal.start_now()
+        elif action is Action.RESTART:
             self.log(f"[{name}] jail-level options changed, restarting")
             vassal.restart()
-        elif vassal.state in (READY, STARTING, RELOADING):
-            if not vassal.reload(reread=False):
-                vassal.restart()
+        elif action is Action.RELOAD and not vassal.reload(reread=False):
+            vassal.restart()
 
     def _over_quota(self, owner: tuple[int, int] | None) -> str | None:
         """Tyrant mode: a tenant dropping thousands of files would have the
@@ -511,7 +504,7 @@ class Emperor:
             "uptime": round(time.time() - self.started_at, 1),
             "dirs": [s.directory + ("/" + s.pattern if s.pattern else "") for s in self.sources],
             "monitor": self.monitor.mode if self.monitor else None,
-            "control": str(self.settings.get("emperor-control")),
+            "control": self.settings.get_str("emperor-control"),
             "tracking": self.cgroups.base if self.cgroups else "process-group",
             "tyrant": self.tyrant,
             "shutting_down": self.shutting_down,

@@ -72,17 +72,17 @@ class Launcher:
         self.log = log
         self.vassal_log = vassal_log
         self.forget = forget  # the emperor drops a vassal whose file is gone, once it has exited
-        self.throttle_ms = int(settings.get("emperor-throttle"))  # type: ignore[arg-type]
-        self.max_throttle_ms = int(settings.get("emperor-max-throttle"))  # type: ignore[arg-type]
-        self.required_heartbeat = int(settings.get("emperor-required-heartbeat"))  # type: ignore[arg-type]
-        self.curse_tolerance = int(settings.get("emperor-curse-tolerance"))  # type: ignore[arg-type]
-        self.log_lines = int(settings.get("emperor-log-lines"))  # type: ignore[arg-type]
-        self.wrapper: str | None = settings.get("emperor-wrapper")  # type: ignore[assignment]
+        self.throttle_ms = settings.get_int("emperor-throttle")
+        self.max_throttle_ms = settings.get_int("emperor-max-throttle")
+        self.required_heartbeat = settings.get_int("emperor-required-heartbeat")
+        self.curse_tolerance = settings.get_int("emperor-curse-tolerance")
+        self.log_lines = settings.get_int("emperor-log-lines")
+        self.wrapper = settings.get_opt_str("emperor-wrapper")
         self.inherit: list[str] = [os.path.abspath(p) for p in settings.getlist("vassals-inherit")]
         self.vassal_set: list[tuple[str, str]] = list(settings.getlist("vassal-set"))
         self.vassal_env = vassal_environment(dict(os.environ), list(settings.getlist("vassal-env-pass")))
-        self.tyrant = bool(settings.get("emperor-tyrant"))
-        self.clone: list[str] = ["fs" if n == "mount" else n for n in (settings.get("emperor-use-clone") or ())]  # type: ignore[union-attr]
+        self.tyrant = settings.get_bool("emperor-tyrant")
+        self.clone = ["fs" if n == "mount" else n for n in settings.get_words("emperor-use-clone")]
         self.as_vassal = [(h.action, h.args, h.entry.key, h.entry.value) for h in hooks.hooks_for(settings, "as-vassal")]
         # Set by the emperor as it starts:
         self.cgroups: CgroupTree | None = None
@@ -139,7 +139,7 @@ class Launcher:
             return link.st_uid, link.st_gid
         if link.st_uid not in (0, target.st_uid):
             raise ConfigError([Problem(path, None, None, f"tyrant mode: a symlink of uid {link.st_uid} to a file of uid {target.st_uid}: refusing it")])
-        if self.settings.get("emperor-tyrant-nofollow"):
+        if self.settings.get_bool("emperor-tyrant-nofollow"):
             return link.st_uid, link.st_gid
         return target.st_uid, target.st_gid
 
@@ -223,9 +223,9 @@ class Launcher:
         procs = [os.path.join(cgroup.path, "cgroup.procs")] if cgroup else []
         config = vassal.config
         limits = Limits(
-            memory=config.get("memory-limit") if config else None,  # type: ignore[arg-type]
-            pids=config.get("pids-limit") if config else None,  # type: ignore[arg-type]
-            cpu=config.get("cpu-limit") if config else None,  # type: ignore[arg-type]
+            memory=config.get_opt_int("memory-limit") if config else None,
+            pids=config.get_opt_int("pids-limit") if config else None,
+            cpu=config.get_opt_float("cpu-limit") if config else None,
         )
         vassal.limit_groups = None
         if not limits or not jails.backend().limits_in_cgroups:

@@ -184,10 +184,6 @@ class Vassal:
         self.launcher.log(f"[{self.name}] {message}")
 
     @property
-    def alive(self) -> bool:
-        return self.pid is not None
-
-    @property
     def wrapped(self) -> bool:
         return self.launcher.wraps(self.path)
 

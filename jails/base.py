@@ -111,7 +111,7 @@ class Backend(abc.ABC):
 
 def own_namespaces(config: Config) -> set[str]:
     """The namespaces a vassal's ``unshare`` asks for ("mount" is "fs")."""
-    return {"fs" if n == "mount" else n for n in (config.get("unshare") or ())}  # type: ignore[union-attr]
+    return {"fs" if n == "mount" else n for n in config.get_words("unshare")}
 
 
 def refuse(config: Config, keys: dict[str, str]) -> list[Problem]:

@@ -155,18 +155,18 @@ class Libc:
 def jail_name(config: Config, vassal: str) -> str:
     """The jail's name: the third word of ``jail``, else the vassal's name
     (dots, which mean hierarchy to jail(2), become underscores)."""
-    words = config.get("jail") or []
-    if len(words) >= 3:  # type: ignore[arg-type]
-        return str(words[2])  # type: ignore[index]
+    words = config.get_words("jail")
+    if len(words) >= 3:
+        return words[2]
     base = vassal.rsplit(".", 1)[0] if vassal.endswith((".ini", ".toml")) else vassal
     return base.replace(".", "_") or "vassal"
 
 
 def jail_params(config: Config, vassal: str) -> list[tuple[str, str | None]]:
     """The jail_set parameters, in order, for the ``jail`` keys."""
-    words = [str(w) for w in config.get("jail")]  # type: ignore[union-attr]
+    words = list(config.get_words("jail"))
     root = os.path.abspath(words[0])
-    hostname = words[1] if len(words) > 1 else str(config.get("hostname") or jail_name(config, vassal))
+    hostname = words[1] if len(words) > 1 else config.get_opt_str("hostname") or jail_name(config, vassal)
     params: list[tuple[str, str | None]] = [
         ("path", root),
         ("host.hostname", hostname),
@@ -194,11 +194,11 @@ def jail_params(config: Config, vassal: str) -> list[tuple[str, str | None]]:
 def rctl_rules(config: Config, name: str) -> list[str]:
     rules = []
     if config.has("memory-limit"):
-        rules.append(f"jail:{name}:memoryuse:deny={int(config.get('memory-limit'))}")  # type: ignore[arg-type]
+        rules.append(f"jail:{name}:memoryuse:deny={config.get_int('memory-limit')}")
     if config.has("pids-limit"):
-        rules.append(f"jail:{name}:maxproc:deny={int(config.get('pids-limit'))}")  # type: ignore[arg-type]
+        rules.append(f"jail:{name}:maxproc:deny={config.get_int('pids-limit')}")
     if config.has("cpu-limit"):
-        rules.append(f"jail:{name}:pcpu:deny={round(float(config.get('cpu-limit')) * 100)}")  # type: ignore[arg-type]
+        rules.append(f"jail:{name}:pcpu:deny={round(config.get_float('cpu-limit') * 100)}")
     return rules
 
 
@@ -241,7 +241,7 @@ class FreeBSDBackend(Backend):
     def isolate(self, config: Config) -> None:
         vassal = os.environ.get("UWSGI_VASSAL_NAME") or os.path.basename(config.path)
         if config.has("jail-attach"):
-            self.attach(str(config.get("jail-attach")))
+            self.attach(config.get_str("jail-attach"))
         elif config.has("jail"):
             self.create(config, vassal)
         elif config.has("hostname"):
@@ -263,7 +263,7 @@ class FreeBSDBackend(Backend):
             if self.libc.nmount(options, MNT_DEFAULT) != 0:
                 raise JailError(_explain(f"jail {name}: mounting devfs on {devfs}", self.libc.errno(), ""))
         # Opened on the host now: once attached, only the jail's root is visible.
-        jidfile = os.open(str(config.get("jidfile")), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644) \
+        jidfile = os.open(config.get_str("jidfile"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644) \
             if config.has("jidfile") else None
         try:
             jid = self.libc.jail_set(params, JAIL_CREATE | JAIL_ATTACH)
@@ -288,7 +288,7 @@ class FreeBSDBackend(Backend):
 
     def change_root(self, config: Config) -> None:
         if config.has("chroot"):
-            os.chroot(str(config.get("chroot")))
+            os.chroot(config.get_str("chroot"))
             os.chdir("/")
 
     def clone_for_spawn(self, clone, id_maps, tun_devices: int = 0) -> tuple[bool, list[int]]:
@@ -353,7 +353,7 @@ class FreeBSDBackend(Backend):
         if config.has("jail"):
             jname = jail_name(config, name)
         elif config.has("jail-attach"):
-            jname = str(config.get("jail-attach"))
+            jname = config.get_str("jail-attach")
         else:
             return None
         jid = int(jname) if jname.isdigit() else self.libc.jail_getid(jname)

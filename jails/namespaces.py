@@ -41,7 +41,7 @@ def enter_namespaces(config: Config) -> None:
     if "net" in have:
         linux.interface_up("lo")
     if config.has("hostname"):
-        linux.sethostname(str(config.get("hostname")))
+        linux.sethostname(config.get_str("hostname"))
 
 
 def configure_network(config: Config) -> None:
@@ -61,10 +61,10 @@ def configure_network(config: Config) -> None:
 def change_root(config: Config) -> None:
     """pivot-root, then chroot."""
     if config.has("pivot-root"):
-        new_root, old_root = config.get("pivot-root")  # type: ignore[misc]
+        new_root, old_root = config.get_words("pivot-root")
         pivot_root(new_root, old_root)
     if config.has("chroot"):
-        directory = str(config.get("chroot"))
+        directory = config.get_str("chroot")
         os.chroot(directory)
         os.chdir("/")
 
@@ -95,6 +95,6 @@ def id_maps(config: Config, owner: tuple[int, int] | None = None) -> tuple[str, 
     owner = owner or tyrant_owner()
     if owner is not None:
         return f"0 {owner[0]} 1", f"0 {owner[1]} 1"
-    uid_map = linux.parse_id_map(str(config.get("uid-map")), "uid-map") if config.has("uid-map") else linux.default_id_map("uid")
-    gid_map = linux.parse_id_map(str(config.get("gid-map")), "gid-map") if config.has("gid-map") else linux.default_id_map("gid")
+    uid_map = linux.parse_id_map(config.get_str("uid-map"), "uid-map") if config.has("uid-map") else linux.default_id_map("uid")
+    gid_map = linux.parse_id_map(config.get_str("gid-map"), "gid-map") if config.has("gid-map") else linux.default_id_map("gid")
     return uid_map, gid_map

@@ -50,12 +50,12 @@ def _checked(app: object, where: str, callable_name: str) -> Callable:
 
 def load_app(config: Config) -> Callable:
     prepare_paths(config)
-    callable_name = str(config.get("callable"))
+    callable_name = config.get_str("callable")
     main: Callable | None = None
     if config.has("wsgi-file"):
-        main = _load_file(str(config.get("wsgi-file")), callable_name)
+        main = _load_file(config.get_str("wsgi-file"), callable_name)
     elif config.has("module") or config.has("wsgi"):
-        main = _load_module(str(config.get("module") or config.get("wsgi")), callable_name)
+        main = _load_module((config.get_str("module") or config.get_str("wsgi")), callable_name)
     mounts: dict[str, Callable] = {}
     for line in config.getlist("mount"):
         prefix, _, target = str(line).partition("=")
@@ -64,7 +64,7 @@ def load_app(config: Config) -> Callable:
             else _load_module(target, callable_name)
         mounts[prefix.rstrip("/")] = loaded
     script_name = os.environ.get("SCRIPT_NAME", "").rstrip("/")
-    manage = bool(config.get("manage-script-name"))
+    manage = config.get_bool("manage-script-name")
     if not mounts and not script_name:
         assert main is not None
         return main  # the common case: no dispatch at all

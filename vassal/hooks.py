@@ -71,8 +71,7 @@ def hooks_for(config: Config, phase: str) -> list[Hook]:
 
 def hook_timeout(config: Config) -> float | None:
     """``hook-timeout`` in seconds; None when 0 (no limit)."""
-    value = config.get("hook-timeout", HOOK_TIMEOUT)
-    return float(value) or None  # type: ignore[arg-type]
+    return config.get_float("hook-timeout", HOOK_TIMEOUT) or None
 
 
 def run_phase(config: Config, phase: str, fatal: bool = True) -> None:

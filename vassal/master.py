@@ -58,24 +58,24 @@ class Master:
         self.loop = Loop()
         self.workers: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
         self.status = StatusChannel()
-        self.processes = int(config.get("processes"))  # type: ignore[arg-type]
+        self.processes = config.get_int("processes")
         self.stopping = False
         self.app = None
-        self.lazy = bool(config.get("lazy-apps"))
-        self.harakiri = int(config.get("harakiri") or 0)  # type: ignore[arg-type]
-        self.reload_on_rss = int(config.get("reload-on-rss") or 0) * 1024 * 1024  # type: ignore[arg-type]
+        self.lazy = config.get_bool("lazy-apps")
+        self.harakiri = config.get_int("harakiri")
+        self.reload_on_rss = config.get_int("reload-on-rss") * 1024 * 1024
         self.scoreboard = Scoreboard(self.processes)
         self.exit_code = 0
         self.cheaper: Cheaper | None = None
         self.cheapened: set[int] = set()
         if config.has("cheaper"):
             self.cheaper = Cheaper(
-                int(config.get("cheaper")),  # type: ignore[arg-type]
+                config.get_int("cheaper"),
                 self.processes,
-                config.get("cheaper-initial"),  # type: ignore[arg-type]
-                int(config.get("cheaper-step") or 1),  # type: ignore[arg-type]
-                config.get("cheaper-rss-limit-soft"),  # type: ignore[arg-type]
-                config.get("cheaper-rss-limit-hard"),  # type: ignore[arg-type]
+                config.get_opt_int("cheaper-initial"),
+                config.get_int("cheaper-step", 1),
+                config.get_opt_int("cheaper-rss-limit-soft"),
+                config.get_opt_int("cheaper-rss-limit-hard"),
             )
 
     def run(self) -> None:
@@ -144,22 +144,22 @@ class Master:
             self.listeners,
             self.app,  # type: ignore[arg-type]
             self.ctl.fileno(),
-            max_head=int(self.config.get("buffer-size")),  # type: ignore[arg-type]
-            max_body=int(self.config.get("limit-post")),  # type: ignore[arg-type]
-            keepalive=int(self.config.get("http-keepalive")),  # type: ignore[arg-type]
+            max_head=self.config.get_int("buffer-size"),
+            max_body=self.config.get_int("limit-post"),
+            keepalive=self.config.get_int("http-keepalive"),
             http_limits=Limits(
-                head=int(self.config.get("buffer-size")),  # type: ignore[arg-type]
-                body=int(self.config.get("limit-post")),  # type: ignore[arg-type]
-                request_line=int(self.config.get("limit-request-line")),  # type: ignore[arg-type]
-                fields=int(self.config.get("limit-request-fields")),  # type: ignore[arg-type]
-                field_size=int(self.config.get("limit-request-field-size")),  # type: ignore[arg-type]
+                head=self.config.get_int("buffer-size"),
+                body=self.config.get_int("limit-post"),
+                request_line=self.config.get_int("limit-request-line"),
+                fields=self.config.get_int("limit-request-fields"),
+                field_size=self.config.get_int("limit-request-field-size"),
             ),
-            max_requests=int(self.config.get("max-requests")),  # type: ignore[arg-type]
+            max_requests=self.config.get_int("max-requests"),
             scoreboard=self.scoreboard if scoreboard else None,
             handover=self.handover,
-            head_timeout=float(self.config.get("http-head-timeout")),  # type: ignore[arg-type]
-            access_log=not self.config.get("disable-logging"),
-            memory_report=bool(self.config.get("memory-report")),
+            head_timeout=self.config.get_float("http-head-timeout"),
+            access_log=not self.config.get_bool("disable-logging"),
+            memory_report=self.config.get_bool("memory-report"),
         )
 
     def _watch_workers(self) -> None:

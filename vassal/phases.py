@@ -166,7 +166,7 @@ def drop_privileges(config: Config) -> None:
     uid = gid = None
     name = None
     if config.has("uid"):
-        uid, gid, name = resolve_user(str(config.get("uid")))
+        uid, gid, name = resolve_user(config.get_str("uid"))
     if config.has("gid"):
-        gid = resolve_group(str(config.get("gid")))
+        gid = resolve_group(config.get_str("gid"))
     jails.backend().drop_privileges(uid, gid, name)

@@ -181,7 +181,7 @@ class Top:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         if self.config.has("logto") or self.config.has("log-encoder"):
             try:
-                self.logpipe = LogPipe(self.config.get("logto"), self.config.getlist("log-encoder"))  # type: ignore[arg-type]
+                self.logpipe = LogPipe(self.config.get_opt_str("logto"), self.config.getlist("log-encoder"))
             except OSError as exc:
                 log(f"logto {self.config.get('logto')}: {exc.strerror}")
                 return protocol.EXIT_ERROR
@@ -237,7 +237,7 @@ class Top:
         self.send(protocol.READY)
 
     def _schedule_heartbeat(self) -> None:
-        interval = int(self.config.get("heartbeat") or 0)  # type: ignore[arg-type]
+        interval = self.config.get_int("heartbeat")
         if self.heartbeat_timer:
             self.heartbeat_timer.cancel()
             self.heartbeat_timer = None
@@ -260,7 +260,7 @@ class Top:
             self.loop.add_reader(self.handover.recv_end, lambda _fd=None: self.handover.close_waiting())
         self.stopping = True
         sig = signal.SIGTERM if graceful else signal.SIGKILL
-        mercy = int(self.config.get("reload-mercy"))  # type: ignore[arg-type]
+        mercy = self.config.get_int("reload-mercy")
         for handle in self._masters():
             kill_quietly(handle.pid, sig)
             if graceful and handle.kill_timer is None:
@@ -306,7 +306,7 @@ class Top:
         self.config = new
         if self.logpipe is not None:
             try:
-                self.logpipe.update(new.get("logto"), new.getlist("log-encoder"))  # type: ignore[arg-type]
+                self.logpipe.update(new.get_opt_str("logto"), new.getlist("log-encoder"))
             except OSError as exc:
                 log(f"logto {new.get('logto')}: {exc.strerror}")
         if has_app(new):
@@ -322,15 +322,15 @@ class Top:
 
     def _sync_listeners(self, config: Config) -> None:
         wanted = [("http", a) for a in config.getlist("http-socket")] + [("uwsgi", a) for a in config.getlist("socket")]
-        backlog = int(config.get("listen"))  # type: ignore[arg-type]
-        mode = config.get("chmod-socket")
-        owner = config.get("chown-socket")
+        backlog = config.get_int("listen")
+        mode = config.get_opt_int("chmod-socket")
+        owner = config.get_opt_str("chown-socket")
         fresh: dict[tuple[str, str], Listener] = {}
         try:
             for key in wanted:
                 if key in self.listeners or key in fresh:
                     continue
-                fresh[key] = bind(key[0], key[1], backlog, mode, owner, tenant=phases.socket_tenant(config))  # type: ignore[arg-type]
+                fresh[key] = bind(key[0], key[1], backlog, mode, owner, tenant=phases.socket_tenant(config))
         except SocketError:
             for listener in fresh.values():
                 listener.close()
@@ -402,7 +402,7 @@ class Top:
         if self.current is handle:
             self.current = None
         kill_quietly(handle.pid, signal.SIGTERM)
-        mercy = int(self.config.get("reload-mercy"))  # type: ignore[arg-type]
+        mercy = self.config.get_int("reload-mercy")
         handle.kill_timer = self.loop.call_later(mercy, lambda p=handle.pid: kill_quietly(p, signal.SIGKILL))
 
     def _master_exited(self, handle: MasterHandle, status: int) -> None:
@@ -550,7 +550,7 @@ def apply_process_settings(config: Config) -> None:
     for key, value in config.getlist("env"):
         os.environ[key] = value
     if config.has("chdir"):
-        directory = str(config.get("chdir"))
+        directory = config.get_str("chdir")
         try:
             os.chdir(directory)
         except OSError as exc:

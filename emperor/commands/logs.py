@@ -16,7 +16,7 @@ def execute(emperor, args, peer):
     if len(vassals) != 1:
         raise CommandError("logs takes exactly one vassal name", USAGE)
     count = args.get("lines", 50)
-    if not isinstance(count, int) or count < 0:
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
         raise CommandError("-n wants a non-negative number", USAGE)
     vassal = vassals[0]
     lines = vassal.log.tail(count)

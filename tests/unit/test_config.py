@@ -370,3 +370,31 @@ def test_big_toml_is_refused_in_linear_time(tmp_path):
 
         # (quadratic was some 800 times the baseline)
         assert timed(refused) < 20 * baseline + 0.1, path.name
+
+
+def test_typed_reads_give_the_type_the_option_parsed(tmp_path):
+    from bedrock.config import Entry, build
+
+    f = str(tmp_path / "t.ini")
+    config = build(f, [Entry("processes", "4", f, 1), Entry("cpu-limit", "1.5", f, 2), Entry("unshare", "net,pid", f, 3),
+                       Entry("lazy-apps", "true", f, 4), Entry("chdir", "/srv", f, 5)])
+    assert config.get_int("processes") == 4 and config.get_float("cpu-limit") == 1.5
+    assert config.get_words("unshare") == ("net", "pid") and config.get_bool("lazy-apps") is True
+    assert config.get_str("chdir") == "/srv"
+    # unset: the option table's default, else the caller's
+    assert config.get_int("listen") == 1024 and config.get_opt_int("cheaper") is None
+    assert config.get_int("cheaper-step", 1) == 1 and config.get_words("pivot-root") == ()
+    assert config.get_bool("memory-report") is False and config.get_opt_str("logto") is None
+    assert config.get_float("processes") == 4.0  # an integer is a number
+
+
+@pytest.mark.parametrize(("read", "key"), [("get_int", "cpu-limit"), ("get_int", "lazy-apps"), ("get_str", "processes"),
+                                           ("get_words", "chdir"), ("get_bool", "processes")])
+def test_a_typed_read_of_the_wrong_type_is_a_bug_not_a_config_error(tmp_path, read, key):
+    from bedrock.config import Entry, build
+
+    f = str(tmp_path / "t.ini")
+    config = build(f, [Entry("processes", "4", f, 1), Entry("cpu-limit", "1.5", f, 2), Entry("lazy-apps", "true", f, 3),
+                       Entry("chdir", "/srv", f, 4)])
+    with pytest.raises(TypeError, match=key):
+        getattr(config, read)(key)
