@@ -8,7 +8,8 @@ import fcntl
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 # Imported up front: after pivot-root or chroot the vassal may not reach it.
@@ -84,11 +85,35 @@ def exec_child(argv: Sequence[str], env: dict[str, str] | None = None, *, what: 
             os.execvpe(argv[0], list(argv), environ)
         os.execve(argv[0], list(argv), environ)
     except BaseException as exc:
-        try:
-            os.write(2, f"{what}: {exc}\n".encode())
-        except OSError:
-            pass
+        die_in_child(what, exc)
     os._exit(127)
+
+
+def die_in_child(what: str, exc: BaseException) -> NoReturn:
+    """A forked child that could not get to its exec: say why, exit 127."""
+    try:
+        os.write(2, f"{what}: {exc}\n".encode())
+    except OSError:
+        pass
+    os._exit(127)
+
+
+def run_and_exit(body: Callable[[], object], crashed: Callable[[str], None]) -> NoReturn:
+    """A forked child's whole life: ``body``, then _exit with the code it
+    returns or its SystemExit's (0 if neither says); anything else it raises
+    is told to ``crashed`` with the traceback and exits 1. Nothing unwinds
+    into the code the parent was running when it forked."""
+    code = 0
+    try:
+        result = body()
+        code = result if isinstance(result, int) else 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        crashed(traceback.format_exc().rstrip())
+        code = 1
+    finally:
+        os._exit(code)
 
 
 def exit_code(status: int) -> int:

@@ -32,7 +32,7 @@ from emperor.lifecycle import Signature, Vassal
 from emperor.monitor import DirMonitor, Source, is_regular
 from emperor.names import name_problem, tenant_name_problem
 from emperor.pidfile import Pidfile
-from emperor.router_supervisor import RouterSupervisor
+from emperor.router_supervisor import RouterSupervisor, idle_stats
 from emperor.zygote_client import ZygoteClient
 from jails.tracking import (
     CgroupTree,
@@ -522,8 +522,7 @@ class Emperor:
 
     def router_stats(self) -> dict:
         if not self.launcher.routers:
-            return {"running": False, "connections": [], "rules": {"in": [], "out": []},
-                    "drops": {"firewall": 0, "spoofed": 0, "unknown_destination": 0, "ipv6": 0, "oversize": 0, "malformed": 0}}
+            return idle_stats()
         doc = self.launcher.routers[0].stats()
         if len(self.launcher.routers) > 1:
             doc["routers"] = [r.stats() for r in self.launcher.routers]

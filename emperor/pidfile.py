@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from emperor.singleton import AlreadyRunning, try_lock
+from emperor.singleton import AlreadyRunning, try_lock, unlock
 
 
 class Pidfile:
@@ -23,11 +23,6 @@ class Pidfile:
         self.fd = fd
 
     def remove(self) -> None:
-        if self.fd is None:
-            return
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-        os.close(self.fd)
-        self.fd = None
+        if self.fd is not None:
+            unlock(self.fd, self.path)
+            self.fd = None

@@ -31,6 +31,7 @@ from bedrock.sockets import recv_or_eof
 from jails.tun import TunError, delete_persistent, open_tun
 from netrouter.client import DEFAULT_ROUTER_SOCKET
 from netrouter.firewall import Chain, RuleError
+from netrouter.router import DROP_REASONS
 from netrouter.wire import BROKER, frame
 
 if TYPE_CHECKING:
@@ -131,6 +132,12 @@ BROKER_RETRY = 0.5
 
 RESTART_DELAY = 1.0
 REPORT_FD = 3
+
+
+def idle_stats() -> dict:
+    """The router report of a router that has not reported (or does not run)."""
+    return {"running": False, "connections": [], "rules": {"in": [], "out": []},
+            "drops": dict.fromkeys(DROP_REASONS, 0), "refused": {"claims": 0, "connections": 0}}
 
 
 class RouterSupervisor:
@@ -254,11 +261,7 @@ class RouterSupervisor:
         self.emperor.loop.call_later(RESTART_DELAY, self.start)
 
     def stats(self) -> dict:
-        doc = dict(self.latest) if self.latest else {
-            "running": False, "connections": [], "rules": {"in": [], "out": []},
-            "drops": {"firewall": 0, "spoofed": 0, "unknown_destination": 0, "ipv6": 0, "oversize": 0, "malformed": 0},
-            "refused": {"claims": 0, "connections": 0},
-        }
+        doc = dict(self.latest) if self.latest else idle_stats()
         doc["restarts"] = self.restarts
         doc["device"] = self.device
         return doc

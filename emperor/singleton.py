@@ -29,6 +29,16 @@ def try_lock(path: str) -> int | None:
     return fd
 
 
+def unlock(fd: int, path: str) -> None:
+    """Remove a lock file we hold, then let go of it (in that order: nobody
+    else can take a lock on a name that is about to disappear)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    os.close(fd)
+
+
 class SingleInstance:
     def __init__(self, socket_path: str):
         self.socket_path = socket_path
@@ -52,11 +62,6 @@ class SingleInstance:
                 probe.close()
 
     def release(self) -> None:
-        if self.fd is None:
-            return
-        try:
-            os.unlink(self.lock_path)
-        except OSError:
-            pass
-        os.close(self.fd)
-        self.fd = None
+        if self.fd is not None:
+            unlock(self.fd, self.lock_path)
+            self.fd = None

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import jails
 from bedrock import protocol
-from bedrock.proc import exec_child, proxy_pid1, reset_signals, wire_child
+from bedrock.proc import die_in_child, exec_child, proxy_pid1, reset_signals, wire_child
 from jails.tun import ENV_TUN_FDS
 
 # The vassal end of the emperor pipe always lands on this fd in the child.
@@ -199,10 +199,7 @@ def spawn(req: SpawnRequest) -> Spawned:
                 become_owner(req.drop)
             exec_child(argv, env, what=f"emperor: cannot start vassal {req.name}")
         except BaseException as exc:
-            try:
-                os.write(2, f"emperor: cannot start vassal {req.name}: {exc}\n".encode())
-            except OSError:
-                pass
+            die_in_child(f"emperor: cannot start vassal {req.name}", exc)
         os._exit(127)
     theirs.close()
     status_theirs.close()

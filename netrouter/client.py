@@ -23,6 +23,7 @@ from jails.tun import disable_ipv6, open_tun, set_offloads
 from netrouter.offload import PLAIN_HDR, VNET_HDR_LEN, OffloadError, needs_work, plain_packets
 from netrouter.wire import (
     BIG_FRAMES,
+    MAX_BACKLOG,
     OFFER_PAYLOAD,
     PACKET,
     TUN_FD,
@@ -38,7 +39,6 @@ from netrouter.wire import (
 
 DEFAULT_ROUTER_SOCKET = "/run/emperor/tuntap.sock"
 RECONNECT_DELAY = 1.0
-MAX_BACKLOG = 4 * 1024 * 1024
 
 
 def claim_packet(address: str) -> bytes:

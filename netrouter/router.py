@@ -52,6 +52,7 @@ from netrouter.offload import (
 from netrouter.wire import (
     BIG_FRAMES,
     BROKER,
+    MAX_BACKLOG,
     MAX_FRAME,
     MAX_PLAIN_FRAME,
     OFFER_PAYLOAD,
@@ -69,7 +70,6 @@ from netrouter.wire import (
     send_or_queue,
 )
 
-MAX_BACKLOG = 4 * 1024 * 1024
 # One unprivileged uid may hold at most this many connections (a tenant that
 # can reach the socket must not take every slot, nor hold 1024 backlogs).
 MAX_CONNECTIONS_PER_UID = 64

@@ -60,6 +60,9 @@ def frame(packet: bytes, modifier2: int = PACKET) -> bytes:
     return header(len(packet), modifier2) + packet
 
 
+# What either end queues for a peer that does not read before it drops
+# (the router closes that peer; a vassal's link drops packets).
+MAX_BACKLOG = 4 * 1024 * 1024
 FD_SPACE = socket.CMSG_SPACE(4 * 4)
 # A connection's first buffer: a claim packet or an offer answer fits; reads
 # that fill it double it (up to the buffer's size), so bulk traffic still

@@ -1,15 +1,14 @@
-"""Shared fixtures: a real emperor on a temp dir, free ports, HTTP helpers,
-and a leak check at session end (no process, cgroup or socket left)."""
+"""Shared fixtures: a real emperor on a temp dir, and a leak check at
+session end (no process, cgroup, mount, netns or socket left). The helpers
+the tests import are in tests/helpers.py."""
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
-import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,14 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-HELLO = ROOT / "examples" / "apps" / "hello.py"
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-TEST_TAG = f"pyemperor-test-{os.getpid()}"
-# How much slower than a developer's machine this one is (an emulated guest:
-# 4-5): every wait_for bound is stretched by it. Tests wait on conditions;
-# the bound only says when to give up.
-TIME_SCALE = float(os.environ.get("PYEMPEROR_TIME_SCALE", "1") or 1)
+from tests.helpers import CGROUP_ROOT, ROOT, TEST_TAG, EmperorProc, kill_tree, wait_for
 
 try:
     from hypothesis import settings as _hypothesis_settings
@@ -35,147 +27,6 @@ try:
     _hypothesis_settings.load_profile("pyemperor")
 except ImportError:
     pass
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
-    timeout *= TIME_SCALE
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except Exception as exc:  # the thing may not be there yet
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-
-
-def world_reachable(path: str | os.PathLike) -> bool:
-    """Whether an unprivileged user can reach ``path`` (every dir above it
-    has the others' x bit): where tests drop privileges, the checkout and
-    the interpreter must be."""
-    path = os.path.abspath(path)
-    while path != "/":
-        if not os.stat(path).st_mode & 0o001:
-            return False
-        path = os.path.dirname(path)
-    return True
-
-
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A free loopback port never handed out before in this session (the
-    kernel may offer a just-closed port again)."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
-
-
-def http_get(port: int, path: str = "/", timeout: float = 5.0, method: str = "GET", body: bytes | None = None, headers: dict | None = None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
-def answers(port: int, path: str = "/") -> bytes | None:
-    try:
-        status, body = http_get(port, path, timeout=2.0)
-    except OSError:
-        return None
-    return body if status == 200 else None
-
-
-def hello_ini(port: int, extra: str = "", processes: int = 1) -> str:
-    return (
-        "[uwsgi]\n"
-        f"wsgi-file = {HELLO}\n"
-        f"http-socket = 127.0.0.1:{port}\n"
-        f"processes = {processes}\n"
-        "env = HELLO_NAME=%n\n"
-        f"{extra}"
-    )
-
-
-class EmperorProc:
-    def __init__(self, vassal_dir: Path, control: Path, log: Path, proc: subprocess.Popen):
-        self.dir = vassal_dir
-        self.control = control
-        self.log = log
-        self.proc = proc
-
-    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "emperor.ctl", "--control", str(self.control), *args]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-        if check and result.returncode != 0:
-            raise AssertionError(f"emperorctl {args} failed ({result.returncode}): {result.stderr}")
-        return result
-
-    def status(self) -> dict:
-        return json.loads(self.ctl("--json", "status").stdout)
-
-    def vassal(self, name: str) -> dict | None:
-        for v in self.status()["vassals"]:
-            if v["name"] == name:
-                return v
-        return None
-
-    def wait_state(self, name: str, state: str, timeout: float = 15.0) -> dict:
-        return wait_for(lambda: (v := self.vassal(name)) and v["state"] == state and v, timeout, what=f"{name} {state}")
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                kill_tree(self.proc.pid)
-                self.proc.wait(10)
-        return self.proc.returncode
-
-
-def unix_http_get(path: str, timeout: float = 5.0) -> bytes | None:
-    """GET / over a unix socket: the body of a 200 answer, else None."""
-    try:
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(timeout)
-            sock.connect(path)
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-    except OSError:
-        return None
-    head, _, body = data.partition(b"\r\n\r\n")
-    return body if head.startswith(b"HTTP/1.1 200") else None
-
-
-def kill_tree(pid: int) -> None:
-    try:
-        parent = psutil.Process(pid)
-        procs = [parent, *parent.children(recursive=True)]
-    except psutil.Error:
-        return
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
 
 
 @pytest.fixture
@@ -208,6 +59,33 @@ def start_emperor(tmp_path: Path) -> Iterator[Callable[..., EmperorProc]]:
     yield start
     for emp in started:
         emp.stop()
+
+
+@pytest.fixture
+def tcp_listener():
+    """A TCP server on the host's router address that greets every client."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("0.0.0.0", 0))
+    server.listen(16)
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(b"hello from the host")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join(2)
+    server.close()
 
 
 def _leftover_processes() -> list[str]:
@@ -278,10 +156,20 @@ def _netns() -> set[str]:
         return set()
 
 
+# Where a test lives says where it runs (pyroute2's split by platform and
+# kind): unit/ in process anywhere; integration/ real processes on Linux and
+# FreeBSD; linux/, hostile/ and guest/ Linux kernel features; freebsd/ the
+# FreeBSD backend against fakes, anywhere.
+LINUX_DIRS = ("linux", "hostile", "guest")
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests of Linux kernel features (namespaces, cgroups, tun, netns) are
-    marked linux_only and skipped elsewhere; the rest of the behavioural suite
-    runs unchanged on FreeBSD (vagrant/freebsd)."""
+    linux_only, by directory or by marker, and skipped elsewhere; the rest
+    of the behavioural suite runs unchanged on FreeBSD (vagrant/freebsd)."""
+    for item in items:
+        if Path(str(item.fspath)).relative_to(ROOT / "tests").parts[0] in LINUX_DIRS:
+            item.add_marker(pytest.mark.linux_only)
     if sys.platform.startswith("linux"):
         return
     skip = pytest.mark.skip(reason="Linux kernel feature (runs on Linux)")

@@ -1,1 +1,1 @@
-"""The vassal side: config, the top process, the app server."""
+"""The vassal side: the runtime inside a jail (the top process, its phases, the app master, workers and the app server)."""

@@ -20,7 +20,7 @@ from bedrock import protocol
 from bedrock.config import Config
 from bedrock.log import log, set_role
 from bedrock.loop import Loop, reaped
-from bedrock.proc import kill_quietly, rss
+from bedrock.proc import kill_quietly, rss, run_and_exit
 from bedrock.sockets import Listener, recv_or_eof
 from jails import JailError
 from vassal import hooks, phases
@@ -80,16 +80,7 @@ class Master:
 
     def run(self) -> None:
         """Runs in the forked child; never returns."""
-        code = 0
-        try:
-            code = self._run()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
-            log(f"app master crashed:\n{traceback.format_exc().rstrip()}")
-            code = 1
-        finally:
-            os._exit(code)
+        run_and_exit(self._run, lambda trace: log(f"app master crashed:\n{trace}"))
 
     def _run(self) -> int:
         set_role(f"{self.name} master")
@@ -247,29 +238,23 @@ class Master:
         gc.freeze()  # the loaded app is shared with the workers: keep it unscanned
         pid = os.fork()
         if pid == 0:
-            code = 0
-            try:
-                self.loop.reset_signals_in_child()
-                set_role(f"{self.name} worker {index + 1}")
-                set_title(f"vassal worker {index + 1} {self.name}")
-                jails.backend().die_with_parent(signal.SIGTERM)
-                if self.lazy:
-                    try:
-                        self.app = load_app(self.config)
-                    except BaseException:
-                        log(f"app-load failed in worker {index + 1}:\n{traceback.format_exc().rstrip()}")
-                        code = protocol.EXIT_APP_LOAD
-                        raise SystemExit(code) from None
-                self._worker(index).run()
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            except BaseException:
-                log(f"worker crashed:\n{traceback.format_exc().rstrip()}")
-                code = 1
-            finally:
-                os._exit(code)
+            run_and_exit(lambda: self._worker_life(index), lambda trace: log(f"worker crashed:\n{trace}"))
         self.scoreboard.clear(index)
         self.workers[pid] = (index, time.monotonic())
+
+    def _worker_life(self, index: int) -> None:
+        """In a forked worker."""
+        self.loop.reset_signals_in_child()
+        set_role(f"{self.name} worker {index + 1}")
+        set_title(f"vassal worker {index + 1} {self.name}")
+        jails.backend().die_with_parent(signal.SIGTERM)
+        if self.lazy:
+            try:
+                self.app = load_app(self.config)
+            except BaseException:
+                log(f"app-load failed in worker {index + 1}:\n{traceback.format_exc().rstrip()}")
+                raise SystemExit(protocol.EXIT_APP_LOAD) from None
+        self._worker(index).run()
 
     def _reap(self) -> None:
         for pid, status in reaped():

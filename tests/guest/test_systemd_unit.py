@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, answers, free_port, http_get, wait_for
+from tests.helpers import ROOT, answers, free_port, http_get, wait_for
 
 pytestmark = [
     pytest.mark.linux_only,

@@ -9,75 +9,19 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 
-from tests.conftest import ROOT, world_reachable
-from tests.linux.test_netrouter import tcp_listener  # noqa: F401  (a fixture the router tests share)
+from tests.helpers import ROOT, world_reachable
+from tests.hostile.tenant import TENANT_PREFIX, Tenant, kill_uid, leftover_tenants
 
 pytestmark = [pytest.mark.linux_only]
-
-TENANT_PREFIX = "pyemt"
-
-
-@dataclass
-class Tenant:
-    name: str
-    uid: int
-    gid: int
-    home: Path
-
-    def own(self, path: Path, mode: int | None = None) -> Path:
-        os.chown(path, self.uid, self.gid, follow_symlinks=False)
-        if mode is not None:
-            os.chmod(path, mode)
-        return path
-
-    def write(self, path: Path, text: str, mode: int = 0o644) -> Path:
-        if path.exists():
-            # Rewritten in place without O_CREAT: with fs.protected_regular
-            # (systemd hosts set it) even root may not O_CREAT-open another
-            # user's file in a sticky world-writable dir such as vassals/.
-            with open(path, "r+") as handle:
-                handle.truncate()
-                handle.write(text)
-        else:
-            path.write_text(text)
-        return self.own(path, mode)
-
-    def run(self, *argv: str, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
-        """A command as this tenant (a shell login would give the same ids)."""
-        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(self.home)}
-        return subprocess.run(list(argv), user=self.uid, group=self.gid, extra_groups=[], env=env, cwd="/",
-                              capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def _kill_uid(uid: int) -> None:
-    for _ in range(50):
-        procs = [p for p in psutil.process_iter(["uids"]) if p.info["uids"] and uid in (p.info["uids"].real, p.info["uids"].effective)]
-        if not procs:
-            return
-        for proc in procs:
-            try:
-                proc.send_signal(signal.SIGKILL)
-            except psutil.Error:
-                pass
-        time.sleep(0.1)
-
-
-def leftover_tenants() -> list[str]:
-    return [p.pw_name for p in pwd.getpwall() if p.pw_name.startswith(TENANT_PREFIX)]
-
 
 @pytest.fixture
 def hostile_base(request) -> Path:
@@ -117,7 +61,7 @@ def make_tenant(hostile_base: Path) -> Iterator[Callable[[], Tenant]]:
         # An emperor torn down after us may respawn a vassal meanwhile: kill
         # what runs, then remove the user even if something came back (the
         # emperor's own teardown stops that).
-        _kill_uid(tenant.uid)
+        kill_uid(tenant.uid)
         subprocess.run(["userdel", "--force", tenant.name], capture_output=True)
 
 

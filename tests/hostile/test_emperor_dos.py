@@ -20,8 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import answers, free_port, hello_ini, wait_for
-from tests.hostile.conftest import Tenant
+from tests.helpers import answers, free_port, hello_ini, wait_for
+from tests.hostile.tenant import Tenant
 
 pytestmark = [pytest.mark.linux_only, pytest.mark.timeout(120)]
 
@@ -425,7 +425,7 @@ def test_floods_on_the_vassals_own_channels_are_cheap(start_emperor, hostile_bas
     """Heartbeat bytes flooding fd 3 (from a call hook in the top process)
     took the emperor to 3 GB and 100% CPU; reports flooding fd 4 (from the
     app) kept it at 90%."""
-    from tests.conftest import unix_http_get, wait_for
+    from tests.helpers import unix_http_get, wait_for
 
     emp = start_emperor("--emperor-tyrant", vassal_dir=hostile_base / "vassals", control_dir=hostile_base)
     app = hostile_base / "flood_app.py"
@@ -452,7 +452,7 @@ def test_reload_storm_on_a_stopped_vassal_pins_no_memory(start_emperor, hostile_
     reload handed over a 2 MB memfd nobody read (278 MB of shmem)."""
     import signal as _signal
 
-    from tests.conftest import HELLO, unix_http_get
+    from tests.helpers import HELLO, unix_http_get
 
     emp = start_emperor("--emperor-tyrant", vassal_dir=hostile_base / "vassals", control_dir=hostile_base)
     app = hostile_base / "hello.py"
@@ -481,7 +481,7 @@ def test_nesting_bombs_cost_only_their_file(start_emperor, hostile_base, tenant)
     """Two nesting bombs in a row made the monitor's fd "keep failing" and be
     dropped (the emperor went blind), and with a bomb in the dir the emperor
     could not start again."""
-    from tests.conftest import HELLO, unix_http_get
+    from tests.helpers import HELLO, unix_http_get
 
     emp = start_emperor("--emperor-tyrant", vassal_dir=hostile_base / "vassals", control_dir=hostile_base)
     chain = "[uwsgi]\n" + "".join(f"a{i} = %(a{i + 1})\n" for i in range(400)) + "a400 = x\nenv = X=%(a0)\n"
@@ -494,7 +494,7 @@ def test_nesting_bombs_cost_only_their_file(start_emperor, hostile_base, tenant)
     app.write_text(HELLO.read_text())
     app.chmod(0o644)
     tenant.write(emp.dir / "after.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {tenant.home}/after.sock\n")
-    from tests.conftest import wait_for
+    from tests.helpers import wait_for
 
     wait_for(lambda: unix_http_get(str(tenant.home / "after.sock")), 20, what="a vassal dropped after the bombs")
     # And an emperor starting on that dir starts.
@@ -521,7 +521,7 @@ def test_logs_reach_the_operator_as_text_and_bounded(start_emperor, hostile_base
     operator's terminal (window title, clear screen, clipboard), and a
     `logs` reply of control characters encoded to 6 MB that an unread
     connection pinned in the emperor."""
-    from tests.conftest import unix_http_get, wait_for
+    from tests.helpers import unix_http_get, wait_for
 
     emp = start_emperor("--emperor-tyrant", vassal_dir=hostile_base / "vassals", control_dir=hostile_base)
     app = hostile_base / "escapes.py"
@@ -539,7 +539,7 @@ def test_logs_reach_the_operator_as_text_and_bounded(start_emperor, hostile_base
 def test_config_read_short_of_fds_is_retried(start_emperor, hostile_base, tenant):
     """Item 10: at the fd limit a vassal dropped in stayed `invalid` until its
     file changed; its read is tried again once fds are there."""
-    from tests.conftest import HELLO, unix_http_get
+    from tests.helpers import HELLO, unix_http_get
 
     emp = start_emperor("--emperor-tyrant", vassal_dir=hostile_base / "vassals", control_dir=hostile_base)
     app = hostile_base / "hello.py"

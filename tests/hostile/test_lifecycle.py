@@ -13,8 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import answers, free_port, wait_for
-from tests.hostile.conftest import Tenant
+from tests.helpers import answers, free_port, wait_for
+from tests.hostile.tenant import Tenant
 
 pytestmark = [pytest.mark.linux_only]
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import answers, free_port, http_get, wait_for
-from tests.hostile.conftest import Tenant
+from tests.helpers import answers, free_port, http_get, wait_for
+from tests.hostile.tenant import Tenant
 
 pytestmark = [pytest.mark.linux_only]
 

@@ -35,9 +35,9 @@ import pytest
 
 from netrouter.client import claim_packet
 from netrouter.wire import BROKER, FrameBuffer, frame
-from tests.conftest import ROOT, TEST_TAG, wait_for
-from tests.hostile.conftest import Tenant
-from tests.linux.test_netrouter import NET_APP, host_ping, http, local_route
+from tests.helpers import ROOT, TEST_TAG, wait_for
+from tests.hostile.tenant import Tenant
+from tests.net_helpers import NET_APP, host_ping, http, local_route
 
 pytestmark = [pytest.mark.linux_only,
               pytest.mark.skipif(not os.path.exists("/dev/net/tun") or os.geteuid() != 0, reason="needs root and /dev/net/tun")]

@@ -19,8 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import free_port, unix_http_get, wait_for
-from tests.hostile.conftest import Tenant
+from tests.helpers import free_port, unix_http_get, wait_for
+from tests.hostile.tenant import Tenant
 
 pytestmark = [pytest.mark.linux_only]
 
@@ -443,7 +443,7 @@ def test_tyrant_http_port_still_works(tyrant, tenant, app):
     emp = tyrant()
     port = free_port()
     tenant.write(emp.dir / "web.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = 127.0.0.1:{port}\n")
-    from tests.conftest import http_get
+    from tests.helpers import http_get
 
     status, body = wait_for(lambda: http_get(port), 20, what="the tenant's port")
     assert status == 200 and json.loads(body)["uid"] == tenant.uid

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ROOT, free_port, hello_ini, wait_for
+from tests.helpers import ROOT, free_port, hello_ini, wait_for
 
 pytestmark = [pytest.mark.linux_only, pytest.mark.skipif(os.geteuid() != 0, reason="jails need root")]
 
@@ -47,7 +47,7 @@ def application(environ, start_response):
 
 
 def unix_get(path: str, timeout: float = 5.0) -> dict | None:
-    from tests.conftest import unix_http_get
+    from tests.helpers import unix_http_get
 
     body = unix_http_get(path, timeout)
     return None if body is None else json.loads(body)
@@ -248,7 +248,7 @@ def application(environ, start_response):
 
 
 def test_limits_oom_and_forkbomb(start_emperor, shared_dir):
-    from tests.conftest import answers, http_get
+    from tests.helpers import answers, http_get
 
     (shared_dir / "limits.py").write_text(LIMITS_APP)
     emp = start_emperor()
@@ -408,7 +408,7 @@ def test_unshare_user_key_and_tyrant_composition(start_emperor, shared_dir):
 def test_tyrant_control_socket_per_owner(start_emperor, shared_dir):
     import subprocess
 
-    from tests.conftest import world_reachable
+    from tests.helpers import world_reachable
 
     if not (world_reachable(ROOT) and world_reachable(sys.executable)):
         pytest.skip("the checkout or the interpreter is not reachable by an unprivileged user")

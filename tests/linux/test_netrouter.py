@@ -14,7 +14,6 @@ import signal
 import socket
 import struct
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -23,11 +22,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from netrouter.wire import checksum
-from tests.conftest import wait_for
+from tests.helpers import wait_for
+from tests.net_helpers import NET_APP, blob, host_ping, http, local_route
 
 pytestmark = [pytest.mark.linux_only, pytest.mark.skipif(not os.path.exists("/dev/net/tun") or os.geteuid() != 0, reason="needs root and /dev/net/tun")]
-
 HOST = "198.18.0.1"
 FUZZ_HOST, FUZZ_VASSAL = "198.19.0.1", "198.19.0.2"
 CANONICAL_OUT = [
@@ -42,145 +40,6 @@ CANONICAL_IN = [
     "allow 0.0.0.0 198.18.0.0/24",
     "deny",
 ]
-
-NET_APP = '''
-import json, os, socket, struct
-from urllib.parse import parse_qs
-
-
-def checksum(data):
-    if len(data) % 2:
-        data += b"\\0"
-    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
-
-
-def ping(host):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-    sock.settimeout(2)
-    ident = os.getpid() & 0xFFFF
-    body = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"pyemperor"
-    body = body[:2] + struct.pack("!H", checksum(body)) + body[4:]
-    sock.sendto(body, (host, 0))
-    try:
-        while True:
-            data, addr = sock.recvfrom(2048)
-            icmp = data[(data[0] & 15) * 4:]
-            if icmp[0] == 0 and struct.unpack("!H", icmp[4:6])[0] == ident:
-                return True
-    except OSError:
-        return False
-    finally:
-        sock.close()
-
-
-def connect(host, port):
-    try:
-        with socket.create_connection((host, int(port)), timeout=2) as sock:
-            return sock.recv(100).decode()
-    except OSError as exc:
-        return "error: %s" % exc
-
-
-def spoof(src, dst):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-    udp = struct.pack("!HHHH", 9, 9, 8, 0)
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, socket.inet_aton(src), socket.inet_aton(dst))
-    sock.sendto(header + udp, (dst, 0))
-    sock.close()
-    return True
-
-
-def blob(size):
-    return bytes(i * 7 % 251 for i in range(251)) * (size // 251) + bytes(size % 251)
-
-
-def application(environ, start_response):
-    q = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
-    path = environ["PATH_INFO"]
-    if path == "/blob":
-        body = blob(int(q["size"]))
-        start_response("200 OK", [("Content-Length", str(len(body)))])
-        return [body]
-    if path == "/ping":
-        result = ping(q["host"])
-    elif path == "/connect":
-        result = connect(q["host"], q["port"])
-    elif path == "/spoof":
-        result = spoof(q["src"], q["dst"])
-    elif path == "/sha":
-        import hashlib
-        result = hashlib.sha256(environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"]))).hexdigest()
-    else:
-        result = "hello from " + os.environ.get("ME", "?")
-    body = json.dumps(result).encode()
-    start_response("200 OK", [("Content-Length", str(len(body)))])
-    return [body]
-'''
-
-
-def local_route(address: str) -> bool:
-    """True only if ``address`` is routed through a device these tests made.
-    Every packet a test sends is checked first: without our route, traffic
-    to 198.18.0.0/15 would head for the machine's real uplink."""
-    import subprocess
-
-    result = subprocess.run(["ip", "-j", "route", "get", address], capture_output=True, text=True)
-    if result.returncode != 0:
-        return False
-    try:
-        routes = json.loads(result.stdout)
-    except ValueError:
-        return False
-    return bool(routes) and str(routes[0].get("dev", "")).startswith(("pe", "pf", "pu", "emperor0")) and "gateway" not in routes[0]
-
-
-def host_ping(address: str, timeout: float = 2.0) -> bool:
-    if not local_route(address):
-        return False
-    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-    sock.settimeout(timeout)
-    ident = random.randint(1, 0xFFFF)
-    body = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"host"
-    body = body[:2] + struct.pack("!H", checksum(body)) + body[4:]
-    try:
-        sock.sendto(body, (address, 0))
-        while True:
-            data, _ = sock.recvfrom(2048)
-            icmp = data[(data[0] & 15) * 4:]
-            if icmp[0] == 0 and struct.unpack("!H", icmp[4:6])[0] == ident:
-                return True
-    except OSError:
-        return False
-    finally:
-        sock.close()
-
-
-def blob(size: int) -> bytes:
-    return bytes(i * 7 % 251 for i in range(251)) * (size // 251) + bytes(size % 251)
-
-
-def http(address: str, path: str = "/", port: int = 8080, timeout: float = 5.0, body: bytes | None = None, raw: bool = False):
-    if not local_route(address):
-        return None
-    method = "GET" if body is None else "POST"
-    try:
-        with socket.create_connection((address, port), timeout=timeout) as sock:
-            sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {len(body or b'')}\r\n\r\n".encode())
-            if body:
-                sock.sendall(body)
-            data = bytearray()
-            while chunk := sock.recv(262144):
-                data += chunk
-    except OSError:
-        return None
-    head, _, answer = bytes(data).partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        return None
-    return answer if raw else json.loads(answer)
-
 
 @pytest.fixture
 def netdir(request):
@@ -220,33 +79,6 @@ def start_network(start_emperor, netdir: Path, rules: bool = True):
 
 def router_doc(emp) -> dict:
     return json.loads(emp.ctl("--json", "router").stdout)
-
-
-@pytest.fixture
-def tcp_listener():
-    """A TCP server on the host's router address that greets every client."""
-    server = socket.socket()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind(("0.0.0.0", 0))
-    server.listen(16)
-    server.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.sendall(b"hello from the host")
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield server.getsockname()[1]
-    stop.set()
-    thread.join(2)
-    server.close()
 
 
 def test_host_and_vassals_both_ways_with_canonical_firewall(start_emperor, netdir, tcp_listener):
@@ -352,7 +184,7 @@ def fuzz_network(tmp_path_factory):
     import sys
     import uuid
 
-    from tests.conftest import TEST_TAG, EmperorProc
+    from tests.helpers import TEST_TAG, EmperorProc
 
     netdir = Path(tempfile.mkdtemp(prefix="pyemperor-fuzz-"))
     netdir.chmod(0o755)
@@ -387,7 +219,7 @@ def test_tuntap_example(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT, TEST_TAG, EmperorProc
+    from tests.helpers import ROOT, TEST_TAG, EmperorProc
 
     if os.path.exists("/sys/class/net/emperor0"):
         pytest.skip("an emperor0 device exists already")
@@ -445,7 +277,7 @@ def test_our_tuntap_device_on_uwsgi_router(netdir, tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import TEST_TAG
+    from tests.helpers import TEST_TAG
 
     device = f"pu{random.randint(0, 0xFFFFFF):06x}"
     usock = netdir / "uwsgi-router.sock"
@@ -487,7 +319,7 @@ def test_big_frames_only_for_peers_that_accept(netdir, tmp_path):
 
     from netrouter.client import claim_packet
     from netrouter.wire import BIG_FRAMES, OFFER_PAYLOAD, FrameBuffer, frame
-    from tests.conftest import TEST_TAG
+    from tests.helpers import TEST_TAG
 
     device = f"pe{random.randint(0, 0xFFFFFF):06x}"
     sock_path, stats_path = netdir / "r.sock", netdir / "stats.sock"
@@ -593,7 +425,7 @@ def test_plain_peer_gets_segmented_checksummed_packets(netdir):
     import subprocess
     import sys
 
-    from tests.conftest import TEST_TAG
+    from tests.helpers import TEST_TAG
 
     tag = f"{random.randint(0, 0xFFFFFF):06x}"
     device, ns = f"pe{tag}", f"pens{tag}"
@@ -648,7 +480,7 @@ def test_passed_fd_must_be_a_tun_device_with_offload_headers(netdir):
     from jails.tun import open_tun
     from netrouter.client import claim_packet
     from netrouter.wire import OFFER_PAYLOAD, TUN_FD, VNET_OFFER, FrameBuffer, frame
-    from tests.conftest import TEST_TAG
+    from tests.helpers import TEST_TAG
 
     tag = f"{random.randint(0, 0xFFFFFF):06x}"
     device = f"pe{tag}"
@@ -704,7 +536,7 @@ def test_uwsgi_tuntap_device_on_our_router(netdir, tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import TEST_TAG
+    from tests.helpers import TEST_TAG
 
     device = f"pe{random.randint(0, 0xFFFFFF):06x}"
     sock_path, stats_path = netdir / "r.sock", netdir / "stats.sock"

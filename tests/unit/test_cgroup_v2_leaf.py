@@ -11,7 +11,7 @@ import signal
 import pytest
 
 from jails import cgroup_home, tracking
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 
 def fake_cgroupfs(monkeypatch):

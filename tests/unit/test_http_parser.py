@@ -1,5 +1,5 @@
 """The request parser and the environ, fed the request tables of
-tests/linux/http_requests.py whole, byte by byte and in random pieces of
+tests/http_requests.py whole, byte by byte and in random pieces of
 1-64 bytes, in-process over a socketpair: every split gives the same answer
 and the same environ."""
 
@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from tests.linux.http_requests import ENV_APP, INVALID, VALID
+from tests.http_requests import ENV_APP, INVALID, VALID
 from vassal.http import HttpConnection
 from vassal.http_parser import Limits, Rejected, RequestParser
 

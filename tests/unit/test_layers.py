@@ -112,3 +112,21 @@ def test_every_name_imported_from_our_modules_exists():
                     if not hasattr(target, alias.name) and f"{node.module}.{alias.name}" not in paths:
                         missing.append(f"{module}: from {node.module} import {alias.name}")
     assert missing == []
+
+
+def test_the_readme_layout_names_every_module_and_no_other():
+    """README "Layout" is the map of the tree: kept true by this test."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    layout = text[text.index("### Layout"):text.index("### Moving parts")]
+    named: set[str] = set()
+    for package in LAYERS:
+        section = layout[layout.index(f"**`{package}/`**"):]
+        section = section[:section.index("\n\n")]
+        named |= {f"{package}/{name}" for name in re.findall(r"`([\w/]+\.(?:py|c))`", section)}
+    present = {str(p.relative_to(ROOT)) for package in LAYERS for p in (ROOT / package).glob("*.py")
+               if p.name not in ("__init__.py", "__main__.py")}
+    present |= {str(p.relative_to(ROOT)) for package in LAYERS for p in (ROOT / package).glob("*.c")}
+    assert present - named == set(), "modules the README layout does not name"
+    assert named - present == set(), "the README layout names modules that are gone"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TEST_TAG, unix_http_get, wait_for
+from tests.helpers import ROOT, TEST_TAG, unix_http_get, wait_for
 
 EXAMPLES = ROOT / "examples" / "vassals"
 VASSAL_FILES = sorted(p for p in EXAMPLES.rglob("*") if p.suffix in (".ini", ".toml") and p.name != "emperor.ini")
@@ -50,7 +50,7 @@ def test_tyrant_example_runs_as_the_owner(tmp_path):
     (nobody): the app runs as nobody, its socket in the tenant's dir."""
     import tempfile
 
-    from tests.conftest import EmperorProc, world_reachable
+    from tests.helpers import EmperorProc, world_reachable
 
     if not (world_reachable(ROOT) and world_reachable(sys.executable)):
         pytest.skip("the checkout or the interpreter is not reachable by an unprivileged user")

@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import HELLO as HELLO_PATH
-from tests.conftest import TIME_SCALE, answers, free_port, hello_ini, wait_for
+from tests.helpers import HELLO as HELLO_PATH
+from tests.helpers import TIME_SCALE, answers, free_port, hello_ini, wait_for
 
 
 def vassal_pids(emp, name: str) -> set[int]:
@@ -326,7 +326,7 @@ def test_toml_and_ini_vassals(start_emperor, ext):
     emp = start_emperor()
     port = free_port()
     if ext == ".toml":
-        from tests.conftest import HELLO
+        from tests.helpers import HELLO
 
         (emp.dir / "x.toml").write_text(f'[vassal]\nwsgi-file = "{HELLO}"\nhttp-socket = "127.0.0.1:{port}"\nenv = ["HELLO_NAME=%n"]\n')
     else:
@@ -398,7 +398,7 @@ def test_control_socket_mode_and_pidfile(start_emperor, tmp_path):
 
 
 def test_unprivileged_peer_refused(start_emperor, request):
-    from tests.conftest import ROOT, world_reachable
+    from tests.helpers import ROOT, world_reachable
 
     if not (world_reachable(ROOT) and world_reachable(sys.executable)):
         pytest.skip("the checkout or the interpreter is not reachable by an unprivileged user")
@@ -471,7 +471,7 @@ def test_examples_run(start_emperor):
     """The README's demo: every example vassal (one per feature) works."""
     import shutil
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     ports = range(8001, 8010)
     for port in ports:
@@ -561,7 +561,7 @@ def test_status_shows_workers_and_cheaper(start_emperor):
 
 def test_full_stderr_pipe_never_blocks_the_emperor(tmp_path):
     """Nobody reads the emperor's stderr (a stuck journald): it keeps serving."""
-    from tests.conftest import TEST_TAG, EmperorProc
+    from tests.helpers import TEST_TAG, EmperorProc
 
     vassals = tmp_path / "vassals"
     vassals.mkdir()

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.conftest import TEST_TAG, free_port, http_get, wait_for
+from tests.helpers import TEST_TAG, free_port, http_get, wait_for
 
 ECHO = '''
 import json

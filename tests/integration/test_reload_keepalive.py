@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.conftest import TIME_SCALE, answers, free_port, hello_ini, wait_for
+from tests.helpers import TIME_SCALE, answers, free_port, hello_ini, wait_for
 
 RELOADS = 10
 

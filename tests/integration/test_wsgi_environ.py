@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from tests.conftest import TEST_TAG, free_port, wait_for
+from tests.helpers import TEST_TAG, free_port, wait_for
 from vassal.uwsgiproto import encode_vars
 
 VALIDATED = '''

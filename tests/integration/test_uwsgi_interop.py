@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import HELLO, TEST_TAG, answers, free_port, kill_tree, wait_for
+from tests.helpers import HELLO, TEST_TAG, answers, free_port, kill_tree, wait_for
 
 BIN = Path(sys.executable).parent
 UWSGI = shutil.which("uwsgi", path=str(BIN)) or shutil.which("uwsgi")

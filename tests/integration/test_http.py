@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import TEST_TAG, TIME_SCALE, answers, free_port, hello_ini, http_get, wait_for
+from tests.helpers import TEST_TAG, TIME_SCALE, answers, free_port, hello_ini, http_get, wait_for
 
 
 class VassalProc:
@@ -508,7 +508,7 @@ def test_memory_report_and_attached_daemon_restart(run_vassal, tmp_path):
 
 @pytest.fixture
 def env_vassal(run_vassal, tmp_path):
-    from tests.linux.http_requests import ENV_APP
+    from tests.http_requests import ENV_APP
 
     app = tmp_path / "envapp.py"
     app.write_text(ENV_APP)
@@ -518,7 +518,7 @@ def env_vassal(run_vassal, tmp_path):
 @pytest.fixture(scope="module")
 def table_vassal(tmp_path_factory):
     """One environ-echoing vassal for every row of the request tables."""
-    from tests.linux.http_requests import ENV_APP
+    from tests.http_requests import ENV_APP
 
     base = tmp_path_factory.mktemp("table")
     (base / "envapp.py").write_text(ENV_APP)
@@ -576,7 +576,7 @@ def _table_ids(table):
     return [row[0] for row in table]
 
 
-from tests.linux.http_requests import INVALID, VALID  # noqa: E402
+from tests.http_requests import INVALID, VALID  # noqa: E402
 
 
 def _closing(raw: bytes) -> bytes:
