@@ -72,10 +72,12 @@ def wire_child(null_fd: int, log_fd: int, moves: Sequence[tuple[int, int]]) -> N
 
 
 def exec_child(argv: Sequence[str], env: dict[str, str] | None = None, *, what: str,
-               fds: Sequence[tuple[int, int]] | None = None, search_path: bool = False) -> NoReturn:
+               fds: Sequence[tuple[int, int]] | None = None, search_path: bool = False,
+               report: Callable[[str], None] | None = None) -> NoReturn:
     """In a forked child: reset signals, place ``fds`` (closing the rest),
-    exec. Never returns: a failure is written to stderr under ``what``
-    and the child exits 127, as a shell does for a command it cannot run."""
+    exec. Never returns: a failure is told under ``what`` (to ``report``,
+    else straight to stderr) and the child exits 127, as a shell does for a
+    command it cannot run."""
     try:
         reset_signals()
         if fds is not None:
@@ -85,24 +87,28 @@ def exec_child(argv: Sequence[str], env: dict[str, str] | None = None, *, what: 
             os.execvpe(argv[0], list(argv), environ)
         os.execve(argv[0], list(argv), environ)
     except BaseException as exc:
-        die_in_child(what, exc)
+        die_in_child(what, exc, report)
     os._exit(127)
 
 
-def die_in_child(what: str, exc: BaseException) -> NoReturn:
+def die_in_child(what: str, exc: BaseException, report: Callable[[str], None] | None = None) -> NoReturn:
     """A forked child that could not get to its exec: say why, exit 127."""
     try:
-        os.write(2, f"{what}: {exc}\n".encode())
-    except OSError:
+        if report is not None:
+            report(f"{what}: {exc}")
+        else:
+            os.write(2, f"{what}: {exc}\n".encode())
+    except Exception:
         pass
     os._exit(127)
 
 
 def run_and_exit(body: Callable[[], object], crashed: Callable[[str], None]) -> NoReturn:
-    """A forked child's whole life: ``body``, then _exit with the code it
-    returns or its SystemExit's (0 if neither says); anything else it raises
-    is told to ``crashed`` with the traceback and exits 1. Nothing unwinds
-    into the code the parent was running when it forked."""
+    """A forked child's whole life: ``body``, then _exit with the int it
+    returns (else 0) or its SystemExit's int code (any other code counts as
+    1, as it always has for app masters and workers); anything else it
+    raises is told to ``crashed`` with the traceback and exits 1. Nothing
+    unwinds into the code the parent was running when it forked."""
     code = 0
     try:
         result = body()
@@ -132,6 +138,9 @@ def proxy_pid1() -> None:
     child = os.fork()
     if child == 0:
         return
+    # Forwarding first: a SIGTERM from here on must reach the child.
+    for sig in FORWARDED:
+        signal.signal(sig, lambda s, _f: kill_quietly(child, s))
     signal.set_wakeup_fd(-1)
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -139,8 +148,6 @@ def proxy_pid1() -> None:
         except (OSError, ValueError):
             pass
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-    for sig in FORWARDED:
-        signal.signal(sig, lambda s, _f: kill_quietly(child, s))
     while True:
         try:
             _, status = os.waitpid(child, 0)

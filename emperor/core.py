@@ -272,9 +272,13 @@ class Emperor:
             return
         self.shutting_down = True
         self.log(f"shutting down {len(self.vassals)} vassal(s)")
-        for vassal in list(self.vassals.values()):
+        for vassal in self.vassals.values():
             vassal.removing = True
-            vassal.stop()
+        for vassal in list(self.vassals.values()):
+            try:
+                vassal.stop()
+            except Exception as exc:  # noqa: BLE001 - one vassal's bug must not keep the others running
+                self.log(f"[{vassal.name}] internal error stopping it: {type(exc).__name__}: {exc}")
 
     def _signal_command(self, name: str, args: dict | None = None) -> None:
         try:

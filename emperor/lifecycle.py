@@ -160,12 +160,13 @@ class Vassal:
         self._timer(name, delay, fire)
 
     def invalid(self, error: str | None) -> None:
-        """Its file does not validate and nothing of it runs: it waits for a
-        fixed file (a stopping one ends as it was going to)."""
+        """Its file does not validate: with nothing of it running it waits
+        for a fixed file; a running one keeps the last good config (and is
+        invalid once it has exited, see _after_exit)."""
         self.error = error
         self._cancel("backoff")
         self.backoff_until = None
-        if self.state != STOPPING:
+        if self.pid is None and not self.spawning:
             self._enter(INVALID)
 
     def dispose(self) -> None:
@@ -264,7 +265,7 @@ class Vassal:
             self.tracker = ProcessGroupTracker(pid)
         self.note(f"spawned (pid {pid})")
         self.launcher.after_spawn(self)
-        if self.changed_while_spawning:
+        if self.changed_while_spawning and self.state != STOPPING:
             self.changed_while_spawning = False
             running, wanted = self.running_config, self.config
             if wanted is not None and running is not None and wanted is not running:
@@ -502,7 +503,8 @@ class Vassal:
             return False
         if not self.send(protocol.RELOAD):
             return False
-        self._enter(RELOADING)
+        if self.state != RELOADING:  # (a wrapped uWSGI is sent every reload it is asked for)
+            self._enter(RELOADING)
         self._timer("reload", RELOAD_TIMEOUT, self._reload_timed_out)
         self.note("graceful reload")
         return True
@@ -529,6 +531,7 @@ class Vassal:
         a restart was on its way (it is called off)."""
         self.held = True
         self.restart_pending = False
+        self.changed_while_spawning = False
         self.stop()
 
     def stop(self) -> None:
@@ -539,7 +542,8 @@ class Vassal:
             if self.state in (BACKOFF, STARTING, READY, RELOADING):
                 self._enter(STOPPED)
             self.backoff_until = None
-            if self.removing:
+            if self.removing and not self.has_timer("empty"):
+                # (while its leftovers are being collected, _after_exit forgets it)
                 self.launcher.forget(self)
             return
         if self.state == STOPPING:
@@ -574,6 +578,11 @@ class Vassal:
         """Spawn now if nothing runs (operator start/reset, a fixed file)."""
         self._cancel("backoff")
         self.backoff_until = None
+        if self.has_timer("empty"):
+            # The last instance's leftovers are still being killed: the new
+            # one comes once they are gone (it must not share their cgroup).
+            self.restart_pending = self.config is not None and not self.removing
+            return
         if self.pid is None and not self.spawning and not self.removing and self.config is not None:
             self.spawn()
 
@@ -646,6 +655,10 @@ class Vassal:
             self.restart_pending = False
             self.restarts += 1
             self.spawn()
+            return
+        if self.config is None and not self.held:
+            # Its file went invalid meanwhile: it waits for a fixed one.
+            self._enter(INVALID)
             return
         if self.held or self.voluntary or self.state == STOPPING:
             self._enter(STOPPED)

@@ -28,9 +28,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     STOPPED: STATES,
     # A crash, or a spawn that failed before any process existed.
     BACKOFF: STATES,
-    # The file does not validate: never while it is stopping (that ends in
-    # stopped or, on its way back, a restart).
-    INVALID: STATES - {STOPPING},
+    # The file does not validate and nothing of it runs (also at the end of
+    # a stop, or while a stopped one's leftovers are being collected).
+    INVALID: STATES,
 }
 
 

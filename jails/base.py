@@ -12,6 +12,7 @@ import grp
 import os
 import pwd
 
+from bedrock import proc
 from bedrock.config import Config, Problem
 
 
@@ -37,6 +38,14 @@ class Backend(abc.ABC):
     def configure_network(self, config: Config) -> None:  # noqa: B027 (optional)
         """After isolate, once the vassal's tun devices exist: net-mtu,
         net-iface, net-route (a platform without them refuses those keys)."""
+
+    def config_problems(self, config: Config) -> list[Problem]:
+        """Values this platform cannot parse (Linux: uid-map, gid-map)."""
+        return []
+
+    def rss(self, pid: int) -> int:
+        """A process's resident set in bytes (0 if it is gone)."""
+        return proc.rss(pid)
 
     def interface_up(self, device: str) -> None:
         """Bring a network interface up (the router's tun device)."""

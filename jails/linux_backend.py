@@ -12,6 +12,7 @@ from bedrock.config import Config, Problem
 from jails import linux, namespaces
 from jails.base import Backend, refuse
 
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 FREEBSD_ONLY = {
     key: f"{key} is FreeBSD only (on Linux use unshare, pivot-root, chroot)"
     for key in ("jail", "jail2", "jail-ip4", "jail-ip6", "jidfile", "jail-attach")
@@ -22,7 +23,10 @@ class LinuxBackend(Backend):
     name = "linux"
 
     def refused(self, config: Config) -> list[Problem]:
-        found = refuse(config, FREEBSD_ONLY)
+        return refuse(config, FREEBSD_ONLY)
+
+    def config_problems(self, config: Config) -> list[Problem]:
+        found = []
         for key in ("uid-map", "gid-map"):
             for value, entry in zip(config.getlist(key), config.sources.get(key, []), strict=False):
                 try:
@@ -39,6 +43,17 @@ class LinuxBackend(Backend):
 
     def change_root(self, config: Config) -> None:
         namespaces.change_root(config)
+
+    def rss(self, pid: int) -> int:
+        """/proc/PID/statm: one small read (a worker's access log line may
+        ask, with memory-report), psutil's reads two files."""
+        try:
+            with open(f"/proc/{pid}/statm") as handle:
+                return int(handle.read().split()[1]) * PAGE_SIZE
+        except FileNotFoundError:
+            return super().rss(pid)  # no /proc here (a chroot)
+        except (OSError, ValueError, IndexError):
+            return 0
 
     def interface_up(self, device: str) -> None:
         linux.interface_up(device)

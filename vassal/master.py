@@ -20,7 +20,7 @@ from bedrock import protocol
 from bedrock.config import Config
 from bedrock.log import log, set_role
 from bedrock.loop import Loop, reaped
-from bedrock.proc import kill_quietly, rss, run_and_exit
+from bedrock.proc import kill_quietly, run_and_exit
 from bedrock.sockets import Listener, recv_or_eof
 from jails import JailError
 from vassal import hooks, phases
@@ -164,8 +164,8 @@ class Master:
                 log(f"HARAKIRI: worker {index + 1} (pid {pid}) stuck for {now - started:.0f}s on {line!r}, killing it")
                 self.scoreboard.clear(index)
                 kill_quietly(pid, signal.SIGKILL)
-            elif self.reload_on_rss and rss(pid) > self.reload_on_rss:
-                log(f"worker {index + 1} (pid {pid}) uses {rss(pid) // 1048576} MB > reload-on-rss, recycling it")
+            elif self.reload_on_rss and jails.backend().rss(pid) > self.reload_on_rss:
+                log(f"worker {index + 1} (pid {pid}) uses {jails.backend().rss(pid) // 1048576} MB > reload-on-rss, recycling it")
                 kill_quietly(pid, signal.SIGTERM)
         if self.cheaper is not None and not self.stopping:
             self._cheaper_step()
@@ -178,7 +178,7 @@ class Master:
         workers = []
         for pid, (index, _) in sorted(self.workers.items(), key=lambda item: item[1][0]):
             started, requests, _ = self.scoreboard.read(index)
-            workers.append({"index": index + 1, "pid": pid, "rss_bytes": rss(pid), "busy": bool(started),
+            workers.append({"index": index + 1, "pid": pid, "rss_bytes": jails.backend().rss(pid), "busy": bool(started),
                             "requests": requests, "cheapened": pid in self.cheapened})
         cheaper = None
         if self.cheaper is not None:
@@ -194,7 +194,7 @@ class Master:
     def _cheaper_step(self) -> None:
         assert self.cheaper is not None
         live = {pid: index for pid, (index, _) in self.workers.items() if pid not in self.cheapened}
-        sizes = {pid: rss(pid) for pid in live}
+        sizes = {pid: jails.backend().rss(pid) for pid in live}
         busy = sum(1 for index in live.values() if self.scoreboard.read(index)[0])
         backlog = max((listen_backlog(listener.sock) for listener in self.listeners), default=0)
         decision = self.cheaper.decide(len(live), busy, backlog, sum(sizes.values()))

@@ -97,6 +97,7 @@ def problems(config: Config, cloned: set[str], tyrant: tuple[int, int] | None = 
             if namespace not in have:
                 found.append(Problem(entry.file, entry.line, key, f"{what} needs the {namespace} namespace (add it to unshare or emperor-use-clone)"))
 
+    found += jails.backend().config_problems(config)
     for key in ("uid-map", "gid-map"):
         for entry in config.sources.get(key, []):
             if "user" not in have:

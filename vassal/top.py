@@ -490,7 +490,7 @@ class Top:
                     set_sink(None)
                 phases.drop_privileges(self.config)
                 argv = ["/bin/sh", "-c", daemon.command] if _needs_shell(daemon.command) else shlex.split(daemon.command)
-                exec_child(argv, what=f"attach-daemon {daemon.command!r}", search_path=True)
+                exec_child(argv, what=f"attach-daemon {daemon.command!r}", search_path=True, report=log)
             except BaseException as exc:
                 log(f"attach-daemon {daemon.command!r}: {exc}")
             finally:

@@ -19,8 +19,8 @@ import time
 import traceback
 from collections.abc import Callable
 
+import jails
 from bedrock.log import log
-from bedrock.proc import rss
 from bedrock.sockets import Listener
 from vassal import fdconn
 from vassal.handover import Handover
@@ -430,4 +430,4 @@ class Poller:
 
 
 def _rss_mb() -> int:
-    return rss(os.getpid()) // 1048576
+    return jails.backend().rss(os.getpid()) // 1048576

@@ -41,8 +41,10 @@ class Host:
         self.required_heartbeat = 0
         self.routers: list = []
 
+        self.wrapped = False
+
     def wraps(self, path: str) -> bool:
-        return False
+        return self.wrapped
 
     def log(self, message: str) -> None:
         self.lines.append(message)
@@ -75,8 +77,13 @@ def vassal(host, monkeypatch):
     made.spawned_count = 0
 
     def fake_spawn() -> None:
+        """What spawn does, but the process: no config is invalid, else starting."""
+        assert made.pid is None and not made.spawning
+        if made.config is None:
+            made._enter(INVALID)
+            return
         made.spawned_count += 1
-        made.state = STARTING  # what _attach enters, without a process
+        made._enter(STARTING)
         made.pid = -1
 
     monkeypatch.setattr(made, "spawn", fake_spawn)
@@ -115,7 +122,6 @@ def test_refused_transitions_are_the_ones_that_mean_a_bug():
     assert (STOPPED, READY) in refused and (BACKOFF, READY) in refused and (INVALID, READY) in refused
     assert (RELOADING, RELOADING) in refused  # a second reload waits instead
     assert (STOPPED, STOPPING) in refused  # nothing runs to stop
-    assert (STOPPING, INVALID) in refused
 
 
 def _ready(v: Vassal) -> None:
@@ -255,3 +261,88 @@ def test_after_names_one_timer_and_drops_it_when_it_fires(vassal, host):
     v.after(0, "reread", lambda: fired.append(2))  # replaces the first
     host.loop.run_once(0)
     assert fired == [2] and not v.has_timer("reread")
+
+
+def _exited_with_leftovers(v: Vassal) -> None:
+    """The top process is reaped; leftovers are still being collected."""
+    v.pid = None
+    v.after(60, "empty", lambda: None)
+
+
+def _leftovers_gone(v: Vassal) -> None:
+    v._cancel("empty")
+    v._after_exit()
+
+
+def test_a_file_gone_invalid_while_a_restart_waits_for_leftovers(vassal):
+    v, _ = vassal
+    _ready(v)
+    v.restart()
+    _exited_with_leftovers(v)
+    v.config = None
+    v.invalid("x.ini:3: bad")  # nothing runs any more: invalid now
+    assert v.state == INVALID
+    _leftovers_gone(v)
+    assert v.state == INVALID and v.spawned_count == 0
+    v.config = object()
+    v.start_now()  # the fixed file
+    assert v.spawned_count == 1 and v.state == STARTING
+
+
+def test_a_start_while_leftovers_are_collected_waits_for_them(vassal):
+    v, _ = vassal
+    _ready(v)
+    _exited_with_leftovers(v)
+    v.restart()  # or start, reset, a fixed file: all come through start_now
+    assert v.spawned_count == 0 and v.restart_pending
+    _leftovers_gone(v)
+    assert v.spawned_count == 1 and v.state == STARTING
+
+
+def test_a_removed_file_is_forgotten_only_once_its_leftovers_are_gone(vassal, host):
+    v, _ = vassal
+    _ready(v)
+    _exited_with_leftovers(v)
+    v.removing = True
+    v.stop()
+    assert host.forgotten == []
+    _leftovers_gone(v)
+    assert host.forgotten == [v] and v.state == STOPPED
+
+
+def test_a_file_back_invalid_while_being_removed_ends_invalid(vassal):
+    v, _ = vassal
+    _ready(v)
+    v.removing = True
+    v.stop()
+    v.removing = False  # came back (core: Action.COME_BACK), without a valid config
+    v.config = None
+    v.pid = None
+    v._after_exit()
+    assert v.state == INVALID
+
+
+def test_a_wrapped_uwsgi_gets_every_reload_it_is_asked_for(vassal, host, monkeypatch):
+    v, theirs = vassal
+    host.wrapped = True
+    _ready(v)
+    assert v.reload(reread=False) and v.reload(reread=False)
+    assert v.state == RELOADING and theirs.recv(16) == bytes([protocol.RELOAD] * 2)
+
+
+def test_an_operator_stop_during_a_spawn_is_not_undone_by_a_deferred_change(vassal):
+    v, _ = vassal
+    v.pid = None
+    v.spawning = True
+    v.changed_while_spawning = True
+    v.running_config, v.config = object(), object()
+    v.hold()
+    assert v.state == STOPPING
+    v.spawning = False
+    v.pid = -1
+    v.launcher.after_spawn = lambda vassal: None
+    v.spawned(-1, None)
+    assert not v.restart_pending and v.held
+    v.pid = None
+    v._after_exit()
+    assert v.state == STOPPED and v.spawned_count == 0
