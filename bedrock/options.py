@@ -52,11 +52,18 @@ def parse_int(text: str) -> int:
         raise BadValue(f"expected an integer, got {text!r}") from None
 
 
-def parse_nonneg_int(text: str) -> int:
-    value = parse_int(text)
-    if value < 0:
-        raise BadValue(f"expected a non-negative integer, got {text!r}")
-    return value
+def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = parse_int(text)
+        if value < minimum:
+            raise BadValue(f"expected {what} integer, got {text!r}")
+        return value
+
+    return parse
+
+
+parse_nonneg_int = _int_at_least(0, "a non-negative")
+parse_positive_int = _int_at_least(1, "a positive")
 
 
 def parse_mount(text: str) -> str:
@@ -66,13 +73,6 @@ def parse_mount(text: str) -> str:
     if prefix and not prefix.startswith("/"):
         raise BadValue(f"the mountpoint {prefix!r} must start with / (or be empty: the root)")
     return f"{prefix.rstrip('/')}={target.strip()}"
-
-
-def parse_positive_int(text: str) -> int:
-    value = parse_int(text)
-    if value < 1:
-        raise BadValue(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def parse_float(text: str) -> float:

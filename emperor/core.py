@@ -23,7 +23,7 @@ from bedrock.config import (
 )
 from bedrock.log import stamped
 from bedrock.loop import Loop, reaped
-from emperor import commands, reporting
+from emperor import commands
 from emperor.commands import CommandError, Peer
 from emperor.control_server import ControlServer, StatsServer
 from emperor.file_changes import Action, Known, Sight, on_config, on_sight
@@ -32,7 +32,7 @@ from emperor.lifecycle import Signature, Vassal
 from emperor.monitor import DirMonitor, Source, is_regular
 from emperor.names import name_problem, tenant_name_problem
 from emperor.pidfile import Pidfile
-from emperor.router_supervisor import RouterSupervisor, idle_stats
+from emperor.router_supervisor import RouterSupervisor
 from emperor.zygote_client import ZygoteClient
 from jails.tracking import (
     CgroupTree,
@@ -498,66 +498,6 @@ class Emperor:
                     if now - when > 30:
                         del self.early_exits[old]
             # Anything else: a vassal's orphan re-parented to us (subreaper); reaped.
-
-    # --- status ----------------------------------------------------------------------
-    def emperor_status(self) -> dict:
-        return {
-            "pid": os.getpid(),
-            "version": "pyemperor",
-            "started_at": self.started_at,
-            "uptime": round(time.time() - self.started_at, 1),
-            "dirs": [s.directory + ("/" + s.pattern if s.pattern else "") for s in self.sources],
-            "monitor": self.monitor.mode if self.monitor else None,
-            "control": self.settings.get_str("emperor-control"),
-            "tracking": self.cgroups.base if self.cgroups else "process-group",
-            "tyrant": self.tyrant,
-            "shutting_down": self.shutting_down,
-            "vassal_count": len(self.vassals),
-            "dropped_log_lines": self.dropped_log_lines,
-            "throttle_ms": self.launcher.throttle_ms,
-            "max_throttle_ms": self.launcher.max_throttle_ms,
-        }
-
-    def status(self, names: list[str] | None = None, peer: Peer | None = None) -> dict:
-        vassals = [v for n, v in sorted(self.vassals.items()) if not names or n in names]
-        if peer is not None:
-            vassals = [v for v in vassals if peer.may_see(v)]
-        return {"emperor": self.emperor_status(), "vassals": [reporting.status(v) for v in vassals]}
-
-    def router_stats(self) -> dict:
-        if not self.launcher.routers:
-            return idle_stats()
-        doc = self.launcher.routers[0].stats()
-        if len(self.launcher.routers) > 1:
-            doc["routers"] = [r.stats() for r in self.launcher.routers]
-        return doc
-
-    def stats_document(self) -> dict:
-        """uWSGI's emperor stats layout (its fields kept) plus our status:
-        each vassal has uWSGI's fields and ours (``loyal`` is uWSGI's 0/1)."""
-        doc = self.status()
-        emperor = doc["emperor"]
-        for entry in doc["vassals"]:
-            entry.update(reporting.uwsgi_stats(self.vassals[entry["name"]]))
-        return {
-            "version": "pyemperor",
-            "pid": emperor["pid"],
-            "uid": os.getuid(),
-            "gid": os.getgid(),
-            "cwd": os.getcwd(),
-            "emperor": [s.directory for s in self.sources],
-            "emperor_tyrant": 1 if self.tyrant else 0,
-            "throttle_level": self.launcher.throttle_ms,
-            "vassals": doc["vassals"],
-            "router": self.router_stats(),
-            "blacklist": [
-                {"id": v["name"], "reason": (v["last_exit"] or {}).get("reason", ""), "throttle_level": self.vassals[v["name"]].throttle_ms,
-                 "attempt": v["restarts"], "first_attempt": int(v["started_at"] or 0), "last_attempt": int((v["last_exit"] or {}).get("at", 0))}
-                for v in doc["vassals"]
-                if v["state"] == "backoff"
-            ],
-            "status": emperor,
-        }
 
     # --- echo rate limit notes (DESIGN 7: bad input disturbs nothing else) --------
     # Set by _arm_echo_notes; a class default so that __init__ needs no entry.

@@ -87,10 +87,14 @@ def request(path: str, command: str, args: dict, timeout: float | None = 30.0) -
                 yield message
 
 
-def call(path: str, command: str, args: dict | None = None) -> object:
+def call(path: str, command: str, args: dict | None = None) -> dict:
+    """The result of one command (every verb's is an object)."""
     for message in request(path, command, args or {}):
-        return message["result"]
-    return None
+        result = message.get("result")
+        if not isinstance(result, dict):
+            raise NoEmperor(f"the emperor at {path} sent a garbled reply (no result object)")
+        return result
+    raise NoEmperor(f"the emperor at {path} closed the connection")
 
 
 def _ago(stamp: float | None) -> str:
@@ -235,16 +239,16 @@ def run(args: argparse.Namespace) -> int:
         _print(result)
         return 0
     if verb == "status":
-        console.print(status_table(result))  # type: ignore[arg-type]
+        console.print(status_table(result))
     elif verb == "router":
-        console.print(router_table(result))  # type: ignore[arg-type]
+        console.print(router_table(result))
     elif verb == "stats":
         _print(result)
     elif verb == "help":
-        for name, text in result.items():  # type: ignore[union-attr]
+        for name, text in result.items():
             console.print(f"[bold]{name}[/]\n{text}\n", highlight=False)
     else:
-        for key, value in result.items():  # type: ignore[union-attr]
+        for key, value in result.items():
             if value:
                 print(f"{key}: {' '.join(map(printable, value)) if isinstance(value, list) else printable(str(value))}")
     return 0
@@ -261,7 +265,7 @@ def top(console, path: str, args: argparse.Namespace) -> int:
                 if args.json:
                     print(json.dumps(doc, default=str), flush=True)
                 else:
-                    live.update(status_table(doc), refresh=True)  # type: ignore[arg-type]
+                    live.update(status_table(doc), refresh=True)
                 count += 1
                 if args.iterations and count >= args.iterations:
                     return 0

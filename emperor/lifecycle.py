@@ -372,8 +372,9 @@ class Vassal:
 
     def _on_oom(self) -> None:
         """v1: the memory cgroup hit OOM; an OOM kill anywhere stops the whole vassal."""
+        assert self.oom_fd is not None
         try:
-            os.eventfd_read(self.oom_fd)  # type: ignore[arg-type]
+            os.eventfd_read(self.oom_fd)
         except (BlockingIOError, OSError):
             return
         # The event comes as the cgroup goes under OOM, a moment before the

@@ -1,8 +1,8 @@
-"""What the emperor reports about a vassal: its process tree sampled for
-RSS and CPU (bounded: the tenant decides how many processes), the status
-entry of ``emperorctl status``, the per-vassal fields of uWSGI's emperor
-stats, and the app master's status report cleaned of anything unexpected.
-Nothing here changes a vassal's state."""
+"""What the emperor reports: a vassal's process tree sampled for RSS and
+CPU (bounded: the tenant decides how many processes), its status entry,
+its fields of uWSGI's emperor stats and the app master's report cleaned of
+anything unexpected; the ``status`` and ``stats`` documents and the router's
+report. Nothing here changes any state."""
 
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ from typing import TYPE_CHECKING
 import psutil
 
 import jails
-from emperor.states import READY, RELOADING
+from emperor.router_supervisor import idle_stats
+from emperor.states import BACKOFF, READY, RELOADING
 from jails.tracking import ProcessGroupTracker, VassalCgroup
 
 if TYPE_CHECKING:
+    from emperor.commands import Peer
+    from emperor.core import Emperor
     from emperor.lifecycle import Vassal
 
 # Status shows at most this many processes of a vassal's tree, each title cut
@@ -166,6 +169,69 @@ def uwsgi_stats(vassal: Vassal) -> dict:
         "gid": gid,
         "monitor": os.path.dirname(vassal.path),
         "respawns": vassal.restarts,
+    }
+
+
+def emperor_section(emperor: Emperor) -> dict:
+    """The emperor's own part of status."""
+    return {
+        "pid": os.getpid(),
+        "version": "pyemperor",
+        "started_at": emperor.started_at,
+        "uptime": round(time.time() - emperor.started_at, 1),
+        "dirs": [s.directory + ("/" + s.pattern if s.pattern else "") for s in emperor.sources],
+        "monitor": emperor.monitor.mode if emperor.monitor else None,
+        "control": emperor.settings.get_str("emperor-control"),
+        "tracking": emperor.cgroups.base if emperor.cgroups else "process-group",
+        "tyrant": emperor.tyrant,
+        "shutting_down": emperor.shutting_down,
+        "vassal_count": len(emperor.vassals),
+        "dropped_log_lines": emperor.dropped_log_lines,
+        "throttle_ms": emperor.launcher.throttle_ms,
+        "max_throttle_ms": emperor.launcher.max_throttle_ms,
+    }
+
+def status_document(emperor: Emperor, names: list[str] | None = None, peer: Peer | None = None) -> dict:
+    """``status``: the emperor and the vassals named (all), as ``peer`` may see them."""
+    vassals = [v for n, v in sorted(emperor.vassals.items()) if not names or n in names]
+    if peer is not None:
+        vassals = [v for v in vassals if peer.may_see(v)]
+    return {"emperor": emperor_section(emperor), "vassals": [status(v) for v in vassals]}
+
+def router_stats(emperor: Emperor) -> dict:
+    """The router's last report (every router's, if there are several)."""
+    if not emperor.launcher.routers:
+        return idle_stats()
+    doc = emperor.launcher.routers[0].stats()
+    if len(emperor.launcher.routers) > 1:
+        doc["routers"] = [r.stats() for r in emperor.launcher.routers]
+    return doc
+
+def stats_document(emperor: Emperor) -> dict:
+    """uWSGI's emperor stats layout (its fields kept) plus our status:
+    each vassal has uWSGI's fields and ours (``loyal`` is uWSGI's 0/1)."""
+    doc = status_document(emperor)
+    section = doc["emperor"]
+    for entry in doc["vassals"]:
+        entry.update(uwsgi_stats(emperor.vassals[entry["name"]]))
+    return {
+        "version": "pyemperor",
+        "pid": section["pid"],
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "cwd": os.getcwd(),
+        "emperor": [s.directory for s in emperor.sources],
+        "emperor_tyrant": 1 if emperor.tyrant else 0,
+        "throttle_level": emperor.launcher.throttle_ms,
+        "vassals": doc["vassals"],
+        "router": router_stats(emperor),
+        "blacklist": [
+            {"id": v["name"], "reason": (v["last_exit"] or {}).get("reason", ""), "throttle_level": emperor.vassals[v["name"]].throttle_ms,
+             "attempt": v["restarts"], "first_attempt": int(v["started_at"] or 0), "last_attempt": int((v["last_exit"] or {}).get("at", 0))}
+            for v in doc["vassals"]
+            if v["state"] == BACKOFF
+        ],
+        "status": section,
     }
 
 

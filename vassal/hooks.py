@@ -59,7 +59,8 @@ def hooks_for(config: Config, phase: str) -> list[Hook]:
     found = []
     for key, value, entry in config.items:
         if key == f"hook-{phase}":
-            action, args = value  # type: ignore[misc]
+            assert isinstance(value, tuple)  # (parse_hook's)
+            action, args = value
             found.append(Hook(phase, action, args, entry))
             continue
         for form in FIXED_FORMS:
@@ -152,7 +153,8 @@ def _exec(command: str, timeout: float | None) -> None:
     except subprocess.TimeoutExpired:
         killpg_quietly(proc.pid, signal.SIGKILL)
         proc.wait()
-        raise _timed_out(timeout, ": killed its process group") from None  # type: ignore[arg-type]
+        assert timeout is not None  # (only a timeout expires)
+        raise _timed_out(timeout, ": killed its process group") from None
     except BaseException:
         # Interrupted (a signal handler raised): the hook must not outlive us.
         killpg_quietly(proc.pid, signal.SIGKILL)

@@ -114,8 +114,9 @@ class Top:
             pass
 
     def _on_emperor(self) -> None:
+        assert self.emperor is not None
         try:
-            data, fds, _, _ = socket.recv_fds(self.emperor, 64, 8)  # type: ignore[arg-type]
+            data, fds, _, _ = socket.recv_fds(self.emperor, 64, 8)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:

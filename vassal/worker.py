@@ -24,7 +24,7 @@ from bedrock.log import log
 from bedrock.sockets import Listener
 from vassal import fdconn
 from vassal.handover import Handover
-from vassal.http import HttpConnection, access_line
+from vassal.http import HttpConnection, _Response, access_line
 from vassal.http_parser import Limits
 from vassal.uwsgiproto import UwsgiConnection, env_defaults, respond_whole
 
@@ -33,6 +33,8 @@ DRAIN_FIRST_REQUEST = 5.0
 HANDOVER = object()  # the poller's tag for the handover socket
 LINGER_SECONDS = 5.0  # reading what a refused client still sends
 ACCEPT_PAUSE = 1.0  # out of fds: seconds without accepting
+
+Conn = socket.socket | fdconn.FdConnection
 
 
 class _Discard:
@@ -89,10 +91,11 @@ class Worker:
             self.app = self._recorded(app)
         self.stopping = False
         self.poller = Poller()
-        self.last_seen: dict[socket.socket, float] = {}
-        self.handlers: dict[socket.socket, object] = {}
-        self.served: dict[socket.socket, int] = {}
-        self.registered: set[socket.socket] = set()
+        # A connection is a socket (http-socket) or a bare fd (uwsgi socket).
+        self.last_seen: dict[Conn, float] = {}
+        self.handlers: dict[Conn, object] = {}
+        self.served: dict[Conn, int] = {}
+        self.registered: set[Conn] = set()
         self.listener_info: dict[socket.socket, tuple[type, int, tuple[str, str]]] = {}
 
     def _on_term(self, signum: int, frame: object) -> None:
@@ -109,9 +112,9 @@ class Worker:
 
         return recorded
 
-    def _served(self, env: dict, response: object, started: float) -> None:
+    def _served(self, env: dict, response: _Response, started: float) -> None:
         if self.access_log:
-            line = access_line(env, response, started)  # type: ignore[arg-type]
+            line = access_line(env, response, started)
             if self.memory_report:
                 line += f" rss={_rss_mb()}MB"
             log(line)
@@ -290,10 +293,10 @@ class Worker:
             conn.close()
             return True
         # The rest of the request comes later: wait for it in the poller.
-        self.last_seen[conn] = time.monotonic()  # type: ignore[index]
-        self.handlers[conn] = handler  # type: ignore[index]
+        self.last_seen[conn] = time.monotonic()
+        self.handlers[conn] = handler
         self.poller.register(fd, (conn, handler))
-        self.registered.add(conn)  # type: ignore[arg-type]
+        self.registered.add(conn)
         return True
 
     def _accept_failed(self, exc: OSError) -> None:
@@ -323,7 +326,7 @@ class Worker:
         except OSError:
             self._close(conn)
             return
-        self.handlers[conn] = _Discard()  # type: ignore[assignment]
+        self.handlers[conn] = _Discard()
         self.lingering[conn] = time.monotonic() + LINGER_SECONDS
         self.head_since.pop(conn, None)
         if conn not in self.registered:

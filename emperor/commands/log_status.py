@@ -1,12 +1,13 @@
 """log-status: write a status table to the emperor's log (SIGUSR1). Root
 only: the log is the operator's, and every vassal is in the table."""
 
+from emperor import reporting
 from emperor.commands import require_privileged
 
 
 def execute(emperor, args, peer):
     require_privileged(peer)
-    doc = emperor.status(peer=peer)
+    doc = reporting.status_document(emperor, peer=peer)
     emperor.log(f"{len(doc['vassals'])} vassal(s):")
     for v in doc["vassals"]:
         emperor.log(

@@ -2,9 +2,10 @@
 each way, drops), firewall rule counters and drops by reason, as reported by
 the router within the last second."""
 
+from emperor import reporting
 from emperor.commands import require_privileged
 
 
 def execute(emperor, args, peer):
     require_privileged(peer)
-    return emperor.router_stats()
+    return reporting.router_stats(emperor)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from emperor import reporting
 from emperor.commands import Peer, require_privileged
 
 if TYPE_CHECKING:
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
 def document(emperor: Emperor) -> dict:
     from emperor.commands.status import add_counters
 
-    doc = emperor.stats_document()
+    doc = reporting.stats_document(emperor)
     add_counters(emperor, doc["status"], doc["vassals"], Peer.root())
     return doc
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from emperor import reporting
 from emperor.commands import Peer, names_arg, select_vassals
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ def execute(emperor: Emperor, args: dict, peer: Peer) -> dict:
     if names:
         # Refuses an unknown name and another tenant's alike (no oracle).
         select_vassals(emperor, {"names": names}, peer, allow_all=False)
-    doc = emperor.status(names, peer)
+    doc = reporting.status_document(emperor, names, peer)
     add_counters(emperor, doc["emperor"], doc["vassals"], peer)
     return doc
 

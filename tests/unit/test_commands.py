@@ -76,6 +76,15 @@ class StubEmperor:
         return {"running": False}
 
 
+@pytest.fixture(autouse=True)
+def stub_status(monkeypatch):
+    """The status document is reporting's (tested with a real emperor in
+    tests/integration); here only which vassals it names matters."""
+    from emperor import reporting
+
+    monkeypatch.setattr(reporting, "status_document", lambda emperor, names=None, peer=None: emperor.status(names, peer))
+
+
 def run(emperor: StubEmperor, verb: str, args: dict, peer: Peer = ROOT):
     return commands.execute(emperor, verb, args, peer)
 
