@@ -140,6 +140,16 @@ def parse_clone_list(text: str) -> tuple[str, ...]:
     return items
 
 
+def parse_choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip()
+        if value not in choices:
+            raise BadValue(f"expected one of {', '.join(choices)}, got {text!r}")
+        return value
+
+    return parse
+
+
 def parse_words(minimum: int, maximum: int | None = None) -> Callable[[str], tuple[str, ...]]:
     def parse(text: str) -> tuple[str, ...]:
         words = tuple(text.split())
@@ -267,7 +277,12 @@ _opt("procname", parse_nonempty, "process title prefix", metavar="NAME")
 _bool("disable-logging", "no access log line per request (as in uWSGI)")
 _bool("memory-report", "add the worker's RSS to every access log line")
 _opt("set-placeholder", parse_kv, "define a placeholder usable as %(KEY)", multi=True, metavar="KEY=VALUE", aliases=("set-ph",))
-for _name in ("master", "vacuum", "die-on-term", "strict", "enable-threads", "single-interpreter", "need-app", "thunder-lock"):
+_bool("thunder-lock", "serialize accept among the workers: one at a time waits for and takes a connection (no thundering herd)")
+_opt("lock-engine", parse_choice("fcntl", "ipcsem"), "the thunder lock: fcntl (POSIX record lock) or ipcsem (SysV semaphore)",
+     default="fcntl", metavar="ENGINE")
+_opt("ftok", parse_nonempty, "lock-engine = ipcsem: the semaphore's key from ftok(FILE) (else IPC_PRIVATE)", metavar="FILE")
+_bool("persistent-ipcsem", "lock-engine = ipcsem: keep the semaphore at exit (with ftok the next instance takes it over)")
+for _name in ("master", "vacuum", "die-on-term", "strict", "enable-threads", "single-interpreter", "need-app"):
     _bool(_name, "accepted for uWSGI configs; pyemperor always behaves this way", compat=True)
 
 # --- cheaper (validated now, implemented by the app server issue) -------

@@ -4,6 +4,8 @@
 - our http-socket vs uWSGI's http11-socket (its keep-alive one) vs gunicorn's
   sync worker (direct)
 - nginx + our socket (uwsgi protocol) vs nginx + uWSGI's socket
+- ours with 4 workers, thunder-lock on vs off (the ratio: what serializing
+  accept costs or saves)
 - reload under load: wrk -c50 keep-alive against 4 workers while the server
   reloads 10 times (ours and uWSGI's emperor: the vassal file touched;
   gunicorn: SIGHUP); errors and p99 for each (--reloads 0 skips it)
@@ -158,6 +160,12 @@ def main() -> int:
         cfg = work / "ours.ini"
         cfg.write_text(f"[uwsgi]\nwsgi-file = {HELLO}\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\ndisable-logging = true\n")
         measure("ours http-socket", [str(BIN / "vassal"), str(cfg)], port)
+        for lock in (False, True):
+            port = free_port()
+            cfg4 = work / f"ours4-{lock}.ini"
+            cfg4.write_text(f"[uwsgi]\nwsgi-file = {HELLO}\nhttp-socket = 127.0.0.1:{port}\nprocesses = 4\n"
+                            f"disable-logging = true\nthunder-lock = {str(lock).lower()}\n")
+            measure(f"ours 4 workers{' thunder-lock' if lock else ''}", [str(BIN / "vassal"), str(cfg4)], port)
         if uwsgi:
             port = free_port()
             measure("uWSGI http-socket", [uwsgi, "--http11-socket", f"127.0.0.1:{port}", "--wsgi-file", str(HELLO),
@@ -180,6 +188,7 @@ def main() -> int:
     for name, (rps, p99) in results.items():
         print(f"{name:>22}: {rps:9.0f} req/s  p99 {p99:7.2f} ms", flush=True)
     pairs = [("ours http-socket", "uWSGI http-socket"), ("ours http-socket", "gunicorn sync"),
+             ("ours 4 workers thunder-lock", "ours 4 workers"),
              ("nginx + ours socket", "nginx + uWSGI socket")]
     for ours, theirs in pairs:
         if ours in results and theirs in results:

@@ -104,16 +104,19 @@ def status(vassal: Vassal) -> dict:
         workers = [w for w in report["workers"] if not w["cheapened"]]
         rss_list = [w["rss_bytes"] for w in workers]
         cheaper = report["cheaper"]
+        thunder = report.get("thunder_lock")
     else:
         # Single-process vassals (the master serves) and foreign vassals: the process tree.
         workers = [p for p in detail if p["title"].startswith("vassal worker")]
         rss_list = [p["rss_bytes"] for p in workers]
         cheaper = None
+        thunder = None
     return {
         "workers": len(workers),
         "worker_rss_bytes": rss_list,
         "worker_detail": workers if report is not None else None,
         "cheaper": cheaper,
+        "thunder_lock": thunder,
         "jail": jails.backend().describe(vassal.config, vassal.name) if vassal.config is not None else None,
         "tree": detail,
         "name": vassal.name,
@@ -246,7 +249,8 @@ def clean_report(doc: object) -> dict | None:
 
     workers = [
         {"index": number(w.get("index")), "pid": number(w.get("pid")), "rss_bytes": number(w.get("rss_bytes")),
-         "busy": w.get("busy") is True, "requests": number(w.get("requests")), "cheapened": w.get("cheapened") is True}
+         "busy": w.get("busy") is True, "requests": number(w.get("requests")), "cheapened": w.get("cheapened") is True,
+         "accept_races": number(w.get("accept_races"))}
         for w in doc["workers"][:1024] if isinstance(w, dict)
     ]
     cheaper = doc.get("cheaper")
@@ -262,4 +266,10 @@ def clean_report(doc: object) -> dict | None:
         }
     else:
         cheaper = None
-    return {"workers": workers, "cheaper": cheaper, "master_pid": number(doc.get("master_pid"))}
+    lock = doc.get("thunder_lock")
+    thunder = None
+    if isinstance(lock, dict):
+        thunder = {"enabled": lock.get("enabled") is True, "engine": str(lock.get("engine", ""))[:16]}
+        if isinstance(lock.get("id"), int):
+            thunder.update(id=number(lock.get("id")), key=number(lock.get("key")), persistent=lock.get("persistent") is True)
+    return {"workers": workers, "cheaper": cheaper, "master_pid": number(doc.get("master_pid")), "thunder_lock": thunder}

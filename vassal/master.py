@@ -22,7 +22,8 @@ from bedrock.log import log, set_role
 from bedrock.loop import Loop, reaped
 from bedrock.proc import kill_quietly, run_and_exit
 from bedrock.sockets import Listener, recv_or_eof
-from jails import JailError
+from jails import JailError, locks
+from jails.locks import FcntlLock, SysvSemaphore
 from vassal import hooks, phases
 from vassal.app import load_app
 from vassal.cheaper import Cheaper, listen_backlog
@@ -65,6 +66,7 @@ class Master:
         self.harakiri = config.get_int("harakiri")
         self.reload_on_rss = config.get_int("reload-on-rss") * 1024 * 1024
         self.scoreboard = Scoreboard(self.processes)
+        self.lock: FcntlLock | SysvSemaphore | None = None
         self.exit_code = 0
         self.cheaper: Cheaper | None = None
         self.cheapened: set[int] = set()
@@ -109,9 +111,41 @@ class Master:
         except hooks.HookError as exc:
             log(str(exc))
             return protocol.EXIT_HOOK
+        thunder = self.config.get_bool("thunder-lock")
         # One worker and nothing to watch it for: serve from this process.
         if self.processes == 1 and not (self.config.has("cheaper") or self.lazy or self.harakiri or self.reload_on_rss):
+            log("thunder lock: enabled (one worker: nothing to serialize)" if thunder
+                else "thunder lock: disabled (you can enable it with --thunder-lock)")
             return self._run_single()
+        if thunder:
+            try:
+                lock = self._make_lock()
+            except OSError as exc:
+                log(f"thunder lock: cannot make it: {exc}")
+                return protocol.EXIT_ERROR
+            log(f"thunder lock: enabled (engine {lock.engine})")
+        else:
+            log("thunder lock: disabled (you can enable it with --thunder-lock)")
+        try:
+            return self._supervise()
+        finally:
+            if self.lock is not None:
+                self.lock.close(owner=True)
+
+    def _make_lock(self) -> FcntlLock | SysvSemaphore:
+        self.lock = locks.make(self.config.get_str("lock-engine", "fcntl"), self.config.get_opt_str("ftok"),
+                               self.config.get_bool("persistent-ipcsem"))
+        return self.lock
+
+    def _check_lock(self) -> None:
+        """A semaphore removed under us (ipcrm): the workers that used it
+        exit; their replacements get a new one."""
+        if isinstance(self.lock, SysvSemaphore) and not self.lock.exists():
+            old = self.lock.id
+            new = self._make_lock()
+            log(f"thunder lock: semaphore {old} is gone, workers from now on use {new.describe().get('id')}")
+
+    def _supervise(self) -> int:
         loop = self.loop
         loop.add_signal(signal.SIGCHLD, lambda s: self._reap())
         loop.add_signal(signal.SIGTERM, lambda s: self.stop(graceful=True))
@@ -151,6 +185,7 @@ class Master:
             head_timeout=self.config.get_float("http-head-timeout"),
             access_log=not self.config.get_bool("disable-logging"),
             memory_report=self.config.get_bool("memory-report"),
+            lock=self.lock if scoreboard else None,
         )
 
     def _watch_workers(self) -> None:
@@ -179,7 +214,8 @@ class Master:
         for pid, (index, _) in sorted(self.workers.items(), key=lambda item: item[1][0]):
             started, requests, _ = self.scoreboard.read(index)
             workers.append({"index": index + 1, "pid": pid, "rss_bytes": jails.backend().rss(pid), "busy": bool(started),
-                            "requests": requests, "cheapened": pid in self.cheapened})
+                            "requests": requests, "cheapened": pid in self.cheapened,
+                            "accept_races": self.scoreboard.races(index)})
         cheaper = None
         if self.cheaper is not None:
             last = self.cheaper.last
@@ -189,7 +225,9 @@ class Master:
                 "workers": sum(1 for w in workers if not w["cheapened"]),
                 "last": None if last is None else {"action": last.action, "count": last.count, "reason": last.reason, "at": last.at},
             }
-        self.status.send({"master_pid": os.getpid(), "at": time.time(), "workers": workers, "cheaper": cheaper})
+        lock = {"enabled": self.lock is not None, **(self.lock.describe() if self.lock is not None else {})}
+        self.status.send({"master_pid": os.getpid(), "at": time.time(), "workers": workers, "cheaper": cheaper,
+                          "thunder_lock": lock})
 
     def _cheaper_step(self) -> None:
         assert self.cheaper is not None
@@ -235,6 +273,7 @@ class Master:
     def _spawn(self, index: int) -> None:
         if self.stopping:
             return
+        self._check_lock()
         gc.freeze()  # the loaded app is shared with the workers: keep it unscanned
         pid = os.fork()
         if pid == 0:

@@ -11,10 +11,22 @@ import time
 _SLOT = struct.Struct("dQ240s")  # started (0: idle), requests served, request line
 
 
+_COUNT = struct.Struct("Q")  # accepts that found nothing (a thundering herd's wakeups)
+
+
 class Scoreboard:
     def __init__(self, workers: int):
         self.workers = workers
-        self.memory = mmap.mmap(-1, _SLOT.size * max(1, workers))
+        self.memory = mmap.mmap(-1, (_SLOT.size + _COUNT.size) * max(1, workers))
+        self._counts = _SLOT.size * max(1, workers)
+
+    def raced(self, index: int) -> None:
+        """Written by the worker alone, read by the master."""
+        offset = self._counts + index * _COUNT.size
+        _COUNT.pack_into(self.memory, offset, _COUNT.unpack_from(self.memory, offset)[0] + 1)
+
+    def races(self, index: int) -> int:
+        return _COUNT.unpack_from(self.memory, self._counts + index * _COUNT.size)[0]
 
     def begin(self, index: int, line: str, requests: int) -> None:
         _SLOT.pack_into(self.memory, index * _SLOT.size, time.time(), requests, line.encode("utf-8", "replace")[:240])
@@ -28,3 +40,4 @@ class Scoreboard:
 
     def clear(self, index: int) -> None:
         _SLOT.pack_into(self.memory, index * _SLOT.size, 0.0, 0, b"")
+        _COUNT.pack_into(self.memory, self._counts + index * _COUNT.size, 0)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import jails
 from bedrock.log import log
 from bedrock.sockets import Listener
+from jails.locks import FcntlLock, LockError, SysvSemaphore
 from vassal import fdconn
 from vassal.handover import Handover
 from vassal.http import HttpConnection, _Response, access_line
@@ -35,6 +36,10 @@ LINGER_SECONDS = 5.0  # reading what a refused client still sends
 ACCEPT_PAUSE = 1.0  # out of fds: seconds without accepting
 
 Conn = socket.socket | fdconn.FdConnection
+
+
+class _WakeUp(Exception):
+    """A stop signal while waiting for the thunder lock."""
 
 
 class _Discard:
@@ -67,6 +72,7 @@ class Worker:
         scoreboard=None,
         access_log: bool = True,
         memory_report: bool = False,
+        lock: FcntlLock | SysvSemaphore | None = None,
     ):
         self.index = index
         self.listeners = listeners
@@ -90,6 +96,11 @@ class Worker:
         if scoreboard is not None:
             self.app = self._recorded(app)
         self.stopping = False
+        # thunder-lock: the listeners are watched only by the worker whose
+        # turn it is (it holds the lock); without one, by every worker.
+        self.lock = lock
+        self.listening = False
+        self.waiting_on_lock = False
         self.poller = Poller()
         # A connection is a socket (http-socket) or a bare fd (uwsgi socket).
         self.last_seen: dict[Conn, float] = {}
@@ -99,6 +110,63 @@ class Worker:
         self.listener_info: dict[socket.socket, tuple[type, int, tuple[str, str]]] = {}
 
     def _on_term(self, signum: int, frame: object) -> None:
+        self.stopping = True
+        if self.waiting_on_lock:
+            raise _WakeUp  # out of the lock wait (a plain handler would have it retried)
+
+    def _watch_listeners(self, on: bool) -> None:
+        if on == self.listening:
+            return
+        for listener in self.listeners:
+            if on:
+                self.poller.register(listener.sock.fileno(), listener)
+            else:
+                self.poller.unregister(listener.sock.fileno())
+        self.listening = on
+
+    def _take_turn(self) -> None:
+        """thunder-lock: wait for our turn to accept (only while we have no
+        connection of our own: one that does must never sit on the lock),
+        else just try."""
+        assert self.lock is not None
+        blocking = not self.last_seen
+        self.waiting_on_lock = blocking
+        try:
+            if self.stopping:
+                return
+            got = self.lock.acquire(blocking)
+        except _WakeUp:
+            got = False
+        except LockError as exc:
+            self._lock_lost(exc)
+            return
+        finally:
+            self.waiting_on_lock = False
+        if got and (self.stopping or self.accept_paused_until is not None):
+            self.lock.release()
+        elif got:
+            self._watch_listeners(True)
+
+    def _raced(self) -> None:
+        """Woken for a connection another worker took: the thundering herd
+        that thunder-lock prevents, counted for status."""
+        if self.scoreboard is not None:
+            self.scoreboard.raced(self.index - 1)
+
+    def _pass_turn(self) -> None:
+        """Accepted, or something of our own to serve: the next worker's turn."""
+        if self.lock is not None and self.listening:
+            self._watch_listeners(False)
+            try:
+                self.lock.release()
+            except LockError as exc:
+                self._lock_lost(exc)
+
+    def _lock_lost(self, exc: LockError) -> None:
+        """The semaphore was removed under us: what we hold is served, then
+        this worker exits and the master respawns it on a new one."""
+        log(f"worker {self.index}: {exc}; finishing its connections, then exiting to be respawned")
+        self.lock = None
         self.stopping = True
 
     def _recorded(self, app: Callable) -> Callable:
@@ -141,8 +209,8 @@ class Worker:
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         self.poller.register(wake_r, None)
-        for listener in self.listeners:
-            self.poller.register(listener.sock.fileno(), listener)
+        self._watch_listeners(self.lock is None)
+        batch = ACCEPT_BATCH if self.lock is None else 1  # (one accept per turn)
         if self.handover is not None:
             self.poller.register(self.handover.recv_end.fileno(), HANDOVER)
         draining_since = None
@@ -152,17 +220,23 @@ class Worker:
                 # connections from the same sockets) and taking handed-over
                 # ones, finish what is in hand.
                 draining_since = time.monotonic()
-                if self.accept_paused_until is None:  # (else they are off already)
-                    for listener in self.listeners:
-                        self.poller.unregister(listener.sock.fileno())
+                self._pass_turn()
+                self._watch_listeners(False)
                 if self.handover is not None:
                     self.poller.unregister(self.handover.recv_end.fileno())
             if draining_since is not None:
                 self._close_drained(draining_since)
                 if not self.last_seen:
                     break
+            timeout = 0.2 if draining_since is not None else 1.0
+            if self.lock is not None and not self.listening and draining_since is None and self.accept_paused_until is None:
+                self._take_turn()
+                if not self.listening:
+                    # Our own connections only: look for the lock again soon
+                    # (the holder may be busy; new connections must not wait long).
+                    timeout = 0.05
             try:
-                events = self.poller.poll(0.2 if draining_since is not None else 1.0)
+                events = self.poller.poll(timeout)
             except InterruptedError:
                 continue
             watched = self.poller.data
@@ -175,15 +249,21 @@ class Worker:
                         pass
                 elif data is HANDOVER:
                     if not self.stopping:
+                        self._pass_turn()
                         self._adopt()
                 elif type(data) is Listener:
+                    if not self.listening:
+                        continue  # (our turn ended earlier in this round)
                     # Several per wakeup: a burst of short connections (nginx's
                     # uwsgi upstream) otherwise costs an epoll round each.
                     accept = self._accept_fd if data.kind == "uwsgi" and fdconn.available else self._accept
-                    for _ in range(ACCEPT_BATCH):
+                    for n in range(batch):
                         if self.stopping or not accept(data):
+                            if n == 0:
+                                self._raced()
                             break
                 else:
+                    self._pass_turn()
                     self._read(*data)
             self._expire_idle()
         for conn in list(self.last_seen):
@@ -231,6 +311,7 @@ class Worker:
         except OSError as exc:
             self._accept_failed(exc)
             return False
+        self._pass_turn()
         kind, family, server = self._listener_info(listener)
         # Blocking (as accept4 leaves it) with a kernel send timeout: sendall
         # is then one syscall, not a poll per chunk as with a Python-level
@@ -276,6 +357,7 @@ class Worker:
             return False
         if accepted is None:
             return False
+        self._pass_turn()
         fd, data = accepted
         conn = fdconn.FdConnection(fd)
         _, _, server = self._listener_info(listener)
@@ -306,15 +388,14 @@ class Worker:
             return
         if self.accept_paused_until is None:
             log(f"worker {self.index}: cannot accept ({exc.strerror}): pausing accepts for {ACCEPT_PAUSE:g}s")
-            for listener in self.listeners:
-                self.poller.unregister(listener.sock.fileno())
+            self._pass_turn()
+            self._watch_listeners(False)
         self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE
 
     def _resume_accepting(self) -> None:
         if self.accept_paused_until is not None and time.monotonic() >= self.accept_paused_until and not self.stopping:
             self.accept_paused_until = None
-            for listener in self.listeners:
-                self.poller.register(listener.sock.fileno(), listener)
+            self._watch_listeners(self.lock is None)  # (with a lock: at our next turn)
 
     def _linger(self, conn: socket.socket) -> None:
         """After an error answer: no more writes, and what the client still

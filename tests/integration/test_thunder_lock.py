@@ -1,0 +1,219 @@
+"""thunder-lock for real (issue 14 part 3): four workers under a real
+emperor, one of them at a time waiting for connections; no thundering-herd
+wakeups with it, some without; a holder SIGKILLed does not block the
+others; the ipcsem engine's semaphores seen with ipcs, removed at a
+graceful stop, kept with persistent-ipcsem, reused with ftok; a semaphore
+removed under the workers makes them respawn on a new one."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.helpers import answers, free_port, hello_ini, wait_for
+
+
+def ini(port: int, extra: str = "") -> str:
+    return hello_ini(port, extra="disable-logging = true\n" + extra, processes=4)
+
+
+def hammer(port: int, total: int, threads: int = 8) -> list[int]:
+    """``total`` requests, each on a new connection, from ``threads`` clients at once."""
+    codes: list[int] = []
+    lock = threading.Lock()
+
+    def client(count: int) -> None:
+        for _ in range(count):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                conn.request("GET", "/", headers={"Connection": "close"})
+                status = conn.getresponse().status
+            except OSError:
+                status = 0
+            finally:
+                conn.close()
+            with lock:
+                codes.append(status)
+
+    shares = [total // threads + (1 if n < total % threads else 0) for n in range(threads)]
+    workers = [threading.Thread(target=client, args=(share,)) for share in shares]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(60)
+    return codes
+
+
+def worker_pids(emp, name: str) -> list[int]:
+    v = wait_for(lambda: (x := emp.vassal(name)) and x["worker_detail"] and len(x["worker_detail"]) == 4 and x, 15,
+                 what="four workers reported")
+    return [w["pid"] for w in v["worker_detail"]]
+
+
+def races(emp, name: str, requests: int) -> int:
+    """accept() calls that found nothing, summed over the workers, once the
+    status report counts every request."""
+    v = wait_for(lambda: (x := emp.vassal(name)) and sum(w["requests"] for w in x["worker_detail"]) >= requests and x, 15,
+                 what="the report of every request")
+    return sum(w["accept_races"] for w in v["worker_detail"])
+
+
+def lock_holders(pids: list[int]) -> tuple[set[int], set[int]]:
+    """(holding, waiting) among ``pids``, from /proc/locks."""
+    holding, waiting = set(), set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        match = re.match(r"\d+:\s+(->\s+)?POSIX\s+\S+\s+WRITE\s+(\d+)\s", line)
+        if match and int(match.group(2)) in pids:
+            (waiting if match.group(1) else holding).add(int(match.group(2)))
+    return holding, waiting
+
+
+def semaphores() -> dict[int, int]:
+    """semid -> key of every SysV semaphore set (ipcs -s)."""
+    out = subprocess.run(["ipcs", "-s"], capture_output=True, text=True, check=True).stdout
+    found = {}
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) >= 5 and words[0].startswith("0x") and words[1].isdigit():
+            found[int(words[1])] = int(words[0], 16)
+    return found
+
+
+@pytest.fixture
+def sem_cleanup():
+    made: list[int] = []
+    yield made
+    for semid in made:
+        subprocess.run(["ipcrm", "-s", str(semid)], capture_output=True)
+
+
+def test_one_worker_at_a_time_waits_for_a_connection(start_emperor):
+    emp = start_emperor()
+    port = free_port()
+    (emp.dir / "tl.ini").write_text(ini(port, "thunder-lock = true\n"))
+    wait_for(lambda: answers(port), what="up")
+    pids = worker_pids(emp, "tl.ini")
+    holding, waiting = wait_for(lambda: (hw := lock_holders(pids)) and len(hw[0]) == 1 and len(hw[1]) == 3 and hw, 10,
+                                what="one holder, three waiting")
+    assert holding | waiting == set(pids)
+    assert "thunder lock: enabled (engine fcntl)" in emp.log_text()
+    v = emp.vassal("tl.ini")
+    assert v["thunder_lock"] == {"enabled": True, "engine": "fcntl"}
+
+
+def test_no_thundering_herd_with_the_lock_and_some_without(start_emperor):
+    emp = start_emperor()
+    with_port, without_port = free_port(), free_port()
+    (emp.dir / "with.ini").write_text(ini(with_port, "thunder-lock = true\n"))
+    (emp.dir / "without.ini").write_text(ini(without_port))
+    for port in (with_port, without_port):
+        wait_for(lambda p=port: answers(p), what="up")
+    worker_pids(emp, "with.ini")
+    worker_pids(emp, "without.ini")
+    before_with, before_without = races(emp, "with.ini", 0), races(emp, "without.ini", 0)
+    assert hammer(with_port, 500) == [200] * 500
+    assert hammer(without_port, 500) == [200] * 500
+    assert races(emp, "with.ini", 500) - before_with == 0
+    assert races(emp, "without.ini", 500) - before_without > 0
+    assert "thunder lock: disabled (you can enable it with --thunder-lock)" in emp.log_text()
+    assert emp.vassal("without.ini")["thunder_lock"] == {"enabled": False, "engine": ""}
+
+
+def test_a_holder_killed_does_not_block_the_others(start_emperor):
+    emp = start_emperor()
+    port = free_port()
+    (emp.dir / "k.ini").write_text(ini(port, "thunder-lock = true\n"))
+    wait_for(lambda: answers(port), what="up")
+    pids = worker_pids(emp, "k.ini")
+    holding, _ = wait_for(lambda: (hw := lock_holders(pids)) and len(hw[0]) == 1 and hw, 10, what="a holder")
+    victim = holding.pop()
+    os.kill(victim, signal.SIGKILL)
+    # At once, before the master has replaced it: the lock went with it.
+    assert hammer(port, 40, threads=4) == [200] * 40
+    wait_for(lambda: not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE, 5,
+             what="the victim gone")
+
+
+def test_ipcsem_is_seen_while_running_and_removed_at_a_graceful_stop(start_emperor, sem_cleanup):
+    emp = start_emperor()
+    port = free_port()
+    (emp.dir / "s.ini").write_text(ini(port, "thunder-lock = true\nlock-engine = ipcsem\n"))
+    wait_for(lambda: answers(port), what="up")
+    lock = wait_for(lambda: (v := emp.vassal("s.ini")) and v["thunder_lock"] and v["thunder_lock"], 10, what="lock in status")
+    sem_cleanup.append(lock["id"])
+    assert lock["engine"] == "ipcsem" and lock["persistent"] is False and semaphores()[lock["id"]] == 0
+    assert hammer(port, 100) == [200] * 100
+    (emp.dir / "s.ini").unlink()
+    wait_for(lambda: emp.vassal("s.ini") is None, 15, what="stopped")
+    assert lock["id"] not in semaphores()
+
+
+def test_persistent_ipcsem_survives_and_ftok_reuses_it(start_emperor, sem_cleanup, tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("")
+    emp = start_emperor()
+    port = free_port()
+    extra = f"thunder-lock = true\nlock-engine = ipcsem\npersistent-ipcsem = true\nftok = {key_file}\n"
+    (emp.dir / "p.ini").write_text(ini(port, extra))
+    wait_for(lambda: answers(port), what="up")
+    first = wait_for(lambda: (v := emp.vassal("p.ini")) and v["thunder_lock"] and v["thunder_lock"], 10, what="lock in status")
+    sem_cleanup.append(first["id"])
+    assert first["persistent"] is True and first["key"] != 0 and semaphores()[first["id"]] == first["key"]
+    (emp.dir / "p.ini").unlink()
+    wait_for(lambda: emp.vassal("p.ini") is None, 15, what="stopped")
+    assert semaphores().get(first["id"]) == first["key"]  # kept
+    (emp.dir / "p.ini").write_text(ini(port, extra))
+    wait_for(lambda: answers(port), what="up again")
+    again = wait_for(lambda: (v := emp.vassal("p.ini")) and v["pid"] and v["thunder_lock"] and v["thunder_lock"], 10,
+                     what="lock in status")
+    assert (again["id"], again["key"]) == (first["id"], first["key"])
+    assert hammer(port, 100) == [200] * 100
+
+
+def test_a_semaphore_removed_under_the_workers_makes_them_respawn_on_a_new_one(start_emperor, sem_cleanup):
+    emp = start_emperor()
+    port = free_port()
+    (emp.dir / "r.ini").write_text(ini(port, "thunder-lock = true\nlock-engine = ipcsem\n"))
+    wait_for(lambda: answers(port), what="up")
+    old = wait_for(lambda: (v := emp.vassal("r.ini")) and v["thunder_lock"] and v["thunder_lock"], 10, what="lock")
+    old_pids = set(worker_pids(emp, "r.ini"))
+    subprocess.run(["ipcrm", "-s", str(old["id"])], check=True)
+    new = wait_for(lambda: (v := emp.vassal("r.ini")) and v["thunder_lock"] and v["thunder_lock"]["id"] != old["id"]
+                   and v["thunder_lock"], 20, what="a new semaphore")
+    sem_cleanup.append(new["id"])
+    wait_for(lambda: answers(port), what="answering")
+    assert hammer(port, 100) == [200] * 100
+    assert f"semaphore {old['id']} is gone" in emp.log_text()
+    assert old_pids - set(worker_pids(emp, "r.ini"))  # (at least the waiters were replaced)
+
+
+def test_lock_engine_is_validated(tmp_path):
+    import sys
+
+    bad = tmp_path / "bad.ini"
+    bad.write_text("[uwsgi]\nhttp-socket = 127.0.0.1:1\nlock-engine = pthread\n")
+    result = subprocess.run([sys.executable, "-m", "vassal", "--check", str(bad)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert f"{bad}:3" in result.stderr and "lock-engine" in result.stderr and "fcntl, ipcsem" in result.stderr
+
+
+@pytest.mark.linux_only
+def test_ipcsem_lives_in_the_vassals_ipc_namespace(start_emperor):
+    emp = start_emperor()
+    port = free_port()
+    (emp.dir / "ns.ini").write_text(ini(port, "unshare = ipc\nthunder-lock = true\nlock-engine = ipcsem\n"))
+    wait_for(lambda: answers(port), what="up")
+    lock = wait_for(lambda: (v := emp.vassal("ns.ini")) and v["thunder_lock"] and v["thunder_lock"], 10, what="lock")
+    pid = worker_pids(emp, "ns.ini")[0]
+    inside = subprocess.run(["nsenter", "--target", str(pid), "--ipc", "ipcs", "-s"], capture_output=True, text=True, check=True)
+    assert re.search(rf"^0x0+\s+{lock['id']}\s", inside.stdout, re.M)
+    assert os.readlink(f"/proc/{pid}/ns/ipc") != os.readlink("/proc/self/ns/ipc")  # (not the host's)
+    assert hammer(port, 40, threads=4) == [200] * 40
