@@ -47,7 +47,7 @@ copy_checkout() {
     rm -rf /pyemperor
     mkdir -p /pyemperor
     tar -C /mnt/src --exclude=./.git --exclude='*.egg-info' --exclude=__pycache__ \
-        --exclude=.pytest_cache --exclude=.hypothesis -cf - . | tar -C /pyemperor -xf -
+        --exclude=.pytest_cache --exclude=.hypothesis --exclude=./build --exclude=./dist -cf - . | tar -C /pyemperor -xf -
 }
 
 provision() {
