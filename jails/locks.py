@@ -8,9 +8,8 @@ process.
   and each one's lock dies with it.
 - ``ipcsem``: a SysV semaphore (semget with IPC_PRIVATE, or a key from
   ``ftok = FILE``), taken and given with SEM_UNDO, so the kernel gives back
-  what a dead holder took. Removed by its maker at exit unless
-  ``persistent-ipcsem`` is set, or another live process (one of a zerg,
-  uWSGI's case) operated it last.
+  what a dead holder took. Removed when the last app master using it exits
+  (a count in the set, SEM_UNDO'd too), unless ``persistent-ipcsem``.
 
 Python has no SysV IPC: semget/semop/semctl/ftok go through libc (ctypes),
 which is why this is in jails/.
@@ -91,81 +90,111 @@ class FcntlLock:
 
 
 class SysvSemaphore:
-    engine = "ipcsem"
+    """A set of three: [0] the lock; [1] how many app masters use it (each
+    adds one with SEM_UNDO, so a SIGKILLed one is taken off by the kernel:
+    the last one out removes the set); [2] a signature of the vassal's
+    sockets, so that a second vassal given the same ``ftok`` file is refused
+    instead of taking turns with the first on sockets it does not watch."""
 
-    def __init__(self, ftok_path: str | None = None, persistent: bool = False):
+    engine = "ipcsem"
+    LOCK, USERS, SIGNATURE = 0, 1, 2
+
+    def __init__(self, signature: int, ftok_path: str | None = None, persistent: bool = False, key: int | None = None):
         self.persistent = persistent
         self.ftok_path = ftok_path
-        self.maker = os.getpid()
-        if ftok_path is not None:
-            key = _check(_libc.ftok(os.fsencode(ftok_path), ord("T")), f"ftok {ftok_path}")
-        else:
-            key = IPC_PRIVATE
+        if key is None:
+            key = _check(_libc.ftok(os.fsencode(ftok_path), ord("T")), f"ftok {ftok_path}") if ftok_path else IPC_PRIVATE
         self.key = key
+        signature = 1 + signature % 32000
         try:
-            self.id = _check(_libc.semget(key, 1, IPC_CREAT | IPC_EXCL | 0o600), "semget")
-            _check(_libc.semctl(self.id, 0, SETVAL, ctypes.c_int(1)), "semctl SETVAL")
+            self.id = _check(_libc.semget(key, 3, IPC_CREAT | IPC_EXCL | 0o600), "semget")
+            _check(_libc.semctl(self.id, self.LOCK, SETVAL, ctypes.c_int(1)), "semctl SETVAL")
+            _check(_libc.semctl(self.id, self.SIGNATURE, SETVAL, ctypes.c_int(signature)), "semctl SETVAL")
         except LockError as exc:
             if exc.errno != errno.EEXIST:
                 raise
-            # ftok'd and persistent: the one a previous instance left.
-            self.id = _check(_libc.semget(key, 1, 0o600), "semget")
-
-    def _op(self, delta: int, flags: int) -> int:
-        buf = _Sembuf(0, delta, SEM_UNDO | flags)
-        return _libc.semop(self.id, ctypes.byref(buf), 1)
-
-    def acquire(self, blocking: bool) -> bool:
-        if self._op(-1, 0 if blocking else IPC_NOWAIT) == 0:
-            return True
-        code = ctypes.get_errno()
-        if code == errno.EAGAIN:
-            return False
-        if code == errno.EINTR:
-            return False  # a signal: the caller looks at why and tries again
-        raise LockError(code, f"thunder lock semaphore {self.id}: {os.strerror(code)}")
-
-    def release(self) -> None:
-        if self._op(1, 0) != 0:
+            # ftok'd: one an earlier generation of this vassal made (a reload,
+            # persistent-ipcsem). Anyone's else is refused, not used.
+            self.id = _check(_libc.semget(key, 3, 0o600), f"semget (ftok {ftok_path})")
+            _refuse_foreign(self.id, ftok_path)
+            theirs = _check(_libc.semctl(self.id, self.SIGNATURE, GETVAL), "semctl GETVAL")
+            if theirs != signature:
+                raise LockError(errno.EBUSY, f"ftok {ftok_path}: its semaphore is used by a vassal with other sockets") from None
+        if self._op(self.USERS, 1, 0) != 0:
             code = ctypes.get_errno()
             raise LockError(code, f"thunder lock semaphore {self.id}: {os.strerror(code)}")
 
-    def last_pid(self) -> int:
-        """Who operated the semaphore last (semctl GETPID)."""
-        return _check(_libc.semctl(self.id, 0, GETPID), "semctl GETPID")
+    def _op(self, number: int, delta: int, flags: int) -> int:
+        buf = _Sembuf(number, delta, SEM_UNDO | flags)
+        return _libc.semop(self.id, ctypes.byref(buf), 1)
+
+    def acquire(self, blocking: bool) -> bool:
+        if self._op(self.LOCK, -1, 0 if blocking else IPC_NOWAIT) == 0:
+            return True
+        code = ctypes.get_errno()
+        if code in (errno.EAGAIN, errno.EINTR):
+            return False  # taken; or a signal: the caller looks at why and tries again
+        raise LockError(code, f"thunder lock semaphore {self.id}: {os.strerror(code)}")
+
+    def release(self) -> None:
+        if self._op(self.LOCK, 1, 0) != 0:
+            code = ctypes.get_errno()
+            raise LockError(code, f"thunder lock semaphore {self.id}: {os.strerror(code)}")
 
     def exists(self) -> bool:
         return _libc.semctl(self.id, 0, GETVAL) != -1
 
+    def renewed(self, signature: int) -> SysvSemaphore:
+        """A new set in place of one removed under us (the same key)."""
+        return SysvSemaphore(signature, self.ftok_path, self.persistent, key=self.key)
+
     def describe(self) -> dict:
-        return {"engine": self.engine, "id": self.id, "key": self.key, "persistent": self.persistent}
+        return {"engine": self.engine, "id": self.id, "key": self.key, "persistent": self.persistent,
+                "ftok": self.ftok_path}
 
     def close(self, owner: bool) -> None:
-        """``owner``: the maker (the app master) at its exit removes it,
-        unless it is persistent or a live process other than ours last
-        operated it."""
-        if not owner or self.persistent:
+        """The app master at its exit: one user less; the last one out
+        removes the set, unless it is persistent."""
+        if not owner:
             return
-        try:
-            last = self.last_pid()
-        except LockError:
+        if self._op(self.USERS, -1, IPC_NOWAIT) != 0:
             return  # gone already
-        if last not in (0, os.getpid()) and _alive(last) and last != self.maker:
-            return
-        _libc.semctl(self.id, 0, IPC_RMID)
+        last = SemLast(self.id, self.USERS)
+        if not self.persistent and last.is_zero():
+            _libc.semctl(self.id, 0, IPC_RMID)
 
 
-def _alive(pid: int) -> bool:
+class SemLast:
+    """Wait-for-zero without waiting: is nobody else using the set?"""
+
+    def __init__(self, semid: int, number: int):
+        self.semid, self.number = semid, number
+
+    def is_zero(self) -> bool:
+        buf = _Sembuf(self.number, 0, IPC_NOWAIT)
+        return _libc.semop(self.semid, ctypes.byref(buf), 1) == 0
+
+
+def _refuse_foreign(semid: int, ftok_path: str | None) -> None:
+    """A set this user did not make with mode 0600 is someone else's: using
+    it would let them stop our workers (a value of 0) or watch us."""
     try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+        with open("/proc/sysvipc/sem") as handle:
+            rows = [line.split() for line in handle.readlines()[1:]]
+    except OSError:
+        return  # (FreeBSD: no such table; the kernel's permission check stands)
+    for row in rows:
+        if len(row) >= 8 and row[1] == str(semid):
+            perms, nsems, uid, cuid = int(row[2], 8), int(row[3]), int(row[4]), int(row[6])
+            if uid != os.geteuid() or cuid != os.geteuid() or perms & 0o777 != 0o600 or nsems != 3:
+                raise LockError(errno.EPERM, f"ftok {ftok_path}: semaphore {semid} with that key is not ours "
+                                f"(owner uid {uid}, creator uid {cuid}, mode {perms & 0o777:o}, {nsems} semaphores): refusing it")
+            return
 
 
-def make(engine: str, ftok_path: str | None = None, persistent: bool = False) -> FcntlLock | SysvSemaphore:
+def make(engine: str, signature: int = 0, ftok_path: str | None = None, persistent: bool = False) -> FcntlLock | SysvSemaphore:
+    """``signature``: of the vassal's sockets (ipcsem sets are refused to a
+    vassal with other sockets)."""
     if engine == "ipcsem":
-        return SysvSemaphore(ftok_path, persistent)
+        return SysvSemaphore(signature, ftok_path, persistent)
     return FcntlLock()

@@ -14,6 +14,7 @@ import signal
 import socket
 import time
 import traceback
+import zlib
 
 import jails
 from bedrock import protocol
@@ -132,18 +133,31 @@ class Master:
             if self.lock is not None:
                 self.lock.close(owner=True)
 
+    def _socket_signature(self) -> int:
+        return zlib.crc32(" ".join(sorted(f"{listener.kind}:{listener.address}" for listener in self.listeners)).encode())
+
     def _make_lock(self) -> FcntlLock | SysvSemaphore:
-        self.lock = locks.make(self.config.get_str("lock-engine", "fcntl"), self.config.get_opt_str("ftok"),
-                               self.config.get_bool("persistent-ipcsem"))
+        self.lock = locks.make(self.config.get_str("lock-engine", "fcntl"), self._socket_signature(),
+                               self.config.get_opt_str("ftok"), self.config.get_bool("persistent-ipcsem"))
         return self.lock
 
-    def _check_lock(self) -> None:
+    def _check_lock(self) -> bool:
         """A semaphore removed under us (ipcrm): the workers that used it
-        exit; their replacements get a new one."""
-        if isinstance(self.lock, SysvSemaphore) and not self.lock.exists():
-            old = self.lock.id
-            new = self._make_lock()
-            log(f"thunder lock: semaphore {old} is gone, workers from now on use {new.describe().get('id')}")
+        exit; their replacements get a new one (the same key). If none can be
+        made, the master gives up (the top starts another) rather than run
+        without workers."""
+        if not isinstance(self.lock, SysvSemaphore) or self.lock.exists():
+            return True
+        old = self.lock.id
+        try:
+            self.lock = self.lock.renewed(self._socket_signature())
+        except OSError as exc:
+            log(f"thunder lock: semaphore {old} is gone and no new one can be made ({exc}): stopping")
+            self.exit_code = protocol.EXIT_ERROR
+            self.stop(graceful=True)
+            return False
+        log(f"thunder lock: semaphore {old} is gone, workers from now on use {self.lock.id}")
+        return True
 
     def _supervise(self) -> int:
         loop = self.loop
@@ -273,7 +287,8 @@ class Master:
     def _spawn(self, index: int) -> None:
         if self.stopping:
             return
-        self._check_lock()
+        if not self._check_lock():
+            return
         gc.freeze()  # the loaded app is shared with the workers: keep it unscanned
         pid = os.fork()
         if pid == 0:

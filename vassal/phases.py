@@ -102,6 +102,10 @@ def problems(config: Config, cloned: set[str], tyrant: tuple[int, int] | None = 
         for entry in config.sources.get(key, []):
             if "user" not in have:
                 found.append(Problem(entry.file, entry.line, key, f"{key} needs the user namespace (add it to unshare or emperor-use-clone)"))
+    for entry in config.sources.get("persistent-ipcsem", []):
+        if config.get_bool("persistent-ipcsem") and not config.has("ftok"):
+            found.append(Problem(entry.file, entry.line, "persistent-ipcsem",
+                                 "persistent-ipcsem needs ftok = FILE (an IPC_PRIVATE semaphore kept at exit could never be found again)"))
     need("hostname", "uts", "hostname")
     need("tuntap-device", "net", "tuntap-device")
     need("net-iface", "net", "net-iface")

@@ -34,6 +34,7 @@ DRAIN_FIRST_REQUEST = 5.0
 HANDOVER = object()  # the poller's tag for the handover socket
 LINGER_SECONDS = 5.0  # reading what a refused client still sends
 ACCEPT_PAUSE = 1.0  # out of fds: seconds without accepting
+TURN_RETRY = 0.05  # thunder-lock: a worker with connections tries the lock at most this often
 
 Conn = socket.socket | fdconn.FdConnection
 
@@ -101,6 +102,7 @@ class Worker:
         self.lock = lock
         self.listening = False
         self.waiting_on_lock = False
+        self.next_try = 0.0  # with connections of our own: when to try the lock next
         self.poller = Poller()
         # A connection is a socket (http-socket) or a bare fd (uwsgi socket).
         self.last_seen: dict[Conn, float] = {}
@@ -157,6 +159,8 @@ class Worker:
         """Accepted, or something of our own to serve: the next worker's turn."""
         if self.lock is not None and self.listening:
             self._watch_listeners(False)
+            # A waiting worker gets the next turn, not us again at once.
+            self.next_try = time.monotonic() + TURN_RETRY
             try:
                 self.lock.release()
             except LockError as exc:
@@ -194,7 +198,7 @@ class Worker:
                 os.write(self.notify_fd, b"L")
             except OSError:
                 pass
-        if self.max_requests and self.requests >= self.max_requests:
+        if self.max_requests and self.requests >= self.max_requests and not self.stopping:
             log(f"worker {self.index}: max-requests {self.max_requests} reached, recycling")
             self.stopping = True
 
@@ -230,11 +234,16 @@ class Worker:
                     break
             timeout = 0.2 if draining_since is not None else 1.0
             if self.lock is not None and not self.listening and draining_since is None and self.accept_paused_until is None:
-                self._take_turn()
+                now = time.monotonic()
+                if not self.last_seen or now >= self.next_try:
+                    self._take_turn()
                 if not self.listening:
                     # Our own connections only: look for the lock again soon
-                    # (the holder may be busy; new connections must not wait long).
-                    timeout = 0.05
+                    # (the holder may be busy; new connections must not wait
+                    # long), but not at every request of ours (a syscall each).
+                    if self.last_seen and now >= self.next_try:
+                        self.next_try = now + TURN_RETRY
+                    timeout = max(0.0, min(timeout, self.next_try - now)) if self.last_seen else timeout
             try:
                 events = self.poller.poll(timeout)
             except InterruptedError:

@@ -217,3 +217,63 @@ def test_ipcsem_lives_in_the_vassals_ipc_namespace(start_emperor):
     assert re.search(rf"^0x0+\s+{lock['id']}\s", inside.stdout, re.M)
     assert os.readlink(f"/proc/{pid}/ns/ipc") != os.readlink("/proc/self/ns/ipc")  # (not the host's)
     assert hammer(port, 40, threads=4) == [200] * 40
+
+
+def test_a_second_vassal_on_the_same_ftok_file_is_refused(start_emperor, sem_cleanup, tmp_path):
+    key_file = tmp_path / "shared"
+    key_file.write_text("")
+    emp = start_emperor()
+    a_port, b_port = free_port(), free_port()
+    extra = f"thunder-lock = true\nlock-engine = ipcsem\nftok = {key_file}\n"
+    (emp.dir / "a.ini").write_text(ini(a_port, extra))
+    wait_for(lambda: answers(a_port), what="a up")
+    lock = wait_for(lambda: (v := emp.vassal("a.ini")) and v["thunder_lock"] and v["thunder_lock"], 10, what="lock")
+    sem_cleanup.append(lock["id"])
+    (emp.dir / "b.ini").write_text(ini(b_port, extra))
+    wait_for(lambda: "used by a vassal with other sockets" in emp.log_text(), 15, what="b refused")
+    assert hammer(a_port, 40, threads=4) == [200] * 40  # a is not disturbed
+    (emp.dir / "b.ini").unlink()
+
+
+def test_someone_elses_semaphore_on_the_key_is_refused(start_emperor, tmp_path):
+    from jails import locks
+
+    key_file = tmp_path / "victim"
+    key_file.write_text("")
+    key = locks._libc.ftok(os.fsencode(str(key_file)), ord("T"))
+    semid = locks._libc.semget(key, 3, locks.IPC_CREAT | locks.IPC_EXCL | 0o666)  # a squatter's, value 0
+    assert semid >= 0
+    try:
+        emp = start_emperor()
+        port = free_port()
+        (emp.dir / "v.ini").write_text(ini(port, f"thunder-lock = true\nlock-engine = ipcsem\nftok = {key_file}\n"))
+        wait_for(lambda: "is not ours" in emp.log_text(), 15, what="the squatter's semaphore refused")
+        assert semid in semaphores()  # and not removed either
+    finally:
+        locks._libc.semctl(semid, 0, locks.IPC_RMID)
+
+
+def test_reloads_keep_a_shared_ftok_semaphore(start_emperor, sem_cleanup, tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("")
+    emp = start_emperor()
+    port = free_port()
+    (emp.dir / "rl.ini").write_text(ini(port, f"thunder-lock = true\nlock-engine = ipcsem\nftok = {key_file}\n"))
+    wait_for(lambda: answers(port), what="up")
+    lock = wait_for(lambda: (v := emp.vassal("rl.ini")) and v["thunder_lock"] and v["thunder_lock"], 10, what="lock")
+    sem_cleanup.append(lock["id"])
+    for _ in range(5):
+        emp.ctl("reload", "rl.ini")
+        wait_for(lambda: emp.vassal("rl.ini")["state"] == "ready", 15, what="reloaded")
+        assert hammer(port, 20, threads=4) == [200] * 20
+    assert lock["id"] in semaphores() and "is gone" not in emp.log_text()
+    (emp.dir / "rl.ini").unlink()
+    wait_for(lambda: emp.vassal("rl.ini") is None, 15, what="stopped")
+    wait_for(lambda: lock["id"] not in semaphores(), 5, what="removed by the last master out")
+
+
+def test_persistent_ipcsem_needs_ftok(start_emperor):
+    emp = start_emperor()
+    (emp.dir / "np.ini").write_text(ini(free_port(), "thunder-lock = true\nlock-engine = ipcsem\npersistent-ipcsem = true\n"))
+    v = emp.wait_state("np.ini", "invalid")
+    assert "np.ini:" in v["error"] and "persistent-ipcsem needs ftok" in v["error"]
