@@ -132,8 +132,9 @@ class Worker:
         else just try."""
         assert self.lock is not None
         blocking = not self.last_seen
-        self.waiting_on_lock = blocking
         try:
+            # (inside the try: a stop signal right after this raises _WakeUp)
+            self.waiting_on_lock = blocking
             if self.stopping:
                 return
             got = self.lock.acquire(blocking)
