@@ -156,6 +156,15 @@ def _netns() -> set[str]:
         return set()
 
 
+def _semaphores() -> set[str]:
+    """SysV semaphore sets of the host's IPC namespace (thunder-lock's ipcsem)."""
+    try:
+        with open("/proc/sysvipc/sem") as handle:
+            return {line.split()[1] for line in handle.readlines()[1:] if line.split()}
+    except OSError:
+        return set()
+
+
 # Where a test lives says where it runs (pyroute2's split by platform and
 # kind): unit/ in process anywhere; integration/ real processes on Linux and
 # FreeBSD; linux/, hostile/ and guest/ Linux kernel features; freebsd/ the
@@ -181,10 +190,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session", autouse=True)
 def leak_check():
     before = set(_leftover_cgroups())
-    mounts_before, netns_before = _mounts(), _netns()
+    mounts_before, netns_before, sems_before = _mounts(), _netns(), _semaphores()
     yield
     assert _mounts() <= mounts_before, f"mounts left behind: {sorted(_mounts() - mounts_before)}"
     assert _netns() <= netns_before, f"netns left behind: {sorted(_netns() - netns_before)}"
+    assert _semaphores() <= sems_before, f"semaphore sets left behind (ipcs -s): {sorted(_semaphores() - sems_before)}"
     deadline = time.monotonic() + 5
     while (procs := _leftover_processes()) and time.monotonic() < deadline:
         time.sleep(0.1)
