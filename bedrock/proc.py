@@ -19,6 +19,20 @@ import psutil
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
+def anonymous_file(name: str, sealing: bool = False) -> int:
+    """A close-on-exec fd of a file with no name (inherited across fork):
+    a memfd where there is one, else an unlinked temporary file."""
+    try:
+        return os.memfd_create(name, os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealing else 0))
+    except (AttributeError, OSError):
+        import tempfile
+
+        with tempfile.TemporaryFile() as handle:
+            fd = os.dup(handle.fileno())
+        os.set_inheritable(fd, False)
+        return fd
+
+
 def kill_quietly(pid: int, sig: int) -> bool:
     """Signal a process that may be gone already: False if it was."""
     try:

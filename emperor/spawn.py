@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 
 import jails
 from bedrock import protocol
-from bedrock.proc import die_in_child, exec_child, proxy_pid1, reset_signals, wire_child
+from bedrock.proc import (
+    anonymous_file,
+    die_in_child,
+    exec_child,
+    proxy_pid1,
+    reset_signals,
+    wire_child,
+)
 from jails.tun import ENV_TUN_FDS
 
 # The vassal end of the emperor pipe always lands on this fd in the child.
@@ -108,13 +115,7 @@ def build_env(req: SpawnRequest) -> dict[str, str]:
 def config_fd(data: bytes) -> int:
     """A read-only fd holding ``data``: a sealed memfd (nobody can change what
     the emperor validated once it is handed over), else an unlinked file."""
-    try:
-        fd = os.memfd_create("vassal-config", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    except (AttributeError, OSError):
-        import tempfile
-
-        fd = os.dup(tempfile.TemporaryFile().fileno())
-        os.set_inheritable(fd, False)
+    fd = anonymous_file("vassal-config", sealing=True)
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]

@@ -23,6 +23,8 @@ import fcntl
 import os
 import sys
 
+from bedrock.proc import anonymous_file
+
 ENGINES = ("fcntl", "ipcsem")
 
 IPC_PRIVATE = 0
@@ -65,7 +67,7 @@ class FcntlLock:
     engine = "fcntl"
 
     def __init__(self) -> None:
-        self.fd = os.memfd_create("pyemperor-thunder-lock", os.MFD_CLOEXEC)
+        self.fd = anonymous_file("pyemperor-thunder-lock")
         os.ftruncate(self.fd, 1)
 
     def acquire(self, blocking: bool) -> bool:

@@ -25,6 +25,17 @@ def ini(port: int, extra: str = "") -> str:
     return hello_ini(port, extra="disable-logging = true\n" + extra, processes=4)
 
 
+def serve(emp, name: str, port: int, extra: str) -> None:
+    """A four-worker vassal ``name`` on ``port``, answering."""
+    (emp.dir / name).write_text(ini(port, extra))
+    wait_for(lambda: answers(port), what=f"{name} up")
+
+
+def reported_lock(emp, name: str) -> dict:
+    """The thunder_lock of ``name``'s status, once its master has reported."""
+    return wait_for(lambda: (v := emp.vassal(name)) and v["thunder_lock"] and v["thunder_lock"], 10, what=f"{name}'s lock in status")
+
+
 def hammer(port: int, total: int, threads: int = 8) -> list[int]:
     """``total`` requests, each on a new connection, from ``threads`` clients at once."""
     codes: list[int] = []
@@ -98,8 +109,7 @@ def sem_cleanup():
 def test_one_worker_at_a_time_waits_for_a_connection(start_emperor):
     emp = start_emperor()
     port = free_port()
-    (emp.dir / "tl.ini").write_text(ini(port, "thunder-lock = true\n"))
-    wait_for(lambda: answers(port), what="up")
+    serve(emp, "tl.ini", port, "thunder-lock = true\n")
     pids = worker_pids(emp, "tl.ini")
     holding, waiting = wait_for(lambda: (hw := lock_holders(pids)) and len(hw[0]) == 1 and len(hw[1]) == 3 and hw, 10,
                                 what="one holder, three waiting")
@@ -130,8 +140,7 @@ def test_no_thundering_herd_with_the_lock_and_some_without(start_emperor):
 def test_a_holder_killed_does_not_block_the_others(start_emperor):
     emp = start_emperor()
     port = free_port()
-    (emp.dir / "k.ini").write_text(ini(port, "thunder-lock = true\n"))
-    wait_for(lambda: answers(port), what="up")
+    serve(emp, "k.ini", port, "thunder-lock = true\n")
     pids = worker_pids(emp, "k.ini")
     holding, _ = wait_for(lambda: (hw := lock_holders(pids)) and len(hw[0]) == 1 and hw, 10, what="a holder")
     victim = holding.pop()
@@ -145,9 +154,8 @@ def test_a_holder_killed_does_not_block_the_others(start_emperor):
 def test_ipcsem_is_seen_while_running_and_removed_at_a_graceful_stop(start_emperor, sem_cleanup):
     emp = start_emperor()
     port = free_port()
-    (emp.dir / "s.ini").write_text(ini(port, "thunder-lock = true\nlock-engine = ipcsem\n"))
-    wait_for(lambda: answers(port), what="up")
-    lock = wait_for(lambda: (v := emp.vassal("s.ini")) and v["thunder_lock"] and v["thunder_lock"], 10, what="lock in status")
+    serve(emp, "s.ini", port, "thunder-lock = true\nlock-engine = ipcsem\n")
+    lock = reported_lock(emp, "s.ini")
     sem_cleanup.append(lock["id"])
     assert lock["engine"] == "ipcsem" and lock["persistent"] is False and semaphores()[lock["id"]] == 0
     assert hammer(port, 100) == [200] * 100
@@ -162,16 +170,14 @@ def test_persistent_ipcsem_survives_and_ftok_reuses_it(start_emperor, sem_cleanu
     emp = start_emperor()
     port = free_port()
     extra = f"thunder-lock = true\nlock-engine = ipcsem\npersistent-ipcsem = true\nftok = {key_file}\n"
-    (emp.dir / "p.ini").write_text(ini(port, extra))
-    wait_for(lambda: answers(port), what="up")
-    first = wait_for(lambda: (v := emp.vassal("p.ini")) and v["thunder_lock"] and v["thunder_lock"], 10, what="lock in status")
+    serve(emp, "p.ini", port, extra)
+    first = reported_lock(emp, "p.ini")
     sem_cleanup.append(first["id"])
     assert first["persistent"] is True and first["key"] != 0 and semaphores()[first["id"]] == first["key"]
     (emp.dir / "p.ini").unlink()
     wait_for(lambda: emp.vassal("p.ini") is None, 15, what="stopped")
     assert semaphores().get(first["id"]) == first["key"]  # kept
-    (emp.dir / "p.ini").write_text(ini(port, extra))
-    wait_for(lambda: answers(port), what="up again")
+    serve(emp, "p.ini", port, extra)
     again = wait_for(lambda: (v := emp.vassal("p.ini")) and v["pid"] and v["thunder_lock"] and v["thunder_lock"], 10,
                      what="lock in status")
     assert (again["id"], again["key"]) == (first["id"], first["key"])
@@ -181,9 +187,8 @@ def test_persistent_ipcsem_survives_and_ftok_reuses_it(start_emperor, sem_cleanu
 def test_a_semaphore_removed_under_the_workers_makes_them_respawn_on_a_new_one(start_emperor, sem_cleanup):
     emp = start_emperor()
     port = free_port()
-    (emp.dir / "r.ini").write_text(ini(port, "thunder-lock = true\nlock-engine = ipcsem\n"))
-    wait_for(lambda: answers(port), what="up")
-    old = wait_for(lambda: (v := emp.vassal("r.ini")) and v["thunder_lock"] and v["thunder_lock"], 10, what="lock")
+    serve(emp, "r.ini", port, "thunder-lock = true\nlock-engine = ipcsem\n")
+    old = reported_lock(emp, "r.ini")
     old_pids = set(worker_pids(emp, "r.ini"))
     subprocess.run(["ipcrm", "-s", str(old["id"])], check=True)
     new = wait_for(lambda: (v := emp.vassal("r.ini")) and v["thunder_lock"] and v["thunder_lock"]["id"] != old["id"]
@@ -209,9 +214,8 @@ def test_lock_engine_is_validated(tmp_path):
 def test_ipcsem_lives_in_the_vassals_ipc_namespace(start_emperor):
     emp = start_emperor()
     port = free_port()
-    (emp.dir / "ns.ini").write_text(ini(port, "unshare = ipc\nthunder-lock = true\nlock-engine = ipcsem\n"))
-    wait_for(lambda: answers(port), what="up")
-    lock = wait_for(lambda: (v := emp.vassal("ns.ini")) and v["thunder_lock"] and v["thunder_lock"], 10, what="lock")
+    serve(emp, "ns.ini", port, "unshare = ipc\nthunder-lock = true\nlock-engine = ipcsem\n")
+    lock = reported_lock(emp, "ns.ini")
     pid = worker_pids(emp, "ns.ini")[0]
     inside = subprocess.run(["nsenter", "--target", str(pid), "--ipc", "ipcs", "-s"], capture_output=True, text=True, check=True)
     assert re.search(rf"^0x0+\s+{lock['id']}\s", inside.stdout, re.M)
@@ -225,9 +229,8 @@ def test_a_second_vassal_on_the_same_ftok_file_is_refused(start_emperor, sem_cle
     emp = start_emperor()
     a_port, b_port = free_port(), free_port()
     extra = f"thunder-lock = true\nlock-engine = ipcsem\nftok = {key_file}\n"
-    (emp.dir / "a.ini").write_text(ini(a_port, extra))
-    wait_for(lambda: answers(a_port), what="a up")
-    lock = wait_for(lambda: (v := emp.vassal("a.ini")) and v["thunder_lock"] and v["thunder_lock"], 10, what="lock")
+    serve(emp, "a.ini", a_port, extra)
+    lock = reported_lock(emp, "a.ini")
     sem_cleanup.append(lock["id"])
     (emp.dir / "b.ini").write_text(ini(b_port, extra))
     wait_for(lambda: "used by a vassal with other sockets" in emp.log_text(), 15, what="b refused")
@@ -258,9 +261,8 @@ def test_reloads_keep_a_shared_ftok_semaphore(start_emperor, sem_cleanup, tmp_pa
     key_file.write_text("")
     emp = start_emperor()
     port = free_port()
-    (emp.dir / "rl.ini").write_text(ini(port, f"thunder-lock = true\nlock-engine = ipcsem\nftok = {key_file}\n"))
-    wait_for(lambda: answers(port), what="up")
-    lock = wait_for(lambda: (v := emp.vassal("rl.ini")) and v["thunder_lock"] and v["thunder_lock"], 10, what="lock")
+    serve(emp, "rl.ini", port, f"thunder-lock = true\nlock-engine = ipcsem\nftok = {key_file}\n")
+    lock = reported_lock(emp, "rl.ini")
     sem_cleanup.append(lock["id"])
     for _ in range(5):
         emp.ctl("reload", "rl.ini")
