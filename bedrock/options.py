@@ -282,6 +282,10 @@ _opt("lock-engine", parse_choice("fcntl", "ipcsem"), "the thunder lock: fcntl (P
      default="fcntl", metavar="ENGINE")
 _opt("ftok", parse_nonempty, "lock-engine = ipcsem: the semaphore's key from ftok(FILE) (else IPC_PRIVATE)", metavar="FILE")
 _bool("persistent-ipcsem", "lock-engine = ipcsem: keep the semaphore at exit (with ftok the next instance takes it over)")
+_opt("rpc-max", parse_positive_int, "most RPC functions a process may register (uwsgi.register_rpc)", default=64, metavar="N")
+_opt("signal-bufsize", parse_nonneg_int, "socket buffer of the uwsgi signal queues, per worker (0: the system's)", default=0, metavar="BYTES")
+_opt("socket-timeout", parse_positive_int, "seconds an outgoing uwsgi.rpc / remote uwsgi.signal may take", default=4, metavar="S")
+_bool("skip-atexit", "a worker that exits does not run uwsgi.atexit and the atexit module's functions")
 for _name in ("master", "vacuum", "die-on-term", "strict", "enable-threads", "single-interpreter", "need-app"):
     _bool(_name, "accepted for uWSGI configs; pyemperor always behaves this way", compat=True)
 

@@ -25,7 +25,7 @@ from bedrock.proc import kill_quietly, run_and_exit
 from bedrock.sockets import Listener, recv_or_eof
 from jails import JailError, locks
 from jails.locks import FcntlLock, SysvSemaphore
-from vassal import hooks, phases
+from vassal import hooks, phases, uwsgi_api
 from vassal.app import load_app
 from vassal.cheaper import Cheaper, listen_backlog
 from vassal.handover import Handover
@@ -68,6 +68,9 @@ class Master:
         self.reload_on_rss = config.get_int("reload-on-rss") * 1024 * 1024
         self.scoreboard = Scoreboard(self.processes)
         self.lock: FcntlLock | SysvSemaphore | None = None
+        self.runtime: uwsgi_api.Runtime | None = None
+        self.clock_timer = None
+        self.flushing: set[socket.socket] = set()
         self.exit_code = 0
         self.cheaper: Cheaper | None = None
         self.cheapened: set[int] = set()
@@ -99,6 +102,9 @@ class Master:
         except (hooks.HookError, JailError, OSError) as exc:
             log(str(exc))
             return protocol.EXIT_HOOK
+        # Before the app is imported: its `import uwsgi` (and what it
+        # registers there is every worker's).
+        self.runtime = uwsgi_api.install(self.config, self.processes)
         if not self.lazy:
             try:
                 self.app = load_app(self.config)
@@ -167,6 +173,7 @@ class Master:
         loop.add_signal(signal.SIGINT, lambda s: self.stop(graceful=False))
         loop.add_signal(signal.SIGQUIT, lambda s: self.stop(graceful=False))
         loop.add_reader(self.ctl, self._on_ctl)
+        self._route_signals()
         for index in range(self.cheaper.initial if self.cheaper else self.processes):
             self._spawn(index)
         # Every second: harakiri, reload-on-rss, cheaper, and the status report.
@@ -176,6 +183,58 @@ class Master:
         loop.run(until=lambda: self.stopping and not self.workers)
         hooks.run_phase(self.config, "as-user-atexit", fatal=False)
         return self.exit_code
+
+    def _route_signals(self) -> None:
+        """uwsgi signals: the workers' requests, and the clock's signals."""
+        runtime = self.runtime
+        assert runtime is not None
+        router = runtime.route(lambda: {index + 1 for index, _ in self.workers.values()},
+                               lambda: {index + 1 for pid, (index, _) in self.workers.items() if pid not in self.cheapened})
+
+        def requests(sock, wid: int) -> None:
+            runtime.receive_requests(wid, sock)
+            self._arm_clock()  # (it may have added a timer)
+
+        def raised() -> None:
+            runtime.receive_raised(runtime.queues.raised_master)
+            self._flush_signals()
+
+        for wid, (master_end, _) in enumerate(runtime.queues.requests, start=1):
+            self.loop.add_reader(master_end, lambda _fd=None, sock=master_end, wid=wid: requests(sock, wid))
+        self.loop.add_reader(runtime.queues.raised_master, lambda _fd=None: raised())
+        router.tick()
+        self._arm_clock()
+
+    def _arm_clock(self) -> None:
+        assert self.runtime is not None
+        if self.clock_timer is not None:
+            self.clock_timer.cancel()
+            self.clock_timer = None
+        self.flushing: set[socket.socket] = set()
+        wait = self.runtime.next_in()
+        if wait is not None and not self.stopping:
+            self.clock_timer = self.loop.call_later(wait, self._on_clock)
+
+    def _on_clock(self) -> None:
+        self.clock_timer = None
+        self.flushing: set[socket.socket] = set()
+        assert self.runtime is not None
+        self.runtime.tick()
+        self._flush_signals()
+        self._arm_clock()
+
+    def _flush_signals(self) -> None:
+        """Signals for a worker whose queue is full wait until it has room."""
+        assert self.runtime is not None and self.runtime.router is not None
+        outbox = self.runtime.router.outbox
+        for sock in list(self.flushing):
+            if sock not in outbox.pending:
+                self.loop.remove_writer(sock)
+                self.flushing.discard(sock)
+        for sock in outbox.pending:
+            if sock not in self.flushing:
+                self.flushing.add(sock)
+                self.loop.add_writer(sock, lambda _fd=None: (outbox.flush(), self._flush_signals()))
 
     def _worker(self, index: int, scoreboard: bool = True) -> Worker:
         return Worker(
@@ -200,6 +259,7 @@ class Master:
             access_log=not self.config.get_bool("disable-logging"),
             memory_report=self.config.get_bool("memory-report"),
             lock=self.lock if scoreboard else None,
+            runtime=self.runtime,
         )
 
     def _watch_workers(self) -> None:
@@ -280,7 +340,11 @@ class Master:
         # between two requests.
         gc.freeze()
         # Nothing reads the scoreboard here: harakiri and cheaper need a master.
+        assert self.runtime is not None
+        self.runtime.become_single()
+        self.runtime.post_fork()
         self._worker(0, scoreboard=False).run()
+        self.runtime.run_atexit()
         hooks.run_phase(self.config, "as-user-atexit", fatal=False)
         return 0
 
@@ -302,13 +366,17 @@ class Master:
         set_role(f"{self.name} worker {index + 1}")
         set_title(f"vassal worker {index + 1} {self.name}")
         jails.backend().die_with_parent(signal.SIGTERM)
+        assert self.runtime is not None
+        self.runtime.become_worker(index + 1)
         if self.lazy:
             try:
                 self.app = load_app(self.config)
             except BaseException:
                 log(f"app-load failed in worker {index + 1}:\n{traceback.format_exc().rstrip()}")
                 raise SystemExit(protocol.EXIT_APP_LOAD) from None
+        self.runtime.post_fork()
         self._worker(index).run()
+        self.runtime.run_atexit()
 
     def _reap(self) -> None:
         for pid, status in reaped():
@@ -317,6 +385,8 @@ class Master:
                 continue
             index, started = entry
             self.scoreboard.clear(index)
+            if self.runtime is not None and self.runtime.router is not None:
+                self.runtime.router.worker_gone(index + 1)
             if self.stopping:
                 continue
             if pid in self.cheapened:

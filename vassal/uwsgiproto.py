@@ -18,7 +18,9 @@ import time
 from collections.abc import Callable
 
 from bedrock.log import log
+from vassal import rpc, uwsgi_api
 from vassal.http import STATUS_TEXT, FileWrapper, RequestHook, _Response, run_app
+from vassal.signals import SignalError
 from vassal.spool import BodySpool
 
 WSGI_MODIFIER1 = 0
@@ -128,6 +130,8 @@ class UwsgiConnection:
                 return True
             modifier1, size = data[0], data[1] | data[2] << 8
             if modifier1 != WSGI_MODIFIER1:
+                if modifier1 in (rpc.RPC_MODIFIER1, rpc.SIGNAL_MODIFIER1) and uwsgi_api.current() is not None:
+                    return self._uwsgi_api(data, modifier1, size)
                 self._error(501, f"unsupported modifier1 {modifier1}")
                 return False
             if size > self.max_head:
@@ -162,6 +166,32 @@ class UwsgiConnection:
         if self.remaining > 0:
             return True
         self._handle(self.body)
+        return False
+
+    def _uwsgi_api(self, data: bytes, modifier1: int, size: int) -> bool:
+        """uWSGI's RPC (173) and remote signal (110) packets: answered
+        once whole, then the connection closes."""
+        runtime = uwsgi_api.current()
+        assert runtime is not None
+        if modifier1 == rpc.SIGNAL_MODIFIER1:
+            try:
+                runtime.signal(data[3])
+                accepted = True
+            except (SignalError, OSError) as exc:
+                log(f"remote signal {data[3]} refused: {exc}")
+                accepted = False
+            answer = rpc.signal_answer(accepted)
+        else:
+            if len(data) < HEADER + size:
+                self.buffer = bytearray(data)
+                return True
+            answer = rpc.rpc_answer(runtime.rpc, data[HEADER:HEADER + size], data[3])
+        self.buffer = bytearray()
+        if answer:
+            try:
+                self.sock.sendall(answer)
+            except OSError:
+                pass
         return False
 
     def _error(self, status: int, detail: str) -> None:

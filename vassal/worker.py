@@ -27,11 +27,13 @@ from vassal import fdconn
 from vassal.handover import Handover
 from vassal.http import HttpConnection, _Response, access_line
 from vassal.http_parser import Limits
+from vassal.uwsgi_api import Runtime
 from vassal.uwsgiproto import UwsgiConnection, env_defaults, respond_whole
 
 # Seconds a draining worker waits for a just-accepted connection's first request.
 DRAIN_FIRST_REQUEST = 5.0
 HANDOVER = object()  # the poller's tag for the handover socket
+SIGNAL_QUEUE = object()  # ... and for a uwsgi signal queue
 LINGER_SECONDS = 5.0  # reading what a refused client still sends
 ACCEPT_PAUSE = 1.0  # out of fds: seconds without accepting
 TURN_RETRY = 0.05  # thunder-lock: a worker with connections tries the lock at most this often
@@ -74,6 +76,7 @@ class Worker:
         access_log: bool = True,
         memory_report: bool = False,
         lock: FcntlLock | SysvSemaphore | None = None,
+        runtime: Runtime | None = None,
     ):
         self.index = index
         self.listeners = listeners
@@ -100,6 +103,8 @@ class Worker:
         # thunder-lock: the listeners are watched only by the worker whose
         # turn it is (it holds the lock); without one, by every worker.
         self.lock = lock
+        self.runtime = runtime
+        self.signal_queues: dict[int, socket.socket] = {}
         self.listening = False
         self.waiting_on_lock = False
         self.next_try = 0.0  # with connections of our own: when to try the lock next
@@ -218,6 +223,11 @@ class Worker:
         batch = ACCEPT_BATCH if self.lock is None else 1  # (one accept per turn)
         if self.handover is not None:
             self.poller.register(self.handover.recv_end.fileno(), HANDOVER)
+        if self.runtime is not None:
+            for queue in self.runtime.worker_queues():
+                self.signal_queues[queue.fileno()] = queue
+                self.poller.register(queue.fileno(), SIGNAL_QUEUE)
+        clock = self.runtime is not None and self.runtime.router is not None  # one worker, no master: the clock is ours
         draining_since = None
         while True:
             if self.stopping and draining_since is None:
@@ -245,6 +255,16 @@ class Worker:
                     if self.last_seen and now >= self.next_try:
                         self.next_try = now + TURN_RETRY
                     timeout = max(0.0, min(timeout, self.next_try - now)) if self.last_seen else timeout
+            if self.runtime is not None and self.runtime.flush():
+                timeout = min(timeout, 0.01)  # raised signals wait for room in the master's queue
+            if clock:
+                assert self.runtime is not None
+                wait = self.runtime.next_in()
+                if wait is not None:
+                    if wait <= 0:
+                        self.runtime.tick()
+                        wait = self.runtime.next_in() or timeout
+                    timeout = min(timeout, wait)
             try:
                 events = self.poller.poll(timeout)
             except InterruptedError:
@@ -257,6 +277,9 @@ class Worker:
                         os.read(wake_r, 512)
                     except BlockingIOError:
                         pass
+                elif data is SIGNAL_QUEUE:
+                    assert self.runtime is not None
+                    self.runtime.receive(self.signal_queues[fd])
                 elif data is HANDOVER:
                     if not self.stopping:
                         self._pass_turn()
