@@ -110,6 +110,11 @@ class Timer:
     due: float
     left: int  # rb timers: iterations to go (0: for ever)
 
+    def advance(self, now: float) -> None:
+        self.due += self.every
+        if self.due <= now:
+            self.due = now + self.every  # after a stall: once, not a burst to catch up
+
 
 @dataclass
 class Cron:
@@ -230,11 +235,11 @@ class Clock:
         for timer in self.timers:
             if now >= timer.due:
                 due.append(timer.num)
-                timer.due = max(timer.due + timer.every, now)  # no burst after a stall
+                timer.advance(now)
         for timer in list(self.rb_timers):
             if now >= timer.due:
                 due.append(timer.num)
-                timer.due = max(timer.due + timer.every, now)
+                timer.advance(now)
                 if timer.left:
                     timer.left -= 1
                     if not timer.left:
