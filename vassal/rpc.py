@@ -6,7 +6,10 @@ with modifier1 173 whose body is a uwsgi array: each item a 16-bit
 little-endian length and its bytes, the function name first, then the
 arguments. The answer, with modifier2 0, is a header (173, length, 0) and
 the result; with modifier2 1 the result alone. A call that fails (no such
-function, an error, an empty result) gets nothing: the connection closes.
+function, an error, an empty result) gets nothing: the connection closes,
+and the caller's ``uwsgi.rpc`` gives None. uWSGI answers a result over
+65535 bytes with modifier2 5: a vars block with CONTENT_LENGTH, then the
+result; ours reads that, and refuses to make results that large.
 A remote signal is a bare header with modifier1 110 and the signal number
 in modifier2; the answer is ``\\xff\\x00\\x00\\x01`` (``...\\x00`` refused).
 """
@@ -26,10 +29,16 @@ MAX_RESULT = 0xFFFF  # a result travels in a 16-bit length
 MAX_PACKET = 0xFFFF
 MAX_NAME = 254  # uWSGI refuses 255 and longer
 MAX_ARGS = 254  # an array of at most 255 items, the name included
+LONG_RESULT = 5  # modifier2 of uWSGI's answer with a 64-bit length
+MAX_REMOTE_RESULT = 16 * 1024 * 1024  # what a call takes from another node
 
 
 class RpcError(ValueError):
     """Not callable as asked: said the way uWSGI's module says it."""
+
+
+class RpcArgumentError(RpcError, TypeError):
+    """Not bytes (uWSGI's module raises ValueError; a TypeError too here)."""
 
 
 def as_bytes(value: object, what: str) -> bytes:
@@ -40,7 +49,7 @@ def as_bytes(value: object, what: str) -> bytes:
         return value.encode()
     if isinstance(value, bytearray | memoryview):
         return bytes(value)
-    raise TypeError(f"{what} must be bytes or str, not {type(value).__name__}")
+    raise RpcArgumentError(f"{what} must be bytes or str, not {type(value).__name__}")
 
 
 def encode_array(items: list[bytes]) -> bytes:
@@ -159,7 +168,23 @@ def remote_call(node: str, name: bytes, args: list[bytes], timeout: float) -> by
         result = _read_exactly(sock, size)
         if len(result) < size:
             raise OSError(f"rpc: {node} closed after {len(result)} of {size} bytes")
+        if header[3] == LONG_RESULT:
+            # uWSGI's answer for more than 65535 bytes: vars with CONTENT_LENGTH, then the raw result.
+            length = _content_length(result)
+            if length is None or length > MAX_REMOTE_RESULT:
+                raise OSError(f"rpc: {node} announced a result of {length} bytes (at most {MAX_REMOTE_RESULT} taken)")
+            result = _read_exactly(sock, length)
+            if len(result) < length:
+                raise OSError(f"rpc: {node} closed after {len(result)} of {length} bytes")
         return result or None
+
+
+def _content_length(block: bytes) -> int | None:
+    items = parse_array(block)
+    for key, value in zip(items[::2], items[1::2], strict=False):
+        if key == b"CONTENT_LENGTH":
+            return int(value) if value.isdigit() and len(value) < 20 else None
+    return None
 
 
 def remote_signal(node: str, num: int, timeout: float) -> bool:

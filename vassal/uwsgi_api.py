@@ -186,25 +186,21 @@ class Runtime:
         else:
             self.clock.add(request)
 
-    def call(self, name: object, args: tuple) -> bytes:
-        result = self.rpc.call(as_bytes(name, "the function name"), [as_bytes(a, "an rpc argument") for a in args])
-        if result is None:
-            raise RpcError("unable to call rpc function")
-        return result
+    def call(self, name: object, args: tuple) -> bytes | None:
+        """None when there is no result (no such function, it failed, or
+        it gave nothing), as uWSGI's module answers."""
+        return self.rpc.call(as_bytes(name, "the function name"), [as_bytes(a, "an rpc argument") for a in args])
 
-    def remote(self, node: object, name: object, args: tuple) -> bytes:
+    def remote(self, node: object, name: object, args: tuple) -> bytes | None:
         if not node:
             return self.call(name, args)
         where = as_bytes(node, "the node").decode(errors="replace")
+        key, values = as_bytes(name, "the function name"), [as_bytes(a, "an rpc argument") for a in args]
         try:
-            result = rpc.remote_call(where, as_bytes(name, "the function name"),
-                                     [as_bytes(a, "an rpc argument") for a in args], self.timeout)
-        except OSError as exc:
+            return rpc.remote_call(where, key, values, self.timeout)
+        except (OSError, RpcError) as exc:
             log(f"rpc to {where}: {exc}")
-            result = None
-        if result is None:
-            raise RpcError("unable to call rpc function")
-        return result
+            return None
 
 
 _current: Runtime | None = None
@@ -240,10 +236,10 @@ def build_module(runtime: Runtime) -> types.ModuleType:
         runtime.rpc.register(name, func, "master" if runtime.wid == 0 or runtime.role == "single" else f"worker {runtime.wid}")
         return True
 
-    def rpc_call(node, name, *args) -> bytes:
+    def rpc_call(node, name, *args) -> bytes | None:
         return runtime.remote(node, name, args)
 
-    def call(name, *args) -> bytes:
+    def call(name, *args) -> bytes | None:
         return runtime.call(name, args)
 
     def rpc_list() -> tuple[bytes, ...]:
