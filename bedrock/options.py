@@ -66,6 +66,13 @@ parse_nonneg_int = _int_at_least(0, "a non-negative")
 parse_positive_int = _int_at_least(1, "a positive")
 
 
+def parse_async_cores(text: str) -> int:
+    value = parse_int(text)
+    if value < 2:
+        raise BadValue(f"gevent needs at least 2 async cores per worker (uWSGI refuses fewer), got {text!r}")
+    return value
+
+
 def parse_mount(text: str) -> str:
     prefix, sep, target = text.partition("=")
     if not sep or not target.strip():
@@ -272,7 +279,7 @@ _opt("limit-request-fields", parse_positive_int, "most HTTP header fields in a r
 _opt("http-head-timeout", parse_positive_int, "seconds from a request head's first byte to its end (then 408)", default=30, metavar="S")
 _opt("limit-request-field-size", parse_positive_int, "longest HTTP header field line (longer: 431)", default=8190, metavar="BYTES")
 _opt("http-keepalive", parse_nonneg_int, "idle keep-alive timeout in seconds", default=15, metavar="S")
-_opt("reload-mercy", parse_nonneg_int, "seconds an old app master may drain on reload", default=30, metavar="S")
+_opt("reload-mercy", parse_nonneg_int, "seconds an old app master may drain on reload", default=60, metavar="S")
 _opt("procname", parse_nonempty, "process title prefix", metavar="NAME")
 _bool("disable-logging", "no access log line per request (as in uWSGI)")
 _bool("memory-report", "add the worker's RSS to every access log line")
@@ -282,6 +289,11 @@ _opt("lock-engine", parse_choice("fcntl", "ipcsem"), "the thunder lock: fcntl (P
      default="fcntl", metavar="ENGINE")
 _opt("ftok", parse_nonempty, "lock-engine = ipcsem: the semaphore's key from ftok(FILE) (else IPC_PRIVATE)", metavar="FILE")
 _bool("persistent-ipcsem", "lock-engine = ipcsem: keep the semaphore at exit (with ftok the next instance takes it over)")
+_opt("gevent", parse_async_cores, "serve N connections at once in each worker, in gevent greenlets", metavar="N", group="gevent")
+_bool("gevent-monkey-patch", "gevent.monkey.patch_all() in each worker before it serves", group="gevent")
+_bool("gevent-early-monkey-patch", "gevent.monkey.patch_all() before the app is imported", group="gevent")
+_bool("gevent-wait-for-hub", "at shutdown a worker waits for every greenlet (not just its requests), up to worker-reload-mercy", group="gevent")
+_opt("worker-reload-mercy", parse_nonneg_int, "seconds a worker may take to stop before the master kills it", default=60, metavar="S")
 _opt("rpc-max", parse_positive_int, "most RPC functions a process may register (uwsgi.register_rpc)", default=64, metavar="N")
 _opt("signal-bufsize", parse_nonneg_int, "socket buffer of the uwsgi signal queues, per worker (0: the system's)", default=0, metavar="BYTES")
 _opt("socket-timeout", parse_positive_int, "seconds an outgoing uwsgi.rpc / remote uwsgi.signal may take", default=4, metavar="S")

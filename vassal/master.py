@@ -28,6 +28,7 @@ from jails.locks import FcntlLock, SysvSemaphore
 from vassal import hooks, phases, uwsgi_api
 from vassal.app import load_app
 from vassal.cheaper import Cheaper, listen_backlog
+from vassal.gevent_worker import MIN_SOCKET_TIMEOUT, GeventWorker
 from vassal.handover import Handover
 from vassal.http_parser import Limits
 from vassal.scoreboard import Scoreboard
@@ -64,6 +65,7 @@ class Master:
         self.stopping = False
         self.app = None
         self.lazy = config.get_bool("lazy-apps")
+        self.gevent = config.get_int("gevent")
         self.harakiri = config.get_int("harakiri")
         self.reload_on_rss = config.get_int("reload-on-rss") * 1024 * 1024
         self.scoreboard = Scoreboard(self.processes)
@@ -104,7 +106,14 @@ class Master:
             return protocol.EXIT_HOOK
         # Before the app is imported: its `import uwsgi` (and what it
         # registers there is every worker's).
+        if self.gevent:
+            problem = self._prepare_gevent()
+            if problem:
+                log(problem)
+                return protocol.EXIT_APP_LOAD
         self.runtime = uwsgi_api.install(self.config, self.processes)
+        if self.gevent:
+            self.runtime.timeout = max(self.runtime.timeout, MIN_SOCKET_TIMEOUT)
         if not self.lazy:
             try:
                 self.app = load_app(self.config)
@@ -119,8 +128,9 @@ class Master:
             log(str(exc))
             return protocol.EXIT_HOOK
         thunder = self.config.get_bool("thunder-lock")
-        # One worker and nothing to watch it for: serve from this process.
-        if self.processes == 1 and not (self.config.has("cheaper") or self.lazy or self.harakiri or self.reload_on_rss):
+        # One worker and nothing to watch it for: serve from this process
+        # (gevent: a master enforces worker-reload-mercy).
+        if self.processes == 1 and not (self.config.has("cheaper") or self.lazy or self.harakiri or self.reload_on_rss or self.gevent):
             log("thunder lock: enabled (one worker: nothing to serialize)" if thunder
                 else "thunder lock: disabled (you can enable it with --thunder-lock)")
             return self._run_single()
@@ -236,8 +246,29 @@ class Master:
                 self.flushing.add(sock)
                 self.loop.add_writer(sock, lambda _fd=None: (outbox.flush(), self._flush_signals()))
 
+    def _prepare_gevent(self) -> str | None:
+        """gevent is optional: a vassal asking for it without it fails to
+        load its app, with a message naming the package."""
+        try:
+            import gevent  # noqa: F401
+        except ImportError as exc:
+            return (f"app-load failed: gevent = {self.gevent} needs the gevent package ({exc}); "
+                    "install it in the vassal's Python (pip install gevent, or pyemperor[gevent])")
+        if self.config.get_bool("gevent-early-monkey-patch"):
+            from gevent import monkey
+
+            monkey.patch_all()
+            log("gevent: monkey-patched before the app is imported")
+        return None
+
     def _worker(self, index: int, scoreboard: bool = True) -> Worker:
-        return Worker(
+        kind = Worker
+        extra: dict = {}
+        if self.gevent:
+            kind = GeventWorker
+            extra = {"cores": self.gevent, "wait_for_hub": self.config.get_bool("gevent-wait-for-hub"),
+                     "socket_timeout": float(self.config.get_int("socket-timeout"))}
+        return kind(
             index + 1,
             self.listeners,
             self.app,  # type: ignore[arg-type]
@@ -260,6 +291,7 @@ class Master:
             memory_report=self.config.get_bool("memory-report"),
             lock=self.lock if scoreboard else None,
             runtime=self.runtime,
+            **extra,
         )
 
     def _watch_workers(self) -> None:
@@ -374,6 +406,10 @@ class Master:
             except BaseException:
                 log(f"app-load failed in worker {index + 1}:\n{traceback.format_exc().rstrip()}")
                 raise SystemExit(protocol.EXIT_APP_LOAD) from None
+        if self.gevent and self.config.get_bool("gevent-monkey-patch") and not self.config.get_bool("gevent-early-monkey-patch"):
+            from gevent import monkey
+
+            monkey.patch_all()
         self.runtime.post_fork()
         self._worker(index).run()
         self.runtime.run_atexit()
@@ -404,6 +440,13 @@ class Master:
             delay = 1.0 if time.monotonic() - started < QUICK_DEATH and os.waitstatus_to_exitcode(status) != 0 else 0.0
             self.loop.call_later(delay, lambda i=index: self._spawn(i))
 
+    def _past_mercy(self, pid: int, mercy: int) -> None:
+        entry = self.workers.get(pid)
+        if entry is not None:
+            log(f"worker {entry[0] + 1} (pid {pid}) still running {mercy}s after it was asked to stop "
+                "(worker-reload-mercy): killing it")
+            kill_quietly(pid, signal.SIGKILL)
+
     def _on_ctl(self) -> None:
         data = recv_or_eof(self.ctl, 64)
         if data is None:
@@ -413,9 +456,14 @@ class Master:
             self.stop(graceful=False)
 
     def stop(self, graceful: bool) -> None:
+        first = not self.stopping
         self.stopping = True
         sig = signal.SIGTERM if graceful else signal.SIGKILL
         for pid in list(self.workers):
             kill_quietly(pid, sig)
+        if graceful and first:
+            mercy = self.config.get_int("worker-reload-mercy")
+            for pid in list(self.workers):
+                self.loop.call_later(mercy, lambda p=pid, m=mercy: self._past_mercy(p, m))
         if not graceful:
             self.loop.remove_reader(self.ctl)

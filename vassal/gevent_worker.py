@@ -1,0 +1,229 @@
+"""A worker in gevent mode (``gevent = N``): N connections served at once,
+each in a greenlet, with uWSGI 1.9.16's shutdown procedure.
+
+The worker does not join the gevent hub: it joins a dummy control
+greenlet that ends on SIGTERM/SIGHUP (or max-requests). Then it stops
+accepting, hands idle keep-alive connections to a serving worker (or
+closes them), waits only for the greenlets it spawned to serve (the
+requests in hand), and exits, running its atexit hooks, even if the app
+left greenlets or monkey-patched threads of its own running. With
+``gevent-wait-for-hub`` it joins the hub instead, as before 1.9.16: it
+lingers until every greenlet ends, or until the master kills it at
+``worker-reload-mercy``.
+
+gevent is imported only here, in the worker, so a vassal without gevent
+never loads it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+from bedrock.log import log
+from bedrock.sockets import Listener
+from vassal import http
+from vassal.http import HttpConnection
+from vassal.uwsgiproto import UwsgiConnection
+from vassal.worker import LINGER_SECONDS, Worker
+
+MIN_SOCKET_TIMEOUT = 30.0  # uWSGI raises the socket timeout to this in gevent mode
+
+
+class _Drain(Exception):
+    """Thrown into a connection's greenlet waiting between requests: the
+    worker is stopping."""
+
+
+class GeventWorker(Worker):
+    def __init__(self, *args, cores: int, wait_for_hub: bool, socket_timeout: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cores = cores
+        self.wait_for_hub = wait_for_hub
+        self.socket_timeout = max(socket_timeout, MIN_SOCKET_TIMEOUT)
+        self.idle_waiting: set = set()  # connection greenlets blocked between two requests
+
+    def run(self) -> None:
+        import gevent
+        import gevent.event
+        import gevent.pool
+        import gevent.socket
+
+        self.gevent = gevent
+        gevent.reinit()  # (the master may have imported it: a fresh hub after the fork)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self.stop_event = gevent.event.Event()
+        gevent.signal_handler(signal.SIGTERM, self._stop)
+        gevent.signal_handler(signal.SIGHUP, self._stop)
+        # sendfile on a non-blocking connection waits in the hub, not in poll(2).
+        http.wait_writable = lambda fd: gevent.socket.wait_write(fd, timeout=self.socket_timeout)
+        if self.lock is not None:
+            log(f"worker {self.index}: the thunder lock is not used in gevent mode (one process accepts for all its cores)")
+        self.pool = gevent.pool.Pool(self.cores)
+        helpers = [gevent.spawn(self._accept_loop, listener) for listener in self.listeners]
+        if self.handover is not None:
+            helpers.append(gevent.spawn(self._adopt_loop))
+        if self.runtime is not None:
+            helpers.append(gevent.spawn(self._signal_loop))
+        # uWSGI 1.9.16: join a control greenlet, not the hub.
+        control = gevent.spawn(self.stop_event.wait)
+        control.join()
+        self.stopping = True
+        gevent.killall(helpers)
+        for greenlet in list(self.idle_waiting):
+            greenlet.kill(_Drain, block=False)
+        self.pool.join()  # the requests in hand, and nothing else of the app's
+        if self.wait_for_hub:
+            log(f"worker {self.index}: gevent-wait-for-hub: waiting for every greenlet to end")
+            gevent.get_hub().join()
+        log(f"worker {self.index}: requests done, exiting")
+
+    def _stop(self) -> None:
+        self.stop_event.set()
+
+    def _served(self, env: dict, response, started: float) -> None:
+        super()._served(env, response, started)
+        if self.stopping:
+            self.stop_event.set()  # max-requests
+
+    def _accept_loop(self, listener: Listener) -> None:
+        gevent = self.gevent
+        # A dup: closing our gevent socket leaves the shared listener to the others.
+        sock = gevent.socket.socket(listener.sock.family, socket.SOCK_STREAM, 0, os.dup(listener.sock.fileno()))
+        kind, family, server = self._listener_info(listener)
+        try:
+            while True:
+                self.pool.wait_available()
+                try:
+                    conn, peer = sock.accept()
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    continue
+                except OSError as exc:
+                    self._accept_failed(exc)
+                    gevent.sleep(1.0)
+                    self.accept_paused_until = None
+                    continue
+                if family != socket.AF_UNIX:
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.pool.spawn(self._connection, conn, kind, peer, server)
+        finally:
+            sock.close()
+
+    def _adopt_loop(self) -> None:
+        """Idle connections a draining worker handed over: served here."""
+        gevent = self.gevent
+        assert self.handover is not None
+        recv_end = self.handover.recv_end
+        while True:
+            gevent.socket.wait_read(recv_end.fileno())
+            for conn, kind, server in self.handover.take():
+                try:
+                    peer = conn.getpeername() if conn.family != socket.AF_UNIX else None
+                except OSError:
+                    conn.close()
+                    continue
+                green = gevent.socket.socket(conn.family, socket.SOCK_STREAM, 0, conn.detach())
+                self.pool.spawn(self._connection, green, UwsgiConnection if kind == "uwsgi" else HttpConnection, peer, server)
+
+    def _signal_loop(self) -> None:
+        """uwsgi signals for this worker, and (one worker, no master) the clock."""
+        gevent = self.gevent
+        runtime = self.runtime
+        assert runtime is not None
+        queues = runtime.worker_queues()
+
+        def watch(sock) -> None:
+            while True:
+                gevent.socket.wait_read(sock.fileno())
+                runtime.receive(sock)
+
+        watchers = [gevent.spawn(watch, sock) for sock in queues]
+        try:
+            while True:
+                waiting = runtime.flush()
+                wait = runtime.next_in()
+                if wait is not None and wait <= 0:
+                    runtime.tick()
+                    continue
+                gevent.sleep(min(0.01 if waiting else 1.0, wait if wait is not None else 1.0))
+        finally:
+            gevent.killall(watchers)
+
+    def _connection(self, conn, kind: type, peer, server: tuple[str, str]) -> None:
+        gevent = self.gevent
+        handler = kind(conn, peer or "unix", server, self.app, max_head=self.max_head, max_body=self.max_body,
+                       on_request=self._served, **({"limits": self.http_limits} if kind is HttpConnection else {}))
+        me = gevent.getcurrent()
+        head_started: float | None = None
+        try:
+            while True:
+                idle = handler.idle
+                if idle and self.stopping:
+                    self._drained(conn, kind, server)
+                    return
+                if idle:
+                    timeout, head_started = float(self.keepalive), None
+                else:
+                    head_started = head_started or time.monotonic()
+                    timeout = max(0.1, self.head_timeout - (time.monotonic() - head_started))
+                conn.settimeout(timeout)
+                if idle:
+                    self.idle_waiting.add(me)
+                try:
+                    data = conn.recv(65536)
+                except _Drain:
+                    self._drained(conn, kind, server)
+                    return
+                except TimeoutError:
+                    if not idle and isinstance(handler, HttpConnection):
+                        handler.timed_out()
+                    return
+                except OSError:
+                    return
+                finally:
+                    self.idle_waiting.discard(me)
+                conn.settimeout(self.socket_timeout)  # for the answer
+                try:
+                    alive = handler.feed(data)
+                except OSError:
+                    return
+                except Exception:
+                    import traceback
+
+                    log(f"worker {self.index}: unexpected error:\n{traceback.format_exc().rstrip()}")
+                    return
+                if not alive:
+                    if getattr(handler, "linger", False) and data:
+                        self._linger(conn)
+                    return
+                if handler.idle:
+                    head_started = None
+        finally:
+            conn.close()
+
+    def _drained(self, conn, kind: type, server: tuple[str, str]) -> None:
+        """Between requests while stopping: to a serving worker, if one takes it."""
+        if self.handover is None:
+            return
+        for _ in range(200):
+            given = self.handover.give(conn, "uwsgi" if kind is UwsgiConnection else "http", server)
+            if given is not None:
+                return
+            self.gevent.sleep(0.05)  # the pair is full: the taker is busy
+
+    def _linger(self, conn) -> None:
+        """After an error answer, read and drop what the client still sends
+        (see Worker._linger) so the kernel does not reset the answer away."""
+        try:
+            conn.shutdown(socket.SHUT_WR)
+            conn.settimeout(LINGER_SECONDS)
+            deadline = time.monotonic() + LINGER_SECONDS
+            while time.monotonic() < deadline and conn.recv(65536):
+                pass
+        except OSError:
+            pass
