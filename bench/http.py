@@ -6,6 +6,9 @@
 - nginx + our socket (uwsgi protocol) vs nginx + uWSGI's socket
 - ours with 4 workers, thunder-lock on vs off (the ratio: what serializing
   accept costs or saves)
+- gevent mode: one worker with gevent = 100, wrk -c100 with a connection per
+  request (uWSGI's gevent mode has no keep-alive), ours vs uWSGI's gevent
+  plugin (needs the gevent package: pip install .[gevent])
 - reload under load: wrk -c50 keep-alive against 4 workers while the server
   reloads 10 times (ours and uWSGI's emperor: the vassal file touched;
   gunicorn: SIGHUP); errors and p99 for each (--reloads 0 skips it)
@@ -53,13 +56,14 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
     raise TimeoutError(f"nothing listens on {port}")
 
 
-def wrk(port: int, seconds: int, connections: int) -> tuple[float, float]:
-    out = subprocess.run(["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", "--latency",
+def wrk(port: int, seconds: int, connections: int, close: bool = False) -> tuple[float, float]:
+    extra = ["-H", "Connection: close"] if close else []
+    out = subprocess.run(["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", "--latency", *extra,
                           f"http://127.0.0.1:{port}/"], capture_output=True, text=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
-    if wrk_errors(out):
+    if wrk_errors(out) and not close:
         # (uWSGI's plain http-socket closes after every answer: wrk counts each as a
         # read error and reconnects; its http11-socket keeps the connection)
         print(f"  (port {port}: wrk saw {wrk_errors(out)} errors: not a keep-alive measurement)", file=sys.stderr)
@@ -139,7 +143,8 @@ def main() -> int:
         work = Path(tmp)
         os.chmod(work, 0o755)
 
-        def measure(name: str, argv: list[str], port: int, front: str | None = None) -> None:
+        def measure(name: str, argv: list[str], port: int, front: str | None = None, connections: int | None = None,
+                    close: bool = False) -> None:
             proc = start(argv, work, name)
             nginx = None
             try:
@@ -149,8 +154,8 @@ def main() -> int:
                 else:
                     time.sleep(1.0)
                     nginx, target = nginx_front(work, front)
-                wrk(target, 1, args.connections)  # warm up
-                results[name] = wrk(target, args.seconds, args.connections)
+                wrk(target, 1, connections or args.connections, close)  # warm up
+                results[name] = wrk(target, args.seconds, connections or args.connections, close)
             finally:
                 if nginx is not None:
                     stop(nginx)
@@ -166,6 +171,22 @@ def main() -> int:
             cfg4.write_text(f"[uwsgi]\nwsgi-file = {HELLO}\nhttp-socket = 127.0.0.1:{port}\nprocesses = 4\n"
                             f"disable-logging = true\nthunder-lock = {str(lock).lower()}\n")
             measure(f"ours 4 workers{' thunder-lock' if lock else ''}", [str(BIN / "vassal"), str(cfg4)], port)
+        try:
+            import gevent  # noqa: F401
+        except ImportError:
+            print("  (no gevent package: no gevent rows)", file=sys.stderr)
+        else:
+            port = free_port()
+            cfgg = work / "ours-gevent.ini"
+            cfgg.write_text(f"[uwsgi]\nwsgi-file = {HELLO}\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\ngevent = 100\n"
+                            "disable-logging = true\n")
+            # A connection per request: uWSGI's gevent mode has no HTTP keep-alive.
+            measure("ours gevent", [str(BIN / "vassal"), str(cfgg)], port, connections=100, close=True)
+            if uwsgi:
+                port = free_port()
+                measure("uWSGI gevent", [uwsgi, "--http-socket", f"127.0.0.1:{port}", "--wsgi-file", str(HELLO), "--master",
+                                         "--processes", "1", "--gevent", "100", "--disable-logging"],
+                        port, connections=100, close=True)
         if uwsgi:
             port = free_port()
             measure("uWSGI http-socket", [uwsgi, "--http11-socket", f"127.0.0.1:{port}", "--wsgi-file", str(HELLO),
@@ -188,10 +209,10 @@ def main() -> int:
     for name, (rps, p99) in results.items():
         print(f"{name:>22}: {rps:9.0f} req/s  p99 {p99:7.2f} ms", flush=True)
     pairs = [("ours http-socket", "uWSGI http-socket"), ("ours http-socket", "gunicorn sync"),
-             ("ours 4 workers thunder-lock", "ours 4 workers"),
+             ("ours 4 workers thunder-lock", "ours 4 workers"), ("ours gevent", "uWSGI gevent"),
              ("nginx + ours socket", "nginx + uWSGI socket")]
     for ours, theirs in pairs:
-        if ours in results and theirs in results:
+        if ours in results and theirs in results and results[theirs][0]:
             print(f"{ours} / {theirs}: {results[ours][0] / results[theirs][0]:.2f}")
     for name, (errors, p99, rps) in reloaded.items():
         print(f"{name:>22}: {errors:6d} errors in {args.reloads} reloads under wrk -c50  p99 {p99:7.2f} ms  {rps:9.0f} req/s")
