@@ -220,14 +220,12 @@ class Master:
         if self.clock_timer is not None:
             self.clock_timer.cancel()
             self.clock_timer = None
-        self.flushing: set[socket.socket] = set()
         wait = self.runtime.next_in()
         if wait is not None and not self.stopping:
             self.clock_timer = self.loop.call_later(wait, self._on_clock)
 
     def _on_clock(self) -> None:
         self.clock_timer = None
-        self.flushing: set[socket.socket] = set()
         assert self.runtime is not None
         self.runtime.tick()
         self._flush_signals()
@@ -428,7 +426,7 @@ class Master:
             if pid in self.cheapened:
                 self.cheapened.discard(pid)
                 continue  # removed on purpose
-            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == protocol.EXIT_APP_LOAD:
+            if self.lazy and os.WIFEXITED(status) and os.WEXITSTATUS(status) == protocol.EXIT_APP_LOAD:
                 log("lazy-apps: a worker could not load the app; stopping the vassal (app-load is fatal)")
                 self.exit_code = protocol.EXIT_APP_LOAD
                 self.stop(graceful=False)

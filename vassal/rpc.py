@@ -105,7 +105,7 @@ class RpcTable:
             return None
         try:
             result = func(*args)
-        except Exception as exc:
+        except BaseException as exc:  # (SystemExit too: a client must not end the worker)
             log(f"rpc: {shown!r} raised {type(exc).__name__}: {exc}")
             return None
         if result is None:

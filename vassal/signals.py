@@ -96,7 +96,7 @@ class SignalTable:
             return
         try:
             entry.handler(num)
-        except Exception as exc:
+        except BaseException as exc:  # (SystemExit too: a remote signal must not end the worker)
             log(f"signal {num} handler on worker {wid} raised {type(exc).__name__}: {exc}")
 
 
@@ -174,10 +174,11 @@ class Clock:
         self.crons: list[Cron] = []
         self.monitors: list[FileMonitor] = []
         self.next_minute = (int(time.time()) // 60 + 1) * 60
+        self.next_poll = 0.0  # file monitors: polled once a second
 
     def add_timer(self, num: int, seconds: object, iterations: object = 0, rb: bool = False) -> None:
         kind = self.rb_timers if rb else self.timers
-        if not isinstance(seconds, int | float) or isinstance(seconds, bool) or not 0 < seconds <= 86400 * 366:
+        if not isinstance(seconds, int | float) or isinstance(seconds, bool) or not 0.01 <= seconds <= 86400 * 366:
             raise SignalError(f"a timer's period is a positive number of seconds, not {seconds!r}")
         if not isinstance(iterations, int) or iterations < 0:
             raise SignalError(f"iterations is 0 (for ever) or more, not {iterations!r}")
@@ -225,7 +226,7 @@ class Clock:
         dues = [timer.due for timer in (*self.timers, *self.rb_timers)]
         wait = min(dues) - now if dues else 60.0
         if self.monitors:
-            wait = min(wait, 1.0)
+            wait = min(wait, self.next_poll - now)
         if self.crons:
             wait = min(wait, self.next_minute - time.time())
         return max(0.0, wait)
@@ -249,6 +250,9 @@ class Clock:
             moment = time.localtime(self.next_minute)
             self.next_minute = (int(wall) // 60 + 1) * 60
             due.extend(cron.num for cron in self.crons if cron_matches(cron.fields, moment))
+        if now < self.next_poll:
+            return due
+        self.next_poll = now + 1.0
         for monitor in self.monitors:
             seen = _stat_key(monitor.path)
             if seen != monitor.seen:
@@ -423,8 +427,8 @@ class Router:
                 self.clock.add(json.loads(body))
             else:
                 raise SignalError(f"unknown message {data[:16]!r}")
-        except (SignalError, ValueError, TypeError, KeyError) as exc:
-            log(f"signals: worker {wid}'s request refused: {exc}")
+        except Exception as exc:  # (RecursionError from nested JSON, too)
+            log(f"signals: worker {wid}'s request refused: {type(exc).__name__}: {str(exc)[:200]}")
 
 
 def source_request(kind: str, num: int, **fields: object) -> bytes:

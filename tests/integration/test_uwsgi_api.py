@@ -30,6 +30,7 @@ def note(num):
 uwsgi.register_rpc("hello", lambda *args: b"HI:" + b",".join(args))
 uwsgi.register_rpc("big", lambda size: b"x" * int(size))
 uwsgi.register_rpc("boom", lambda: 1 / 0)
+uwsgi.register_rpc("exitme", lambda: sys.exit(3))
 uwsgi.register_signal(10, "workers", lambda num: note(num))
 uwsgi.register_signal(11, "worker", lambda num: note(num))
 uwsgi.register_signal(12, f"worker{{uwsgi.numproc}}", lambda num: note(num))
@@ -119,7 +120,7 @@ def test_api_basics(api_vassal):
     info = get(port, "/info")
     assert info["wid"] in (1, 2) and info["numproc"] == 2 and info["processes"] == "2"
     assert info["masterpid"] not in (0, os.getpid())
-    assert info["rpc"] == ["hello", "big", "boom"]
+    assert info["rpc"] == ["hello", "big", "boom", "exitme"]
     assert info["registered"] == [10, 11, 12, 13, 14, 15]
 
 
@@ -255,4 +256,7 @@ def test_the_uwsgi_socket_answers_rpc_and_signal_packets(api_vassal):
     assert exchange(port, uwsgi_packet(110, 11, b"")) == b"\xff\x00\x00\x01"
     wait_for(lambda: (11, 1) in lines(api_vassal.events) or (11, 2) in lines(api_vassal.events), 10, what="the remote signal")
     assert exchange(port, uwsgi_packet(99, 0, b"")).startswith(b"HTTP/1.1 501")
+    for _ in range(5):  # a function that calls sys.exit(3): neither the worker nor the vassal ends
+        assert exchange(port, uwsgi_packet(173, 0, array(b"exitme"))) == b""
+    assert "worker 1 (pid" not in api_vassal.emp.log_text() and "worker 2 (pid" not in api_vassal.emp.log_text()
     assert get(http, "/info")["numproc"] == 2  # all of that disturbed nothing

@@ -76,12 +76,15 @@ def test_file_monitor_sees_create_change_and_delete(tmp_path):
     clock = Clock()
     path = tmp_path / "f"
     clock.add_file_monitor(9, str(path))
-    assert clock.fire(time.monotonic()) == []
+    now = time.monotonic()
+    assert clock.fire(now) == []
     path.write_text("a")
-    assert clock.fire(time.monotonic()) == [9]
-    assert clock.fire(time.monotonic()) == []
+    assert clock.fire(now + 0.5) == []  # polled once a second
+    assert clock.fire(now + 1) == [9]
+    assert clock.fire(now + 2) == []
     path.unlink()
-    assert clock.fire(time.monotonic()) == [9]
+    assert clock.fire(now + 3) == [9]
+    assert 0 < clock.next_in(now + 3) <= 1
 
 
 def test_clock_requests_from_workers_are_checked():
