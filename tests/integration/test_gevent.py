@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import TEST_TAG, answers, free_port, hello_ini, http_get, wait_for
-from tests.integration.test_reload_keepalive import NaiveClient, reload_ten_times
+from tests.integration.test_reload_keepalive import naive_clients_across_reloads
 
 pytest.importorskip("gevent", reason="gevent is not installed (pip install .[gevent]; .ci/run does)")
 
@@ -136,19 +136,7 @@ def test_naive_keepalive_clients_see_no_error_across_reloads(start_emperor):
     port = free_port()
     (emp.dir / "ka.ini").write_text(hello_ini(port, processes=2, extra="gevent = 50\nreload-mercy = 20\ndisable-logging = true\n"))
     wait_for(lambda: answers(port), 20, what="vassal up")
-    clients = [NaiveClient(port, pause) for pause in (0, 0, 0.001, 0.01, 0.05, 0.2, 0.5, 1.0)]
-    for client in clients:
-        client.start()
-    try:
-        reload_ten_times(emp, "ka.ini")
-    finally:
-        for client in clients:
-            client.done.set()
-        for client in clients:
-            client.join(30)
-    errors = [e for c in clients for e in c.errors]
-    assert not errors, errors[:10]
-    assert all(c.ok > 0 for c in clients)
+    naive_clients_across_reloads(emp, "ka.ini", port)
 
 
 def test_gevent_1_is_a_validation_error(tmp_path):

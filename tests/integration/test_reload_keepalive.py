@@ -75,14 +75,14 @@ def loaded(start_emperor):
     return emp, port
 
 
-def test_naive_keepalive_clients_see_no_error_across_ten_reloads(loaded):
-    emp, port = loaded
-    # Back to back, and with pauses that leave connections idle at a reload.
+def naive_clients_across_reloads(emp, name: str, port: int) -> None:
+    """Naive keep-alive clients, back to back and with pauses that leave
+    connections idle at a reload, while ``name`` reloads ten times: no error."""
     clients = [NaiveClient(port, pause) for pause in (0, 0, 0.001, 0.01, 0.05, 0.2, 0.5, 1.0)]
     for client in clients:
         client.start()
     try:
-        reload_ten_times(emp, "ka.ini")
+        reload_ten_times(emp, name)
     finally:
         for client in clients:
             client.done.set()
@@ -91,6 +91,11 @@ def test_naive_keepalive_clients_see_no_error_across_ten_reloads(loaded):
     errors = [e for c in clients for e in c.errors]
     assert not errors, errors[:10]
     assert all(c.ok > 0 for c in clients)
+
+
+def test_naive_keepalive_clients_see_no_error_across_ten_reloads(loaded):
+    emp, port = loaded
+    naive_clients_across_reloads(emp, "ka.ini", port)
     assert emp.log_text().count("ready (pid") >= RELOADS + 1
 
 
