@@ -121,14 +121,9 @@ class GeventWorker(Worker):
         recv_end = self.handover.recv_end
         while True:
             gevent.socket.wait_read(recv_end.fileno())
-            for conn, kind, server in self.handover.take():
-                try:
-                    peer = conn.getpeername() if conn.family != socket.AF_UNIX else None
-                except OSError:
-                    conn.close()
-                    continue
+            for conn, kind, peer, server in self._handed_over():
                 green = gevent.socket.socket(conn.family, socket.SOCK_STREAM, 0, conn.detach())
-                self.pool.spawn(self._connection, green, UwsgiConnection if kind == "uwsgi" else HttpConnection, peer, server)
+                self.pool.spawn(self._connection, green, kind, peer, server)
 
     def _signal_loop(self) -> None:
         """uwsgi signals for this worker, and (one worker, no master) the clock."""

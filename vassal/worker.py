@@ -325,6 +325,11 @@ class Worker:
 
     def _adopt(self) -> None:
         """Connections a draining worker handed over: served from here on."""
+        for conn, kind, peer, server in self._handed_over():
+            self._serve(conn, kind, peer, server)
+
+    def _handed_over(self):
+        """The handed-over connections still connected: (conn, handler class, peer, server)."""
         assert self.handover is not None
         for conn, kind, server in self.handover.take():
             try:
@@ -332,7 +337,7 @@ class Worker:
             except OSError:
                 conn.close()
                 continue
-            self._serve(conn, UwsgiConnection if kind == "uwsgi" else HttpConnection, peer, server)
+            yield conn, UwsgiConnection if kind == "uwsgi" else HttpConnection, peer, server
 
     def _accept(self, listener: Listener) -> bool:
         try:
