@@ -19,7 +19,7 @@ import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from bedrock import options
+from bedrock import options, routes
 from bedrock.identity import acting_as
 from bedrock.options import Option
 
@@ -512,6 +512,8 @@ def build(
                 continue
             other = options.get(entry.key)
             hint = f" (it is an {sorted(other.scope)[0]} option)" if other else ""
+            if not other and _ROUTING_KEY_RE.match(entry.key):
+                hint = f" (not a routing key pyemperor builds; the routing keys are {', '.join(routes.ROUTE_KEYS[:13])} and their final-/error- forms)"
             problems.append(Problem(entry.file, entry.line, entry.key, f"unknown option{hint}"))
             continue
         try:
@@ -532,9 +534,25 @@ def build(
         config.sources.setdefault(name, []).append(entry)
         config.items.append((name, value, entry))
         config.expanded.append(Entry(entry.key, text, entry.file, entry.line))
+    for chain, rules in route_tables(config).items():
+        for entry, message in routes.goto_problems(chain, rules):
+            problems.append(Problem(entry.file, entry.line, entry.key, message))
     if problems:
         raise ConfigError(problems)
     return config
+
+
+_ROUTING_KEY_RE = re.compile(r"^(final-|error-|response-)?route(-|$)")
+
+
+def route_tables(config: Config) -> dict[str, list[tuple[routes.Rule, Entry]]]:
+    """The internal routing chains of ``config``: each chain's rules in the
+    order they were written, each with its entry (file and line)."""
+    tables: dict[str, list[tuple[routes.Rule, Entry]]] = {}
+    for name, value, entry in config.items:
+        if isinstance(value, routes.Rule):
+            tables.setdefault(routes.chain_of(name), []).append((value, entry))
+    return tables
 
 
 # A handed-over config is at most a full-size file plus its templates, as JSON.

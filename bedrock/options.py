@@ -11,6 +11,8 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from bedrock import routes
+
 VASSAL = "vassal"
 EMPEROR = "emperor"
 
@@ -300,6 +302,37 @@ _opt("socket-timeout", parse_positive_int, "seconds an outgoing uwsgi.rpc / remo
 _bool("skip-atexit", "a worker that exits does not run uwsgi.atexit and the atexit module's functions")
 for _name in ("master", "vacuum", "die-on-term", "strict", "enable-threads", "single-interpreter", "need-app"):
     _bool(_name, "accepted for uWSGI configs; pyemperor always behaves this way", compat=True)
+
+# --- internal routing (uWSGI's route* keys) ----------------------------------
+
+
+def _route_parser(key: str) -> Callable[[str], object]:
+    def parse(text: str) -> object:
+        try:
+            return routes.parse_rule(key, text)
+        except routes.RouteError as exc:
+            raise BadValue(str(exc)) from None
+
+    return parse
+
+
+def _not_built(what: str) -> Callable[[str], object]:
+    def parse(text: str) -> object:
+        raise BadValue(f"{what} is a uWSGI routing feature pyemperor does not build")
+
+    return parse
+
+
+_ROUTE_HELP = {
+    "route-if": "CONDITION:ARGS ACTION:ARGS", "route-if-not": "CONDITION:ARGS ACTION:ARGS",
+    "route-status": "STATUS ACTION:ARGS", "route-run": "ACTION:ARGS", "route-label": "LABEL",
+}
+for _key in routes.ROUTE_KEYS:
+    _base = _key.split("-", 1)[1] if _key.startswith(("final-", "error-")) else _key
+    _opt(_key, _route_parser(_key), f"a rule of the {routes.chain_of(_key)} routing chain", multi=True,
+         metavar=_ROUTE_HELP.get(_base, "REGEXP ACTION:ARGS"), group="routing")
+    _opt("response-" + _key, _not_built("the response chain (response-route*)"), "not built: uWSGI's response routing chain",
+         multi=True, group="routing")
 
 # --- cheaper (validated now, implemented by the app server issue) -------
 _opt("cheaper", parse_nonneg_int, "minimum number of workers", metavar="N", group="cheaper")

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 
 from bedrock.config import Config
+from vassal import routing
 
 
 class AppLoadError(Exception):
@@ -67,8 +68,8 @@ def load_app(config: Config) -> Callable:
     manage = config.get_bool("manage-script-name")
     if not mounts and not script_name:
         assert main is not None
-        return main  # the common case: no dispatch at all
-    return Dispatcher(main, mounts, script_name, manage)
+        return routing.wrap(main, config)  # the common case: no dispatch at all
+    return routing.wrap(Dispatcher(main, mounts, script_name, manage), config)
 
 
 class Dispatcher:

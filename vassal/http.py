@@ -188,6 +188,16 @@ class HttpConnection:
         return ok and response.keep_alive
 
 
+# In the environ when a routing rule said ``donotlog``: no access log line.
+DONOTLOG = "pyemperor.donotlog"
+
+
+class CloseConnection(BaseException):
+    """Raised by the app's side (a routing rule's bare ``break``) to close
+    the connection with no answer at all. A BaseException: an app's own
+    ``except Exception`` must not turn it into a 500."""
+
+
 def run_app(app: WSGIApp, env: dict, response: _Response, body, started: float,
             on_request: RequestHook | None, send_500: Callable[[], None]) -> bool:
     """One WSGI call, its body sent, the result closed, the request recorded;
@@ -201,8 +211,8 @@ def run_app(app: WSGIApp, env: dict, response: _Response, body, started: float,
         else:
             send_body(response, result)
             response.finish()
-    except (BrokenPipeError, ConnectionResetError, TimeoutError, BlockingIOError):
-        ok = False  # the client went away, or stopped reading
+    except (BrokenPipeError, ConnectionResetError, TimeoutError, BlockingIOError, CloseConnection):
+        ok = False  # the client went away, or stopped reading, or is to get nothing
     except Exception:
         log(f"error in app for {env.get('REQUEST_METHOD')} {env.get('REQUEST_URI') or env.get('PATH_INFO')}:\n{traceback.format_exc().rstrip()}")
         if not response.sent:

@@ -25,7 +25,7 @@ from bedrock.proc import kill_quietly, run_and_exit
 from bedrock.sockets import Listener, recv_or_eof
 from jails import JailError, locks
 from jails.locks import FcntlLock, SysvSemaphore
-from vassal import hooks, phases, uwsgi_api
+from vassal import hooks, phases, routing, uwsgi_api
 from vassal.app import load_app
 from vassal.cheaper import Cheaper, listen_backlog
 from vassal.gevent_worker import MIN_SOCKET_TIMEOUT, GeventWorker
@@ -127,6 +127,7 @@ class Master:
         except hooks.HookError as exc:
             log(str(exc))
             return protocol.EXIT_HOOK
+        routing.log_tables(self.config)
         thunder = self.config.get_bool("thunder-lock")
         # One worker and nothing to watch it for: serve from this process
         # (gevent: a master enforces worker-reload-mercy).

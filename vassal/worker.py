@@ -25,7 +25,7 @@ from bedrock.sockets import Listener
 from jails.locks import FcntlLock, LockError, SysvSemaphore
 from vassal import fdconn
 from vassal.handover import Handover
-from vassal.http import HttpConnection, _Response, access_line
+from vassal.http import DONOTLOG, HttpConnection, _Response, access_line
 from vassal.http_parser import Limits
 from vassal.uwsgi_api import Runtime
 from vassal.uwsgiproto import UwsgiConnection, env_defaults, respond_whole
@@ -191,7 +191,7 @@ class Worker:
         return recorded
 
     def _served(self, env: dict, response: _Response, started: float) -> None:
-        if self.access_log:
+        if self.access_log and DONOTLOG not in env:
             line = access_line(env, response, started)
             if self.memory_report:
                 line += f" rss={_rss_mb()}MB"

@@ -61,7 +61,7 @@ pip_quiet() {  # (a machine's pip.conf may name find-links dirs that are not the
     "$@" 2> >(grep -v '^WARNING: Location' >&2)
 }
 pip_quiet "$WHEEL_VENV/bin/pip" install -q --upgrade pip
-pip_quiet "$WHEEL_VENV/bin/pip" wheel -q -w "$RESULTS/wheels" "$CHECKOUT[test,uwsgi,gevent]" pip setuptools wheel
+pip_quiet "$WHEEL_VENV/bin/pip" wheel -q -w "$RESULTS/wheels" "$CHECKOUT[test,uwsgi,gevent,auth]" pip setuptools wheel
 UWSGI_EMBED_PLUGINS=tuntap pip_quiet "$WHEEL_VENV/bin/pip" wheel -q --no-cache-dir --no-binary :all: --no-deps \
     -w "$RESULTS/wheels/tuntap" uwsgi
 rm -f "$RESULTS"/wheels/pyemperor-*.whl  # installed editable from the checkout, as .ci/run does
