@@ -4,6 +4,8 @@
 - our http-socket vs uWSGI's http11-socket (its keep-alive one) vs gunicorn's
   sync worker (direct)
 - nginx + our socket (uwsgi protocol) vs nginx + uWSGI's socket
+- ours routed (three routing rules: two that miss, one adding a header) vs
+  ours unrouted: what the routing costs
 - ours with 4 workers, thunder-lock on vs off (the ratio: what serializing
   accept costs or saves)
 - gevent mode: one worker with gevent = 100, wrk -c100 with a connection per
@@ -127,6 +129,13 @@ http {{ access_log off; client_body_temp_path {work}/body; proxy_temp_path {work
     return proc, port
 
 
+# A routed request: three rules, two that do not match and one that adds a
+# header to every answer.
+ROUTES = ("route = ^/old/(.*) redirect:/new/$1\n"
+          "route-host = ^admin\\. return:403\n"
+          "route-run = addheader:X-Served-By: pyemperor\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=10)
@@ -165,6 +174,11 @@ def main() -> int:
         cfg = work / "ours.ini"
         cfg.write_text(f"[uwsgi]\nwsgi-file = {HELLO}\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\ndisable-logging = true\n")
         measure("ours http-socket", [str(BIN / "vassal"), str(cfg)], port)
+        port = free_port()
+        cfgr = work / "ours-routed.ini"
+        cfgr.write_text(f"[uwsgi]\nwsgi-file = {HELLO}\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\n"
+                        f"disable-logging = true\n{ROUTES}")
+        measure("ours routed", [str(BIN / "vassal"), str(cfgr)], port)
         for lock in (False, True):
             port = free_port()
             cfg4 = work / f"ours4-{lock}.ini"
@@ -208,7 +222,7 @@ def main() -> int:
             reloaded = reload_rows(work, uwsgi, gunicorn, args.reloads)
     for name, (rps, p99) in results.items():
         print(f"{name:>22}: {rps:9.0f} req/s  p99 {p99:7.2f} ms", flush=True)
-    pairs = [("ours http-socket", "uWSGI http-socket"), ("ours http-socket", "gunicorn sync"),
+    pairs = [("ours http-socket", "uWSGI http-socket"), ("ours routed", "ours http-socket"), ("ours http-socket", "gunicorn sync"),
              ("ours 4 workers thunder-lock", "ours 4 workers"), ("ours gevent", "uWSGI gevent"),
              ("nginx + ours socket", "nginx + uWSGI socket")]
     for ours, theirs in pairs:

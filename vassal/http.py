@@ -211,8 +211,12 @@ def run_app(app: WSGIApp, env: dict, response: _Response, body, started: float,
         else:
             send_body(response, result)
             response.finish()
-    except (BrokenPipeError, ConnectionResetError, TimeoutError, BlockingIOError, CloseConnection):
-        ok = False  # the client went away, or stopped reading, or is to get nothing
+    except (BrokenPipeError, ConnectionResetError, TimeoutError, BlockingIOError):
+        ok = False  # the client went away, or stopped reading
+    except CloseConnection:
+        if not response.sent:
+            response.status = "444 No Response"  # (nginx's name for it, in the access log)
+        ok = False
     except Exception:
         log(f"error in app for {env.get('REQUEST_METHOD')} {env.get('REQUEST_URI') or env.get('PATH_INFO')}:\n{traceback.format_exc().rstrip()}")
         if not response.sent:

@@ -51,8 +51,8 @@ class State:
     __slots__ = ("add", "remove", "response", "status", "goto", "in_error")
 
     def __init__(self) -> None:
-        self.add: list[tuple[str, str]] = []
-        self.remove: set[str] = set()
+        self.add: list[tuple[str, str]] | None = None  # (made on first use: most requests change nothing)
+        self.remove: set[str] | None = None
         self.response: tuple[str, list[tuple[str, str]], Iterable[bytes]] | None = None
         self.status = 0
         self.goto = 0
@@ -205,7 +205,7 @@ def _text_answer(status: str, body: bytes, extra: list[tuple[str, str]] = ()) ->
 class Compiled:
     """One rule of a chain, ready to run."""
 
-    __slots__ = ("rule", "entry", "pos", "test", "run", "arg", "label")
+    __slots__ = ("rule", "entry", "pos", "test", "run", "arg", "label", "search", "variable")
 
     def __init__(self, rule: routes.Rule, entry: Entry, pos: int, labels: dict[str, int]):
         self.rule = rule
@@ -214,9 +214,10 @@ class Compiled:
         self.label = rule.kind == "label"
         self.arg = Template(rule.arg)
         self.test: Callable[[dict, State], object] | None = None
+        self.search: Callable[[str], re.Match | None] | None = None
+        self.variable = rule.subject
         if rule.kind == "regexp":
-            search, variable = re.compile(rule.pattern).search, rule.subject
-            self.test = lambda env, state: search(_var(env, variable))
+            self.search = re.compile(rule.pattern).search  # (run_chain calls it itself: the common rule, kept cheap)
         elif rule.kind in ("if", "if-not"):
             cond = _condition(rule.pattern, rule.subject)
             if rule.kind == "if":
@@ -282,13 +283,24 @@ def _action(compiled: Compiled, rule: routes.Rule, labels: dict[str, int]) -> Ca
             return NEXT
         return addvar
     if name == "addheader":
+        def split(text: str) -> tuple[str, str]:
+            header, _, value = text.partition(":")
+            return header.strip(), _header_value(value)
+
+        fixed = split(arg.constant) if arg.constant is not None else None
+
         def addheader(env: dict, state: State, match: object) -> int:
-            header, _, value = render(env, state, match).partition(":")
-            state.add.append((header.strip(), _header_value(value)))
+            pair = fixed or split(render(env, state, match))
+            if state.add is None:
+                state.add = [pair]
+            else:
+                state.add.append(pair)
             return NEXT
         return addheader
     if name in ("delheader", "remheader"):
         def delheader(env: dict, state: State, match: object) -> int:
+            if state.remove is None:
+                state.remove = set()
             state.remove.add(render(env, state, match).strip().lower())
             return NEXT
         return delheader
@@ -532,8 +544,13 @@ def run_chain(chain: list[Compiled], env: dict, state: State) -> int:
     for rule in chain:
         if rule.label or rule.pos < goto:
             continue
-        test = rule.test
-        match = test(env, state) if test is not None else True
+        search = rule.search
+        if search is not None:
+            match = search(env.get(rule.variable) or "")
+        elif rule.test is not None:
+            match = rule.test(env, state)
+        else:
+            match = True
         if not match:
             continue
         done = rule.run(env, state, match)
@@ -564,8 +581,16 @@ class Routed:
             responder = _Responder(self, env, state, start_response)
             responder(status, headers)
             return self._finish(responder, body) if self.final or responder.replaced is not None else body
-        if not self.error and not self.final and not state.add and not state.remove:
-            return self.app(env, start_response)
+        if not self.error and not self.final:
+            add, remove = state.add, state.remove
+            if add is None and remove is None:
+                return self.app(env, start_response)
+
+            def changed(status: str, headers: list[tuple[str, str]], exc_info=None):
+                if remove:
+                    headers = [(name, value) for name, value in headers if name.lower() not in remove]
+                return start_response(status, headers + add if add else headers, exc_info)
+            return self.app(env, changed)
         responder = _Responder(self, env, state, start_response)
         return self._finish(responder, self.app(env, responder))
 
