@@ -33,22 +33,18 @@ def anonymous_file(name: str, sealing: bool = False) -> int:
         return fd
 
 
-def kill_quietly(pid: int, sig: int) -> bool:
-    """Signal a process that may be gone already: False if it was."""
+def kill_quietly(pid: int, sig: int, group: bool = False) -> bool:
+    """Signal a process (``group``: a process group) that may be gone
+    already: False if it was."""
     try:
-        os.kill(pid, sig)
+        (os.killpg if group else os.kill)(pid, sig)
         return True
     except ProcessLookupError:
         return False
 
 
 def killpg_quietly(pgid: int, sig: int) -> bool:
-    """Signal a process group that may be gone already: False if it was."""
-    try:
-        os.killpg(pgid, sig)
-        return True
-    except ProcessLookupError:
-        return False
+    return kill_quietly(pgid, sig, group=True)
 
 
 def reset_signals() -> None:
@@ -63,6 +59,15 @@ def reset_signals() -> None:
         except (OSError, ValueError):
             pass  # SIGKILL, SIGSTOP and the real-time ones Python cannot set
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def default_signals(*signals: int) -> None:
+    """In a forked child that goes on running Python (no exec): ``signals``
+    back to their default action, SIGPIPE ignored as Python starts with it
+    (a write to a closed socket is an error to handle, not death)."""
+    for sig in signals:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
 
 def place_fds(moves: Sequence[tuple[int, int]]) -> None:

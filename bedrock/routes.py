@@ -132,15 +132,22 @@ def _status(text: str, what: str) -> int:
     return int(code)
 
 
-def parse_action(command: str) -> tuple[str, str]:
-    name, colon, arg = command.partition(":")
+def _lookup(kind: str, text: str, known: dict[str, str], not_built: frozenset[str], hint: str) -> tuple[str, str, str]:
+    """NAME:ARGS of an action or condition: (name, args, its form in ``known``)."""
+    name, colon, arg = text.partition(":")
     if not colon:
-        raise RouteError(f"expected ACTION:ARGS, got {command!r} (uWSGI needs the colon even without arguments: '{name}:')")
-    if name in UWSGI_ACTIONS_NOT_BUILT:
-        raise RouteError(f"the routing action {name!r} is a uWSGI action pyemperor does not build")
-    spec = ACTIONS.get(name)
-    if spec is None:
-        raise RouteError(f"unknown routing action {name!r} (known: {', '.join(sorted(ACTIONS))})")
+        raise RouteError(f"expected {kind.upper()}:ARGS, got {text!r}{hint}")
+    if name in not_built:
+        raise RouteError(f"the routing {kind} {name!r} is a uWSGI {kind} pyemperor does not build")
+    form = known.get(name)
+    if form is None:
+        raise RouteError(f"unknown routing {kind} {name!r} (known: {', '.join(sorted(known))})")
+    return name, arg, form
+
+
+def parse_action(command: str) -> tuple[str, str]:
+    name, arg, spec = _lookup("action", command, ACTIONS, UWSGI_ACTIONS_NOT_BUILT,
+                              f" (uWSGI needs the colon even without arguments: '{command.partition(':')[0]}:')")
     if spec == "" and arg.strip():
         raise RouteError(f"the routing action {name!r} takes no arguments, got {arg!r}")
     if spec == "text" and not arg.strip():
@@ -192,14 +199,7 @@ def parse_rule(key: str, text: str) -> Rule:
         raise RouteError(f"expected '{'CONDITION:ARGS' if base.startswith('route-if') else 'SUBJECT'} ACTION:ARGS', got {text!r}")
     action, arg = parse_action(command)
     if base in ("route-if", "route-if-not"):
-        name, colon, args = head.partition(":")
-        if not colon:
-            raise RouteError(f"expected CONDITION:ARGS before the action, got {head!r}")
-        if name in UWSGI_CONDITIONS_NOT_BUILT:
-            raise RouteError(f"the routing condition {name!r} is a uWSGI condition pyemperor does not build")
-        form = CONDITIONS.get(name)
-        if form is None:
-            raise RouteError(f"unknown routing condition {name!r} (known: {', '.join(sorted(CONDITIONS))})")
+        name, args, form = _lookup("condition", head, CONDITIONS, UWSGI_CONDITIONS_NOT_BUILT, " before the action")
         if form in ("pair", "regexp") and ";" not in args:
             raise RouteError(f"the condition {name!r} needs two values split by ';', got {args!r}")
         subject = args.partition(";")[0] if form == "regexp" else args

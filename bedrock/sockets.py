@@ -132,3 +132,14 @@ def recv_or_eof(sock: socket.socket, size: int) -> bytes | None:
         return None
     except OSError:
         return b""
+
+
+def send_now(sock: socket.socket, parts: list[bytes] | tuple[bytes, ...]) -> int | None:
+    """How much of ``parts`` (sent as one message, not joined) the kernel
+    took at once: 0 when it has no room; None if the socket failed."""
+    try:
+        return sock.sendmsg(parts)
+    except (BlockingIOError, InterruptedError):
+        return 0
+    except OSError:
+        return None

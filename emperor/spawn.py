@@ -25,6 +25,7 @@ from bedrock.proc import (
     reset_signals,
     wire_child,
 )
+from jails.tracking import join_cgroups
 from jails.tun import ENV_TUN_FDS
 
 # The vassal end of the emperor pipe always lands on this fd in the child.
@@ -139,12 +140,6 @@ def become_owner(owner: tuple[int, int]) -> None:
     except KeyError:
         name = None
     jails.backend().drop_privileges(uid, gid, name)
-
-
-def join_cgroups(procs_files: list[str]) -> None:
-    for procs in procs_files:
-        with open(procs, "w") as handle:
-            handle.write(str(os.getpid()))
 
 
 def unshare_clone(clone: list[str], id_maps: tuple[str, str] | list[str] | None, tun_devices: int = 0) -> tuple[bool, list[int]]:

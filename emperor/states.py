@@ -16,7 +16,9 @@ STATES = frozenset({STARTING, READY, RELOADING, STOPPING, STOPPED, BACKOFF, INVA
 # _assertInState, as one table). Every change goes through Vassal._enter.
 TRANSITIONS: dict[str, frozenset[str]] = {
     # A spawn: the first, a respawn after backoff, a restart (from stopping),
-    # an operator's start of a stopped or invalid one, a fixed file.
+    # an operator's start of a stopped or invalid one, a fixed file; from
+    # ready or reloading too, once its process has exited and its leftovers
+    # are collected (the state is still the last one it had running).
     STARTING: STATES,
     # The ready byte, or a reload that never said so within its timeout.
     READY: frozenset({STARTING, RELOADING}),
@@ -26,8 +28,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     STOPPING: frozenset({STARTING, READY, RELOADING}),
     # Gone for good (held, voluntary, removed), from anything.
     STOPPED: STATES,
-    # A crash, or a spawn that failed before any process existed.
-    BACKOFF: STATES,
+    # A crash, or a spawn that failed before any process existed: only what
+    # was starting or had run (a stopped or invalid one is started first).
+    BACKOFF: frozenset({STARTING, READY, RELOADING, STOPPING, BACKOFF}),
     # The file does not validate and nothing of it runs (also at the end of
     # a stop, or while a stopped one's leftovers are being collected).
     INVALID: STATES,

@@ -40,9 +40,9 @@ import vassal.master  # noqa: F401
 import vassal.status  # noqa: F401
 import vassal.top  # noqa: F401
 import vassal.worker  # noqa: F401
-from bedrock.proc import wire_child
-from emperor.spawn import VASSAL_TUN_FD, become_owner, join_cgroups, unshare_clone
-from jails.tracking import copy_limits
+from bedrock.proc import default_signals, wire_child
+from emperor.spawn import VASSAL_TUN_FD, become_owner, unshare_clone
+from jails.tracking import copy_limits, join_cgroups
 from jails.tun import ENV_TUN_FDS
 
 try:
@@ -88,8 +88,7 @@ def run_vassal(request: dict, fds: list[int], sock: socket.socket) -> None:
         os.setsid()
         wire_child(null_fd, log_fd, [(pipe_fd, int(request["pipe_fd"])), (status_fd, int(request["status_fd"])),
                    (config_fd, int(request["config_fd"]))] + [(fd, VASSAL_TUN_FD + n) for n, fd in enumerate(tun)])
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
+        default_signals(signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])

@@ -47,6 +47,11 @@ class Backend(abc.ABC):
         """A process's resident set in bytes (0 if it is gone)."""
         return proc.rss(pid)
 
+    def listen_backlog(self, sock) -> int:
+        """Connections waiting in a TCP listening socket's queue (0 where
+        the platform does not say)."""
+        return 0
+
     def interface_up(self, device: str) -> None:
         """Bring a network interface up (the router's tun device)."""
         raise JailError("tun devices are Linux only")

@@ -55,6 +55,17 @@ class LinuxBackend(Backend):
         except (OSError, ValueError, IndexError):
             return 0
 
+    def listen_backlog(self, sock: socket.socket) -> int:
+        """TCP_INFO's tcpi_unacked, which is the accept queue's length on a
+        listening socket (struct tcp_info: offset 24)."""
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return 0
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        except OSError:
+            return 0
+        return struct.unpack_from("I", info, 24)[0] if len(info) >= 28 else 0
+
     def interface_up(self, device: str) -> None:
         linux.interface_up(device)
 

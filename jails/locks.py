@@ -25,8 +25,6 @@ import sys
 
 from bedrock.proc import anonymous_file
 
-ENGINES = ("fcntl", "ipcsem")
-
 IPC_PRIVATE = 0
 IPC_CREAT = 0o1000
 IPC_EXCL = 0o2000

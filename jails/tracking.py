@@ -21,10 +21,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from bedrock.proc import kill_quietly
 from jails import cgroup_home
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 V1_TRACKING_HIERARCHIES = ("pids", "memory", "cpu,cpuacct", "cpu", "systemd")
+
+
+def join_cgroups(procs_files: list[str]) -> None:
+    """This process into each cgroup whose cgroup.procs file is named."""
+    for procs in procs_files:
+        with open(procs, "w") as handle:
+            handle.write(str(os.getpid()))
 
 
 def _own_cgroup(hierarchy: str | None) -> str | None:
@@ -249,11 +257,8 @@ def _kill_subtree(path: str, killed: set[int]) -> bool:
     for directory in _subtree(path):
         for pid in VassalCgroup(directory).pids():
             empty = False
-            try:
-                os.kill(pid, signal.SIGKILL)
+            if kill_quietly(pid, signal.SIGKILL):
                 killed.add(pid)
-            except ProcessLookupError:
-                pass
     return empty
 
 
@@ -394,11 +399,7 @@ class VassalCgroup:
             self._set_pids_max("0")
         count = 0
         for pid in self.pids():
-            try:
-                os.kill(pid, sig)
-                count += 1
-            except ProcessLookupError:
-                pass
+            count += kill_quietly(pid, sig)
         return count
 
     def is_empty(self) -> bool:

@@ -85,3 +85,21 @@ def delete_persistent(name: str) -> None:
         fcntl.ioctl(fd, TUNSETPERSIST, 0)
     finally:
         os.close(fd)
+
+
+TUNGETIFF = 0x800454D2
+TUNGETVNETHDRSZ = 0x800454D7
+IFF_TAP = 0x0002
+_KIND_MASK = IFF_TUN | IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+
+
+def is_framed_tun(fd: int, header_size: int) -> bool:
+    """``fd`` is a tun device (not tap) without packet info and with
+    virtio_net_hdr offload headers of ``header_size`` bytes: anything else
+    (another file a peer passed) is not."""
+    try:
+        flags = struct.unpack_from("H", fcntl.ioctl(fd, TUNGETIFF, bytes(40)), 16)[0]
+        size = struct.unpack("i", fcntl.ioctl(fd, TUNGETVNETHDRSZ, bytes(4)))[0]
+    except OSError:
+        return False
+    return flags & _KIND_MASK == IFF_TUN | IFF_NO_PI | IFF_VNET_HDR and size == header_size

@@ -200,12 +200,9 @@ class TunLink:
 
     def _from_router(self) -> None:
         assert self.sock is not None
-        try:
-            received = self.frames.fill(self.sock)
-        except (BlockingIOError, InterruptedError):
+        received = self.frames.receive(self.sock)
+        if received is None:
             return
-        except OSError:
-            received = 0
         if not received:
             self._lost()
             return

@@ -25,7 +25,6 @@ GSO_TCPV4 = 1
 GSO_ECN = 0x80
 
 TCP_FIN, TCP_PSH, TCP_CWR = 0x01, 0x08, 0x80
-_IP_HEADER = struct.Struct("!BBHHHBBH4s4s")
 
 
 class OffloadError(ValueError):

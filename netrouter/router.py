@@ -27,7 +27,6 @@ and freed when idle (``FrameBuffer.trim``), everything on close.
 from __future__ import annotations
 
 import errno
-import fcntl
 import ipaddress
 import json
 import os
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field
 
 import jails
 from bedrock.loop import Loop
+from jails import tun
 from netrouter.firewall import Chain
 from netrouter.hostaddr import AddressWatch
 from netrouter.offload import (
@@ -78,10 +78,6 @@ DEFAULT_MAX_CONNECTIONS = 1024
 TRIM_INTERVAL = 1.0  # idle receive buffers are freed within two of these
 ACCEPT_PAUSE = 0.2  # out of descriptors: accepting resumes after this
 QUIET_INTERVAL = 1.0  # refusals logged at most once a second per kind
-TUNGETIFF = 0x800454D2
-TUNGETVNETHDRSZ = 0x800454D7
-DIRECT_FLAGS_MASK = 0x0001 | 0x0002 | 0x1000 | 0x4000  # IFF_TUN IFF_TAP IFF_NO_PI IFF_VNET_HDR
-DIRECT_FLAGS = 0x0001 | 0x1000 | 0x4000
 READ_BATCH = 64
 DROP_REASONS = ("firewall", "spoofed", "unknown_destination", "ipv6", "oversize", "malformed")
 
@@ -286,12 +282,9 @@ class Router:
         conn.outbuf = bytearray()
 
     def _on_conn(self, conn: Connection) -> None:
-        try:
-            received = conn.frames.fill(conn.sock, conn.passed_fds)
-        except (BlockingIOError, InterruptedError):
+        received = conn.frames.receive(conn.sock, conn.passed_fds)
+        if received is None:
             return
-        except OSError:
-            received = 0
         if not received:
             self.close(conn)
             return
@@ -370,12 +363,7 @@ class Router:
         """The peer's tun device, read and written by the router from now on.
         Only a tun device with our framing is taken (anything else could
         make the router read or write some other file for the peer)."""
-        try:
-            flags = struct.unpack_from("H", fcntl.ioctl(fd, TUNGETIFF, bytes(40)), 16)[0]
-            header_size = struct.unpack("i", fcntl.ioctl(fd, TUNGETVNETHDRSZ, bytes(4)))[0]
-        except OSError:
-            flags, header_size = 0, 0
-        if flags & DIRECT_FLAGS_MASK != DIRECT_FLAGS or header_size != VNET_HDR_LEN:
+        if not tun.is_framed_tun(fd, VNET_HDR_LEN):
             os.close(fd)
             self.drops["malformed"] += 1
             conn.drops += 1

@@ -9,6 +9,7 @@ import array
 import socket
 import struct
 
+from bedrock.sockets import send_now
 from netrouter.offload import VNET_HDR_LEN, internet_checksum
 
 PACKET = 0
@@ -141,6 +142,16 @@ class FrameBuffer:
             self.target = min(self.limit, len(self.buffer) * 2)  # more was waiting: read more at a time
         return received
 
+    def receive(self, sock: socket.socket, fds: list[int] | None = None) -> int | None:
+        """:meth:`fill` for a loop callback: None when nothing was there
+        after all, 0 when the peer is gone (closed, or the socket failed)."""
+        try:
+            return self.fill(sock, fds)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return 0
+
     def trim(self) -> bool:
         """Free the buffer if nothing is pending and nothing arrived since the
         last call (so a busy connection keeps its buffer). True if none is
@@ -200,11 +211,8 @@ def send_or_queue(sock: socket.socket, outbuf: bytearray, parts: tuple) -> bool:
         for part in parts:
             outbuf += part
         return True
-    try:
-        sent = sock.sendmsg(parts)
-    except (BlockingIOError, InterruptedError):
-        sent = 0
-    except OSError:
+    sent = send_now(sock, parts)
+    if sent is None:
         return False
     if sent < sum(map(len, parts)):
         outbuf += memoryview(b"".join(parts))[sent:]

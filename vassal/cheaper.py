@@ -15,8 +15,6 @@ many are busy, and decides:
 
 from __future__ import annotations
 
-import socket
-import struct
 import time
 from dataclasses import dataclass, field
 
@@ -29,17 +27,6 @@ class Decision:
     count: int
     reason: str
     at: float = field(default_factory=time.time)
-
-
-def listen_backlog(sock: socket.socket) -> int:
-    """Connections waiting in a TCP listen queue (TCP_INFO's tcpi_unacked)."""
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return 0
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    except OSError:
-        return 0
-    return struct.unpack_from("I", info, 24)[0] if len(info) >= 28 else 0
 
 
 class Cheaper:

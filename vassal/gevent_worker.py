@@ -23,6 +23,7 @@ import socket
 import time
 
 from bedrock.log import log
+from bedrock.proc import default_signals
 from bedrock.sockets import Listener
 from vassal import http
 from vassal.http import HttpConnection
@@ -53,10 +54,7 @@ class GeventWorker(Worker):
 
         self.gevent = gevent
         gevent.reinit()  # (the master may have imported it: a fresh hub after the fork)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        default_signals(signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
         self.stop_event = gevent.event.Event()
         gevent.signal_handler(signal.SIGTERM, self._stop)
         gevent.signal_handler(signal.SIGHUP, self._stop)

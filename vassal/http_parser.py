@@ -122,10 +122,6 @@ class Request:
         self.query: bytes | None = None
         self.host: bytes | None = None  # from the target (absolute-form) or the Host field
 
-    @property
-    def url(self) -> bytes:
-        return self.target
-
 
 # Parser states.
 _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS = range(6)

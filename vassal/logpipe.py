@@ -139,11 +139,15 @@ class LogPipe:
         except OSError:
             pass
 
-    def _drain(self) -> None:
+    def _read(self) -> bytes:
+        """What the pipe holds now (b"" when empty or closed)."""
         try:
-            data = os.read(self.read_fd, 65536)
+            return os.read(self.read_fd, 65536)
         except (BlockingIOError, InterruptedError):
-            return
+            return b""
+
+    def _drain(self) -> None:
+        data = self._read()
         if not data:
             return
         data = self.partial + data
@@ -155,13 +159,7 @@ class LogPipe:
     def close(self) -> None:
         """At exit: everything still in the pipe is written out."""
         os.close(self.write_fd)
-        while True:
-            try:
-                data = os.read(self.read_fd, 65536)
-            except (BlockingIOError, InterruptedError):
-                break
-            if not data:
-                break
+        while data := self._read():
             self.partial += data
         if self.partial:
             tail = self.partial if self.partial.endswith(b"\n") else self.partial + b"\n"

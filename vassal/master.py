@@ -27,7 +27,7 @@ from jails import JailError, locks
 from jails.locks import FcntlLock, SysvSemaphore
 from vassal import hooks, phases, routing, uwsgi_api
 from vassal.app import load_app
-from vassal.cheaper import Cheaper, listen_backlog
+from vassal.cheaper import Cheaper
 from vassal.gevent_worker import MIN_SOCKET_TIMEOUT, GeventWorker
 from vassal.handover import Handover
 from vassal.http_parser import Limits
@@ -339,7 +339,7 @@ class Master:
         live = {pid: index for pid, (index, _) in self.workers.items() if pid not in self.cheapened}
         sizes = {pid: jails.backend().rss(pid) for pid in live}
         busy = sum(1 for index in live.values() if self.scoreboard.read(index)[0])
-        backlog = max((listen_backlog(listener.sock) for listener in self.listeners), default=0)
+        backlog = max((jails.backend().listen_backlog(listener.sock) for listener in self.listeners), default=0)
         decision = self.cheaper.decide(len(live), busy, backlog, sum(sizes.values()))
         last = self.cheaper.last
         if last is not None:

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bedrock.log import log
+from bedrock.sockets import send_now
 
 SIGNALS = 256
 MAX_TIMERS = 64  # of each kind, as uWSGI's tables
@@ -295,11 +296,8 @@ class Outbox:
     def put(self, sock: socket.socket, data: bytes) -> bool:
         waiting = self.pending.get(sock)
         if waiting is None:
-            try:
-                sent = sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
+            sent = send_now(sock, (data,))
+            if sent is None:
                 return False
             if sent < len(data):
                 self.pending[sock] = bytearray(data[sent:])

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import jails
 from bedrock.log import log
+from bedrock.proc import default_signals
 from bedrock.sockets import Listener
 from jails.locks import FcntlLock, LockError, SysvSemaphore
 from vassal import fdconn
@@ -211,10 +212,7 @@ class Worker:
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGHUP, self._on_term)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        default_signals(signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
         # The handler only sets a flag; the wakeup pipe ends the select at once.
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)

@@ -189,3 +189,33 @@ def test_shutdown_and_log_status_as_root():
     emperor = StubEmperor()
     assert run(emperor, "shutdown", {}) == {"shutting_down": True} and emperor.down
     assert run(emperor, "log-status", {}) == {"logged": 3} and len(emperor.logged) == 4
+
+
+def test_help_for_an_unknown_verb_is_a_usage_error():
+    error = refused(StubEmperor(), "help", {"names": ["logs", "nosuch"]}, ALICE)
+    assert error.code == USAGE and "nosuch" in str(error)
+
+
+def test_status_of_an_unknown_name_is_refused_for_root_too():
+    emperor = StubEmperor()
+    assert [v["name"] for v in run(emperor, "status", {"names": ["a.ini"]})["vassals"]] == ["a.ini"]
+    assert refused(emperor, "status", {"names": ["nope.ini"]}).code == REFUSED
+
+
+@pytest.mark.parametrize(("verb", "asked"), [("reload", "reload"), ("restart", "restart"), ("reset", "reset")])
+def test_all_asks_every_vassal_root_may_see(verb, asked):
+    emperor = StubEmperor()
+    if verb == "restart":  # (an invalid config refuses the whole request, as with names)
+        assert "a2.ini: config invalid" in str(refused(emperor, verb, {"all": True}))
+        assert all(not v.asked for v in emperor.vassals.values())
+        del emperor.vassals["a2.ini"]
+    run(emperor, verb, {"all": True})
+    assert {name: v.asked for name, v in emperor.vassals.items() if v.config is not None} == \
+        {"a.ini": [asked], "b.ini": [asked]}
+
+
+def test_router_as_root(monkeypatch):
+    from emperor import reporting
+
+    monkeypatch.setattr(reporting, "router_stats", lambda emperor: emperor.router_stats())
+    assert run(StubEmperor(), "router", {}) == {"running": False}

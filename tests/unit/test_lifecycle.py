@@ -122,6 +122,7 @@ def test_refused_transitions_are_the_ones_that_mean_a_bug():
     assert (STOPPED, READY) in refused and (BACKOFF, READY) in refused and (INVALID, READY) in refused
     assert (RELOADING, RELOADING) in refused  # a second reload waits instead
     assert (STOPPED, STOPPING) in refused  # nothing runs to stop
+    assert (STOPPED, BACKOFF) in refused and (INVALID, BACKOFF) in refused  # nothing was starting or running
 
 
 def _ready(v: Vassal) -> None:

@@ -1,6 +1,6 @@
 """jails/ owns the platform (issue 13): outside it no module asks which OS
 it runs on, imports a platform module, reads /proc, calls prctl, reads
-SO_PEERCRED or calls libc through ctypes. Everything else goes through
+SO_PEERCRED or TCP_INFO, calls ioctl or calls libc through ctypes. Everything else goes through
 ``jails.backend()``, so a FreeBSD port touches jails/ only."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 OUTSIDE = ["bedrock", "netrouter", "vassal", "emperor"]
 PLATFORM_MODULES = {"jails.linux", "jails.linux_backend", "jails.namespaces", "jails.netlink",
                     "jails.freebsd", "jails.tun", "pyroute2", "inotify_simple", "ctypes"}
-PLATFORM_NAMES = {"SO_PEERCRED", "prctl", "CDLL", "getpeereid"}
+PLATFORM_NAMES = {"SO_PEERCRED", "prctl", "CDLL", "getpeereid", "ioctl", "TCP_INFO"}
 # (module, what): portable on every platform we run on, said why.
 ALLOWED = {
     # accept4(2) is in Linux and FreeBSD libc alike: the pure-Python fallback
@@ -22,6 +22,8 @@ ALLOWED = {
     ("emperor.router_supervisor", "jails.tun"), ("emperor.spawn", "jails.tun"), ("emperor.zygote", "jails.tun"),
     ("emperor.cli", "jails.tun"), ("netrouter.cli", "jails.tun"),
     ("netrouter.client", "jails.tun"),
+    # A passed fd is taken only if jails.tun says it is a framed tun device.
+    ("netrouter.router", "jails.tun"),
     # The directory monitor: inotify on Linux, kqueue elsewhere, chosen by
     # what the platform offers (tests/freebsd checks the kqueue side).
     ("emperor.monitor", "inotify_simple"),
