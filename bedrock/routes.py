@@ -125,11 +125,30 @@ def check_template(text: str) -> None:
                 raise RouteError(f"unknown ${{uwsgi[...]}} field {rest[:-1]!r} (known: {', '.join(UWSGI_VARS)})")
 
 
-def _status(text: str, what: str) -> int:
-    code = text.strip()[:3]
-    if len(text.strip()) < 3 or not code.isdigit() or not 100 <= int(code) <= 999:
+_STATUS_RE = re.compile(r"([1-5]\d\d)(?: \S.*)?")
+
+
+def _status(text: str, what: str, answer: bool = True) -> int:
+    """The code of ``NNN`` or ``NNN Reason``; ``answer``: it is the final
+    answer's, so not an interim 1xx (a client would wait for another)."""
+    match = _STATUS_RE.fullmatch(text.strip())
+    if not match:
         raise RouteError(f"{what} needs an HTTP status like 404 or '404 Not Found', got {text!r}")
-    return int(code)
+    code = int(match.group(1))
+    if answer and code < 200:
+        raise RouteError(f"{what} cannot answer with an interim status (1xx), got {text!r}")
+    return code
+
+
+# A group holding a quantifier, itself quantified: (a+)*, (\w+-?)+, (x|y*){2,}.
+_NESTED = re.compile(r"\((?:[^()\\]|\\.)*[*+}](?:[^()\\]|\\.)*\)[*+{]")
+
+
+def nested_quantifier(pattern: str) -> bool:
+    """Whether ``pattern`` nests quantifiers, the shape that lets a crafted
+    subject take exponential time in a backtracking engine (Python's re has
+    no match limit, where PCRE gives up)."""
+    return bool(_NESTED.search(pattern))
 
 
 def _lookup(kind: str, text: str, known: dict[str, str], not_built: frozenset[str], hint: str) -> tuple[str, str, str]:
@@ -208,7 +227,7 @@ def parse_rule(key: str, text: str) -> Rule:
             _compile(args.partition(";")[2], f"the condition {name!r}")
         return Rule(base[len("route-"):], text, subject=args, dump_subject=args, pattern=name, action=action, arg=arg)
     if base == "route-status":
-        code = _status(head, "route-status")
+        code = _status(head, "route-status", answer=False)
         return Rule("status", text, subject=head, dump_subject=head, pattern=head, action=action, arg=arg, status=code)
     variable, dump_name = SUBJECTS[base]
     _compile(head, key)

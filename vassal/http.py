@@ -35,6 +35,23 @@ STATUS_TEXT = {
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 
 
+def remove_dot_segments(path: str) -> str:
+    """RFC 3986's remove_dot_segments on a decoded path, as uWSGI resolves
+    them: what a rule or the app sees as ``/x/../admin`` is ``/admin``
+    (one matching the raw text would miss it, one that resolves it later
+    would not)."""
+    segments = path.split("/")
+    out: list[str] = []
+    for segment in segments[1:]:
+        if segment == "..":
+            if out:
+                out.pop()
+        elif segment != ".":
+            out.append(segment)
+    trailing = segments[-1] in (".", "..") and bool(out)
+    return "/" + "/".join(out) + ("/" if trailing else "")
+
+
 class HttpConnection:
     """One client connection; ``feed`` returns False once it should close."""
 
@@ -145,7 +162,8 @@ class HttpConnection:
         raw_path = req.path
         env = self.base_env.copy()
         env["REQUEST_METHOD"] = req.method.decode("latin-1")
-        env["PATH_INFO"] = unquote_to_bytes(raw_path).decode("latin-1") if b"%" in raw_path else raw_path.decode("latin-1")
+        path = unquote_to_bytes(raw_path).decode("latin-1") if b"%" in raw_path else raw_path.decode("latin-1")
+        env["PATH_INFO"] = remove_dot_segments(path) if "/." in path else path
         env["QUERY_STRING"] = req.query.decode("latin-1") if req.query else ""
         env["REQUEST_URI"] = req.target.decode("latin-1")
         env["SERVER_PROTOCOL"] = "HTTP/1.1" if req.version == "1.1" else "HTTP/1.0"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import email.utils
 import hashlib
 import hmac
@@ -42,6 +43,7 @@ TABLE_TITLES = {"request": "internal routing table", "error": "internal error ro
                 "final": "internal final routing table"}
 MAX_HTPASSWD = 1 << 20
 
+HTTPTIME_RANGE = 100 * 365 * 86400  # ${httptime[N]}: N clamped to a century either way
 _TOKEN = re.compile(r"\$(\d)|\$\{([^}]*)\}")
 
 
@@ -119,7 +121,7 @@ def _bracketed(name: str, arg: str) -> Callable[[dict, State], str]:
     if name == "time":
         return lambda env, state: str(int(time.time())) if arg == "unix" else str(time.time_ns() // 1000)
     if name == "httptime":
-        offset = int(arg) if arg.lstrip("-").isdigit() else 0
+        offset = max(-HTTPTIME_RANGE, min(HTTPTIME_RANGE, int(arg))) if arg.lstrip("-").isdigit() else 0
         return lambda env, state: email.utils.formatdate(time.time() + offset, usegmt=True)
     if name == "base64":
         return lambda env, state: base64.b64encode(_var(env, arg).encode("latin-1", "replace")).decode()
@@ -183,9 +185,10 @@ def _condition(name: str, args: str) -> Callable[[dict, State], object]:
         return lambda env, state: search(template.render(env, state, None))
     if form == "one":
         one = Template(args)
-        test = {"exists": os.path.exists, "isfile": os.path.isfile, "isdir": os.path.isdir,
-                "empty": lambda value: value == ""}[name]
-        return lambda env, state: test(one.render(env, state, None))
+        if name == "empty":
+            return lambda env, state: one.render(env, state, None) == ""
+        test = {"exists": os.path.exists, "isfile": os.path.isfile, "isdir": os.path.isdir}[name]
+        return lambda env, state: test(_as_bytes(one.render(env, state, None)))
     left, _, right = args.partition(";")
     a, b = Template(left), Template(right)
     compare: Callable[[str, str], bool] = {
@@ -254,7 +257,7 @@ def _action(compiled: Compiled, rule: routes.Rule, labels: dict[str, int]) -> Ca
         return lambda env, state, match: state.answer(*_text_answer(line, body))
     if name == "log":
         def do_log(env: dict, state: State, match: object) -> int:
-            log(printable(render(env, state, match)))
+            log(printable(_as_bytes(render(env, state, match)).decode("utf-8", "replace")))
             return NEXT
         return do_log
     if name == "donotlog":
@@ -283,14 +286,19 @@ def _action(compiled: Compiled, rule: routes.Rule, labels: dict[str, int]) -> Ca
             return NEXT
         return addvar
     if name == "addheader":
-        def split(text: str) -> tuple[str, str]:
+        def split(text: str) -> tuple[str, str] | None:
             header, _, value = text.partition(":")
-            return header.strip(), _header_value(value)
+            header = header.strip()
+            # A name made of request data that is not a token is dropped: it
+            # could end the header and start another.
+            return (header, _header_value(value)) if _TOKEN_RE.fullmatch(header) else None
 
         fixed = split(arg.constant) if arg.constant is not None else None
 
         def addheader(env: dict, state: State, match: object) -> int:
             pair = fixed or split(render(env, state, match))
+            if pair is None:
+                return NEXT
             if state.add is None:
                 state.add = [pair]
             else:
@@ -343,6 +351,9 @@ SETTERS = {"setpathinfo": "PATH_INFO", "setscriptname": "SCRIPT_NAME", "setmetho
            "setuser": "REMOTE_USER"}
 
 
+_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
 def _header_value(value: str) -> str:
     """A header value built from request data cannot split the answer."""
     return value.strip().replace("\r", "").replace("\n", "").replace("\0", "")
@@ -355,13 +366,16 @@ def _static(env: dict, state: State, path: str) -> int:
     if "\0" in path or ".." in path.split("/"):
         return state.answer(*_text_answer("404 Not Found", b"Not Found"))
     try:
-        handle = open(path, "rb")  # noqa: SIM115 (sent and closed by the server's FileWrapper)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).
+        fd = os.open(_as_bytes(path), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return state.answer(*_text_answer("404 Not Found", b"Not Found"))
-    info = os.fstat(handle.fileno())
+    info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
-        handle.close()
+        os.close(fd)
         return state.answer(*_text_answer("404 Not Found", b"Not Found"))
+    os.set_blocking(fd, True)
+    handle = os.fdopen(fd, "rb")
     modified = email.utils.formatdate(int(info.st_mtime), usegmt=True)
     since = env.get("HTTP_IF_MODIFIED_SINCE")
     if since:
@@ -373,7 +387,7 @@ def _static(env: dict, state: State, path: str) -> int:
             handle.close()
             return state.answer("304 Not Modified", [("Last-Modified", modified)], [])
     headers = [("Content-Length", str(info.st_size)), ("Last-Modified", modified)]
-    kind = mimetypes.guess_type(path)[0]
+    kind = mimetypes.guess_type(_as_bytes(path).decode("utf-8", "replace"))[0]
     if kind:
         headers.insert(0, ("Content-Type", kind))
     return state.answer("200 OK", headers, FileWrapper(handle))
@@ -464,7 +478,7 @@ class BasicAuth:
         if not colon:
             return None
         if self.inline is not None:
-            return user if hmac.compare_digest(decoded.encode("latin-1"), self.inline.encode("latin-1")) else None
+            return user if hmac.compare_digest(decoded.encode("latin-1"), _as_bytes(self.inline)) else None
         hashed = self._load().get(user)
         if hashed is None:
             return None
@@ -472,16 +486,17 @@ class BasicAuth:
 
     def _load(self) -> dict[str, str]:
         try:
-            info = os.stat(self.path)
+            info = os.stat(_as_bytes(self.path))
             stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
             if stamp != self.stamp:
-                with open(self.path, "rb") as handle:
+                with open(_as_bytes(self.path), "rb") as handle:
                     data = handle.read(MAX_HTPASSWD + 1)
                 if len(data) > MAX_HTPASSWD:
                     raise OSError(f"larger than {MAX_HTPASSWD} bytes")
                 users = {}
                 for line in data.decode("latin-1").splitlines():
-                    name, colon, hashed = line.strip().partition(":")
+                    name, colon, hashed = line.rstrip("\r\n").partition(":")
+                    hashed = hashed.strip()
                     if colon and name and not name.startswith("#"):
                         users.setdefault(name, hashed)
                 self.users, self.stamp, self.verified = users, stamp, {}
@@ -534,7 +549,20 @@ class BasicAuth:
 # --- the engine -------------------------------------------------------------------
 
 
+def wsgi_str(text: str) -> str:
+    """Config text (UTF-8) as a WSGI string (its bytes as latin-1), the form
+    of every environ value: a rule for ``/café`` matches the path a client
+    sent as UTF-8, and what it puts in a header encodes back to those bytes."""
+    return text.encode("utf-8", "surrogateescape").decode("latin-1")
+
+
+def _as_bytes(text: str) -> bytes:
+    return text.encode("latin-1", "replace")
+
+
 def _compile_chain(rules: list[tuple[routes.Rule, Entry]]) -> list[Compiled]:
+    rules = [(dataclasses.replace(rule, subject=wsgi_str(rule.subject), pattern=wsgi_str(rule.pattern),
+                                  arg=wsgi_str(rule.arg)), entry) for rule, entry in rules]
     labels = {rule.pattern: pos for pos, (rule, _) in enumerate(rules) if rule.kind == "label"}
     return [Compiled(rule, entry, pos, labels) for pos, (rule, entry) in enumerate(rules)]
 
@@ -573,14 +601,23 @@ class Routed:
 
     def __call__(self, env: dict, start_response: Callable):
         state = State()
+        if not self.final:
+            return self._route(env, state, start_response)
+        try:
+            return self._route(env, state, start_response)
+        except BaseException:
+            run_chain(self.final, env, state)  # (an answer that never was: a bare break, the app raised)
+            raise
+
+    def _route(self, env: dict, state: State, start_response: Callable):
         if self.request and run_chain(self.request, env, state) == BREAK:
             if state.response is None:
                 raise CloseConnection()
             status, headers, body = state.response
             state.response = None
             responder = _Responder(self, env, state, start_response)
-            responder(status, headers)
-            return self._finish(responder, body) if self.final or responder.replaced is not None else body
+            responder(status, headers)  # (the error chain has run: the body is known now)
+            return _Body(self, responder, body) if self.final or responder.replaced is not None else body
         if not self.error and not self.final:
             add, remove = state.add, state.remove
             if add is None and remove is None:
@@ -592,12 +629,9 @@ class Routed:
                 return start_response(status, headers + add if add else headers, exc_info)
             return self.app(env, changed)
         responder = _Responder(self, env, state, start_response)
-        return self._finish(responder, self.app(env, responder))
-
-    def _finish(self, responder: _Responder, body: Iterable[bytes]):
-        if responder.replaced is None and not self.final:
-            return body
-        return _Body(self, responder, body)
+        # Always wrapped: a generator app sets its status (and the error
+        # chain may replace its answer) only once it is iterated.
+        return _Body(self, responder, self.app(env, responder))
 
 
 class _Responder:
@@ -648,10 +682,15 @@ class _Body:
         self.body = body
 
     def __iter__(self):
-        if self.responder.replaced is not None:
+        responder = self.responder
+        if responder.replaced is None:
+            for chunk in self.body:
+                if responder.replaced is not None:
+                    break  # (that chunk was the replaced answer's)
+                yield chunk
+        if responder.replaced is not None:
             self._close_app()
-            return iter(self.responder.replaced)
-        return iter(self.body)
+            yield from responder.replaced
 
     def _close_app(self) -> None:
         close = getattr(self.body, "close", None)
@@ -688,3 +727,10 @@ def log_tables(config: Config) -> None:
         lines += [rule.dump(pos) for pos, (rule, _) in enumerate(rules)]
         lines.append(f"*** end of the {title} ***")
         log("\n".join(lines))
+        for pos, (rule, entry) in enumerate(rules):
+            pattern = rule.pattern if rule.kind == "regexp" else \
+                rule.subject.partition(";")[2] if rule.kind.startswith("if") and routes.CONDITIONS[rule.pattern] == "regexp" else ""
+            if pattern and routes.nested_quantifier(pattern):
+                log(f"routing: WARNING {entry.file}:{entry.line}: the regexp {pattern!r} ({chain} rule {pos}) nests quantifiers: "
+                    "a crafted request can make it take exponential time (Python's re has no match limit); "
+                    "set harakiri to bound a worker's request")

@@ -59,6 +59,7 @@ RULES = r"""
 route = ^/old/(.*)$ redirect:/new/$1
 route = ^/perm redirect-301:http://example.test${REQUEST_URI}
 route = ^/gone return:410
+route = ^/café return:451
 route = ^/forbid break:403
 route = ^/drop break:
 route = ^/rw/(\w+) rewrite:/rewritten/$1?from=rw
@@ -116,6 +117,10 @@ REQUESTS = [
     ("GET", "/next", {}), ("GET", "/next", _basic(b"carol:pw")),
     ("GET", "/static", {}), ("HEAD", "/static", {}), ("GET", "/cont", {}), ("GET", "/missing", {}),
     ("GET", "/err404", {}), ("GET", "/plain", {}),
+    # Dot segments are resolved before any rule sees the path (both servers).
+    ("GET", "/x/../gone", {}), ("GET", "/./gone", {}), ("GET", "/gone/../plain", {}),
+    # A UTF-8 rule meets the UTF-8 bytes the client sent.
+    ("GET", "/caf%C3%A9", {}),
 ]
 
 # The headers the rules are about (framing headers differ by design).

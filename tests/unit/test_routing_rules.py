@@ -43,6 +43,10 @@ def problems(*lines: str) -> list[str]:
     ("route-if = regexp:${PATH_INFO};( return:403", "bad regexp '('"),
     ("route-if = equal return:403", "expected CONDITION:ARGS"),
     ("route = ^/x return:4x4", "needs an HTTP status"),
+    ("route = ^/x return:404x", "needs an HTTP status"),
+    ("route = ^/x return:2000", "needs an HTTP status"),
+    ("route = ^/x return:100", "cannot answer with an interim status (1xx)"),
+    ("route = ^/x break:101", "cannot answer with an interim status (1xx)"),
     ("route = ^/x continue:now", "takes no arguments"),
     ("route = ^/x addvar:novalue", "needs KEY=VALUE"),
     ("route = ^/x addheader:Bad Name: v", "needs 'Name: value'"),
@@ -258,3 +262,76 @@ def test_md5_crypt_agrees_with_openssl():
             out = subprocess.run(["openssl", "passwd", flag, "-salt", "abcdefgh", password.decode()],
                                  capture_output=True, text=True, check=True).stdout.strip()
             assert routing.md5_crypt(password, b"abcdefgh", magic) == out
+
+
+def test_a_generator_apps_answer_replaced_by_the_error_chain_is_never_mixed_with_its_body():
+    closed = []
+
+    def app(env, start_response):
+        try:
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            yield b"the app's own 48 bytes that must not follow 302"
+        finally:
+            closed.append(True)
+
+    cfg = config("error-route-status = 404 redirect:/x")
+    status, headers, body, _ = serve(cfg, app, "/gen")
+    assert (status, body) == ("302 Found", b"Moved") and ("Location", "/x") in headers
+    assert closed == [True]
+
+
+def test_a_header_name_made_of_request_data_must_be_a_token():
+    cfg = config("route = ^/h/([^/]+) addheader:X-$1: yes")
+    _, headers, _, _ = serve(cfg, App(), "/h/Foo\r\nSet-Cookie: evil=1\r\nX")
+    assert [name for name, _ in headers] == ["X-App", "X-Secret"]
+    _, headers, _, _ = serve(cfg, App(), "/h/Ok")
+    assert ("X-Ok", "yes") in headers
+
+
+def test_static_refuses_a_fifo_at_once(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    assert serve(config(f"route = ^/s(/.*) static:{tmp_path}$1"), App(), "/s/fifo")[0] == "404 Not Found"
+
+
+def test_utf8_rules_meet_the_environs_latin1_strings(tmp_path):
+    (tmp_path / "café.txt").write_text("au lait")
+    as_wsgi = "/café".encode().decode("latin-1")  # what the server puts in PATH_INFO for /caf%C3%A9
+    cfg = config("route = ^/café return:403", f"route = ^/s(/.*) static:{tmp_path}$1",
+                 "route = ^/b basicauth:Realm,bob:p€", "route = ^/e addheader:X-E: €")
+    assert serve(cfg, App(), as_wsgi)[0] == "403 Forbidden"
+    status, _, body, _ = serve(cfg, App(), "/s" + "/café.txt".encode().decode("latin-1"))
+    assert (status, body) == ("200 OK", b"au lait")
+    assert serve(cfg, App(), "/b", HTTP_AUTHORIZATION=_auth("bob", "p€"))[0] == "200 OK"
+    assert serve(cfg, App(), "/b", HTTP_AUTHORIZATION=_auth("bob", "p?"))[0].startswith("401")
+    _, headers, _, _ = serve(cfg, App(), "/e")
+    assert ("X-E", "€".encode().decode("latin-1")) in headers  # (the UTF-8 bytes on the wire)
+
+
+def test_far_httptime_is_clamped_not_a_500():
+    _, headers, _, _ = serve(config("route = ^/ addheader:Expires: ${httptime[999999999999]}"), App(), "/")
+    assert dict(headers)["Expires"].endswith(" GMT")
+
+
+def test_the_final_chain_runs_after_a_bare_break_and_after_an_app_error(monkeypatch):
+    logged = []
+    monkeypatch.setattr(routing, "log", logged.append)
+    cfg = config("route = ^/br break:", "final-route-run = log:FINAL ${PATH_INFO}")
+    with pytest.raises(CloseConnection):
+        serve(cfg, App(), "/br")
+
+    def broken(env, start_response):
+        raise RuntimeError("app bug")
+
+    with pytest.raises(RuntimeError):
+        serve(cfg, broken, "/boom")
+    assert logged == ["FINAL /br", "FINAL /boom"]
+
+
+def test_nested_quantifiers_are_warned_of_at_start(monkeypatch):
+    logged = []
+    monkeypatch.setattr(routing, "log", logged.append)
+    routing.log_tables(config(r"route = ^/(\w+-?)*\.html$ return:403", r"route-if = regexp:${PATH_INFO};(a+)+ last:",
+                              r"route = ^/old/(.*)$ last:"))
+    warnings = [line for line in logged if "WARNING" in line]
+    assert len(warnings) == 2 and "app.ini:2" in warnings[0] and "app.ini:3" in warnings[1]
+    assert "harakiri" in warnings[0]
