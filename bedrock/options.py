@@ -201,6 +201,46 @@ HOOK_ACTIONS = (
 )
 
 
+SYSLOG_FACILITIES = {"kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6, "news": 7,
+                     "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11,
+                     **{f"local{n}": 16 + n for n in range(8)}}
+LOGGERS = ("rsyslog", "syslog", "socket", "file")
+
+
+def parse_logger(text: str) -> tuple[str, str, str]:
+    """``[NAME ]KIND[:ARGS]`` -> (name, kind, args), checked."""
+    text = text.strip()
+    name, space, rest = text.partition(" ")
+    if not space:
+        name, rest = "", text
+    kind, _, args = rest.strip().partition(":")
+    if kind == "journal":
+        raise BadValue("the journal logger is not built yet in this version of pyemperor")
+    if kind not in LOGGERS:
+        raise BadValue(f"unknown logger {kind!r} (known: {', '.join(LOGGERS)})")
+    if kind in ("rsyslog", "socket", "file") and not args.strip():
+        raise BadValue(f"the {kind} logger needs {'a PATH' if kind == 'file' else 'an address'}")
+    if kind == "rsyslog":
+        target, _, rest = args.partition(",")
+        _, _, priority = rest.partition(",")
+        if priority and (not priority.strip().isdigit() or not 0 <= int(priority) <= 191):
+            raise BadValue(f"rsyslog priority must be 0-191 (facility * 8 + severity), got {priority!r}")
+        if not target.startswith("/"):
+            parse_addr(target if ":" in target else f"{target}:514")
+    if kind == "socket" and not args.startswith("/"):
+        parse_addr(args)
+    if kind == "syslog":
+        _, _, facility = args.partition(",")
+        if facility and facility not in SYSLOG_FACILITIES:
+            raise BadValue(f"unknown syslog facility {facility!r} (known: {', '.join(SYSLOG_FACILITIES)})")
+    return name, kind, args
+
+
+def _logger(text: str) -> str:
+    parse_logger(text)
+    return text.strip()
+
+
 LOG_ENCODERS = ("prefix", "suffix", "nl", "format", "json", "gzip", "compress")
 
 
@@ -386,6 +426,11 @@ _opt("hook-timeout", parse_float, "seconds an exec hook or a wait_for_* action m
 
 # --- logging ------------------------------------------------------------------
 _opt("logto", parse_nonempty, "write the log to FILE", metavar="FILE", group="logging", scope=BOTH)
+_opt("logger", _logger, "also send each log line (after log-encoder) to rsyslog:HOST[:PORT][,PREFIX[,PRIORITY]], "
+     "syslog[:IDENT[,FACILITY]], socket:ADDR or file:PATH", multi=True, metavar="[NAME ]KIND:ARGS", group="logging")
+_opt("rsyslog-packet-size", parse_positive_int, "largest rsyslog packet (RFC 3164 says 1024)", default=1024, metavar="BYTES",
+     group="logging")
+_bool("rsyslog-split-messages", "send a line too long for one rsyslog packet in several (else it is cut)", group="logging")
 _opt("log-encoder", lambda text: _log_encoder(text), "encode every log line", multi=True, metavar="ENCODER [ARGS]", group="logging")
 
 # --- emperor ------------------------------------------------------------------

@@ -26,7 +26,9 @@ import time
 import zlib
 from collections.abc import Callable
 
+from bedrock.config import Config
 from bedrock.loop import Loop
+from vassal import loggers
 
 Encoder = Callable[[bytes], bytes]
 _VAR_RE = re.compile(rb"\$\{(msgnl|msg|unix|micros|strftime:[^}]*)\}")
@@ -93,10 +95,20 @@ def chain(specs: list[str]) -> Encoder:
     return encode
 
 
+def fanout(config: Config, say: Callable[[bytes], None]) -> loggers.Fanout | None:
+    """The config's ``logger`` destinations (None without any)."""
+    specs = config.getlist("logger")
+    if not specs:
+        return None
+    packet, split = config.get_int("rsyslog-packet-size"), config.get_bool("rsyslog-split-messages")
+    return loggers.Fanout([loggers.build(spec, packet, split) for spec in specs], say)
+
+
 class LogPipe:
-    def __init__(self, logto: str | None, encoders: list[str]):
+    def __init__(self, logto: str | None, encoders: list[str], config: Config | None = None):
         self.logto = logto
         self.encode = chain(encoders)
+        self.loggers = fanout(config, self._say) if config is not None else None
         # The top process's original stderr: the emperor's log pipe, or a tty.
         self.stderr = os.dup(2)
         self.dest = self.stderr
@@ -113,8 +125,20 @@ class LogPipe:
             os.close(self.dest)
         self.dest = fd
 
-    def update(self, logto: str | None, encoders: list[str]) -> None:
+    def _say(self, data: bytes) -> None:
+        """A line of our own to the log file or the emperor only (never to
+        the loggers: it is about them)."""
+        try:
+            os.write(self.dest, self.encode(data))
+        except OSError:
+            pass
+
+    def update(self, logto: str | None, encoders: list[str], config: Config | None = None) -> None:
         self.encode = chain(encoders)
+        if config is not None:
+            if self.loggers is not None:
+                self.loggers.close()
+            self.loggers = fanout(config, self._say)
         if logto != self.logto:
             self.logto = logto
             if logto is None:
@@ -133,7 +157,11 @@ class LogPipe:
 
     def emit(self, data: bytes) -> None:
         """Whole lines (with their newline) from anywhere in the top process."""
-        out = b"".join(self.encode(line) for line in data.splitlines(keepends=True))
+        lines = [self.encode(line) for line in data.splitlines(keepends=True)]
+        if self.loggers is not None:
+            for line in lines:
+                self.loggers.send(line)
+        out = b"".join(lines)
         try:
             os.write(self.dest, out)
         except OSError:

@@ -180,9 +180,9 @@ class Top:
         loop.add_signal(signal.SIGHUP, lambda s: self.reload())
         loop.add_signal(signal.SIGUSR2, lambda s: self.logpipe and self.logpipe.reopen())
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        if self.config.has("logto") or self.config.has("log-encoder"):
+        if self.config.has("logto") or self.config.has("log-encoder") or self.config.has("logger"):
             try:
-                self.logpipe = LogPipe(self.config.get_opt_str("logto"), self.config.getlist("log-encoder"))
+                self.logpipe = LogPipe(self.config.get_opt_str("logto"), self.config.getlist("log-encoder"), self.config)
             except OSError as exc:
                 log(f"logto {self.config.get('logto')}: {exc.strerror}")
                 return protocol.EXIT_ERROR
@@ -307,7 +307,7 @@ class Top:
         self.config = new
         if self.logpipe is not None:
             try:
-                self.logpipe.update(new.get_opt_str("logto"), new.getlist("log-encoder"))
+                self.logpipe.update(new.get_opt_str("logto"), new.getlist("log-encoder"), new)
             except OSError as exc:
                 log(f"logto {new.get('logto')}: {exc.strerror}")
         if has_app(new):

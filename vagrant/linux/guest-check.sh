@@ -96,7 +96,7 @@ PACKAGES=(
     systemd systemd-sysv dbus udev kmod linux-image-amd64 initramfs-tools
     python3 python3-venv python3-dev gcc libc6-dev
     iproute2 nginx iperf3 wrk curl procps psmisc util-linux mount passwd
-    nftables e2fsprogs ca-certificates
+    nftables e2fsprogs ca-certificates libpcre2-dev rsyslog
     "${WHEEL_PACKAGES[@]}"
 )
 SOURCES=/etc/apt/sources.list.d/debian.sources

@@ -1,0 +1,173 @@
+"""uWSGI's ``logger`` key: more destinations for the vassal's log lines,
+each line sent after the ``log-encoder`` chain. A destination that is down
+or full never stops the vassal: sockets are non-blocking datagrams, a line
+that cannot go is counted as dropped (and said once a minute on the
+vassal's own log), and the vassal keeps serving.
+
+- ``rsyslog:HOST[:PORT][,PREFIX[,PRIORITY]]`` (or a unix datagram socket
+  path for HOST): ``<PRI>Mmm dd hh:mm:ss PREFIX: line`` as uWSGI sends
+  it, port 514, PRIORITY 29 (daemon.notice), PREFIX ``HOSTNAME uwsgi``;
+  lines longer than ``rsyslog-packet-size`` (1024) less 30 are cut, or with
+  ``rsyslog-split-messages`` sent in several packets
+- ``syslog[:IDENT[,FACILITY]]``: the local syslog socket (/dev/log),
+  ``<PRI>Mmm dd hh:mm:ss IDENT[PID]: line`` as libc's syslog(3) writes it
+- ``socket:ADDR``: the raw line to a UDP ``host:port`` or a unix datagram path
+- ``file:PATH``: appended to PATH
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+
+from bedrock.options import SYSLOG_FACILITIES, parse_logger
+
+DROP_REPORT_INTERVAL = 60.0
+
+
+def _stamp(now: float) -> str:
+    # ctime()'s "Mmm dd hh:mm:ss" (the day space-padded), as uWSGI sends it.
+    return time.strftime("%b %e %H:%M:%S", time.localtime(now))
+
+
+class Logger:
+    """One destination; ``send`` never raises and never blocks."""
+
+    def __init__(self, spec: str, name: str):
+        self.spec = spec
+        self.name = name
+        self.dropped = 0
+        self.reported = 0
+        self.last_report = 0.0
+
+    def send(self, line: bytes) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _Datagram(Logger):
+    def __init__(self, spec: str, name: str, address: str | tuple[str, int]):
+        super().__init__(spec, name)
+        self.address = address
+        family = socket.AF_UNIX if isinstance(address, str) else \
+            (socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+        self.sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+
+    def _packet(self, data: bytes) -> None:
+        try:
+            self.sock.sendto(data, self.address)
+        except OSError:  # (down, full, unreachable: never the vassal's problem)
+            self.dropped += 1
+
+    def send(self, line: bytes) -> None:
+        self._packet(line.rstrip(b"\n"))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Rsyslog(_Datagram):
+    def __init__(self, spec: str, name: str, address: str | tuple[str, int], prefix: str, priority: int,
+                 packet_size: int, split: bool):
+        super().__init__(spec, name, address)
+        self.prefix = prefix.encode()
+        self.priority = priority
+        self.packet_size = packet_size
+        self.split = split
+
+    def send(self, line: bytes) -> None:
+        message = line.rstrip(b"\n")
+        head = b"<%d>%s %s: " % (self.priority, _stamp(time.time()).encode(), self.prefix)
+        room = max(1, self.packet_size - 30)  # (uWSGI's message size: the packet less its header's share)
+        if len(head) + min(room, len(message)) > self.packet_size:
+            room = max(1, self.packet_size - len(head))
+        pieces = [message[i:i + room] for i in range(0, len(message), room)] or [b""]
+        for piece in pieces if self.split else pieces[:1]:
+            self._packet(head + piece)
+
+
+class Syslog(_Datagram):
+    def __init__(self, spec: str, name: str, ident: str, facility: int, path: str = "/dev/log"):
+        super().__init__(spec, name, path)
+        self.ident = ident.encode()
+        self.priority = facility * 8 + 6  # (info)
+
+    def send(self, line: bytes) -> None:
+        self._packet(b"<%d>%s %s[%d]: %s" % (self.priority, _stamp(time.time()).encode(), self.ident, os.getpid(),
+                                             line.rstrip(b"\n")))
+
+
+class File(Logger):
+    def __init__(self, spec: str, name: str, path: str):
+        super().__init__(spec, name)
+        self.path = path
+        self.fd: int | None = None
+
+    def send(self, line: bytes) -> None:
+        try:
+            if self.fd is None:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o640)
+            os.write(self.fd, line if line.endswith(b"\n") else line + b"\n")
+        except OSError:
+            self.dropped += 1
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _address(text: str, default_port: int) -> str | tuple[str, int]:
+    if text.startswith("/"):
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        host, port = text, str(default_port)
+    return host.strip("[]"), int(port)
+
+
+def build(spec: str, packet_size: int = 1024, split: bool = False, hostname: str | None = None) -> Logger:
+    """The destination a ``logger`` value names (validated already)."""
+    name, kind, args = parse_logger(spec)
+    if kind == "rsyslog":
+        target, _, rest = args.partition(",")
+        prefix, _, priority = rest.partition(",")
+        return Rsyslog(spec, name, _address(target, 514), prefix or f"{hostname or socket.gethostname()} uwsgi",
+                       int(priority) if priority else 29, packet_size, split)
+    if kind == "syslog":
+        ident, _, facility = args.partition(",")
+        return Syslog(spec, name, ident or "uwsgi", SYSLOG_FACILITIES[facility or "user"])
+    if kind == "socket":
+        return _Datagram(spec, name, _address(args, 514))
+    return File(spec, name, args)
+
+
+class Fanout:
+    """Every line to every logger; drops said on ``report`` at most once a
+    minute per logger."""
+
+    def __init__(self, loggers: list[Logger], say: Callable[[bytes], None]):
+        self.loggers = loggers
+        self.say = say
+
+    def send(self, line: bytes) -> None:
+        for logger in self.loggers:
+            logger.send(line)
+            if logger.dropped != logger.reported:
+                self._report(logger)
+
+    def _report(self, logger: Logger) -> None:
+        now = time.monotonic()
+        if now - logger.last_report < DROP_REPORT_INTERVAL and logger.reported:
+            return
+        logger.last_report = now
+        logger.reported = logger.dropped
+        self.say(f"logger {logger.spec}: destination unavailable, {logger.dropped} line(s) dropped so far\n".encode())
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
