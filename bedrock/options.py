@@ -204,7 +204,7 @@ HOOK_ACTIONS = (
 SYSLOG_FACILITIES = {"kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6, "news": 7,
                      "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11,
                      **{f"local{n}": 16 + n for n in range(8)}}
-LOGGERS = ("rsyslog", "syslog", "socket", "file")
+LOGGERS = ("rsyslog", "syslog", "socket", "file", "journal")
 
 
 def parse_logger(text: str) -> tuple[str, str, str]:
@@ -214,8 +214,8 @@ def parse_logger(text: str) -> tuple[str, str, str]:
     if not space:
         name, rest = "", text
     kind, _, args = rest.strip().partition(":")
-    if kind == "journal":
-        raise BadValue("the journal logger is not built yet in this version of pyemperor")
+    if kind == "journal" and args.strip():
+        raise BadValue(f"the journal logger takes no arguments, got {args!r}")
     if kind not in LOGGERS:
         raise BadValue(f"unknown logger {kind!r} (known: {', '.join(LOGGERS)})")
     if kind in ("rsyslog", "socket", "file") and not args.strip():
@@ -427,7 +427,7 @@ _opt("hook-timeout", parse_float, "seconds an exec hook or a wait_for_* action m
 # --- logging ------------------------------------------------------------------
 _opt("logto", parse_nonempty, "write the log to FILE", metavar="FILE", group="logging", scope=BOTH)
 _opt("logger", _logger, "also send each log line (after log-encoder) to rsyslog:HOST[:PORT][,PREFIX[,PRIORITY]], "
-     "syslog[:IDENT[,FACILITY]], socket:ADDR or file:PATH", multi=True, metavar="[NAME ]KIND:ARGS", group="logging")
+     "syslog[:IDENT[,FACILITY]], socket:ADDR, file:PATH or journal (journald's native protocol, VASSAL= field)", multi=True, metavar="[NAME ]KIND:ARGS", group="logging")
 _opt("rsyslog-packet-size", parse_positive_int, "largest rsyslog packet (RFC 3164 says 1024)", default=1024, metavar="BYTES",
      group="logging")
 _bool("rsyslog-split-messages", "send a line too long for one rsyslog packet in several (else it is cut)", group="logging")

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 import jails
+from bedrock import journal
 from bedrock.config import (
     Config,
     ConfigError,
@@ -68,6 +69,9 @@ def _nonblocking_stderr() -> None:
 
 class Emperor:
     def __init__(self, settings: Config, log: Callable[[str], None] | None = None):
+        # Under systemd (JOURNAL_STREAM is our stderr): entries in journald's
+        # native protocol, with VASSAL= on each vassal's lines.
+        self.journal = journal.Journal() if journal.stderr_is_journal() else None
         self.settings = settings
         self.loop = Loop()
         self.vassals: dict[str, Vassal] = {}
@@ -75,7 +79,7 @@ class Emperor:
         self.launcher = Launcher(settings, self.loop, self.log, self.vassal_log, self.forget)
         self.tyrant = self.launcher.tyrant
         self.max_per_owner = settings.get_int("emperor-tyrant-max-vassals")
-        self._log = log or self._default_log
+        self._log = log or self._journal_or_stderr
         self.loop.report = self.log  # a failing callback is logged like anything else of ours
         self.started_at = time.time()
         self.shutting_down = False
@@ -92,6 +96,11 @@ class Emperor:
         self.dropped_log_lines = 0
 
     # --- logging -----------------------------------------------------------
+    def _journal_or_stderr(self, message: str) -> None:
+        """Under systemd a native journal entry (journal.py), else a line."""
+        if self.journal is None or not self.journal.send(MESSAGE=message, PRIORITY="6", SYSLOG_IDENTIFIER="pyemperor"):
+            self._default_log(message)
+
     @staticmethod
     def _default_log(message: str) -> None:
         """Only the first line of a message starts like an emperor line
@@ -123,6 +132,9 @@ class Emperor:
         from emperor.names import printable
 
         self._arm_echo_notes()
+        if self.journal is not None and self.journal.send(MESSAGE=printable(line), PRIORITY="6",
+                                                          SYSLOG_IDENTIFIER="pyemperor", VASSAL=printable(vassal.name)):
+            return
         try:
             os.write(2, f"[{printable(vassal.name)}] {printable(line)}\n".encode("utf-8", "replace"))
         except BlockingIOError:

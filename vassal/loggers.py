@@ -13,6 +13,8 @@ vassal's own log), and the vassal keeps serving.
   ``<PRI>Mmm dd hh:mm:ss IDENT[PID]: line`` as libc's syslog(3) writes it
 - ``socket:ADDR``: the raw line to a UDP ``host:port`` or a unix datagram path
 - ``file:PATH``: appended to PATH
+- ``journal``: systemd-journald's native protocol, each line an entry
+  with MESSAGE, PRIORITY (6), SYSLOG_IDENTIFIER and VASSAL (the file's name)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import socket
 import time
 from collections.abc import Callable
 
+from bedrock import journal
 from bedrock.options import SYSLOG_FACILITIES, parse_logger
 
 DROP_REPORT_INTERVAL = 60.0
@@ -121,6 +124,21 @@ class File(Logger):
             self.fd = None
 
 
+class Journal(Logger):
+    def __init__(self, spec: str, name: str, vassal: str):
+        super().__init__(spec, name)
+        self.vassal = vassal
+        self.journal = journal.Journal()
+
+    def send(self, line: bytes) -> None:
+        if not self.journal.send(MESSAGE=line.rstrip(b"\n"), PRIORITY="6", SYSLOG_IDENTIFIER="pyemperor",
+                                 VASSAL=self.vassal):
+            self.dropped += 1
+
+    def close(self) -> None:
+        self.journal.close()
+
+
 def _address(text: str, default_port: int) -> str | tuple[str, int]:
     if text.startswith("/"):
         return text
@@ -130,9 +148,12 @@ def _address(text: str, default_port: int) -> str | tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def build(spec: str, packet_size: int = 1024, split: bool = False, hostname: str | None = None) -> Logger:
+def build(spec: str, packet_size: int = 1024, split: bool = False, hostname: str | None = None,
+          vassal: str = "") -> Logger:
     """The destination a ``logger`` value names (validated already)."""
     name, kind, args = parse_logger(spec)
+    if kind == "journal":
+        return Journal(spec, name, vassal)
     if kind == "rsyslog":
         target, _, rest = args.partition(",")
         prefix, _, priority = rest.partition(",")

@@ -101,7 +101,8 @@ def fanout(config: Config, say: Callable[[bytes], None]) -> loggers.Fanout | Non
     if not specs:
         return None
     packet, split = config.get_int("rsyslog-packet-size"), config.get_bool("rsyslog-split-messages")
-    return loggers.Fanout([loggers.build(spec, packet, split) for spec in specs], say)
+    vassal = os.path.basename(config.path)
+    return loggers.Fanout([loggers.build(spec, packet, split, vassal=vassal) for spec in specs], say)
 
 
 class LogPipe:

@@ -63,7 +63,7 @@ def test_a_gone_or_full_destination_only_counts_drops(tmp_path, unix_sink):
     ("rsyslog:", "needs an address"),
     ("rsyslog:host:99999", "bad port"),
     ("syslog:web,local9", "unknown syslog facility"),
-    ("journal", "not built yet"),
+    ("journal:x", "takes no arguments"),
     ("smoke:signals", "unknown logger 'smoke'"),
     ("file:", "needs a PATH"),
 ])
@@ -76,3 +76,11 @@ def test_good_values():
     assert parse_logger("rsyslog:10.0.0.1") == ("", "rsyslog", "10.0.0.1")
     assert parse_logger("remote rsyslog:[::1]:5140,app,134") == ("remote", "rsyslog", "[::1]:5140,app,134")
     assert parse_logger("syslog") == ("", "syslog", "")
+    assert parse_logger("journal") == ("", "journal", "")
+
+
+def test_journal_fields_in_the_native_wire_format():
+    from bedrock.journal import encode
+
+    assert encode({"MESSAGE": "one line", "VASSAL": "a.ini"}) == b"MESSAGE=one line\nVASSAL=a.ini\n"
+    assert encode({"MESSAGE": "two\nlines"}) == b"MESSAGE\n" + (9).to_bytes(8, "little") + b"two\nlines\n"
