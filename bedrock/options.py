@@ -201,6 +201,32 @@ HOOK_ACTIONS = (
 )
 
 
+RADOS_MOUNT_KEYS = ("mountpoint", "pool", "config", "timeout", "allow_put", "allow_delete", "allow_mkcol")
+
+
+def parse_rados_mount(text: str) -> dict[str, str]:
+    """``mountpoint=/PATH,pool=NAME[,config=FILE][,timeout=S][,allow_put=1]...``"""
+    fields: dict[str, str] = {}
+    for part in text.split(","):
+        key, sep, value = part.strip().partition("=")
+        if not sep or key not in RADOS_MOUNT_KEYS:
+            raise BadValue(f"expected KEY=VALUE with KEY one of {', '.join(RADOS_MOUNT_KEYS)}, got {part.strip()!r}")
+        if key in fields:
+            raise BadValue(f"{key} given twice")
+        fields[key] = value.strip()
+    for required in ("mountpoint", "pool"):
+        if not fields.get(required):
+            raise BadValue(f"rados-mount needs {required}=")
+    if not fields["mountpoint"].startswith("/"):
+        raise BadValue(f"the mountpoint {fields['mountpoint']!r} must start with /")
+    if "timeout" in fields:
+        parse_float(fields["timeout"])
+    for flag in ("allow_put", "allow_delete", "allow_mkcol"):
+        if flag in fields:
+            parse_bool(fields[flag])
+    return fields
+
+
 SYSLOG_FACILITIES = {"kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6, "news": 7,
                      "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11,
                      **{f"local{n}": 16 + n for n in range(8)}}
@@ -298,6 +324,10 @@ _opt("wsgi-file", parse_nonempty, "load a WSGI app from this file", metavar="FIL
 _opt("wsgi", parse_nonempty, "alias of module", metavar="MODULE[:CALLABLE]")
 _opt("module", parse_nonempty, "load a WSGI app from pkg.mod:callable", metavar="MODULE[:CALLABLE]")
 _opt("callable", parse_nonempty, "name of the WSGI callable", default="application", metavar="NAME")
+_opt("rados-mount", parse_rados_mount, "serve a Ceph pool over HTTP under a mountpoint (python3-rados)", multi=True,
+     metavar="mountpoint=/PATH,pool=NAME[,config=FILE][,timeout=S][,allow_put=1][,allow_delete=1][,allow_mkcol=1]")
+_opt("rados-timeout", parse_float, "seconds a RADOS operation may take (then 504); a mount's timeout= wins", default=30.0,
+     metavar="S")
 _opt("mount", parse_mount, "load another app at a URL prefix (a file or MODULE[:CALLABLE])", multi=True, metavar="/PREFIX=APP")
 _bool("manage-script-name", "pick the mounted app by PATH_INFO's prefix and move it to SCRIPT_NAME")
 _opt("chdir", parse_nonempty, "change to this dir before loading the app", metavar="DIR")

@@ -19,7 +19,8 @@ class AppLoadError(Exception):
 
 
 def has_app(config: Config) -> bool:
-    return config.has("wsgi-file") or config.has("module") or config.has("wsgi") or bool(config.getlist("mount"))
+    return config.has("wsgi-file") or config.has("module") or config.has("wsgi") or bool(config.getlist("mount")) \
+        or config.has("rados-mount")
 
 
 def prepare_paths(config: Config) -> None:
@@ -66,6 +67,15 @@ def load_app(config: Config) -> Callable:
         mounts[prefix.rstrip("/")] = loaded
     script_name = os.environ.get("SCRIPT_NAME", "").rstrip("/")
     manage = config.get_bool("manage-script-name")
+    if config.has("rados-mount"):
+        from vassal import rados  # (python3-rados is optional: only a vassal that asks needs it)
+
+        try:
+            served = rados.wrap(main if not mounts and not script_name else Dispatcher(main, mounts, script_name, manage),
+                                config)
+        except rados.Unavailable as exc:
+            raise AppLoadError(str(exc)) from None
+        return routing.wrap(served, config)
     if not mounts and not script_name:
         assert main is not None
         return routing.wrap(main, config)  # the common case: no dispatch at all

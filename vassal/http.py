@@ -386,7 +386,11 @@ class _Response:
             if data and not self.head_only and self.chunked:
                 payload = b"%x\r\n%b\r\n" % (len(data), data)
             self.sent = True
-            self.sock.sendall(head + payload)
+            if len(payload) > 65536:  # (a big first chunk goes on its own, not copied behind the head)
+                self.sock.sendall(head)
+                self.sock.sendall(payload)
+            else:
+                self.sock.sendall(head + payload)
         elif payload:
             self.sock.sendall(payload)
 

@@ -26,7 +26,7 @@ from bedrock.sockets import Listener, recv_or_eof
 from jails import JailError, locks
 from jails.locks import FcntlLock, SysvSemaphore
 from vassal import hooks, phases, routing, uwsgi_api
-from vassal.app import load_app
+from vassal.app import AppLoadError, load_app
 from vassal.cheaper import Cheaper
 from vassal.gevent_worker import MIN_SOCKET_TIMEOUT, GeventWorker
 from vassal.handover import Handover
@@ -117,6 +117,9 @@ class Master:
         if not self.lazy:
             try:
                 self.app = load_app(self.config)
+            except AppLoadError as exc:
+                log(f"app-load failed: {exc}")
+                return protocol.EXIT_APP_LOAD
             except BaseException:
                 log(f"app-load failed:\n{traceback.format_exc().rstrip()}")
                 return protocol.EXIT_APP_LOAD

@@ -1,0 +1,250 @@
+"""``rados-mount``: a Ceph pool served over HTTP, before the WSGI app (uWSGI
+2.0's rados plugin, without its bugs: any mountpoint works, bodies of any
+size round-trip byte for byte in chunks both ways, an empty PUT stores an
+empty object).
+
+Under a mountpoint the rest of the path is the object's name: GET and
+HEAD (Content-Type by extension, Content-Length, Last-Modified; 404 for
+a missing object), OPTIONS (``Dav: 1`` and ``Allow``), and with the
+mount's flags PUT (201), DELETE (200) and MKCOL (a pool: 201, or 405 if
+it exists); any other method 405, other RADOS errors 403, an operation
+past the timeout 504 (the worker is free again). A path under no mount
+goes to the app (or 404 without one).
+
+Each worker opens its own cluster connection on its first request (a
+librados handle does not survive fork); the master only checks, in a
+child of its own, that every mount's cluster answers and its pool exists,
+so a cluster that is down fails the vassal at start with reason app-load.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import mimetypes
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from bedrock.config import Config
+from bedrock.options import parse_bool
+
+
+class Unavailable(Exception):
+    """No python3-rados, or a mount's cluster or pool cannot be reached."""
+
+
+CHUNK = 4 << 20  # bytes a read or write asks RADOS for at once
+DEFAULT_CONF = "/etc/ceph/ceph.conf"
+
+
+def _import_rados():
+    try:
+        import rados
+    except ImportError:
+        raise Unavailable("rados-mount needs the python3-rados library (Debian: apt-get install python3-rados; "
+                           "it is not on PyPI: make it importable from this Python)") from None
+    return rados
+
+
+@dataclass(frozen=True)
+class Mount:
+    mountpoint: str
+    pool: str
+    config: str
+    timeout: float
+    allow_put: bool
+    allow_delete: bool
+    allow_mkcol: bool
+
+    @property
+    def allowed(self) -> str:
+        methods = ["OPTIONS", "GET", "HEAD"]
+        methods += ["PUT"] if self.allow_put else []
+        methods += ["DELETE"] if self.allow_delete else []
+        methods += ["MKCOL"] if self.allow_mkcol else []
+        return ", ".join(methods)
+
+
+def mounts_of(config: Config) -> list[Mount]:
+    default_timeout = config.get_float("rados-timeout")
+    mounts = []
+    for fields in config.getlist("rados-mount"):
+        mounts.append(Mount(
+            mountpoint=fields["mountpoint"].rstrip("/") or "/", pool=fields["pool"],
+            config=fields.get("config") or DEFAULT_CONF,
+            timeout=float(fields["timeout"]) if "timeout" in fields else default_timeout,
+            allow_put=parse_bool(fields.get("allow_put", "0")), allow_delete=parse_bool(fields.get("allow_delete", "0")),
+            allow_mkcol=parse_bool(fields.get("allow_mkcol", "0"))))
+    return sorted(mounts, key=lambda m: len(m.mountpoint), reverse=True)  # longest first
+
+
+def _options(timeout: float) -> dict[str, str]:
+    seconds = str(max(1, int(round(timeout))))
+    return {"rados_osd_op_timeout": seconds, "rados_mon_op_timeout": seconds, "client_mount_timeout": seconds}
+
+
+def check_clusters(mounts: list[Mount]) -> None:
+    """Every mount's cluster answers and has its pool; checked in a child
+    process (librados starts threads, which a forking master must not
+    hold). Raises Unavailable saying which and why."""
+    rados = _import_rados()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        problem = ""
+        try:
+            for mount in mounts:
+                cluster = rados.Rados(conffile=mount.config, conf=_options(mount.timeout))
+                try:
+                    cluster.connect(timeout=max(1, int(mount.timeout)))
+                    if not cluster.pool_exists(mount.pool):
+                        problem = f"rados-mount {mount.mountpoint}: the pool {mount.pool!r} does not exist"
+                        break
+                finally:
+                    cluster.shutdown()
+        except Exception as exc:  # (any failure of the check is the answer)
+            problem = f"rados-mount {mount.mountpoint}: cannot reach the cluster of {mount.config}: {exc}"
+        os.write(write_fd, problem.encode()[:4000])
+        os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        problem = pipe.read().decode(errors="replace")
+    os.waitpid(pid, 0)
+    if problem:
+        raise Unavailable(problem)
+
+
+def _http_date(struct: time.struct_time) -> str:
+    # (python3-rados gives the mtime as local time)
+    return email.utils.formatdate(time.mktime(struct), usegmt=True)
+
+
+class RadosServer:
+    """The WSGI app in front of ``app``: mounts first, then the app."""
+
+    def __init__(self, app: Callable | None, mounts: list[Mount]):
+        self.app = app
+        self.mounts = mounts
+        self.rados = _import_rados()
+        self.pid = -1
+        self.clusters: dict[str, object] = {}
+        self.ioctxs: dict[tuple[str, str], object] = {}
+
+    def _ioctx(self, mount: Mount):
+        if self.pid != os.getpid():  # (a fresh worker: nothing inherited is usable)
+            self.pid, self.clusters, self.ioctxs = os.getpid(), {}, {}
+        key = (mount.config, mount.pool)
+        ioctx = self.ioctxs.get(key)
+        if ioctx is None:
+            cluster = self.clusters.get(mount.config)
+            if cluster is None:
+                cluster = self.rados.Rados(conffile=mount.config, conf=_options(mount.timeout))
+                cluster.connect(timeout=max(1, int(mount.timeout)))
+                self.clusters[mount.config] = cluster
+            ioctx = self.ioctxs[key] = cluster.open_ioctx(mount.pool)
+        return ioctx
+
+    def _cluster(self, mount: Mount):
+        self._ioctx(mount)
+        return self.clusters[mount.config]
+
+    def __call__(self, env: dict, start_response: Callable):
+        path = env.get("PATH_INFO", "")
+        for mount in self.mounts:
+            point = mount.mountpoint
+            if point == "/" or path == point or path.startswith(point + "/"):
+                name = path[len(point):] if point != "/" else path
+                return self._serve(mount, name.lstrip("/"), env, start_response)
+        if self.app is None:
+            return _answer(start_response, "404 Not Found")
+        return self.app(env, start_response)
+
+    def _serve(self, mount: Mount, name: str, env: dict, start_response: Callable):
+        method = env.get("REQUEST_METHOD", "GET")
+        rados = self.rados
+        # Object names are the path's bytes (WSGI strings are latin-1).
+        key = name.encode("latin-1", "replace").decode("utf-8", "surrogateescape")
+        try:
+            if method == "OPTIONS":
+                return _answer(start_response, "200 OK", [("Dav", "1"), ("Allow", mount.allowed)])
+            if method in ("GET", "HEAD"):
+                if not key:
+                    return _answer(start_response, "404 Not Found")
+                ioctx = self._ioctx(mount)
+                size, mtime = ioctx.stat(key)
+                headers = [("Content-Type", mimetypes.guess_type(key)[0] or "application/octet-stream"),
+                           ("Content-Length", str(size)), ("Last-Modified", _http_date(mtime))]
+                start_response("200 OK", headers)
+                return [] if method == "HEAD" else _Reader(ioctx, key, size, rados)
+            if method == "PUT" and mount.allow_put and key:
+                self._put(self._ioctx(mount), key, env["wsgi.input"])
+                return _answer(start_response, "201 Created")
+            if method == "DELETE" and mount.allow_delete and key:
+                self._ioctx(mount).remove_object(key)
+                return _answer(start_response, "200 OK")
+            if method == "MKCOL" and mount.allow_mkcol and key:
+                cluster = self._cluster(mount)
+                if cluster.pool_exists(key):
+                    return _answer(start_response, "405 Method Not Allowed", [("Allow", mount.allowed)])
+                cluster.create_pool(key)
+                return _answer(start_response, "201 Created")
+            return _answer(start_response, "405 Method Not Allowed", [("Allow", mount.allowed)])
+        except rados.ObjectNotFound:
+            return _answer(start_response, "404 Not Found")
+        except rados.TimedOut:
+            return _answer(start_response, "504 Gateway Timeout")
+        except rados.ObjectExists:
+            return _answer(start_response, "405 Method Not Allowed", [("Allow", mount.allowed)])
+        except rados.Error:
+            return _answer(start_response, "403 Forbidden")
+
+    @staticmethod
+    def _put(ioctx, key: str, body) -> None:
+        """The body in CHUNK pieces; the first replaces the object whole (an
+        empty body leaves an empty object)."""
+        offset = 0
+        first = True
+        while True:
+            chunk = body.read(CHUNK)
+            if first:
+                ioctx.write_full(key, chunk or b"")
+                first = False
+            elif chunk:
+                ioctx.write(key, chunk, offset)
+            if not chunk:
+                return
+            offset += len(chunk)
+
+
+class _Reader:
+    """The object's bytes, CHUNK at a time, as the server sends them; a
+    failure mid-way ends the body (the client sees it short)."""
+
+    def __init__(self, ioctx, key: str, size: int, rados):
+        self.ioctx, self.key, self.size, self.rados = ioctx, key, size, rados
+
+    def __iter__(self) -> Iterator[bytes]:
+        offset = 0
+        while offset < self.size:
+            try:
+                data = self.ioctx.read(self.key, min(CHUNK, self.size - offset), offset)
+            except self.rados.Error:
+                raise ConnectionResetError("the object could not be read to its end") from None
+            if not data:
+                raise ConnectionResetError("the object shrank while it was read")
+            offset += len(data)
+            yield data
+
+
+def _answer(start_response: Callable, status: str, extra: list[tuple[str, str]] | None = None):
+    body = status[4:].encode()
+    start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body))), *(extra or [])])
+    return [body]
+
+
+def wrap(app: Callable | None, config: Config) -> Callable:
+    mounts = mounts_of(config)
+    check_clusters(mounts)
+    return RadosServer(app, mounts)
