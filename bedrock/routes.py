@@ -76,6 +76,9 @@ UWSGI_CONDITIONS_NOT_BUILT = frozenset((
     "ipv4in", "ipv6in", "lord",
 ))
 # ${NAME[ARG]} in a template: the bracketed variables we have.
+# Headers that frame the answer: the server's, never a rule's to add.
+FRAMING_HEADERS = frozenset(("content-length", "transfer-encoding"))
+HTTPTIME_ARG = re.compile(r"-?\d{1,12}")
 ROUTE_VARS = ("qs", "cookie", "mime", "uwsgi", "time", "httptime", "base64", "hex")
 UWSGI_VARS = ("wid", "pid", "uuid", "status", "rtime", "rsize", "sor", "lq")
 
@@ -121,6 +124,8 @@ def check_template(text: str) -> None:
         if bracket and rest.endswith("]"):
             if name not in ROUTE_VARS:
                 raise RouteError(f"unknown routing variable ${{{key}}} (known: {', '.join(ROUTE_VARS)} as NAME[...])")
+            if name == "httptime" and not HTTPTIME_ARG.fullmatch(rest[:-1]):
+                raise RouteError(f"${{httptime[N]}} needs N seconds from now (an integer of up to 12 digits), got {rest[:-1]!r}")
             if name == "uwsgi" and rest[:-1] not in UWSGI_VARS:
                 raise RouteError(f"unknown ${{uwsgi[...]}} field {rest[:-1]!r} (known: {', '.join(UWSGI_VARS)})")
 
@@ -179,6 +184,8 @@ def parse_action(command: str) -> tuple[str, str]:
         header, sep, _ = arg.partition(":")
         if not sep or not header.strip() or any(c in header for c in " \t\r\n"):
             raise RouteError(f"the routing action {name!r} needs 'Name: value', got {arg!r}")
+        if header.strip().lower() in FRAMING_HEADERS:
+            raise RouteError(f"{header.strip()} frames the answer: the server sets it, not an {name!r} rule")
     if spec == "auth":
         realm, comma, creds = arg.partition(",")
         if not comma or not creds:

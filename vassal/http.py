@@ -36,10 +36,10 @@ WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 
 
 def remove_dot_segments(path: str) -> str:
-    """RFC 3986's remove_dot_segments on a decoded path, as uWSGI resolves
-    them: what a rule or the app sees as ``/x/../admin`` is ``/admin``
-    (one matching the raw text would miss it, one that resolves it later
-    would not)."""
+    """RFC 3986's remove_dot_segments on a path as sent (before percent
+    decoding), as uWSGI resolves them: what a rule or the app sees for
+    ``/x/../admin`` is ``/admin``; ``/x/..%2fadmin`` stays ``/x/../admin``,
+    as a front proxy matching the raw path saw it."""
     segments = path.split("/")
     out: list[str] = []
     for segment in segments[1:]:
@@ -162,8 +162,10 @@ class HttpConnection:
         raw_path = req.path
         env = self.base_env.copy()
         env["REQUEST_METHOD"] = req.method.decode("latin-1")
-        path = unquote_to_bytes(raw_path).decode("latin-1") if b"%" in raw_path else raw_path.decode("latin-1")
-        env["PATH_INFO"] = remove_dot_segments(path) if "/." in path else path
+        path = raw_path.decode("latin-1")
+        if "/." in path:
+            path = remove_dot_segments(path)  # (on the path as sent: %2e and %2f are not segments, as in uWSGI)
+        env["PATH_INFO"] = unquote_to_bytes(path).decode("latin-1") if "%" in path else path
         env["QUERY_STRING"] = req.query.decode("latin-1") if req.query else ""
         env["REQUEST_URI"] = req.target.decode("latin-1")
         env["SERVER_PROTOCOL"] = "HTTP/1.1" if req.version == "1.1" else "HTTP/1.0"
@@ -281,6 +283,9 @@ def send_body(response: _Response, result) -> None:
     """Iterate the app's result into ``response``; a FileWrapper around a real
     file with a known length goes out with sendfile, without passing through
     Python."""
+    if isinstance(result, FileWrapper) and response.head_only:
+        response.write(b"")  # (HEAD: the head alone; the file is never read)
+        return
     if isinstance(result, FileWrapper) and not response.chunked and not response.head_only:
         try:
             fd = result.filelike.fileno()
@@ -291,6 +296,8 @@ def send_body(response: _Response, result) -> None:
         if fd is not None and response.status is not None:
             response.set_length_if_missing(remaining)
             response.write(b"")  # the head, which may now say Content-Length
+            if response.declared is not None:
+                remaining = min(remaining, response.declared - response.size)  # (a file that grew since)
             if not response.chunked:
                 while remaining > 0:
                     try:
@@ -314,7 +321,8 @@ def send_body(response: _Response, result) -> None:
 class _Response:
     """WSGI start_response/write for one request, framing the body as needed."""
 
-    __slots__ = ("sock", "http11", "head_only", "keep_alive", "status", "headers", "sent", "chunked", "size", "known_length")
+    __slots__ = ("sock", "http11", "head_only", "keep_alive", "status", "headers", "sent", "chunked", "size", "known_length",
+                 "declared")
 
     def __init__(self, sock: socket.socket, http11: bool, head_only: bool, keep_alive: bool):
         self.sock = sock
@@ -327,6 +335,7 @@ class _Response:
         self.chunked = False
         self.size = 0
         self.known_length: int | None = None  # the body's length, if the server knows it (a list result, a file)
+        self.declared: int | None = None  # the Content-Length the head said (the body is held to it)
 
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info=None):
         if exc_info:
@@ -355,6 +364,10 @@ class _Response:
             low = name.lower()
             if low == "content-length":
                 has_length = True
+                try:
+                    self.declared = int(value)
+                except ValueError:
+                    self.declared = None
             elif low == "connection":
                 if value.lower() == "close":
                     self.keep_alive = False
@@ -367,6 +380,9 @@ class _Response:
         if not has_length and self.known_length is not None and code not in ("204", "304") and not code.startswith("1"):
             out += ("Content-Length: ", str(self.known_length), "\r\n")
             has_length = True
+            self.declared = self.known_length
+        if bodyless:
+            self.declared = None
         if not has_length and not bodyless:
             if self.http11:
                 self.chunked = True
@@ -377,6 +393,11 @@ class _Response:
         return "".join(out).encode("latin-1")
 
     def write(self, data: bytes) -> None:
+        if self.declared is not None and self.size + len(data) > self.declared:
+            # More than the head said (a file that grew as it was sent): what
+            # is past it would be read as the next answer. Cut, then close.
+            data = data[:max(0, self.declared - self.size)]
+            self.keep_alive = False
         self.size += len(data)
         payload = b""
         if data and not self.head_only:
@@ -404,5 +425,7 @@ class _Response:
     def finish(self) -> None:
         if not self.sent:
             self.write(b"")
+        if self.declared is not None and self.size != self.declared and not self.head_only:
+            self.keep_alive = False  # (fewer bytes than said: the connection cannot carry another answer)
         if self.chunked:
             self.sock.sendall(b"0\r\n\r\n")

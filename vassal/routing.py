@@ -121,7 +121,7 @@ def _bracketed(name: str, arg: str) -> Callable[[dict, State], str]:
     if name == "time":
         return lambda env, state: str(int(time.time())) if arg == "unix" else str(time.time_ns() // 1000)
     if name == "httptime":
-        offset = max(-HTTPTIME_RANGE, min(HTTPTIME_RANGE, int(arg))) if arg.lstrip("-").isdigit() else 0
+        offset = max(-HTTPTIME_RANGE, min(HTTPTIME_RANGE, int(arg))) if routes.HTTPTIME_ARG.fullmatch(arg) else 0
         return lambda env, state: email.utils.formatdate(time.time() + offset, usegmt=True)
     if name == "base64":
         return lambda env, state: base64.b64encode(_var(env, arg).encode("latin-1", "replace")).decode()
@@ -270,7 +270,7 @@ def _action(compiled: Compiled, rule: routes.Rule, labels: dict[str, int]) -> Ca
             target_name = render(env, state, match)
             target = labels.get(target_name)
             if target is None:
-                target = int(target_name) if target_name.isdigit() else 0
+                target = int(target_name) if target_name.isascii() and target_name.isdigit() and len(target_name) < 10 else 0
             if target <= compiled.pos:
                 log(f"[uwsgi-route] ERROR \"goto\" instruction can only jump forward (check your label !!!): {printable(target_name)}")
                 return BREAK
@@ -291,7 +291,8 @@ def _action(compiled: Compiled, rule: routes.Rule, labels: dict[str, int]) -> Ca
             header = header.strip()
             # A name made of request data that is not a token is dropped: it
             # could end the header and start another.
-            return (header, _header_value(value)) if _TOKEN_RE.fullmatch(header) else None
+            ok = _TOKEN_RE.fullmatch(header) and header.lower() not in routes.FRAMING_HEADERS
+            return (header, _header_value(value)) if ok else None
 
         fixed = split(arg.constant) if arg.constant is not None else None
 
@@ -605,8 +606,12 @@ class Routed:
             return self._route(env, state, start_response)
         try:
             return self._route(env, state, start_response)
-        except BaseException:
-            run_chain(self.final, env, state)  # (an answer that never was: a bare break, the app raised)
+        except BaseException as exc:
+            # An answer that never was: a bare break, or the app raised (the
+            # server answers 500 then).
+            if not isinstance(exc, CloseConnection):
+                state.status = 500
+            run_chain(self.final, env, state)
             raise
 
     def _route(self, env: dict, state: State, start_response: Callable):
@@ -617,7 +622,7 @@ class Routed:
             state.response = None
             responder = _Responder(self, env, state, start_response)
             responder(status, headers)  # (the error chain has run: the body is known now)
-            return _Body(self, responder, body) if self.final or responder.replaced is not None else body
+            return self._finish(responder, body)
         if not self.error and not self.final:
             add, remove = state.add, state.remove
             if add is None and remove is None:
@@ -629,9 +634,53 @@ class Routed:
                 return start_response(status, headers + add if add else headers, exc_info)
             return self.app(env, changed)
         responder = _Responder(self, env, state, start_response)
-        # Always wrapped: a generator app sets its status (and the error
-        # chain may replace its answer) only once it is iterated.
-        return _Body(self, responder, self.app(env, responder))
+        return self._finish(responder, self.app(env, responder))
+
+    def _finish(self, responder: _Responder, body: Iterable[bytes]):
+        """The body as the server should get it. A generator app sets its
+        status (and the error chain may replace its answer) only once it is
+        iterated: wrapped. An answer whose status is known and kept goes
+        as it is, a list or a file wrapper, so the server still frames it
+        with Content-Length or sends it with sendfile; with a final chain,
+        its close() runs that chain."""
+        if not responder.called or responder.replaced is not None:
+            return _Body(self, responder, body)
+        if not self.final:
+            return body
+        final = lambda: run_chain(self.final, responder.env, responder.state)  # noqa: E731
+        if type(body) is list:
+            return _ClosingList(body, final)
+        if isinstance(body, FileWrapper):
+            return _ClosingFile(body, final)
+        return _Body(self, responder, body)
+
+
+class _ClosingList(list):
+    """A list answer that runs ``on_close`` when the server closes it."""
+
+    def __init__(self, items: list, on_close: Callable[[], object]):
+        super().__init__(items)
+        self.on_close = on_close
+
+    def close(self) -> None:
+        self.on_close()
+
+
+class _ClosingFile(FileWrapper):
+    """A file answer (still sent with sendfile) that runs ``on_close`` after
+    the file's own close."""
+
+    def __init__(self, wrapper: FileWrapper, on_close: Callable[[], object]):
+        super().__init__(wrapper.filelike, wrapper.block_size)
+        inner = wrapper.close
+
+        def close() -> None:
+            try:
+                inner()
+            finally:
+                on_close()
+
+        self.close = close
 
 
 class _Responder:
@@ -639,7 +688,7 @@ class _Responder:
     error chain on each status, applies the header changes, and swaps in
     an answer the error chain made."""
 
-    __slots__ = ("routed", "env", "state", "start_response", "replaced")
+    __slots__ = ("routed", "env", "state", "start_response", "replaced", "called")
 
     def __init__(self, routed: Routed, env: dict, state: State, start_response: Callable):
         self.routed = routed
@@ -647,8 +696,14 @@ class _Responder:
         self.state = state
         self.start_response = start_response
         self.replaced: Iterable[bytes] | None = None
+        self.called = False
 
     def __call__(self, status: str, headers: list[tuple[str, str]], exc_info=None):
+        self.called = True
+        if self.replaced is not None:
+            # The error chain answered already; the app's later start_response
+            # (an error middleware's, with exc_info) changes nothing of it.
+            return lambda data: None
         state = self.state
         try:
             state.status = int(status[:3])

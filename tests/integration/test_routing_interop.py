@@ -119,6 +119,7 @@ REQUESTS = [
     ("GET", "/err404", {}), ("GET", "/plain", {}),
     # Dot segments are resolved before any rule sees the path (both servers).
     ("GET", "/x/../gone", {}), ("GET", "/./gone", {}), ("GET", "/gone/../plain", {}),
+    ("GET", "/x/..%2fgone", {}), ("GET", "/x/.%2e/gone", {}),  # (encoded ones are not segments: the app gets them)
     # A UTF-8 rule meets the UTF-8 bytes the client sent.
     ("GET", "/caf%C3%A9", {}),
 ]

@@ -50,6 +50,8 @@ def problems(*lines: str) -> list[str]:
     ("route = ^/x continue:now", "takes no arguments"),
     ("route = ^/x addvar:novalue", "needs KEY=VALUE"),
     ("route = ^/x addheader:Bad Name: v", "needs 'Name: value'"),
+    ("route = ^/x addheader:Content-Length: 0", "Content-Length frames the answer"),
+    ("route = ^/x log:${httptime[--5]}", "${httptime[N]} needs N seconds"),
     ("route = ^/x basicauth:realm", "needs REALM,USER:PASSWORD or REALM,HTPASSWD_FILE"),
     ("route = ^/x goto:", "needs an argument"),
     ("route = ^/x log:${nosuch[x]}", "unknown routing variable ${nosuch[x]}"),
@@ -335,3 +337,63 @@ def test_nested_quantifiers_are_warned_of_at_start(monkeypatch):
     warnings = [line for line in logged if "WARNING" in line]
     assert len(warnings) == 2 and "app.ini:2" in warnings[0] and "app.ini:3" in warnings[1]
     assert "harakiri" in warnings[0]
+
+
+def test_an_error_middlewares_second_start_response_cannot_undo_the_replaced_answer():
+    import sys as _sys
+
+    def app(env, start_response):
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        start_response("500 Internal Server Error", [("Content-Length", "100")], _sys.exc_info())
+        return [b"x" * 100]
+
+    status, headers, body, _ = serve(config("error-route-status = 404 redirect:/x"), app, "/mw")
+    assert (status, body) == ("302 Found", b"Moved") and ("Content-Length", "5") in headers
+
+
+def test_framing_headers_built_from_request_data_are_dropped():
+    _, headers, _, _ = serve(config("route = ^/sa/(.*)$ addheader:$1: x"), App(), "/sa/Content-Length")
+    assert [name for name, _ in headers] == ["X-App", "X-Secret"]
+
+
+def test_a_goto_to_a_strange_number_breaks_quietly(monkeypatch):
+    monkeypatch.setattr(routing, "log", lambda text: None)
+    for target in ("\u00b2", "9" * 5000):
+        with pytest.raises(CloseConnection):
+            serve(config("route = ^/g/(.*)$ goto:$1"), App(), "/g/" + target)
+
+
+def test_the_final_chain_sees_500_after_an_app_error(monkeypatch):
+    logged = []
+    monkeypatch.setattr(routing, "log", logged.append)
+
+    def broken(env, start_response):
+        raise RuntimeError("app bug")
+
+    with pytest.raises(RuntimeError):
+        serve(config("final-route-run = log:status ${uwsgi[status]}"), broken, "/boom")
+    assert logged == ["status 500"]
+
+
+def test_kept_answers_reach_the_server_as_they_were(tmp_path):
+    """With error or final chains, a list answer stays a list (framed with
+    Content-Length) and a file wrapper a file wrapper (sent with sendfile)."""
+    def list_app(env, start_response):
+        start_response("200 OK", [])
+        return [b"app"]
+
+    wrapped = routing.wrap(list_app, config("error-route-status = 500 return:503", "final-route-run = donotlog:"))
+    result = wrapped({"PATH_INFO": "/", "REQUEST_METHOD": "GET"}, lambda status, headers, exc_info=None: None)
+    assert isinstance(result, list) and list(result) == [b"app"]
+    page = tmp_path / "p.txt"
+    page.write_text("x")
+    handle = open(page, "rb")
+
+    def file_app(env, start_response):
+        start_response("200 OK", [])
+        return FileWrapper(handle)
+
+    result = routing.wrap(file_app, config("final-route-run = donotlog:"))({"PATH_INFO": "/"}, lambda *a: None)
+    assert isinstance(result, FileWrapper)
+    result.close()
+    assert handle.closed
