@@ -368,7 +368,7 @@ _bool("gevent-wait-for-hub", "at shutdown a worker waits for every greenlet (not
 _opt("worker-reload-mercy", parse_nonneg_int, "seconds a worker may take to stop before the master kills it", default=60, metavar="S")
 _opt("rpc-max", parse_positive_int, "most RPC functions a process may register (uwsgi.register_rpc)", default=64, metavar="N")
 _opt("signal-bufsize", parse_nonneg_int, "socket buffer of the uwsgi signal queues, per worker (0: the system's)", default=0, metavar="BYTES")
-_opt("socket-timeout", parse_positive_int, "seconds an outgoing uwsgi.rpc / remote uwsgi.signal may take", default=4, metavar="S")
+_opt("socket-timeout", parse_positive_int, "seconds an outgoing uwsgi.rpc / remote uwsgi.signal may take, and a streamed request body may stall", default=4, metavar="S")
 _bool("skip-atexit", "a worker that exits does not run uwsgi.atexit and the atexit module's functions")
 for _name in ("master", "vacuum", "die-on-term", "strict", "enable-threads", "single-interpreter", "need-app"):
     _bool(_name, "accepted for uWSGI configs; pyemperor always behaves this way", compat=True)

@@ -89,6 +89,9 @@ class FdConnection:
     def recv(self, size: int, flags: int = 0) -> bytes:
         return os.read(self.fd, size)
 
+    def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:
+        return os.readv(self.fd, [buffer[:nbytes] if nbytes else buffer])
+
     def sendall(self, data: bytes) -> None:
         try:
             sent = os.write(self.fd, data)

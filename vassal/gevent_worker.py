@@ -17,6 +17,7 @@ never loads it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -25,7 +26,7 @@ import time
 from bedrock.log import log
 from bedrock.proc import default_signals
 from bedrock.sockets import Listener
-from vassal import http
+from vassal import http, spool
 from vassal.http import HttpConnection
 from vassal.uwsgiproto import UwsgiConnection
 from vassal.worker import LINGER_SECONDS, Worker
@@ -44,6 +45,8 @@ class GeventWorker(Worker):
         self.cores = cores
         self.wait_for_hub = wait_for_hub
         self.socket_timeout = max(socket_timeout, MIN_SOCKET_TIMEOUT)
+        # (a streamed body's stall is held to the same raised timeout)
+        self.http_limits = dataclasses.replace(self.http_limits, body_timeout=self.socket_timeout)
         self.idle_waiting: set = set()  # connection greenlets blocked between two requests
 
     def run(self) -> None:
@@ -60,6 +63,7 @@ class GeventWorker(Worker):
         gevent.signal_handler(signal.SIGHUP, self._stop)
         # sendfile on a non-blocking connection waits in the hub, not in poll(2).
         http.wait_writable = lambda fd: gevent.socket.wait_write(fd, timeout=self.socket_timeout)
+        spool.wait_readable = lambda fd, timeout: self._wait_read(fd, timeout)
         if self.lock is not None:
             log(f"worker {self.index}: the thunder lock is not used in gevent mode (one process accepts for all its cores)")
         self.pool = gevent.pool.Pool(self.cores)
@@ -147,10 +151,18 @@ class GeventWorker(Worker):
         finally:
             gevent.killall(watchers)
 
+    def _wait_read(self, fd: int, timeout: float) -> None:
+        """A streamed body's wait for the client, in the hub (vassal.spool)."""
+        try:
+            self.gevent.socket.wait_read(fd, timeout=timeout)
+        except self.gevent.socket.timeout:
+            raise TimeoutError(f"no body bytes for {timeout:g}s") from None
+
     def _connection(self, conn, kind: type, peer, server: tuple[str, str]) -> None:
         gevent = self.gevent
         handler = kind(conn, peer or "unix", server, self.app, max_head=self.max_head, max_body=self.max_body,
-                       on_request=self._served, **({"limits": self.http_limits} if kind is HttpConnection else {}))
+                       on_request=self._served,
+                       **({"limits": self.http_limits} if kind is HttpConnection else {"body_timeout": self.socket_timeout}))
         me = gevent.getcurrent()
         head_started: float | None = None
         try:

@@ -20,6 +20,7 @@ from urllib.parse import unquote_to_bytes
 from bedrock.log import log
 from vassal.fdconn import wait_writable
 from vassal.http_parser import Limits, Rejected, Request, RequestParser
+from vassal.spool import StreamedBody
 
 STATUS_TEXT = {
     400: "Bad Request",
@@ -85,8 +86,8 @@ class HttpConnection:
             "SERVER_PORT": self.server_port,
             "wsgi.version": (1, 0),
             "wsgi.url_scheme": "http",
-            # The body was read whole by the server: the input ends where it
-            # does (a chunked upload reaches werkzeug, which checks this).
+            # The input ends where the body does, read whole or streamed (a
+            # chunked upload reaches werkzeug, which checks this).
             "wsgi.input_terminated": True,
             "wsgi.errors": sys.stderr,
             "wsgi.multithread": False,
@@ -132,6 +133,11 @@ class HttpConnection:
     def timed_out(self) -> None:
         """The head did not arrive in time (the worker closes next)."""
         self._send_error(408, "request head not complete in time")
+
+    def _flush_continue(self) -> None:
+        if self.continue_due:
+            self.continue_due = False
+            self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _answer_queued(self) -> bool:
         while self.parser.done:
@@ -204,7 +210,18 @@ class HttpConnection:
         started = time.monotonic()
         head_only = req.method == b"HEAD"
         response = _Response(self.sock, req.version == "1.1", head_only, req.keep_alive)
-        ok = run_app(self.app, env, response, req.body, started, self.on_request, lambda: self._send_error(500))
+        body = req.body
+        if type(body) is StreamedBody:
+            response.unread = body
+            body.attach(self.sock, self.parser.limits.body_timeout, self.parser.body_received,
+                        lambda: response.sent or self._flush_continue())
+        ok = run_app(self.app, env, response, body, started, self.on_request, lambda: self._send_error(500))
+        if type(body) is StreamedBody and not body.complete:
+            # The app did not read it all: the answer said close, and what the
+            # client still sends is read and dropped (else the kernel resets
+            # the answer away); after a failed read, the connection just ends.
+            self.linger = not body.failed
+            return False
         return ok and response.keep_alive
 
 
@@ -231,8 +248,10 @@ def run_app(app: WSGIApp, env: dict, response: _Response, body, started: float,
         else:
             send_body(response, result)
             response.finish()
-    except (BrokenPipeError, ConnectionResetError, TimeoutError, BlockingIOError):
-        ok = False  # the client went away, or stopped reading
+    except (BrokenPipeError, ConnectionResetError, TimeoutError, BlockingIOError) as exc:
+        ok = False  # the client went away, or stopped reading (or sending a body the app read)
+        if not response.sent:  # (as nginx logs them, not as a 500 of ours)
+            response.status = "408 Request Timeout" if isinstance(exc, TimeoutError) else "499 Client Closed Request"
     except CloseConnection:
         if not response.sent:
             response.status = "444 No Response"  # (nginx's name for it, in the access log)
@@ -322,7 +341,7 @@ class _Response:
     """WSGI start_response/write for one request, framing the body as needed."""
 
     __slots__ = ("sock", "http11", "head_only", "keep_alive", "status", "headers", "sent", "chunked", "size", "known_length",
-                 "declared")
+                 "declared", "unread")
 
     def __init__(self, sock: socket.socket, http11: bool, head_only: bool, keep_alive: bool):
         self.sock = sock
@@ -336,6 +355,7 @@ class _Response:
         self.size = 0
         self.known_length: int | None = None  # the body's length, if the server knows it (a list result, a file)
         self.declared: int | None = None  # the Content-Length the head said (the body is held to it)
+        self.unread: StreamedBody | None = None  # a request body still coming in as the answer starts
 
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info=None):
         if exc_info:
@@ -389,6 +409,8 @@ class _Response:
                 out.append("Transfer-Encoding: chunked\r\n")
             else:
                 self.keep_alive = False
+        if self.unread is not None and not self.unread.complete:
+            self.keep_alive = False  # (the app may never read the rest: this connection cannot be trusted to carry another request)
         out.append("Connection: keep-alive\r\n\r\n" if self.keep_alive else "Connection: close\r\n\r\n")
         return "".join(out).encode("latin-1")
 

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vassal.spool import BodySpool
+from vassal.spool import STREAM_START, STREAM_THRESHOLD, BodySpool, StreamedBody
 
 TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
 # field-value: any octet but the controls (HTAB allowed); the OWS around it
@@ -100,20 +100,22 @@ class Limits:
     fields: int = 100  # limit-request-fields (431)
     field_size: int = 8190  # limit-request-field-size (431)
     body: int = 0  # limit-post (413; 0: none)
+    body_timeout: float = 4.0  # socket-timeout: a streamed body's longest stall
 
 
 class Request:
     """One request as parsed; ``headers`` hold lower-case names."""
 
     __slots__ = ("method", "target", "version", "headers", "body", "trailers", "keep_alive", "expect_continue",
-                 "chunked", "path", "query", "host")
+                 "chunked", "path", "query", "host", "queued")
 
     def __init__(self, method: bytes = b"", target: bytes = b"", version: str = "1.1"):
         self.method = method
         self.target = target
         self.version = version
         self.headers: list[tuple[bytes, bytes]] = []
-        self.body = BodySpool()
+        self.body: BodySpool | StreamedBody = BodySpool()
+        self.queued = False  # (a streamed body's request is queued before its body is all there)
         self.trailers: list[tuple[bytes, bytes]] = []
         self.keep_alive = True
         self.expect_continue = False
@@ -157,8 +159,12 @@ class RequestParser:
         if self._failed is not None:
             raise self._failed
         try:
+            if self._state == _BODY and not self._buf:
+                data = self._body_direct(data)
             if self.current is None and not self._buf and self._state == _HEAD:
                 data = self._whole_head(data)  # the common case, at a request's start
+                if self._state == _BODY and data:
+                    data = self._body_direct(data)
             if data:
                 self._buf += data
                 self._run()
@@ -166,6 +172,16 @@ class RequestParser:
             self._failed = exc
             self._buf.clear()
             raise
+
+    def _body_direct(self, data: bytes) -> bytes:
+        """Body bytes taken as they came, not through the line buffer (a
+        copy less per read of an upload); what follows the body is returned."""
+        take = min(len(data), self._remaining)
+        self._body(data if take == len(data) else data[:take])
+        self._remaining -= take
+        if self._remaining == 0:
+            self._complete()
+        return data[take:]
 
     def _whole_head(self, data: bytes) -> bytes:
         """A head that arrived whole, lexed in one pass (line by line, as
@@ -371,6 +387,8 @@ class RequestParser:
         elif length:
             self._remaining = length
             self._state = _BODY
+            if length > STREAM_THRESHOLD:
+                req.body = StreamedBody(length)
         else:
             self._complete()
 
@@ -436,12 +454,27 @@ class RequestParser:
         self._body_size += len(data)
         if self.limits.body and self._body_size > self.limits.body:
             raise RequestTooLarge(413, "request body too large")
-        assert self.current is not None
-        self.current.body.write(data)
+        req = self.current
+        assert req is not None
+        req.body.write(data)
+        if not req.queued and type(req.body) is StreamedBody and req.body.buffered >= STREAM_START:
+            # Enough of it is here: the app runs and reads the rest itself
+            # (StreamedBody), telling us with body_received.
+            req.queued = True
+            self.done.append(req)
+
+    def body_received(self, count: int) -> None:
+        """``count`` bytes of the current (streamed) body were read off the
+        connection by its reader, not fed here."""
+        self._body_size += count
+        self._remaining -= count
+        if self._remaining == 0:
+            self._complete()
 
     def _complete(self) -> None:
         assert self.current is not None
-        self.done.append(self.current)
+        if not self.current.queued:
+            self.done.append(self.current)
         self.current = None
         self._state = _HEAD
         self._head_size = 0

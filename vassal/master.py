@@ -284,6 +284,7 @@ class Master:
                 request_line=self.config.get_int("limit-request-line"),
                 fields=self.config.get_int("limit-request-fields"),
                 field_size=self.config.get_int("limit-request-field-size"),
+                body_timeout=float(self.config.get_int("socket-timeout")),
             ),
             max_requests=self.config.get_int("max-requests"),
             scoreboard=self.scoreboard if scoreboard else None,

@@ -20,9 +20,11 @@ so a cluster that is down fails the vassal at start with reason app-load.
 from __future__ import annotations
 
 import email.utils
+import errno
 import mimetypes
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -34,7 +36,8 @@ class Unavailable(Exception):
     """No python3-rados, or a mount's cluster or pool cannot be reached."""
 
 
-CHUNK = 4 << 20  # bytes a read or write asks RADOS for at once
+PIECE = 1 << 20  # bytes one read or write asks RADOS for
+WINDOW = 4  # pieces in flight at once (a memstore OSD: 1.5-2x one 4 MiB call)
 DEFAULT_CONF = "/etc/ceph/ceph.conf"
 
 
@@ -173,11 +176,12 @@ class RadosServer:
                 if not key:
                     return _answer(start_response, "404 Not Found")
                 ioctx = self._ioctx(mount)
-                size, mtime = ioctx.stat(key)
+                reader = None if method == "HEAD" else _Reader(ioctx, key, rados)
+                size, mtime = ioctx.stat(key) if reader is None else reader.stat()
                 headers = [("Content-Type", mimetypes.guess_type(key)[0] or "application/octet-stream"),
                            ("Content-Length", str(size)), ("Last-Modified", _http_date(mtime))]
                 start_response("200 OK", headers)
-                return [] if method == "HEAD" else _Reader(ioctx, key, size, rados)
+                return [] if reader is None else reader
             if method == "PUT" and mount.allow_put and key:
                 self._put(self._ioctx(mount), key, env["wsgi.input"])
                 return _answer(start_response, "201 Created")
@@ -200,42 +204,118 @@ class RadosServer:
         except rados.Error:
             return _answer(start_response, "403 Forbidden")
 
-    @staticmethod
-    def _put(ioctx, key: str, body) -> None:
-        """The body in CHUNK pieces; the first replaces the object whole (an
-        empty body leaves an empty object)."""
+    def _put(self, ioctx, key: str, body) -> None:
+        """The body in PIECE writes, up to WINDOW of them in flight while the
+        next piece is read from the client (RADOS applies one client's
+        writes to an object in order); the first replaces the object whole
+        (an empty body leaves an empty object). A body cut short, or a
+        write that failed, removes the object: never a half object left."""
+        pending: deque = deque()
         offset = 0
-        first = True
-        while True:
-            chunk = body.read(CHUNK)
-            if first:
-                ioctx.write_full(key, chunk or b"")
-                first = False
-            elif chunk:
-                ioctx.write(key, chunk, offset)
-            if not chunk:
-                return
-            offset += len(chunk)
+        try:
+            while True:
+                try:
+                    chunk = body.read(PIECE)
+                except OSError:
+                    self._discard(ioctx, key, pending)
+                    raise
+                if offset == 0:
+                    pending.append(ioctx.aio_write_full(key, chunk or b""))
+                elif chunk:
+                    pending.append(ioctx.aio_write(key, chunk, offset))
+                if not chunk:
+                    break
+                offset += len(chunk)
+                while len(pending) >= WINDOW:
+                    _settle(pending.popleft(), self.rados)
+            while pending:
+                _settle(pending.popleft(), self.rados)
+        except self.rados.Error:
+            self._discard(ioctx, key, pending)
+            raise
+
+    def _discard(self, ioctx, key: str, pending: deque) -> None:
+        for completion in pending:
+            completion.wait_for_complete_and_cb()
+        pending.clear()
+        try:
+            ioctx.remove_object(key)
+        except self.rados.Error:
+            pass  # (not there, or the cluster is gone too: nothing to undo)
+
+
+def _settle(completion, rados) -> int:
+    """Wait for one aio operation; its error raised as the sync call would."""
+    completion.wait_for_complete_and_cb()
+    ret = completion.get_return_value()
+    if ret < 0:
+        if ret == -errno.ETIMEDOUT:
+            raise rados.TimedOut(f"a RADOS operation timed out ({os.strerror(-ret)})")
+        if ret == -errno.ENOENT:
+            raise rados.ObjectNotFound("no such object")
+        raise rados.Error(f"a RADOS operation failed: {os.strerror(-ret)}")
+    return ret
 
 
 class _Reader:
-    """The object's bytes, CHUNK at a time, as the server sends them; a
-    failure mid-way ends the body (the client sees it short)."""
+    """The object's bytes, PIECE at a time as the server sends them, with up
+    to WINDOW reads in flight ahead of it; a failure mid-way ends the body
+    (the client sees it short). The first piece is asked for with the stat,
+    before the size is known (a round trip less: a shorter object just
+    answers it short)."""
 
-    def __init__(self, ioctx, key: str, size: int, rados):
-        self.ioctx, self.key, self.size, self.rados = ioctx, key, size, rados
+    def __init__(self, ioctx, key: str, rados):
+        self.ioctx, self.key, self.rados = ioctx, key, rados
+        self.pending: deque = deque()  # (offset, completion, [data])
+        self.offset = 0  # where the next read starts
+        self.size = PIECE  # until the stat says
+        self._stat: list[tuple[int, time.struct_time]] = []
+        self._stat_done = ioctx.aio_stat(key, lambda _c, size, mtime: self._stat.append((size, mtime)))
+        self._fill()
+
+    def stat(self) -> tuple[int, time.struct_time]:
+        try:
+            _settle(self._stat_done, self.rados)
+        except self.rados.Error:
+            self.close()
+            raise
+        self.size, mtime = self._stat[0]
+        while self.pending and self.pending[-1][0] >= self.size:  # (past an empty object's end)
+            self.pending.pop()[1].wait_for_complete_and_cb()
+        self.offset = min(self.offset, self.size)
+        self._fill()
+        return self.size, mtime
+
+    def _fill(self) -> None:
+        while len(self.pending) < WINDOW and self.offset < self.size:
+            slot: list[bytes] = []
+            completion = self.ioctx.aio_read(self.key, min(PIECE, self.size - self.offset), self.offset,
+                                             lambda _c, data, slot=slot: slot.append(data))
+            self.pending.append((self.offset, completion, slot))
+            self.offset += PIECE
 
     def __iter__(self) -> Iterator[bytes]:
-        offset = 0
-        while offset < self.size:
-            try:
-                data = self.ioctx.read(self.key, min(CHUNK, self.size - offset), offset)
-            except self.rados.Error:
-                raise ConnectionResetError("the object could not be read to its end") from None
-            if not data:
-                raise ConnectionResetError("the object shrank while it was read")
-            offset += len(data)
-            yield data
+        try:
+            while self.pending:
+                offset, completion, slot = self.pending.popleft()
+                self._fill()
+                try:
+                    _settle(completion, self.rados)
+                except self.rados.Error:
+                    raise ConnectionResetError("the object could not be read to its end") from None
+                length = min(PIECE, self.size - offset)
+                data = slot[0] if slot else b""
+                if len(data) < length:
+                    raise ConnectionResetError("the object shrank while it was read")
+                yield data if len(data) == length else data[:length]  # (grown since the stat: held to it)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Wait for the reads still in flight (librados fills buffers they
+        hold; each is bounded by the timeout)."""
+        while self.pending:
+            self.pending.pop()[1].wait_for_complete_and_cb()
 
 
 def _answer(start_response: Callable, status: str, extra: list[tuple[str, str]] | None = None):

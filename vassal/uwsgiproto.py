@@ -21,7 +21,7 @@ from bedrock.log import log
 from vassal import rpc, uwsgi_api
 from vassal.http import STATUS_TEXT, FileWrapper, RequestHook, _Response, run_app
 from vassal.signals import SignalError
-from vassal.spool import BodySpool
+from vassal.spool import STREAM_START, STREAM_THRESHOLD, BodySpool, StreamedBody
 
 WSGI_MODIFIER1 = 0
 HEADER = 4
@@ -29,7 +29,7 @@ HEADER = 4
 
 ENV_DEFAULTS = {"SCRIPT_NAME": "", "PATH_INFO": "/", "QUERY_STRING": "", "SERVER_NAME": "localhost",
                 "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1"}
-# The body is read whole before the app runs: wsgi.input ends where it does.
+# wsgi.input ends where the body does (read whole, or streamed to its CONTENT_LENGTH).
 WSGI_CONSTANTS = {"wsgi.version": (1, 0), "wsgi.multithread": False, "wsgi.multiprocess": True,
                   "wsgi.run_once": False, "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True}
 
@@ -102,7 +102,7 @@ class UwsgiConnection:
     """One request per connection; ``feed`` returns False once it should close."""
 
     def __init__(self, sock: socket.socket, peer, server: tuple[str, str], app: Callable, max_head: int = 65536,
-                 max_body: int = 0, on_request: RequestHook | None = None):
+                 max_body: int = 0, on_request: RequestHook | None = None, body_timeout: float = 4.0):
         self.sock = sock
         self.app = app
         self.defaults = env_defaults(server)
@@ -111,8 +111,9 @@ class UwsgiConnection:
         self.on_request = on_request
         self.buffer = bytearray()
         self.env: dict[str, str] | None = None
-        self.body: BodySpool | None = None
+        self.body: BodySpool | StreamedBody | None = None
         self.remaining = 0
+        self.body_timeout = body_timeout
 
     @property
     def idle(self) -> bool:
@@ -156,16 +157,21 @@ class UwsgiConnection:
                 # The common case (nginx, a GET): no body, no spool.
                 self._handle(io.BytesIO())
                 return False
-            self.body = BodySpool()
+            # (past STREAM_THRESHOLD the app reads the rest itself, once
+            # STREAM_START bytes are here: see vassal.spool)
+            self.body = StreamedBody(self.remaining) if self.remaining > STREAM_THRESHOLD else BodySpool()
             data = data[head_end:]
-        assert self.body is not None
+        body = self.body
+        assert body is not None
         if data:
-            chunk = data[: self.remaining]
-            self.body.write(chunk)
+            chunk = data[: self.remaining] if len(data) > self.remaining else data
+            body.write(chunk)
             self.remaining -= len(chunk)
-        if self.remaining > 0:
+        if self.remaining > 0 and (type(body) is not StreamedBody or body.buffered < STREAM_START):
             return True
-        self._handle(self.body)
+        if type(body) is StreamedBody:
+            body.attach(self.sock, self.body_timeout)
+        self._handle(body)
         return False
 
     def _uwsgi_api(self, data: bytes, modifier1: int, size: int) -> bool:
@@ -197,11 +203,11 @@ class UwsgiConnection:
     def _error(self, status: int, detail: str) -> None:
         send_error(self.sock, status, detail)
 
-    def _handle(self, body: BodySpool | io.BytesIO) -> None:
+    def _handle(self, body: BodySpool | StreamedBody | io.BytesIO) -> None:
         respond(self.sock, self.env, body, self.app, self.on_request, defaults=self.defaults)  # type: ignore[arg-type]
 
 
-def respond(sock, variables: dict, body: BodySpool | io.BytesIO, app: Callable, on_request: RequestHook | None,
+def respond(sock, variables: dict, body: BodySpool | StreamedBody | io.BytesIO, app: Callable, on_request: RequestHook | None,
             complete: bool = False, defaults: dict[str, str] = ENV_DEFAULTS) -> None:
     """Run the app for one parsed request and send its answer. ``complete``:
     the vars were parsed over the defaults with WSGI_CONSTANTS (one C call)."""
@@ -211,7 +217,7 @@ def respond(sock, variables: dict, body: BodySpool | io.BytesIO, app: Callable, 
         env.pop("CONTENT_LENGTH", None)
     https = env.get("HTTPS")
     env["wsgi.url_scheme"] = "https" if https and https.lower() in ("on", "1") else env.get("UWSGI_SCHEME", "http")
-    env["wsgi.input"] = body.finish() if isinstance(body, BodySpool) else body
+    env["wsgi.input"] = body if type(body) is io.BytesIO else body.finish()
     env["wsgi.errors"] = sys.stderr
     response = _Response(sock, False, env.get("REQUEST_METHOD") == "HEAD", False)
     run_app(app, env, response, body, time.monotonic(), on_request, lambda: send_error(sock, 500, "app error"))
