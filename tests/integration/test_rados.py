@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -122,6 +123,17 @@ def test_delete_mkcol_options_and_405s(served, cluster):
     assert request(port, "PATCH", "/store/x", b"")[0] == 405
 
 
+def test_a_put_cut_short_leaves_no_half_object(served, cluster):
+    port, log = served
+    assert request(port, "PUT", "/store/cut", b"the old one")[0] == 201
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"PUT /store/cut HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (8 << 20))
+        sock.sendall(os.urandom(3 << 20))
+    wait_for(lambda: "request body cut short: the client closed" in log.read_text(), 20, what="the cut upload logged")
+    wait_for(lambda: request(port, "GET", "/store/cut")[0] == 404, 20, what="the half object removed")
+    assert request(port, "GET", "/hello")[0] == 200
+
+
 def test_two_workers_both_serve(served, cluster):
     port, log = served
     cluster.rados("-p", "web", "put", "shared.txt", str(HELLO))
@@ -150,7 +162,7 @@ def test_a_stopped_osd_times_out_with_504_and_the_worker_recovers(cluster, tmp_p
     port = free_port()
     ini = tmp_path / "slow.ini"
     ini.write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\n"
-                   f"rados-mount = mountpoint=/,pool=web,config={cluster.conf},timeout=3\n")
+                   f"rados-mount = mountpoint=/,pool=web,config={cluster.conf},timeout=3,allow_put=1\n")
     proc = subprocess.Popen([str(VASSAL), str(ini)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: request(port, "GET", "/slow.txt")[0] == 200, 30, what="the vassal")
@@ -159,6 +171,9 @@ def test_a_stopped_osd_times_out_with_504_and_the_worker_recovers(cluster, tmp_p
             started = time.monotonic()
             assert request(port, "GET", "/slow.txt")[0] == 504
             assert time.monotonic() - started < 15
+            started = time.monotonic()  # (writes in flight time out too, and the upload is answered)
+            assert request(port, "PUT", "/slow-put", os.urandom(6 << 20))[0] == 504
+            assert time.monotonic() - started < 25
         finally:
             cluster.signal_osd(signal.SIGCONT)
         wait_for(lambda: request(port, "GET", "/slow.txt")[0] == 200, 60, what="serving again")

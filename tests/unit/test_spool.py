@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 from vassal.spool import BodySpool, open_tmpfile
 
 
@@ -29,3 +31,67 @@ def test_open_tmpfile_fallback_on_unsupported_dir(tmp_path, monkeypatch):
     assert f.read() == b"x"
     assert os.listdir(tmp_path) == []
     f.close()
+
+
+def _streamed(prefix: bytes, rest: bytes, size: int, follow: bytes = b"", timeout: float = 2.0):
+    """A StreamedBody of ``size`` whose loop-read part is ``prefix``, the
+    rest (and what follows the body) waiting on a socket."""
+    import socket
+
+    from vassal.spool import StreamedBody
+
+    ours, theirs = socket.socketpair()
+    body = StreamedBody(size)
+    body.write(prefix)
+    counted: list[int] = []
+    body.attach(ours, timeout, counted.append)
+    theirs.sendall(rest + follow)
+    return body, ours, theirs, counted
+
+
+def test_a_streamed_body_reads_to_its_end_and_never_past_it():
+    body, ours, theirs, counted = _streamed(b"0123", b"456789", 10, follow=b"GET / HTTP/1.1\r\n")
+    try:
+        assert body.read(2) == b"01" and body.read(5) == b"23456"
+        assert body.read() == b"789" and body.read() == b"" and body.read(5) == b""
+        assert body.complete and sum(counted) == 6
+        assert ours.recv(100) == b"GET / HTTP/1.1\r\n"  # (the next request's bytes stay on the socket)
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_streamed_body_by_lines():
+    body, ours, theirs, _ = _streamed(b"a\nbb", b"b\ncccc\nd", 12)
+    try:
+        assert body.readline() == b"a\n" and body.readline(2) == b"bb" and body.readline() == b"b\n"
+        assert list(body) == [b"cccc\n", b"d"] and body.readline() == b""
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_streamed_body_cut_short_or_stalled_raises_and_says_so(monkeypatch):
+    from vassal import spool
+
+    lines: list[str] = []
+    monkeypatch.setattr(spool, "log", lines.append)
+    body, ours, theirs, _ = _streamed(b"ab", b"cd", 10)
+    theirs.close()
+    try:
+        with pytest.raises(ConnectionResetError):
+            body.read()
+        assert body.failed and lines == ["request body cut short: the client closed after 4 of 10 bytes"]
+        with pytest.raises(ConnectionResetError):
+            body.read(1)  # (no second try on a failed connection)
+    finally:
+        ours.close()
+    body, ours, theirs, _ = _streamed(b"", b"xy", 10, timeout=0.2)
+    try:
+        assert body.read(2) == b"xy"
+        with pytest.raises(TimeoutError):
+            body.read(1)
+        assert lines[-1] == "request body cut short: the client sent nothing for 0.2s after 2 of 10 bytes"
+    finally:
+        ours.close()
+        theirs.close()
