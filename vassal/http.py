@@ -216,10 +216,11 @@ class HttpConnection:
             body.attach(self.sock, self.parser.limits.body_timeout, self.parser.body_received,
                         lambda: response.sent or self._flush_continue())
         ok = run_app(self.app, env, response, body, started, self.on_request, lambda: self._send_error(500))
-        if type(body) is StreamedBody and not body.complete:
-            # The app did not read it all: the answer said close, and what the
-            # client still sends is read and dropped (else the kernel resets
-            # the answer away); after a failed read, the connection just ends.
+        if type(body) is StreamedBody and not (body.complete and response.keep_alive):
+            # The app did not read it all (or not before its answer began):
+            # the answer said close, and what the client still sends is read
+            # and dropped (else the kernel resets the answer away); after a
+            # failed read, the connection just ends.
             self.linger = not body.failed
             return False
         return ok and response.keep_alive

@@ -23,6 +23,7 @@ import os
 import select
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -33,6 +34,11 @@ STREAM_THRESHOLD = SPOOL_THRESHOLD  # a Content-Length past this is streamed to 
 STREAM_START = 256 << 10  # of a streamed body, what the loop reads before the app is called
 DEFAULT_BODY_TIMEOUT = 4.0  # seconds a streamed body may stall (socket-timeout)
 READ_PIECE = 1 << 20  # the most one recv asks for (a larger read loops)
+# A streamed body holds a worker while it comes in: past the first
+# socket-timeout it must keep up this average rate, or it is cut (a client
+# trickling a byte per timeout would otherwise hold the worker for ever;
+# mod_reqtimeout's MinRate). 16 KiB/s is a slow mobile uplink.
+MIN_BODY_RATE = 16 << 10
 
 
 def open_tmpfile(directory: str | None = None) -> BinaryIO:
@@ -102,6 +108,8 @@ class StreamedBody:
         self._received: Callable[[int], None] | None = None
         self._before_wait: Callable[[], object] | None = None
         self.failed = False
+        self._waited = 0.0  # seconds spent waiting for the client since attach
+        self._fed = 0  # bytes that came off the wire since
 
     @property
     def buffered(self) -> int:
@@ -143,35 +151,59 @@ class StreamedBody:
         sock = self.sock
         if sock is None:
             raise ClientDisconnected(errno.ECONNRESET, "the request body is not there")
+        # (a gevent socket would wait in recv itself, to its own timeout:
+        # it is made non-blocking for the recv, then put back for the answer)
+        own_timeout = sock.gettimeout() if hasattr(sock, "gettimeout") else None
         while True:
             try:
+                if own_timeout:
+                    sock.settimeout(0.0)
                 count = sock.recv_into(view, len(view), socket.MSG_DONTWAIT)
             except BlockingIOError:
                 if self._before_wait is not None:
                     before, self._before_wait = self._before_wait, None
                     before()
+                wait, slow = self._allowed_wait()
+                started = time.monotonic()
                 try:
-                    wait_readable(sock.fileno(), self.timeout)
+                    wait_readable(sock.fileno(), wait)
                 except TimeoutError:
-                    self._fail(f"the client sent nothing for {self.timeout:g}s")
+                    self._fail_slow(slow)
                     raise
+                finally:
+                    self._waited += time.monotonic() - started
                 continue
             except InterruptedError:
                 continue
-            except TimeoutError:
-                # (a gevent socket waits in recv itself, to its own timeout)
-                self._fail(f"the client sent nothing for {self.timeout:g}s")
-                raise
             except OSError as exc:
                 self._fail(f"the connection failed ({exc.strerror or exc})")
                 raise
+            finally:
+                if own_timeout:
+                    sock.settimeout(own_timeout)
             if count == 0:
                 self._fail("the client closed")
                 raise ClientDisconnected(errno.ECONNRESET, "the client closed before the end of the body")
             self.wire -= count
+            self._fed += count
             if self._received is not None:
                 self._received(count)
             return count
+
+    def _allowed_wait(self) -> tuple[float, bool]:
+        """How long the next wait for the client may be, and whether the
+        rate (not the stall timeout) is what bounds it. Only time spent
+        waiting counts (an app that reads slowly is not the client's fault)."""
+        behind = self.timeout + self._fed / MIN_BODY_RATE - self._waited
+        if behind <= 0:
+            self._fail_slow(True)
+            raise TimeoutError(errno.ETIMEDOUT, "the request body came too slowly")
+        return (behind, True) if behind < self.timeout else (self.timeout, False)
+
+    def _fail_slow(self, slow: bool) -> None:
+        if not self.failed:
+            self._fail(f"the client sent under {MIN_BODY_RATE >> 10} KiB/s" if slow
+                       else f"the client sent nothing for {self.timeout:g}s")
 
     def _fail(self, why: str) -> None:
         self.failed = True
@@ -183,22 +215,24 @@ class StreamedBody:
             size = available
         if size <= self.buffered:
             return self._take(size)
-        out = bytearray(size)
-        have = self.buffered
-        out[:have] = self._take(have)
-        view = memoryview(out)
-        while have < size:
-            have += self._recv_into(view[have:min(size, have + READ_PIECE)])
+        # (grown as bytes come, not sized by what the client announced)
+        out = bytearray(self._take(self.buffered))
+        scratch = memoryview(bytearray(min(READ_PIECE, size - len(out))))
+        while len(out) < size:
+            got = self._recv_into(scratch[:min(len(scratch), size - len(out))])
+            out += scratch[:got]
         return bytes(out)
 
     def readline(self, size: int | None = -1) -> bytes:
         limit = self.buffered + self.wire if size is None or size < 0 else size
+        scanned = self._pos  # (a long line is searched once, not again per piece)
         while True:
-            end = self._buf.find(b"\n", self._pos, self._pos + limit)
+            end = self._buf.find(b"\n", scanned, self._pos + limit)
             if end >= 0:
                 return self._take(end + 1 - self._pos)
             if self.buffered >= limit or self.wire == 0:
                 return self._take(limit)
+            scanned = len(self._buf)
             piece = bytearray(min(self.wire, 65536))
             got = self._recv_into(memoryview(piece))
             self._buf += piece[:got]
@@ -218,6 +252,20 @@ class StreamedBody:
 
     def readable(self) -> bool:
         return True
+
+    def discard(self, seconds: float) -> None:
+        """Read and drop what the app left, for up to ``seconds`` (the
+        answer went out: closing with bytes unread would reset it away)."""
+        if self.failed or self.sock is None:
+            return
+        self._buf, self._pos = bytearray(), 0
+        until = time.monotonic() + seconds
+        scratch = memoryview(bytearray(min(READ_PIECE, self.wire)))
+        try:
+            while self.wire and time.monotonic() < until:
+                self._recv_into(scratch[:min(len(scratch), self.wire)])
+        except OSError:
+            pass  # (logged as cut short: the close is all that is left)
 
     def close(self) -> None:
         self._buf, self._pos = bytearray(), 0

@@ -24,6 +24,7 @@ from vassal.signals import SignalError
 from vassal.spool import STREAM_START, STREAM_THRESHOLD, BodySpool, StreamedBody
 
 WSGI_MODIFIER1 = 0
+DISCARD_SECONDS = 5.0  # the most spent dropping a body the app did not read
 HEADER = 4
 
 
@@ -146,6 +147,8 @@ class UwsgiConnection:
             try:
                 self.env = _fast_parse_vars(data, HEADER, head_end)  # ValueError or ProtocolError
                 length = self.env.get("CONTENT_LENGTH")
+                if length and not (length.isascii() and length.isdigit() and len(length) <= 18):
+                    raise ValueError(f"CONTENT_LENGTH is not a length: {length[:40]!r}")  # (no sign, space or _)
                 self.remaining = int(length) if length else 0
             except (ProtocolError, ValueError) as exc:
                 self._error(400, str(exc))
@@ -205,6 +208,10 @@ class UwsgiConnection:
 
     def _handle(self, body: BodySpool | StreamedBody | io.BytesIO) -> None:
         respond(self.sock, self.env, body, self.app, self.on_request, defaults=self.defaults)  # type: ignore[arg-type]
+        if type(body) is StreamedBody and not body.complete:
+            # The app left part of it: read and drop the rest before the
+            # close, or the kernel resets the answer away (nginx: 502).
+            body.discard(DISCARD_SECONDS)
 
 
 def respond(sock, variables: dict, body: BodySpool | StreamedBody | io.BytesIO, app: Callable, on_request: RequestHook | None,

@@ -241,3 +241,63 @@ def test_a_streamed_body_over_the_uwsgi_protocol(vassal):
         threading.Thread(target=_send_quietly, args=(sock, packet + body), daemon=True).start()
         _, answer = read_answer(sock)
     assert answer.split()[:2] == [str(len(body)).encode(), hashlib.sha256(body).hexdigest().encode()]
+
+
+def test_an_unread_body_over_the_uwsgi_protocol_is_drained_not_reset(vassal):
+    body = b"u" * (3 << 20)
+    packet = _uwsgi_vars(REQUEST_METHOD="PUT", PATH_INFO="/partial", REQUEST_URI="/partial",
+                         SERVER_PROTOCOL="HTTP/1.1", CONTENT_LENGTH=str(len(body)))
+    failures: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            sock.sendall(packet + body)
+        except OSError as exc:
+            failures.append(exc)
+
+    with socket.create_connection(("127.0.0.1", vassal.uwsgi_port), timeout=10) as sock:
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        reader = Answers(sock)
+        _, answer = reader.next()
+        assert answer == b"partial 10"
+        sender.join(10)
+        while sock.recv(65536):  # a clean end: no ECONNRESET (nginx would say 502)
+            pass
+    assert failures == []
+
+
+@pytest.mark.parametrize("length", ["-5", "+5", " 5", "1_0", "5x"])
+def test_a_uwsgi_content_length_that_is_not_digits_is_400(vassal, length):
+    packet = _uwsgi_vars(REQUEST_METHOD="POST", PATH_INFO="/sha", CONTENT_LENGTH=length)
+    with socket.create_connection(("127.0.0.1", vassal.uwsgi_port), timeout=10) as sock:
+        sock.sendall(packet + b"12345678901")
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    assert out.startswith(b"HTTP/1.1 400") or out.startswith(b"Status: 400") or b" 400 " in out.split(b"\r\n")[0], out
+
+
+def test_a_trickling_upload_does_not_hold_the_worker(vassal):
+    if vassal.mode == "gevent":
+        pytest.skip("the gevent worker serves others while one waits (its stall limit is 30 s)")
+    with socket.create_connection(("127.0.0.1", vassal.port), timeout=10) as sock:
+        sock.sendall(b"PUT /sha HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (4 << 20) + b"q" * (300 << 10))
+        sock.setblocking(False)
+        started = time.monotonic()
+        closed = False
+        while time.monotonic() - started < 10:  # a byte per 0.5 s: never a 1 s stall
+            try:
+                sock.send(b"t")
+                if sock.recv(1, socket.MSG_DONTWAIT) == b"":
+                    closed = True
+                    break
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.5)
+        assert closed and time.monotonic() - started < 6
+    wait_for(lambda: "the client sent under 16 KiB/s" in vassal.text(), 5, what="the slow body logged")
+    assert answers(vassal.port)

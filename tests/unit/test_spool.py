@@ -95,3 +95,66 @@ def test_a_streamed_body_cut_short_or_stalled_raises_and_says_so(monkeypatch):
     finally:
         ours.close()
         theirs.close()
+
+
+def test_a_trickling_client_is_cut_at_the_minimum_rate(monkeypatch):
+    import threading
+    import time
+
+    from vassal import spool
+
+    lines: list[str] = []
+    monkeypatch.setattr(spool, "log", lines.append)
+    body, ours, theirs, _ = _streamed(b"", b"", 1 << 20, timeout=0.5)
+    stop = threading.Event()
+
+    def trickle() -> None:  # a byte per 0.2 s: never a 0.5 s stall, far under the rate
+        while not stop.wait(0.2):
+            try:
+                theirs.send(b"t")
+            except OSError:
+                return
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError):
+            body.read()
+        assert time.monotonic() - started < 3
+        assert lines[-1].startswith(f"request body cut short: the client sent under {spool.MIN_BODY_RATE >> 10} KiB/s")
+    finally:
+        stop.set()
+        sender.join()
+        ours.close()
+        theirs.close()
+
+
+def test_time_the_app_takes_between_reads_is_not_held_against_the_client():
+    import time
+
+    body, ours, theirs, _ = _streamed(b"", b"a" * 1000, 2000, timeout=0.3)
+    try:
+        time.sleep(0.6)  # (the app at work: the bytes wait in the kernel)
+        assert body.read(1000) == b"a" * 1000
+        theirs.sendall(b"b" * 1000)
+        time.sleep(0.6)
+        assert body.read() == b"b" * 1000
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_read_does_not_take_memory_for_what_was_only_announced():
+    import tracemalloc
+
+    body, ours, theirs, _ = _streamed(b"x" * 10, b"y" * 10, 3 << 30)
+    theirs.close()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConnectionResetError):
+            body.read()
+        assert tracemalloc.get_traced_memory()[1] < 4 << 20
+    finally:
+        tracemalloc.stop()
+        ours.close()
