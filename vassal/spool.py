@@ -39,6 +39,7 @@ READ_PIECE = 1 << 20  # the most one recv asks for (a larger read loops)
 # trickling a byte per timeout would otherwise hold the worker for ever;
 # mod_reqtimeout's MinRate). 16 KiB/s is a slow mobile uplink.
 MIN_BODY_RATE = 16 << 10
+CREDIT_CAP = 2  # the most wait banked by sending fast, in socket-timeouts
 
 
 def open_tmpfile(directory: str | None = None) -> BinaryIO:
@@ -108,8 +109,7 @@ class StreamedBody:
         self._received: Callable[[int], None] | None = None
         self._before_wait: Callable[[], object] | None = None
         self.failed = False
-        self._waited = 0.0  # seconds spent waiting for the client since attach
-        self._fed = 0  # bytes that came off the wire since
+        self._credit = DEFAULT_BODY_TIMEOUT  # seconds the client may still be waited for
 
     @property
     def buffered(self) -> int:
@@ -131,6 +131,7 @@ class StreamedBody:
         (the parser's count), ``before_wait`` runs once before the first
         wait for the client (a 100 Continue that is due)."""
         self.sock, self.timeout, self._received, self._before_wait = sock, timeout, received, before_wait
+        self._credit = timeout
 
     def finish(self) -> StreamedBody:
         return self
@@ -161,6 +162,8 @@ class StreamedBody:
                 count = sock.recv_into(view, len(view), socket.MSG_DONTWAIT)
             except BlockingIOError:
                 if self._before_wait is not None:
+                    if own_timeout:
+                        sock.settimeout(own_timeout)  # (the 100 Continue is sent blocking)
                     before, self._before_wait = self._before_wait, None
                     before()
                 wait, slow = self._allowed_wait()
@@ -171,7 +174,7 @@ class StreamedBody:
                     self._fail_slow(slow)
                     raise
                 finally:
-                    self._waited += time.monotonic() - started
+                    self._credit -= time.monotonic() - started
                 continue
             except InterruptedError:
                 continue
@@ -185,7 +188,8 @@ class StreamedBody:
                 self._fail("the client closed")
                 raise ClientDisconnected(errno.ECONNRESET, "the client closed before the end of the body")
             self.wire -= count
-            self._fed += count
+            # (credit is capped: a fast start banks no licence to trickle later)
+            self._credit = min(self._credit + count / MIN_BODY_RATE, CREDIT_CAP * self.timeout)
             if self._received is not None:
                 self._received(count)
             return count
@@ -194,7 +198,7 @@ class StreamedBody:
         """How long the next wait for the client may be, and whether the
         rate (not the stall timeout) is what bounds it. Only time spent
         waiting counts (an app that reads slowly is not the client's fault)."""
-        behind = self.timeout + self._fed / MIN_BODY_RATE - self._waited
+        behind = self._credit
         if behind <= 0:
             self._fail_slow(True)
             raise TimeoutError(errno.ETIMEDOUT, "the request body came too slowly")
@@ -232,6 +236,9 @@ class StreamedBody:
                 return self._take(end + 1 - self._pos)
             if self.buffered >= limit or self.wire == 0:
                 return self._take(limit)
+            if self._pos:  # (what was returned is dropped: only the partial line stays)
+                del self._buf[:self._pos]
+                self._pos = 0
             scanned = len(self._buf)
             piece = bytearray(min(self.wire, 65536))
             got = self._recv_into(memoryview(piece))
@@ -262,7 +269,9 @@ class StreamedBody:
         until = time.monotonic() + seconds
         scratch = memoryview(bytearray(min(READ_PIECE, self.wire)))
         try:
-            while self.wire and time.monotonic() < until:
+            while self.wire and (left := until - time.monotonic()) > 0:
+                self.timeout = left  # (no wait runs past ``seconds``)
+                self._credit = min(self._credit, left)
                 self._recv_into(scratch[:min(len(scratch), self.wire)])
         except OSError:
             pass  # (logged as cut short: the close is all that is left)

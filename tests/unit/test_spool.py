@@ -158,3 +158,61 @@ def test_read_does_not_take_memory_for_what_was_only_announced():
     finally:
         tracemalloc.stop()
         ours.close()
+
+
+def test_sending_fast_first_banks_no_licence_to_trickle_later(monkeypatch):
+    import threading
+    import time
+
+    from vassal import spool
+
+    monkeypatch.setattr(spool, "log", lambda line: None)
+    body, ours, theirs, _ = _streamed(b"", b"", 4 << 20, timeout=0.3)
+    stop = threading.Event()
+
+    def fast_then_trickle() -> None:
+        try:
+            theirs.sendall(b"f" * (1 << 20))
+            while not stop.wait(0.2):
+                theirs.send(b"t")
+        except OSError:
+            return
+
+    sender = threading.Thread(target=fast_then_trickle)
+    sender.start()
+    try:
+        assert len(body.read(1 << 20)) == 1 << 20
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            body.read()
+        assert time.monotonic() - started < spool.CREDIT_CAP * 0.3 + 1.5
+    finally:
+        stop.set()
+        sender.join()
+        ours.close()
+        theirs.close()
+
+
+def test_lines_read_are_let_go(tmp_path):
+    import threading
+
+    lines = b"".join(b"%099d\n" % i for i in range(40000))  # 4 MB of 100-byte lines
+    body, ours, theirs, _ = _streamed(b"", b"", len(lines))
+
+    def send() -> None:  # in pieces that never end on a line
+        for at in range(0, len(lines), 65537):
+            theirs.sendall(lines[at:at + 65537])
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        held = 0
+        count = 0
+        for line in body:
+            count += len(line) == 100
+            held = max(held, len(body._buf))
+        assert count == 40000 and held < 256 << 10
+    finally:
+        sender.join()
+        ours.close()
+        theirs.close()
