@@ -425,7 +425,7 @@ def test_floods_on_the_vassals_own_channels_are_cheap(start_emperor, hostile_bas
     """Heartbeat bytes flooding fd 3 (from a call hook in the top process)
     took the emperor to 3 GB and 100% CPU; reports flooding fd 4 (from the
     app) kept it at 90%."""
-    from tests.helpers import unix_http_get, wait_for
+    from tests.helpers import TIME_SCALE, unix_http_get, wait_for
 
     emp = start_emperor("--emperor-tyrant", vassal_dir=hostile_base / "vassals", control_dir=hostile_base)
     app = hostile_base / "flood_app.py"
@@ -442,7 +442,10 @@ def test_floods_on_the_vassals_own_channels_are_cheap(start_emperor, hostile_bas
     tenant.write(emp.dir / "flood.ini", f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = {tenant.home}/f.sock\n{extra}")
     wait_for(lambda: unix_http_get(str(tenant.home / "f.sock")), 20, what="the flooding vassal")
     cpu, rss = _emperor_cost(emp, 3.0)
-    assert cpu < 1.5, f"the emperor spent {cpu:.1f}s of CPU in 3s"
+    # (emulated, as in the TCG guest, the same work costs several times the
+    # CPU: there the bound is only that the emperor is not pinned at 100%)
+    limit = 1.5 if TIME_SCALE == 1 else 2.7
+    assert cpu < limit, f"the emperor spent {cpu:.1f}s of CPU in 3s"
     assert rss < 64 * 1024 * 1024, f"the emperor grew by {rss >> 20} MiB"
     assert json.loads(emp.ctl("--json", "status").stdout)["vassals"]
 
