@@ -260,15 +260,15 @@ def _settle(completion, rados) -> int:
 class _Reader:
     """The object's bytes, PIECE at a time as the server sends them, with up
     to WINDOW reads in flight ahead of it; a failure mid-way ends the body
-    (the client sees it short). The first piece is asked for with the stat,
-    before the size is known (a round trip less: a shorter object just
-    answers it short)."""
+    (the client sees it short). The first WINDOW pieces are asked for with
+    the stat, before the size is known (a round trip less: a shorter object
+    answers them short or empty, and they are dropped)."""
 
     def __init__(self, ioctx, key: str, rados):
         self.ioctx, self.key, self.rados = ioctx, key, rados
         self.pending: deque = deque()  # (offset, completion, [data])
         self.offset = 0  # where the next read starts
-        self.size = PIECE  # until the stat says
+        self.size = PIECE * WINDOW  # until the stat says
         self._stat: list[tuple[int, time.struct_time]] = []
         self._stat_done = ioctx.aio_stat(key, lambda _c, size, mtime: self._stat.append((size, mtime)))
         self._fill()
