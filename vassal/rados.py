@@ -280,7 +280,7 @@ class _Reader:
             self.close()
             raise
         self.size, mtime = self._stat[0]
-        while self.pending and self.pending[-1][0] >= self.size:  # (past an empty object's end)
+        while self.pending and self.pending[-1][0] >= self.size:  # (speculative reads past the object's end)
             self.pending.pop()[1].wait_for_complete_and_cb()
         self.offset = min(self.offset, self.size)
         self._fill()
