@@ -54,6 +54,19 @@ def world_reachable(path: str | os.PathLike) -> bool:
     return True
 
 
+def open_fd_targets(pid: int) -> list[str]:
+    """What ``pid``'s open fds point at (``pipe:[N]``, paths, ...). The
+    process keeps running while we look: an fd closed between the listing
+    and its readlink is simply not open any more."""
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            pass
+    return targets
+
+
 _handed_out: set[int] = set()
 
 

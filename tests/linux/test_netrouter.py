@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import wait_for
+from tests.helpers import open_fd_targets, wait_for
 from tests.net_helpers import NET_APP, blob, host_ping, http, local_route
 
 pytestmark = [pytest.mark.linux_only, pytest.mark.skipif(not os.path.exists("/dev/net/tun") or os.geteuid() != 0, reason="needs root and /dev/net/tun")]
@@ -513,7 +513,7 @@ def test_passed_fd_must_be_a_tun_device_with_offload_headers(netdir):
                 assert conn["offloads"] is True and conn["direct"] is False
         # The router kept no copy of either.
         ours = f"pipe:[{os.fstat(read_end).st_ino}]"
-        assert ours not in [os.readlink(f"/proc/{router.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{router.pid}/fd")]
+        assert ours not in open_fd_targets(router.pid)
         assert router.poll() is None
     finally:
         os.close(read_end)
