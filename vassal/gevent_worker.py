@@ -56,6 +56,9 @@ class GeventWorker(Worker):
         import gevent.socket
 
         self.gevent = gevent
+        from vassal.gevent_socket import ProgressSocket
+
+        self.socket_class = ProgressSocket
         gevent.reinit()  # (the master may have imported it: a fresh hub after the fork)
         default_signals(signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
         self.stop_event = gevent.event.Event()
@@ -96,7 +99,7 @@ class GeventWorker(Worker):
     def _accept_loop(self, listener: Listener) -> None:
         gevent = self.gevent
         # A dup: closing our gevent socket leaves the shared listener to the others.
-        sock = gevent.socket.socket(listener.sock.family, socket.SOCK_STREAM, 0, os.dup(listener.sock.fileno()))
+        sock = self.socket_class(listener.sock.family, socket.SOCK_STREAM, 0, os.dup(listener.sock.fileno()))
         kind, family, server = self._listener_info(listener)
         try:
             while True:
@@ -124,7 +127,7 @@ class GeventWorker(Worker):
         while True:
             gevent.socket.wait_read(recv_end.fileno())
             for conn, kind, peer, server in self._handed_over():
-                green = gevent.socket.socket(conn.family, socket.SOCK_STREAM, 0, conn.detach())
+                green = self.socket_class.adopt(conn)
                 self.pool.spawn(self._connection, green, kind, peer, server)
 
     def _signal_loop(self) -> None:

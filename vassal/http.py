@@ -146,7 +146,10 @@ class HttpConnection:
                 return False
         if self.continue_due:
             self.continue_due = False
-            self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            # (a body that came whole behind the requests before it wants no
+            # go-ahead: sent now, it would sit in front of the next answer)
+            if self.parser.in_body:
+                self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         return True
 
     def _send_error(self, status: int, detail: str = "") -> None:

@@ -155,6 +155,11 @@ class RequestParser:
         """Part of a request head received, not all of it."""
         return (self.current is None and bool(self._buf)) or (self.current is not None and self._state == _HEAD)
 
+    @property
+    def in_body(self) -> bool:
+        """A request's head received, not all of its body."""
+        return self.current is not None and self._state != _HEAD
+
     def feed(self, data: bytes) -> None:
         if self._failed is not None:
             raise self._failed

@@ -160,6 +160,30 @@ def test_expect_continue(run_vassal):
         assert sock.recv(1000).endswith(b"ping")
 
 
+def test_expect_continue_behind_pipelined_requests(run_vassal):
+    """A 100 Continue due while earlier pipelined requests are answered goes
+    after their answers, and only if the body is still to come: one that
+    came whole in the same packet gets its answer with no 100 anywhere."""
+    v = run_vassal()
+    get = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    post = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+    out = v.raw(get + post + b"ping", timeout=1.0)  # (kept alive: read until quiet)
+    assert out.count(b"HTTP/1.1 200") == 2 and out.endswith(b"ping") and b"100 Continue" not in out
+    with socket.create_connection(("127.0.0.1", v.port), timeout=5) as sock:
+        sock.sendall(get + post)  # (the body waits for the go-ahead)
+        seen = b""
+        while b"100 Continue" not in seen:
+            chunk = sock.recv(65536)
+            assert chunk, seen
+            seen += chunk
+        assert seen.index(b"HTTP/1.1 200") < seen.index(b"HTTP/1.1 100 Continue")  # the GET's answer first
+        sock.sendall(b"ping")
+        while not seen.endswith(b"ping"):
+            chunk = sock.recv(65536)
+            assert chunk, seen
+            seen += chunk
+
+
 def test_app_error_500_and_traceback(run_vassal):
     v = run_vassal()
     status, _ = http_get(v.port, "/error")
