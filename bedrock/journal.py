@@ -3,13 +3,16 @@
 carry fields (PRIORITY=, VASSAL=...) that a line on stderr cannot.
 
 Never blocks: a journal that is full or gone makes ``send`` return False
-and the caller falls back or counts a drop."""
+and the caller falls back or counts a drop. The socket is connected when
+the Journal is made (bedrock.datagram), so a vassal that pivots its root
+away still reaches it."""
 
 from __future__ import annotations
 
 import os
-import socket
 import struct
+
+from bedrock.datagram import DatagramSender
 
 SOCKET = "/run/systemd/journal/socket"
 MAX_VALUE = 48 * 1024  # (a datagram of fields stays well under the socket's limit)
@@ -30,20 +33,12 @@ def encode(fields: dict[str, str | bytes]) -> bytes:
     return b"".join(out)
 
 
-class Journal:
+class Journal(DatagramSender):
     def __init__(self, path: str = SOCKET):
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        super().__init__(path)
 
-    def send(self, **fields: str | bytes) -> bool:
-        try:
-            self.sock.sendto(encode(fields), self.path)
-            return True
-        except OSError:
-            return False
-
-    def close(self) -> None:
-        self.sock.close()
+    def send(self, **fields: str | bytes) -> bool:  # type: ignore[override]
+        return super().send(encode(fields))
 
 
 def stderr_is_journal() -> bool:

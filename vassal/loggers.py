@@ -2,7 +2,9 @@
 each line sent after the ``log-encoder`` chain. A destination that is down
 or full never stops the vassal: sockets are non-blocking datagrams, a line
 that cannot go is counted as dropped (and said once a minute on the
-vassal's own log), and the vassal keeps serving.
+vassal's own log), and the vassal keeps serving. Each socket is connected
+when the vassal starts, before its root changes (bedrock.datagram), and
+kept across reloads that still name it.
 
 - ``rsyslog:HOST[:PORT][,PREFIX[,PRIORITY]]`` (or a unix datagram socket
   path for HOST): ``<PRI>Mmm dd hh:mm:ss PREFIX: line`` as uWSGI sends
@@ -25,6 +27,7 @@ import time
 from collections.abc import Callable
 
 from bedrock import journal
+from bedrock.datagram import DatagramSender
 from bedrock.options import SYSLOG_FACILITIES, parse_logger
 
 DROP_REPORT_INTERVAL = 60.0
@@ -41,6 +44,7 @@ class Logger:
     def __init__(self, spec: str, name: str):
         self.spec = spec
         self.name = name
+        self.settings: tuple = ()  # (what else it was built with: a reload keeps it only if unchanged)
         self.dropped = 0
         self.reported = 0
         self.last_report = 0.0
@@ -55,22 +59,17 @@ class Logger:
 class _Datagram(Logger):
     def __init__(self, spec: str, name: str, address: str | tuple[str, int]):
         super().__init__(spec, name)
-        self.address = address
-        family = socket.AF_UNIX if isinstance(address, str) else \
-            (socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
-        self.sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        self.sender = DatagramSender(address)  # (looked up now, before the vassal's root changes)
 
     def _packet(self, data: bytes) -> None:
-        try:
-            self.sock.sendto(data, self.address)
-        except OSError:  # (down, full, unreachable: never the vassal's problem)
+        if not self.sender.send(data):  # (down, full, unreachable: never the vassal's problem)
             self.dropped += 1
 
     def send(self, line: bytes) -> None:
         self._packet(line.rstrip(b"\n"))
 
     def close(self) -> None:
-        self.sock.close()
+        self.sender.close()
 
 
 class Rsyslog(_Datagram):
@@ -151,6 +150,12 @@ def _address(text: str, default_port: int) -> str | tuple[str, int]:
 def build(spec: str, packet_size: int = 1024, split: bool = False, hostname: str | None = None,
           vassal: str = "") -> Logger:
     """The destination a ``logger`` value names (validated already)."""
+    logger = _build(spec, packet_size, split, hostname, vassal)
+    logger.settings = (packet_size, split, vassal)
+    return logger
+
+
+def _build(spec: str, packet_size: int, split: bool, hostname: str | None, vassal: str) -> Logger:
     name, kind, args = parse_logger(spec)
     if kind == "journal":
         return Journal(spec, name, vassal)

@@ -95,14 +95,25 @@ def chain(specs: list[str]) -> Encoder:
     return encode
 
 
-def fanout(config: Config, say: Callable[[bytes], None]) -> loggers.Fanout | None:
-    """The config's ``logger`` destinations (None without any)."""
+def fanout(config: Config, say: Callable[[bytes], None], before: loggers.Fanout | None = None) -> loggers.Fanout | None:
+    """The config's ``logger`` destinations (None without any). On a reload
+    (``before``: the ones in use) a destination the config still names the
+    same way is kept, not made again: its socket was found before the
+    vassal's root changed, and a new one would look in the new root."""
     specs = config.getlist("logger")
-    if not specs:
-        return None
     packet, split = config.get_int("rsyslog-packet-size"), config.get_bool("rsyslog-split-messages")
     vassal = os.path.basename(config.path)
-    return loggers.Fanout([loggers.build(spec, packet, split, vassal=vassal) for spec in specs], say)
+    kept: dict[tuple, list[loggers.Logger]] = {}
+    for logger in before.loggers if before is not None else ():
+        kept.setdefault((logger.spec, logger.settings), []).append(logger)
+    chosen = []
+    for spec in specs:
+        same = kept.get((spec, (packet, split, vassal)))
+        chosen.append(same.pop(0) if same else loggers.build(spec, packet, split, vassal=vassal))
+    for left in kept.values():
+        for logger in left:
+            logger.close()
+    return loggers.Fanout(chosen, say) if chosen else None
 
 
 class LogPipe:
@@ -137,9 +148,7 @@ class LogPipe:
     def update(self, logto: str | None, encoders: list[str], config: Config | None = None) -> None:
         self.encode = chain(encoders)
         if config is not None:
-            if self.loggers is not None:
-                self.loggers.close()
-            self.loggers = fanout(config, self._say)
+            self.loggers = fanout(config, self._say, self.loggers)
         if logto != self.logto:
             self.logto = logto
             if logto is None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import answers, free_port, hello_ini, kill_tree, wait_for
+from tests.helpers import ROOT, answers, free_port, hello_ini, kill_tree, wait_for
 
 RSYSLOGD = shutil.which("rsyslogd") or ("/usr/sbin/rsyslogd" if os.path.exists("/usr/sbin/rsyslogd") else None)
 VASSAL = Path(sys.executable).parent / "vassal"
@@ -143,6 +143,23 @@ def test_the_vassal_keeps_serving_while_rsyslogd_is_down(rsyslogd, vassal):
     rsyslogd.start()
     answers(port, "/after-restart")
     rsyslogd.wait_line("/after-restart")
+
+
+@pytest.mark.linux_only
+def test_a_chrooted_vassal_still_reaches_the_socket_it_found_at_start(rsyslogd, vassal, tmp_path):
+    """The rsyslogd socket is not in the vassal's new root: the logger,
+    connected when the vassal started, still reaches it (looked up by name
+    per line, every line would be dropped)."""
+    root = tmp_path / "croot"
+    lines = ["unshare = fs", f"hook-post-jail = mkdir:{root}", f"hook-post-jail = mount:tmpfs none {root}"]
+    lib64 = ["/lib64"] if os.path.isdir("/lib64") and not os.path.islink("/lib64") else []
+    for source in ["/usr", "/lib", "/etc", sys.prefix, str(ROOT), *lib64]:
+        lines += [f"exec-post-jail = mkdir -p {root}{source}", f"mount-post-jail = none {source} {root}{source} bind,rec"]
+    lines += [f"chroot = {root}", f"logger = rsyslog:{rsyslogd.dir}/log.sock,jailed,134"]
+    port, log, _ = vassal("\n".join(lines) + "\n")
+    answers(port, "/from-the-jail")
+    assert "tag=jailed:" in rsyslogd.wait_line("/from-the-jail")
+    assert "destination unavailable" not in log.read_text()
 
 
 def test_bad_logger_values_name_the_line(tmp_path):
