@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, answers, free_port, hello_ini, kill_tree, wait_for
+from tests.helpers import (
+    HELLO,
+    ROOT,
+    answers,
+    free_port,
+    hello_ini,
+    kill_tree,
+    unix_http_get,
+    wait_for,
+)
 
 RSYSLOGD = shutil.which("rsyslogd") or ("/usr/sbin/rsyslogd" if os.path.exists("/usr/sbin/rsyslogd") else None)
 VASSAL = Path(sys.executable).parent / "vassal"
@@ -160,6 +169,33 @@ def test_a_chrooted_vassal_still_reaches_the_socket_it_found_at_start(rsyslogd, 
     answers(port, "/from-the-jail")
     assert "tag=jailed:" in rsyslogd.wait_line("/from-the-jail")
     assert "destination unavailable" not in log.read_text()
+
+
+@pytest.mark.linux_only
+@pytest.mark.parametrize("who", ["vassal", "operator"])
+def test_network_namespace_chosen_by_the_vassal_or_the_operator(rsyslogd, start_emperor, tmp_path, who):
+    """``unshare = net`` (the vassal's own choice) comes after its loggers are
+    made: UDP still reaches a syslog on the host's loopback. The operator's
+    ``--emperor-use-clone net`` puts the whole vassal in its own network from
+    the start: its UDP stays there (no way out of the isolation the operator
+    chose), and a unix socket of the host's is the way to the host's syslog."""
+    emp = start_emperor(*(("--emperor-use-clone", "net") if who == "operator" else ()))
+    sock = tmp_path / "n.sock"
+    (emp.dir / "n.ini").write_text(
+        f"[uwsgi]\nwsgi-file = {HELLO}\nhttp-socket = {sock}\n" + ("unshare = net\n" if who == "vassal" else "")
+        + f"logger = rsyslog:127.0.0.1:{rsyslogd.port},udpapp,134\nlogger = rsyslog:{rsyslogd.dir}/log.sock,unixapp,134\n")
+    wait_for(lambda: unix_http_get(str(sock)), 20, what="the vassal answering")
+    rsyslogd.wait_line("tag=unixapp:")
+    if who == "vassal":
+        rsyslogd.wait_line("tag=udpapp:")
+    else:
+        # (lines logged after the first ones came in over the unix socket:
+        # had UDP got out, the first would be in too)
+        seen = len([line for line in rsyslogd.lines() if "tag=unixapp:" in line])
+        unix_http_get(str(sock))
+        wait_for(lambda: len([line for line in rsyslogd.lines() if "tag=unixapp:" in line]) > seen, 15,
+                 what="later lines")
+        assert not any("tag=udpapp:" in line for line in rsyslogd.lines())
 
 
 def test_bad_logger_values_name_the_line(tmp_path):
