@@ -46,7 +46,7 @@ class DatagramSender:
             else:
                 host, port = self.address
                 target = socket.getaddrinfo(host, port, self.sock.family, socket.SOCK_DGRAM)[0][4]
-        except OSError:  # (socket.gaierror: the name does not resolve now)
+        except (OSError, UnicodeError):  # (socket.gaierror: the name does not resolve now; UnicodeError: not a name idna encodes)
             self.retry_at = time.monotonic() + RETRY_NAME
             return
         try:

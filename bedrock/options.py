@@ -233,11 +233,44 @@ SYSLOG_FACILITIES = {"kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "s
 LOGGERS = ("rsyslog", "syslog", "socket", "file", "journal")
 
 
-def parse_logger(text: str) -> tuple[str, str, str]:
-    """``[NAME ]KIND[:ARGS]`` -> (name, kind, args), checked."""
+def logger_address(text: str, default_port: int = 514) -> str | tuple[str, int]:
+    """A logger's destination: a unix datagram socket path, or ``HOST[:PORT]``
+    (``[V6]:PORT``, ``[V6]`` or a bare IPv6 address too) as (host, port),
+    checked: ASCII digits for the port, a host name the resolver can encode
+    (resolved later, by getaddrinfo, when the logger is made)."""
     text = text.strip()
+    if text.startswith("/"):
+        return text
+    if text.startswith("["):
+        host, close, rest = text[1:].partition("]")
+        if not close or rest and not rest.startswith(":"):
+            raise BadValue(f"bad IPv6 host in address {text!r}")
+        port = rest[1:] if rest else str(default_port)
+    elif text.count(":") > 1:  # (a bare IPv6 address: no port can follow it)
+        host, port = text, str(default_port)
+    else:
+        host, sep, port = text.partition(":")
+        port = port if sep else str(default_port)
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) <= 65535:  # ("²".isdigit() is True)
+        raise BadValue(f"bad port in address {text!r}")
+    if not host:
+        raise BadValue(f"no host in address {text!r}")
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise BadValue(f"bad host name in address {text!r} (an empty or over-long label)") from None
+    return host, int(port)
+
+
+def parse_logger(text: str) -> tuple[str, str, str]:
+    """``[NAME ]KIND[:ARGS]`` -> (name, kind, args), checked. As in uWSGI,
+    the part before the first space is a NAME only if it is alphanumeric:
+    ``rsyslog:host:514,web01 app`` is a prefix with a space in it."""
+    text = text.strip()
+    if "\0" in text:
+        raise BadValue("a logger value may not hold a NUL byte")
     name, space, rest = text.partition(" ")
-    if not space:
+    if not (space and name.isascii() and name.isalnum()):
         name, rest = "", text
     kind, _, args = rest.strip().partition(":")
     if kind == "journal" and args.strip():
@@ -249,12 +282,12 @@ def parse_logger(text: str) -> tuple[str, str, str]:
     if kind == "rsyslog":
         target, _, rest = args.partition(",")
         _, _, priority = rest.partition(",")
-        if priority and (not priority.strip().isdigit() or not 0 <= int(priority) <= 191):
+        digits = priority.strip()
+        if priority and (not (digits.isascii() and digits.isdigit()) or not 0 <= int(digits) <= 191):
             raise BadValue(f"rsyslog priority must be 0-191 (facility * 8 + severity), got {priority!r}")
-        if not target.startswith("/"):
-            parse_addr(target if ":" in target else f"{target}:514")
-    if kind == "socket" and not args.startswith("/"):
-        parse_addr(args)
+        logger_address(target)
+    if kind == "socket":
+        logger_address(args.partition(",")[0])  # (uWSGI: socket:ADDR[,PREFIX])
     if kind == "syslog":
         _, _, facility = args.partition(",")
         if facility and facility not in SYSLOG_FACILITIES:
@@ -457,8 +490,16 @@ _opt("hook-timeout", parse_float, "seconds an exec hook or a wait_for_* action m
 # --- logging ------------------------------------------------------------------
 _opt("logto", parse_nonempty, "write the log to FILE", metavar="FILE", group="logging", scope=BOTH)
 _opt("logger", _logger, "also send each log line (after log-encoder) to rsyslog:HOST[:PORT][,PREFIX[,PRIORITY]], "
-     "syslog[:IDENT[,FACILITY]], socket:ADDR, file:PATH or journal (journald's native protocol, VASSAL= field)", multi=True, metavar="[NAME ]KIND:ARGS", group="logging")
-_opt("rsyslog-packet-size", parse_positive_int, "largest rsyslog packet (RFC 3164 says 1024)", default=1024, metavar="BYTES",
+     "syslog[:IDENT[,FACILITY]], socket:ADDR[,PREFIX], file:PATH or journal (journald's native protocol, VASSAL= field)", multi=True, metavar="[NAME ]KIND:ARGS", group="logging")
+def _packet_size(text: str) -> int:
+    # (under 64 a packet is all header: a line would go out a byte per packet)
+    value = parse_int(text)
+    if not 64 <= value <= 65507:
+        raise BadValue(f"expected 64-65507 (the largest UDP payload), got {text!r}")
+    return value
+
+
+_opt("rsyslog-packet-size", _packet_size, "largest rsyslog packet (RFC 3164 says 1024)", default=1024, metavar="BYTES",
      group="logging")
 _bool("rsyslog-split-messages", "send a line too long for one rsyslog packet in several (else it is cut)", group="logging")
 _opt("log-encoder", lambda text: _log_encoder(text), "encode every log line", multi=True, metavar="ENCODER [ARGS]", group="logging")

@@ -10,11 +10,13 @@ kept across reloads that still name it.
   path for HOST): ``<PRI>Mmm dd hh:mm:ss PREFIX: line`` as uWSGI sends
   it, port 514, PRIORITY 29 (daemon.notice), PREFIX ``HOSTNAME uwsgi``;
   lines longer than ``rsyslog-packet-size`` (1024) less 30 are cut, or with
-  ``rsyslog-split-messages`` sent in several packets
+  ``rsyslog-split-messages`` sent in several packets (at most 128)
 - ``syslog[:IDENT[,FACILITY]]``: the local syslog socket (/dev/log),
-  ``<PRI>Mmm dd hh:mm:ss IDENT[PID]: line`` as libc's syslog(3) writes it
-- ``socket:ADDR``: the raw line to a UDP ``host:port`` or a unix datagram path
-- ``file:PATH``: appended to PATH
+  ``<PRI>Mmm dd hh:mm:ss IDENT: line``, daemon.info by default, as uWSGI's
+  syslog(3) calls write it
+- ``socket:ADDR[,PREFIX]``: PREFIX and the line, untouched, to a UDP
+  ``host:port`` or a unix datagram path
+- ``file:PATH``: appended to PATH as it is
 - ``journal``: systemd-journald's native protocol, each line an entry
   with MESSAGE, PRIORITY (6), SYSLOG_IDENTIFIER and VASSAL (the file's name)
 """
@@ -28,7 +30,7 @@ from collections.abc import Callable
 
 from bedrock import journal
 from bedrock.datagram import DatagramSender
-from bedrock.options import SYSLOG_FACILITIES, parse_logger
+from bedrock.options import SYSLOG_FACILITIES, logger_address, parse_logger
 
 DROP_REPORT_INTERVAL = 60.0
 
@@ -56,64 +58,91 @@ class Logger:
         pass
 
 
+def _one_newline_off(line: bytes) -> bytes:
+    # (at most one: what went before it is the line's own, binary encoders' too)
+    return line[:-1] if line.endswith(b"\n") else line
+
+
 class _Datagram(Logger):
-    def __init__(self, spec: str, name: str, address: str | tuple[str, int]):
+    """``socket:ADDR[,PREFIX]``: PREFIX and the line as it came (uWSGI sends
+    it untouched: a compressed line may end in a newline byte of its own)."""
+
+    def __init__(self, spec: str, name: str, address: str | tuple[str, int], prefix: bytes = b""):
         super().__init__(spec, name)
         self.sender = DatagramSender(address)  # (looked up now, before the vassal's root changes)
+        self.prefix = prefix
 
     def _packet(self, data: bytes) -> None:
         if not self.sender.send(data):  # (down, full, unreachable: never the vassal's problem)
             self.dropped += 1
 
     def send(self, line: bytes) -> None:
-        self._packet(line.rstrip(b"\n"))
+        self._packet(self.prefix + line)
 
     def close(self) -> None:
         self.sender.close()
 
 
 class Rsyslog(_Datagram):
+    MAX_PACKETS = 128  # (split: a line longer than this many packets is cut after them)
+
     def __init__(self, spec: str, name: str, address: str | tuple[str, int], prefix: str, priority: int,
                  packet_size: int, split: bool):
-        super().__init__(spec, name, address)
-        self.prefix = prefix.encode()
+        super().__init__(spec, name, address, prefix.encode())
         self.priority = priority
         self.packet_size = packet_size
         self.split = split
+        self.settings = (packet_size, split)
 
     def send(self, line: bytes) -> None:
-        message = line.rstrip(b"\n")
+        message = _one_newline_off(line)
         head = b"<%d>%s %s: " % (self.priority, _stamp(time.time()).encode(), self.prefix)
         room = max(1, self.packet_size - 30)  # (uWSGI's message size: the packet less its header's share)
         if len(head) + min(room, len(message)) > self.packet_size:
             room = max(1, self.packet_size - len(head))
-        pieces = [message[i:i + room] for i in range(0, len(message), room)] or [b""]
-        for piece in pieces if self.split else pieces[:1]:
-            self._packet(head + piece)
+        count = min(self.MAX_PACKETS, -(-len(message) // room)) if self.split else 1
+        for at in range(0, max(1, count) * room, room):
+            self._packet(head + message[at:at + room])
 
 
 class Syslog(_Datagram):
+    """``<PRI>Mmm dd hh:mm:ss IDENT: line``, as uWSGI's openlog(IDENT, 0,
+    FACILITY) and syslog(LOG_INFO) write it (no pid: no LOG_PID)."""
+
     def __init__(self, spec: str, name: str, ident: str, facility: int, path: str = "/dev/log"):
         super().__init__(spec, name, path)
         self.ident = ident.encode()
         self.priority = facility * 8 + 6  # (info)
 
     def send(self, line: bytes) -> None:
-        self._packet(b"<%d>%s %s[%d]: %s" % (self.priority, _stamp(time.time()).encode(), self.ident, os.getpid(),
-                                             line.rstrip(b"\n")))
+        self._packet(b"<%d>%s %s: %s" % (self.priority, _stamp(time.time()).encode(), self.ident, _one_newline_off(line)))
 
 
 class File(Logger):
+    """Each encoded line appended as it is (as ``logto`` writes it: a gzip
+    encoder's lines make one gzip stream). Opened when the vassal starts,
+    before its root changes, as the user the vassal runs as; a file that
+    cannot be opened is tried again on later lines, which count as dropped."""
+
     def __init__(self, spec: str, name: str, path: str):
         super().__init__(spec, name)
         self.path = path
         self.fd: int | None = None
+        self._open()
+
+    def _open(self) -> None:
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o640)
+        except (OSError, ValueError):  # (ValueError: a path with a NUL in it)
+            self.fd = None
 
     def send(self, line: bytes) -> None:
+        if self.fd is None:
+            self._open()
         try:
             if self.fd is None:
-                self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o640)
-            os.write(self.fd, line if line.endswith(b"\n") else line + b"\n")
+                raise OSError("not open")
+            os.write(self.fd, line)
         except OSError:
             self.dropped += 1
 
@@ -128,9 +157,10 @@ class Journal(Logger):
         super().__init__(spec, name)
         self.vassal = vassal
         self.journal = journal.Journal()
+        self.settings = (vassal,)
 
     def send(self, line: bytes) -> None:
-        if not self.journal.send(MESSAGE=line.rstrip(b"\n"), PRIORITY="6", SYSLOG_IDENTIFIER="pyemperor",
+        if not self.journal.send(MESSAGE=_one_newline_off(line), PRIORITY="6", SYSLOG_IDENTIFIER="pyemperor",
                                  VASSAL=self.vassal):
             self.dropped += 1
 
@@ -138,37 +168,31 @@ class Journal(Logger):
         self.journal.close()
 
 
-def _address(text: str, default_port: int) -> str | tuple[str, int]:
-    if text.startswith("/"):
-        return text
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        host, port = text, str(default_port)
-    return host.strip("[]"), int(port)
+def settings_for(spec: str, packet_size: int, split: bool, vassal: str) -> tuple:
+    """The ``settings`` ``build`` would give this logger (see there)."""
+    kind = parse_logger(spec)[1]
+    return (packet_size, split) if kind == "rsyslog" else (vassal,) if kind == "journal" else ()
 
 
 def build(spec: str, packet_size: int = 1024, split: bool = False, hostname: str | None = None,
           vassal: str = "") -> Logger:
-    """The destination a ``logger`` value names (validated already)."""
-    logger = _build(spec, packet_size, split, hostname, vassal)
-    logger.settings = (packet_size, split, vassal)
-    return logger
-
-
-def _build(spec: str, packet_size: int, split: bool, hostname: str | None, vassal: str) -> Logger:
+    """The destination a ``logger`` value names (validated already). Its
+    ``settings`` are what else it was made with that it uses: a reload
+    keeps it only if they are unchanged."""
     name, kind, args = parse_logger(spec)
     if kind == "journal":
         return Journal(spec, name, vassal)
     if kind == "rsyslog":
         target, _, rest = args.partition(",")
         prefix, _, priority = rest.partition(",")
-        return Rsyslog(spec, name, _address(target, 514), prefix or f"{hostname or socket.gethostname()} uwsgi",
+        return Rsyslog(spec, name, logger_address(target), prefix or f"{hostname or socket.gethostname()} uwsgi",
                        int(priority) if priority else 29, packet_size, split)
     if kind == "syslog":
         ident, _, facility = args.partition(",")
-        return Syslog(spec, name, ident or "uwsgi", SYSLOG_FACILITIES[facility or "user"])
+        return Syslog(spec, name, ident or "uwsgi", SYSLOG_FACILITIES[facility or "daemon"])
     if kind == "socket":
-        return _Datagram(spec, name, _address(args, 514))
+        target, _, prefix = args.partition(",")
+        return _Datagram(spec, name, logger_address(target), prefix.encode())
     return File(spec, name, args)
 
 

@@ -31,6 +31,7 @@ from bedrock.loop import Loop
 from vassal import loggers
 
 Encoder = Callable[[bytes], bytes]
+MAX_PARTIAL = 65536  # bytes of a line without its newline kept before it is passed on
 _VAR_RE = re.compile(rb"\$\{(msgnl|msg|unix|micros|strftime:[^}]*)\}")
 
 
@@ -108,7 +109,7 @@ def fanout(config: Config, say: Callable[[bytes], None], before: loggers.Fanout 
         kept.setdefault((logger.spec, logger.settings), []).append(logger)
     chosen = []
     for spec in specs:
-        same = kept.get((spec, (packet, split, vassal)))
+        same = kept.get((spec, loggers.settings_for(spec, packet, split, vassal)))
         chosen.append(same.pop(0) if same else loggers.build(spec, packet, split, vassal=vassal))
     for left in kept.values():
         for logger in left:
@@ -193,6 +194,12 @@ class LogPipe:
         self.partial = data[cut:]
         if cut:
             self.emit(data[:cut])
+        if len(self.partial) >= MAX_PARTIAL:
+            # Output that never ends its line (a progress bar): passed on in
+            # pieces, as uWSGI does each read, not held whole and copied again
+            # on every read.
+            self.emit(self.partial + b"\n")
+            self.partial = b""
 
     def close(self) -> None:
         """At exit: everything still in the pipe is written out."""

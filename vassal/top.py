@@ -59,6 +59,14 @@ class Daemon:
     timer: Timer | None = field(default=None, repr=False)
 
 
+LOG_KEYS = ("logto", "log-encoder", "logger")  # (any of them: the vassal's output goes through a LogPipe)
+
+
+def _log_setup(config) -> str:
+    """What a failure to set the log up is about, for its message."""
+    return f"logto {config.get('logto')}" if config.has("logto") else "logger setup"
+
+
 class Top:
     def __init__(self, name: str, config: Config, reload_config: Callable[[], Config] | None):
         self.name = name
@@ -180,11 +188,11 @@ class Top:
         loop.add_signal(signal.SIGHUP, lambda s: self.reload())
         loop.add_signal(signal.SIGUSR2, lambda s: self.logpipe and self.logpipe.reopen())
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        if self.config.has("logto") or self.config.has("log-encoder") or self.config.has("logger"):
+        if any(self.config.has(key) for key in LOG_KEYS):
             try:
                 self.logpipe = LogPipe(self.config.get_opt_str("logto"), self.config.getlist("log-encoder"), self.config)
             except OSError as exc:
-                log(f"logto {self.config.get('logto')}: {exc.strerror}")
+                log(f"{_log_setup(self.config)}: {exc.strerror or exc}")
                 return protocol.EXIT_ERROR
             set_sink(self.logpipe.emit)
             self.logpipe.start(loop)
@@ -309,7 +317,12 @@ class Top:
             try:
                 self.logpipe.update(new.get_opt_str("logto"), new.getlist("log-encoder"), new)
             except OSError as exc:
-                log(f"logto {new.get('logto')}: {exc.strerror}")
+                log(f"{_log_setup(new)}: {exc.strerror or exc}")
+        elif any(new.has(key) for key in LOG_KEYS):
+            # (the processes' output does not pass through a log pipe of ours:
+            # one made now would not see it)
+            log(f"reload: {', '.join(key for key in LOG_KEYS if new.has(key))} added: they take effect when the vassal "
+                "is restarted, not on a reload")
         if has_app(new):
             self._start_master()
         elif has_app(old):

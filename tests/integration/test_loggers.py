@@ -198,6 +198,18 @@ def test_network_namespace_chosen_by_the_vassal_or_the_operator(rsyslogd, start_
         assert not any("tag=udpapp:" in line for line in rsyslogd.lines())
 
 
+def test_a_logger_added_on_reload_is_said_to_need_a_restart(rsyslogd, vassal, tmp_path):
+    """A vassal started with no log keys has no log pipe for its processes'
+    output: a logger added by a reload is not silently ignored."""
+    port, log, proc = vassal("")
+    ini = tmp_path / "logged.ini"
+    ini.write_text(ini.read_text() + f"logger = rsyslog:127.0.0.1:{rsyslogd.port}\n")
+    proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "logger added: they take effect when the vassal is restarted" in log.read_text(), 15,
+             what="the reload saying so")
+    assert answers(port) is not None
+
+
 def test_bad_logger_values_name_the_line(tmp_path):
     ini = tmp_path / "bad.ini"
     ini.write_text(hello_ini(free_port(), "logger = rsyslog:127.0.0.1:514,app,192\nlogger = carrier-pigeon:coo\n"))
