@@ -125,3 +125,53 @@ def test_a_compressed_line_reaches_a_socket_logger_whole(tmp_path):
     finally:
         logger.close()
         sink.close()
+
+
+@pytest.mark.parametrize(("text", "address"), [
+    ("[::1]", ("::1", 514)),
+    ("[::1]:5140", ("::1", 5140)),
+    ("::1", ("::1", 514)),  # (a bare IPv6 address: no port can follow it)
+    ("logs.example.com", ("logs.example.com", 514)),
+    ("127.0.0.1:65535", ("127.0.0.1", 65535)),
+    ("/dev/log", "/dev/log"),
+])
+def test_logger_addresses(text, address):
+    from bedrock.options import logger_address
+
+    assert logger_address(text) == address
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1:0", "[::1", "[::1]x", ":514", "host:65536"])
+def test_bad_logger_addresses(text):
+    from bedrock.options import logger_address
+
+    with pytest.raises(BadValue):
+        logger_address(text)
+
+
+def test_rsyslog_packet_size_bounds_and_split_cap(tmp_path):
+    from bedrock.config import ConfigError, load
+
+    for size in ("63", "65508"):
+        (tmp_path / "v.ini").write_text(f"[uwsgi]\nhttp-socket = 127.0.0.1:9000\nrsyslog-packet-size = {size}\n")
+        with pytest.raises(ConfigError, match="v.ini:3.*rsyslog-packet-size.*64-65507"):
+            load(str(tmp_path / "v.ini"))
+    path = str(tmp_path / "r.sock")
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(path)
+    sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    sink.setblocking(False)
+    logger = loggers.build(f"rsyslog:{path},app", packet_size=64, split=True)
+    try:
+        logger.send(b"x" * 100_000 + b"\n")
+        packets = []
+        while True:
+            try:
+                packets.append(sink.recv(4096))
+            except BlockingIOError:
+                break
+        assert len(packets) + logger.dropped == loggers.Rsyslog.MAX_PACKETS
+        assert all(len(packet) <= 64 for packet in packets)
+    finally:
+        logger.close()
+        sink.close()
