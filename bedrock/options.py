@@ -132,7 +132,7 @@ def parse_addr(text: str) -> str:
     host, sep, port = text.rpartition(":")
     if not sep:
         raise BadValue(f"expected host:port or a unix socket path, got {text!r}")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:  # ("²" is a digit int() refuses)
         raise BadValue(f"bad port in address {text!r}")
     if host.startswith("[") != host.endswith("]"):
         raise BadValue(f"bad IPv6 host in address {text!r}")

@@ -114,10 +114,10 @@ def bind(kind: str, address: str, backlog: int, mode: int | None = None, owner: 
 def _chown(path: str, owner: str) -> None:
     user, _, group = owner.partition(":")
     try:
-        uid = int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
+        uid = int(user) if user.isascii() and user.isdigit() else pwd.getpwnam(user).pw_uid
         gid = -1
         if group:
-            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+            gid = int(group) if group.isascii() and group.isdigit() else grp.getgrnam(group).gr_gid
     except KeyError as exc:
         raise SocketError(f"chown-socket: unknown user or group {exc.args[0]!r}") from None
     os.chown(path, uid, gid, follow_symlinks=False)

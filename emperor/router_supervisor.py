@@ -55,7 +55,7 @@ def _tenant_range(who: str, cidr: str) -> tuple[int, ipaddress.IPv4Network]:
         network = ipaddress.IPv4Network(cidr, strict=False)
     except ValueError:
         raise ValueError("expected an IPv4 network like 198.18.1.0/24") from None
-    if who.isdigit():
+    if who.isascii() and who.isdigit():
         return int(who), network
     try:
         return pwd.getpwnam(who).pw_uid, network

@@ -141,7 +141,7 @@ def refuse(config: Config, keys: dict[str, str]) -> list[Problem]:
 
 def resolve_user(user: str) -> tuple[int, int, str | None]:
     """(uid, primary gid, name) for a user name or number."""
-    if user.isdigit():
+    if user.isascii() and user.isdigit():
         uid = int(user)
         try:
             entry = pwd.getpwuid(uid)
@@ -156,7 +156,7 @@ def resolve_user(user: str) -> tuple[int, int, str | None]:
 
 
 def resolve_group(group: str) -> int:
-    if group.isdigit():
+    if group.isascii() and group.isdigit():
         return int(group)
     try:
         return grp.getgrnam(group).gr_gid

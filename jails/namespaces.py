@@ -48,7 +48,7 @@ def configure_network(config: Config) -> None:
     """net-mtu, net-iface (address, then up) and net-route over netlink (no
     binaries needed in the jail), once the tun devices exist."""
     for device, mtu in config.getlist("net-mtu"):
-        if not mtu.isdigit() or not 68 <= int(mtu) <= 65535:
+        if not (mtu.isascii() and mtu.isdigit()) or not 68 <= int(mtu) <= 65535:
             raise linux.JailError(f"net-mtu {device}: MTU must be 68..65535, not {mtu!r}")
         linux.set_mtu(device, int(mtu))
     for device, cidr in config.getlist("net-iface"):

@@ -34,7 +34,7 @@ def _address(text: str, rule: str) -> tuple[int, int] | None:
     except ValueError:
         raise RuleError(f"rule {rule!r}: bad address {address!r}") from None
     if sep:
-        if not mask_text.isdigit() or not 0 <= int(mask_text) <= 32:
+        if not (mask_text.isascii() and mask_text.isdigit()) or not 0 <= int(mask_text) <= 32:
             raise RuleError(f"rule {rule!r}: bad mask {mask_text!r} (0..32)")
         bits = int(mask_text)
     else:

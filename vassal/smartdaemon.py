@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import time
 from collections.abc import Callable
 
@@ -25,12 +26,21 @@ START_WAIT = 30.0
 
 
 def read_pid(path: str) -> int | None:
+    """The pid a daemon wrote (the app's, so anything: a huge file, bytes
+    that are not UTF-8, digits int() refuses are no pid, not an error)."""
     try:
-        with open(path) as handle:
-            text = handle.read().strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # (a FIFO must not hang the loop)
     except OSError:
         return None
-    return int(text) if text.isdigit() and int(text) > 0 else None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        text = os.read(fd, 64).strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return int(text) if text.isdigit() and len(text) < 10 and int(text) > 0 else None
 
 
 class SmartDaemon:

@@ -270,3 +270,20 @@ def test_one_bounded_request_per_connection():
         sent += client.send(b"x" * 8192)
         connection.on_readable()
     assert b"request too long" in client.recv(65536)
+
+
+def test_a_pidfile_is_read_as_untrusted_input(tmp_path):
+    """smart-attach-daemon's pidfile is the app's: odd contents are no pid,
+    and a FIFO in its place does not hang the vassal's loop."""
+    from vassal.smartdaemon import read_pid
+
+    cases = {b"1234\n": 1234, b"\xb2": None, "²".encode(): None, b"\xff\xfe12": None, b"0": None, b"-5": None,
+             b"9" * 40: None, b"12" + b" " * 10_000_000: 12}
+    for n, (content, pid) in enumerate(cases.items()):
+        path = tmp_path / f"p{n}.pid"
+        path.write_bytes(content)
+        assert read_pid(str(path)) == pid, content[:20]
+    fifo = tmp_path / "fifo.pid"
+    os.mkfifo(fifo)
+    assert read_pid(str(fifo)) is None
+    assert read_pid(str(tmp_path)) is None and read_pid(str(tmp_path / "none")) is None
