@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from tests.helpers import TIME_SCALE
+
 pytest.importorskip("gevent")
 
 
@@ -23,7 +25,7 @@ def _pair(timeout: float):
 
 
 def test_slow_steady_reader_gets_everything_past_the_timeout():
-    green, theirs = _pair(timeout=0.5)
+    green, theirs = _pair(timeout=0.5 * TIME_SCALE)
     payload = bytes(range(256)) * (4 * 4096)  # 4 MiB
     got = bytearray()
 
@@ -52,7 +54,7 @@ def test_slow_steady_reader_gets_everything_past_the_timeout():
 
 
 def test_reader_that_stops_is_cut_after_the_timeout():
-    green, theirs = _pair(timeout=0.5)
+    green, theirs = _pair(timeout=0.5 * TIME_SCALE)
     started = time.monotonic()
     try:
         with pytest.raises(TimeoutError):
@@ -60,7 +62,7 @@ def test_reader_that_stops_is_cut_after_the_timeout():
     finally:
         green.close()
         theirs.close()
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 5 * TIME_SCALE
 
 
 def test_accept_gives_our_socket():
