@@ -15,6 +15,7 @@ import json
 import os
 import re
 import stat
+import sys
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -276,6 +277,10 @@ def read_entries(path: str, kind: str | None = None, emperor: bool = False, owne
 
 # --- placeholders ------------------------------------------------------------
 
+# Placeholders every config has unless it defines them itself (ours, not
+# uWSGI's): where pyemperor runs from, for a jail that must bind it in.
+BUILTIN_PLACEHOLDERS = {"pyemperor-prefix": sys.prefix}
+
 _PLACEHOLDER_RE = re.compile(r"%\(([^)]*)\)|%(.)|\$\(([^)]*)\)")
 
 
@@ -337,6 +342,8 @@ class _Expander:
         if name in self.cache:
             return self.cache[name]
         target = self.named(name)
+        if target is None and name in BUILTIN_PLACEHOLDERS:
+            return BUILTIN_PLACEHOLDERS[name]
         if target is None:
             raise ConfigError([Problem(origin.file, origin.line, origin.key, f"undefined placeholder %({name})")])
         value = self.expand(target, (*stack, name), origin)

@@ -398,3 +398,15 @@ def test_a_typed_read_of_the_wrong_type_is_a_bug_not_a_config_error(tmp_path, re
                        Entry("chdir", "/srv", f, 4)])
     with pytest.raises(TypeError, match=key):
         getattr(config, read)(key)
+
+
+def test_the_pyemperor_prefix_placeholder(tmp_path):
+    """Where pyemperor runs from, for a jail that binds it in; a config's own
+    definition of the name wins."""
+    import sys
+
+    f = tmp_path / "v.ini"
+    f.write_text("[uwsgi]\nhttp-socket = 127.0.0.1:9000\nchdir = %(pyemperor-prefix)/x\n")
+    assert load(str(f)).get("chdir") == f"{sys.prefix}/x"
+    f.write_text("[uwsgi]\nhttp-socket = 127.0.0.1:9000\npyemperor-prefix = /elsewhere\nchdir = %(pyemperor-prefix)/x\n")
+    assert load(str(f)).get("chdir") == "/elsewhere/x"
