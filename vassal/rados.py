@@ -7,7 +7,9 @@ Under a mountpoint the rest of the path is the object's name: GET and
 HEAD (Content-Type by extension, Content-Length, Last-Modified; 404 for
 a missing object), OPTIONS (``Dav: 1`` and ``Allow``), and with the
 mount's flags PUT (201), DELETE (200) and MKCOL (a pool: 201, or 405 if
-it exists); any other method 405, other RADOS errors 403, an operation
+it exists; a pool name is 1-128 of A-Z a-z 0-9 _ . -, else 403); object
+names are the path's bytes as UTF-8, without NUL (else 400); any other method 405,
+other RADOS errors 403, an operation
 past the timeout 504 (the worker is free again). A path under no mount
 goes to the app (or 404 without one).
 
@@ -23,6 +25,7 @@ import email.utils
 import errno
 import mimetypes
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -39,6 +42,7 @@ class Unavailable(Exception):
 PIECE = 1 << 20  # bytes one read or write asks RADOS for
 WINDOW = 4  # pieces in flight at once (a memstore OSD: 1.5-2x one 4 MiB call)
 DEFAULT_CONF = "/etc/ceph/ceph.conf"
+POOL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # what MKCOL may create
 
 
 def _import_rados():
@@ -167,8 +171,16 @@ class RadosServer:
     def _serve(self, mount: Mount, name: str, env: dict, start_response: Callable):
         method = env.get("REQUEST_METHOD", "GET")
         rados = self.rados
-        # Object names are the path's bytes (WSGI strings are latin-1).
-        key = name.encode("latin-1", "replace").decode("utf-8", "surrogateescape")
+        # Object names are the path's bytes (WSGI strings are latin-1) read as
+        # UTF-8, as python3-rados passes names on. Others are refused, not a
+        # 500 and a traceback per request: bytes that are not UTF-8 (which it
+        # cannot pass), a NUL (librados would cut the name there: another object).
+        try:
+            key = name.encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            return _answer(start_response, "400 Bad Request")
+        if "\0" in key:
+            return _answer(start_response, "400 Bad Request")
         try:
             if method == "OPTIONS":
                 return _answer(start_response, "200 OK", [("Dav", "1"), ("Allow", mount.allowed)])
@@ -189,6 +201,8 @@ class RadosServer:
                 self._ioctx(mount).remove_object(key)
                 return _answer(start_response, "200 OK")
             if method == "MKCOL" and mount.allow_mkcol and key:
+                if not POOL_NAME.fullmatch(key):  # (a client's "../x" or "a/b/c" is no pool to make)
+                    return _answer(start_response, "403 Forbidden")
                 cluster = self._cluster(mount)
                 if cluster.pool_exists(key):
                     return _answer(start_response, "405 Method Not Allowed", [("Allow", mount.allowed)])

@@ -134,6 +134,36 @@ def test_a_put_cut_short_leaves_no_half_object(served, cluster):
     assert request(port, "GET", "/hello")[0] == 200
 
 
+def raw_status(port: int, head: bytes, body: bytes = b"") -> int:
+    """The status of a request whose method and target are these bytes
+    (http.client would quote a path that is not ASCII)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head + b" HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        answer = b""
+        while b"\r\n" not in answer and (chunk := sock.recv(65536)):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_object_names_a_client_sends(served, cluster):
+    """A name that is not UTF-8 (a client's %ff: python3-rados cannot pass
+    it) or holds a NUL (where librados would cut it: another object) is a
+    400, not a 500 with a traceback per request; UTF-8 names are objects like
+    any other; MKCOL makes only plain pool names."""
+    port, log = served
+    seen = len(log.read_bytes())
+    for method in (b"GET", b"HEAD", b"PUT", b"DELETE", b"MKCOL"):
+        assert raw_status(port, method + b" /store/caf%ff", b"x" if method == b"PUT" else b"") == 400
+        assert raw_status(port, method + b" /store/a%00b", b"x" if method == b"PUT" else b"") == 400
+    assert request(port, "GET", "/store/a")[0] == 404  # (no object "a" made by the NUL)
+    assert raw_status(port, b"PUT /store/caf%C3%A9", b"utf8") == 201
+    assert "café" in cluster.rados("-p", "web", "ls").split("\n")
+    assert request(port, "GET", "/store/caf%C3%A9")[2] == b"utf8"
+    for bad in (b"..%2Fx", b"a/b", b"x" * 129, b".hidden"):
+        assert raw_status(port, b"MKCOL /store/" + bad) == 403
+    assert b"Traceback" not in log.read_bytes()[seen:]
+
+
 def test_two_workers_both_serve(served, cluster):
     port, log = served
     cluster.rados("-p", "web", "put", "shared.txt", str(HELLO))
