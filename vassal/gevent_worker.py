@@ -168,17 +168,39 @@ class GeventWorker(Worker):
                        **({"limits": self.http_limits} if kind is HttpConnection else {"body_timeout": self.socket_timeout}))
         me = gevent.getcurrent()
         head_started: float | None = None
+        # A request body read here (up to spool.STREAM_THRESHOLD, or chunked,
+        # of any size) is held to what a streamed one is (vassal.spool): no
+        # stall past socket-timeout and, past the first, an average of
+        # spool.MIN_BODY_RATE; not to http-head-timeout, which is the head's.
+        body_credit: float | None = None
+        first = True  # no request answered yet on this connection
         try:
             while True:
                 idle = handler.idle
                 if idle and self.stopping:
                     self._drained(conn, kind, server)
                     return
+                in_body = not idle and not getattr(handler, "head_pending", True)
                 if idle:
-                    timeout, head_started = float(self.keepalive), None
+                    # (http-keepalive = 0: no wait between requests; the first
+                    # is still waited for, as for a head: a timeout of 0 made
+                    # the socket non-blocking and every connection was dropped)
+                    timeout = float(self.keepalive or (self.head_timeout if first else 0))
+                    head_started, body_credit = None, None
+                elif in_body:
+                    head_started = None
+                    if body_credit is None:
+                        body_credit = self.socket_timeout
+                    if body_credit <= 0:
+                        log(f"request body cut short: the client sent under {spool.MIN_BODY_RATE >> 10} KiB/s")
+                        handler.timed_out()
+                        return
+                    timeout = min(self.socket_timeout, body_credit)
                 else:
+                    body_credit = None
                     head_started = head_started or time.monotonic()
                     timeout = max(0.1, self.head_timeout - (time.monotonic() - head_started))
+                waited = time.monotonic()
                 conn.settimeout(timeout)
                 if idle:
                     self.idle_waiting.add(me)
@@ -195,6 +217,9 @@ class GeventWorker(Worker):
                     return
                 finally:
                     self.idle_waiting.discard(me)
+                if in_body and body_credit is not None:
+                    body_credit = min(body_credit - (time.monotonic() - waited) + len(data) / spool.MIN_BODY_RATE,
+                                      spool.CREDIT_CAP * self.socket_timeout)
                 conn.settimeout(self.socket_timeout)  # for the answer
                 try:
                     alive = handler.feed(data)
@@ -210,7 +235,7 @@ class GeventWorker(Worker):
                         self._linger(conn)
                     return
                 if handler.idle:
-                    head_started = None
+                    head_started, first = None, False
         finally:
             conn.close()
 

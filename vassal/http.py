@@ -131,8 +131,8 @@ class HttpConnection:
         return self.parser.in_head
 
     def timed_out(self) -> None:
-        """The head did not arrive in time (the worker closes next)."""
-        self._send_error(408, "request head not complete in time")
+        """The head (or a body the worker reads) did not arrive in time (the worker closes next)."""
+        self._send_error(408, "request body not complete in time" if self.parser.in_body else "request head not complete in time")
 
     def _flush_continue(self) -> None:
         if self.continue_due:

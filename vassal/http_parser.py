@@ -101,6 +101,7 @@ class Limits:
     field_size: int = 8190  # limit-request-field-size (431)
     body: int = 0  # limit-post (413; 0: none)
     body_timeout: float = 4.0  # socket-timeout: a streamed body's longest stall
+    keep_alive: bool = True  # http-keepalive > 0 (at 0 every answer says close, and closes)
 
 
 class Request:
@@ -373,6 +374,8 @@ class RequestParser:
             req.keep_alive = b"close" not in connection
         else:
             req.keep_alive = b"keep-alive" in connection and b"close" not in connection
+        if not self.limits.keep_alive:
+            req.keep_alive = False
         if framed_by_te:
             if req.version == "1.0":
                 raise Rejected(400, "Transfer-Encoding on HTTP/1.0")  # RFC 9112 section 6.1: faulty framing

@@ -285,6 +285,7 @@ class Master:
                 fields=self.config.get_int("limit-request-fields"),
                 field_size=self.config.get_int("limit-request-field-size"),
                 body_timeout=float(self.config.get_int("socket-timeout")),
+                keep_alive=self.config.get_int("http-keepalive") > 0,
             ),
             max_requests=self.config.get_int("max-requests"),
             scoreboard=self.scoreboard if scoreboard else None,

@@ -497,8 +497,12 @@ class Worker:
             return
         now = time.monotonic()
         deadline = now - self.keepalive
+        # (a connection yet to send its first request waits for it as for a
+        # head, also under a shorter keep-alive: with http-keepalive = 0 a
+        # request 50 ms behind its connect was dropped unanswered)
+        first_deadline = now - max(self.keepalive, self.head_timeout)
         for conn, seen in list(self.last_seen.items()):
-            if seen < deadline:
+            if seen < (deadline if conn in self.served else first_deadline):
                 self._close(conn)
         # A head trickled byte by byte keeps a connection seen: it gets
         # http-head-timeout from its first byte, whatever the pace (slowloris).
