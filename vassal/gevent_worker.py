@@ -1,5 +1,6 @@
-"""A worker in gevent mode (``gevent = N``): N connections served at once,
-each in a greenlet, with uWSGI 1.9.16's shutdown procedure.
+"""A worker in gevent mode (``gevent = N``): N requests served at once,
+each connection in a greenlet (idle keep-alive ones hold no core), with
+uWSGI 1.9.16's shutdown procedure.
 
 The worker does not join the gevent hub: it joins a dummy control
 greenlet that ends on SIGTERM/SIGHUP (or max-requests). Then it stops
@@ -32,6 +33,7 @@ from vassal.uwsgiproto import UwsgiConnection
 from vassal.worker import LINGER_SECONDS, Worker
 
 MIN_SOCKET_TIMEOUT = 30.0  # uWSGI raises the socket timeout to this in gevent mode
+CONNECTIONS_PER_CORE = 16  # open connections a worker keeps per core (idle ones cost a greenlet and an fd)
 
 
 class _Drain(Exception):
@@ -52,6 +54,7 @@ class GeventWorker(Worker):
     def run(self) -> None:
         import gevent
         import gevent.event
+        import gevent.lock
         import gevent.pool
         import gevent.socket
 
@@ -69,7 +72,12 @@ class GeventWorker(Worker):
         spool.wait_readable = lambda fd, timeout: self._wait_read(fd, timeout)
         if self.lock is not None:
             log(f"worker {self.index}: the thunder lock is not used in gevent mode (one process accepts for all its cores)")
-        self.pool = gevent.pool.Pool(self.cores)
+        # A core is a request in hand (uWSGI's async cores), not a connection:
+        # idle keep-alive connections wait outside the cores (ten silent ones
+        # held gevent = 10 for their keep-alive), up to CONNECTIONS_PER_CORE
+        # each (then accept waits, as it did at N).
+        self.pool = gevent.pool.Pool(self.cores * CONNECTIONS_PER_CORE)
+        self.in_hand = gevent.lock.BoundedSemaphore(self.cores)
         helpers = [gevent.spawn(self._accept_loop, listener) for listener in self.listeners]
         if self.handover is not None:
             helpers.append(gevent.spawn(self._adopt_loop))
@@ -82,7 +90,7 @@ class GeventWorker(Worker):
         gevent.killall(helpers)
         for greenlet in list(self.idle_waiting):
             greenlet.kill(_Drain, block=False)
-        self.pool.join()  # the requests in hand, and nothing else of the app's
+        self.pool.join()  # the requests in hand (idle connections were drained), and nothing else of the app's
         if self.wait_for_hub:
             log(f"worker {self.index}: gevent-wait-for-hub: waiting for every greenlet to end")
             gevent.get_hub().join()
@@ -174,6 +182,7 @@ class GeventWorker(Worker):
         # spool.MIN_BODY_RATE; not to http-head-timeout, which is the head's.
         body_credit: float | None = None
         first = True  # no request answered yet on this connection
+        holding = False  # one of the worker's cores, from a request's first bytes to its answer
         try:
             while True:
                 idle = handler.idle
@@ -221,6 +230,9 @@ class GeventWorker(Worker):
                     body_credit = min(body_credit - (time.monotonic() - waited) + len(data) / spool.MIN_BODY_RATE,
                                       spool.CREDIT_CAP * self.socket_timeout)
                 conn.settimeout(self.socket_timeout)  # for the answer
+                if not holding and data:
+                    self.in_hand.acquire()  # (all N busy: this request waits its turn, its bytes kept)
+                    holding = True
                 try:
                     alive = handler.feed(data)
                 except OSError:
@@ -236,7 +248,11 @@ class GeventWorker(Worker):
                     return
                 if handler.idle:
                     head_started, first = None, False
+                    self.in_hand.release()
+                    holding = False
         finally:
+            if holding:
+                self.in_hand.release()
             conn.close()
 
     def _drained(self, conn, kind: type, server: tuple[str, str]) -> None:

@@ -1,5 +1,5 @@
 """gevent mode (issue 14 part 1) under a real emperor: N requests at once
-in one worker, uWSGI 1.9.16's shutdown (a reload waits for the requests
+in one worker (idle keep-alive connections beside them, not in their place), uWSGI 1.9.16's shutdown (a reload waits for the requests
 in hand, not for the app's own greenlets; atexit runs), the old
 behaviour with gevent-wait-for-hub (killed at worker-reload-mercy), no
 request lost by naive keep-alive clients across reloads, and the
@@ -83,6 +83,34 @@ def test_ten_requests_run_at_once_in_one_worker(gevent_vassal):
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
         answers_ = list(pool.map(lambda _: http_get(port, "/barrier", timeout=20), range(10)))
     assert answers_ == [(200, b"together")] * 10
+
+
+def test_idle_keepalive_connections_do_not_hold_the_cores(gevent_vassal):
+    """gevent = 10 serves ten requests at once, not ten connections: twelve
+    idle keep-alive clients (a browser keeps six per site) leave the cores
+    free, and still get their next answer on the same connection. Before,
+    they held all ten until their keep-alive ran out (15 s)."""
+    import socket
+
+    port = gevent_vassal()
+    idle = []
+    try:
+        for _ in range(12):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"GET /idle HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+            idle.append(sock)
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            answers_ = list(pool.map(lambda _: http_get(port, "/barrier", timeout=20), range(10)))
+        assert answers_ == [(200, b"together")] * 10  # (all ten cores at once, beside the idle twelve)
+        assert time.monotonic() - started < 5
+        for sock in idle:
+            sock.sendall(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for sock in idle:
+            sock.close()
 
 
 def slow_request_across_a_reload(gevent_vassal, port: int) -> tuple[int, str, int]:
