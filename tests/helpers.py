@@ -4,6 +4,7 @@ emperor as a test sees it."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -12,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -149,6 +150,27 @@ class EmperorProc:
                 kill_tree(self.proc.pid)
                 self.proc.wait(10)
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def standalone_vassal(ini: Path, log: Path, ready: Callable[[], object]) -> Iterator[subprocess.Popen]:
+    """``vassal INI`` run by itself (no emperor), its output in ``log``,
+    waited for until ``ready()`` (or its exit: then the log is the error),
+    and stopped with SIGTERM (killed after 15 s) however the test ends."""
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen([sys.executable, "-m", "vassal", str(ini)], stdout=handle, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTEST_TAG": TEST_TAG})
+    try:
+        wait_for(lambda: ready() or proc.poll() is not None, 20, what="the vassal ready")
+        assert proc.poll() is None, log.read_text(errors="replace")
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def unix_http_get(path: str, timeout: float = 5.0) -> bytes | None:

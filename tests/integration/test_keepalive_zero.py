@@ -7,16 +7,12 @@ with a timeout of 0 (a non-blocking socket) and dropped every one."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.helpers import HELLO, TEST_TAG, free_port, wait_for
+from tests.helpers import HELLO, free_port, standalone_vassal
 
 
 def _get(port: int, delay: float) -> bytes:
@@ -46,21 +42,8 @@ def test_no_keepalive_still_answers_the_first_request_and_says_close(tmp_path, m
     ini.write_text(f"[uwsgi]\nwsgi-file = {HELLO}\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\n"
                    "http-keepalive = 0\n" + ("gevent = 4\n" if mode == "gevent" else ""))
     log = tmp_path / "ka0.log"
-    with open(log, "wb") as handle:
-        proc = subprocess.Popen([sys.executable, "-m", "vassal", str(ini)], stdout=handle, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTEST_TAG": TEST_TAG})
-    try:
-        wait_for(lambda: "ready" in log.read_text(errors="replace") and _connects(port) or proc.poll() is not None,
-                 20, what="the vassal listening")
-        assert proc.poll() is None, log.read_text()
+    with standalone_vassal(ini, log, lambda: "ready" in log.read_text(errors="replace") and _connects(port)):
         for delay in (0.0, 1.2):  # (1.2 s: past the worker's idle sweep, inside http-head-timeout)
             answer = _get(port, delay)
             assert answer.startswith(b"HTTP/1.1 200 "), (delay, answer[:200])
             assert b"\r\nConnection: close\r\n" in answer.split(b"\r\n\r\n", 1)[0] + b"\r\n"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -8,16 +8,12 @@ the N cores."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.helpers import TEST_TAG, TIME_SCALE, answers, free_port, wait_for
+from tests.helpers import TIME_SCALE, answers, free_port, standalone_vassal
 
 APP = '''
 import hashlib
@@ -44,20 +40,8 @@ def vassal(request, tmp_path):
                    f"http-head-timeout = {HEAD_TIMEOUT}\nsocket-timeout = 1\n"
                    + ("gevent = 4\n" if request.param == "gevent" else ""))
     log = tmp_path / "slowbody.log"
-    with open(log, "wb") as handle:
-        proc = subprocess.Popen([sys.executable, "-m", "vassal", str(ini)], stdout=handle, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTEST_TAG": TEST_TAG})
-    try:
-        wait_for(lambda: answers(port) or proc.poll() is not None, 20, what="the vassal answering")
-        assert proc.poll() is None, log.read_text()
+    with standalone_vassal(ini, log, lambda: answers(port)):
         yield request.param, port, log
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _read_answer(sock: socket.socket, timeout: float = 10.0) -> bytes:

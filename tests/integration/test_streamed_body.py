@@ -9,18 +9,16 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import TEST_TAG, answers, free_port, wait_for
+from tests.helpers import answers, free_port, standalone_vassal, wait_for
 
 APP = '''
 import hashlib, os
@@ -66,20 +64,8 @@ def vassal(request, tmp_path):
     ini.write_text(f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = 127.0.0.1:{port}\nuwsgi-socket = 127.0.0.1:{uwsgi_port}\n"
                    f"processes = 1\nsocket-timeout = 1\n" + ("gevent = 10\n" if request.param == "gevent" else ""))
     log = tmp_path / "body.log"
-    with open(log, "wb") as handle:
-        proc = subprocess.Popen([sys.executable, "-m", "vassal", str(ini)], stdout=handle, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTEST_TAG": TEST_TAG})
-    try:
-        wait_for(lambda: answers(port) or proc.poll() is not None, 20, what="the vassal answering")
-        assert proc.poll() is None, log.read_text()
+    with standalone_vassal(ini, log, lambda: answers(port)) as proc:
         yield Vassal(proc, port, uwsgi_port, log, request.param)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class Answers:
