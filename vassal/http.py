@@ -424,7 +424,6 @@ class _Response:
             # is past it would be read as the next answer. Cut, then close.
             data = data[:max(0, self.declared - self.size)]
             self.keep_alive = False
-        self.size += len(data)
         payload = b""
         if data and not self.head_only:
             payload = b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data
@@ -440,13 +439,17 @@ class _Response:
                 self.sock.sendall(head + payload)
         elif payload:
             self.sock.sendall(payload)
+        # Counted once sent: an answer cut short (the client reset or stopped
+        # reading) is logged with the bytes that went, not the whole body.
+        self.size += len(data)
 
     def send_whole(self, body: bytes) -> None:
         """The head and the whole body, its length known, in one send."""
-        self.known_length = self.size = len(body)
+        self.known_length = len(body)
         head = self._head()
         self.sent = True
         self.sock.sendall(head if self.head_only else head + body)
+        self.size = len(body)
 
     def finish(self) -> None:
         if not self.sent:

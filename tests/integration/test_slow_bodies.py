@@ -9,11 +9,12 @@ the N cores."""
 from __future__ import annotations
 
 import socket
+import struct
 import time
 
 import pytest
 
-from tests.helpers import TIME_SCALE, answers, free_port, standalone_vassal
+from tests.helpers import TIME_SCALE, answers, free_port, standalone_vassal, wait_for
 
 APP = '''
 import hashlib
@@ -114,3 +115,42 @@ def test_gevent_still_cuts_a_body_trickled_under_the_minimum_rate(vassal):
         elapsed = time.monotonic() - started
     assert cut, "a body trickled at 2 KiB/s held a gevent core for 60 s"
     assert 25 < elapsed < 45 * TIME_SCALE, elapsed
+
+
+BIG_APP = '''
+BODY = b"x" * (64 << 20)
+
+def application(env, start_response):
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+    if env["PATH_INFO"] == "/pieces":
+        return (BODY[at:at + (1 << 20)] for at in range(0, len(BODY), 1 << 20))
+    return [BODY]  # (one send of head and body)
+'''
+
+
+@pytest.mark.parametrize("mode", ["sync", "gevent"])
+@pytest.mark.parametrize("path", ["/whole", "/pieces"])
+def test_an_answer_cut_by_the_client_is_logged_with_what_went(tmp_path, mode, path):
+    """A client that resets after the first bytes of a 64 MiB answer: the
+    access line keeps the status (as nginx's does) and counts the pieces that
+    were sent before the cut (not the one in flight), not the whole body."""
+    import re
+
+    if mode == "gevent":
+        pytest.importorskip("gevent", reason="gevent is not installed")
+    app = tmp_path / "big.py"
+    app.write_text(BIG_APP)
+    port = free_port()
+    ini = tmp_path / "big.ini"
+    ini.write_text(f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\n"
+                   + ("gevent = 4\n" if mode == "gevent" else ""))
+    log = tmp_path / "big.log"
+    with standalone_vassal(ini, log, lambda: "ready (pid" in log.read_text(errors="replace")):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # (close: a reset)
+        line = wait_for(lambda: re.search(rf'"GET {path} HTTP/1.1" 200 (\d+) ', log.read_text(errors="replace")), 30,
+                        what="the access line")
+        assert int(line.group(1)) < 63 << 20  # (what the kernel took before the reset, at most)
