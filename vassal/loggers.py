@@ -92,7 +92,6 @@ class Rsyslog(_Datagram):
         self.priority = priority
         self.packet_size = packet_size
         self.split = split
-        self.settings = (packet_size, split)
 
     def send(self, line: bytes) -> None:
         message = _one_newline_off(line)
@@ -139,9 +138,10 @@ class File(Logger):
     def send(self, line: bytes) -> None:
         if self.fd is None:
             self._open()
-        try:
             if self.fd is None:
-                raise OSError("not open")
+                self.dropped += 1
+                return
+        try:
             os.write(self.fd, line)
         except OSError:
             self.dropped += 1
@@ -157,7 +157,6 @@ class Journal(Logger):
         super().__init__(spec, name)
         self.vassal = vassal
         self.journal = journal.Journal()
-        self.settings = (vassal,)
 
     def send(self, line: bytes) -> None:
         if not self.journal.send(MESSAGE=_one_newline_off(line), PRIORITY="6", SYSLOG_IDENTIFIER="pyemperor",
@@ -179,6 +178,12 @@ def build(spec: str, packet_size: int = 1024, split: bool = False, hostname: str
     """The destination a ``logger`` value names (validated already). Its
     ``settings`` are what else it was made with that it uses: a reload
     keeps it only if they are unchanged."""
+    logger = _build(spec, packet_size, split, hostname, vassal)
+    logger.settings = settings_for(spec, packet_size, split, vassal)
+    return logger
+
+
+def _build(spec: str, packet_size: int, split: bool, hostname: str | None, vassal: str) -> Logger:
     name, kind, args = parse_logger(spec)
     if kind == "journal":
         return Journal(spec, name, vassal)
