@@ -177,10 +177,9 @@ class GeventWorker(Worker):
         me = gevent.getcurrent()
         head_started: float | None = None
         # A request body read here (up to spool.STREAM_THRESHOLD, or chunked,
-        # of any size) is held to what a streamed one is (vassal.spool): no
-        # stall past socket-timeout and, past the first, an average of
-        # spool.MIN_BODY_RATE; not to http-head-timeout, which is the head's.
-        body_credit: float | None = None
+        # of any size) is held to what a streamed one is (spool.BodyPace),
+        # not to http-head-timeout, which is the head's.
+        pace: spool.BodyPace | None = None
         first = True  # no request answered yet on this connection
         holding = False  # one of the worker's cores, from a request's first bytes to its answer
         try:
@@ -195,18 +194,17 @@ class GeventWorker(Worker):
                     # is still waited for, as for a head: a timeout of 0 made
                     # the socket non-blocking and every connection was dropped)
                     timeout = float(self.keepalive or (self.head_timeout if first else 0))
-                    head_started, body_credit = None, None
+                    head_started, pace = None, None
                 elif in_body:
                     head_started = None
-                    if body_credit is None:
-                        body_credit = self.socket_timeout
-                    if body_credit <= 0:
+                    pace = pace or spool.BodyPace(self.socket_timeout)
+                    timeout = pace.next_wait()[0]
+                    if timeout <= 0:
                         log(f"request body cut short: the client sent under {spool.MIN_BODY_RATE >> 10} KiB/s")
                         handler.timed_out()
                         return
-                    timeout = min(self.socket_timeout, body_credit)
                 else:
-                    body_credit = None
+                    pace = None
                     head_started = head_started or time.monotonic()
                     timeout = max(0.1, self.head_timeout - (time.monotonic() - head_started))
                 waited = time.monotonic()
@@ -226,9 +224,9 @@ class GeventWorker(Worker):
                     return
                 finally:
                     self.idle_waiting.discard(me)
-                if in_body and body_credit is not None:
-                    body_credit = min(body_credit - (time.monotonic() - waited) + len(data) / spool.MIN_BODY_RATE,
-                                      spool.CREDIT_CAP * self.socket_timeout)
+                if in_body and pace is not None:
+                    pace.waited(time.monotonic() - waited)
+                    pace.received(len(data))
                 conn.settimeout(self.socket_timeout)  # for the answer
                 if not holding and data:
                     self.in_hand.acquire()  # (all N busy: this request waits its turn, its bytes kept)

@@ -93,6 +93,31 @@ def wait_readable(fd: int, timeout: float) -> None:
         raise TimeoutError(errno.ETIMEDOUT, f"no body bytes for {timeout:g}s")
 
 
+class BodyPace:
+    """How long a request body's client may still be waited for: no stall
+    past ``timeout``, and over the time spent waiting an average of
+    MIN_BODY_RATE (mod_reqtimeout's MinRate: a byte per timeout would hold
+    a worker for ever). Only waiting counts (an app that reads slowly is not
+    the client's fault); sending fast banks at most CREDIT_CAP timeouts."""
+
+    __slots__ = ("timeout", "credit")
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.credit = timeout  # seconds the client may still be waited for
+
+    def next_wait(self) -> tuple[float, bool]:
+        """The next wait's bound, and whether the rate (not the stall) sets
+        it; a bound of 0 or less: the client is already too slow."""
+        return (self.credit, True) if self.credit < self.timeout else (self.timeout, False)
+
+    def waited(self, seconds: float) -> None:
+        self.credit -= seconds
+
+    def received(self, count: int) -> None:
+        self.credit = min(self.credit + count / MIN_BODY_RATE, CREDIT_CAP * self.timeout)
+
+
 class StreamedBody:
     r"""A body read as the app asks for it: first what the worker's loop
     received (``write``), then, once ``attach``\ ed to the connection, the
@@ -109,7 +134,7 @@ class StreamedBody:
         self._received: Callable[[int], None] | None = None
         self._before_wait: Callable[[], object] | None = None
         self.failed = False
-        self._credit = DEFAULT_BODY_TIMEOUT  # seconds the client may still be waited for
+        self._pace = BodyPace(DEFAULT_BODY_TIMEOUT)
 
     @property
     def buffered(self) -> int:
@@ -131,7 +156,7 @@ class StreamedBody:
         (the parser's count), ``before_wait`` runs once before the first
         wait for the client (a 100 Continue that is due)."""
         self.sock, self.timeout, self._received, self._before_wait = sock, timeout, received, before_wait
-        self._credit = timeout
+        self._pace = BodyPace(timeout)
 
     def finish(self) -> StreamedBody:
         return self
@@ -174,7 +199,7 @@ class StreamedBody:
                     self._fail_slow(slow)
                     raise
                 finally:
-                    self._credit -= time.monotonic() - started
+                    self._pace.waited(time.monotonic() - started)
                 continue
             except InterruptedError:
                 continue
@@ -188,21 +213,19 @@ class StreamedBody:
                 self._fail("the client closed")
                 raise ClientDisconnected(errno.ECONNRESET, "the client closed before the end of the body")
             self.wire -= count
-            # (credit is capped: a fast start banks no licence to trickle later)
-            self._credit = min(self._credit + count / MIN_BODY_RATE, CREDIT_CAP * self.timeout)
+            self._pace.received(count)
             if self._received is not None:
                 self._received(count)
             return count
 
     def _allowed_wait(self) -> tuple[float, bool]:
         """How long the next wait for the client may be, and whether the
-        rate (not the stall timeout) is what bounds it. Only time spent
-        waiting counts (an app that reads slowly is not the client's fault)."""
-        behind = self._credit
-        if behind <= 0:
+        rate (not the stall timeout) is what bounds it (BodyPace)."""
+        wait, slow = self._pace.next_wait()
+        if wait <= 0:
             self._fail_slow(True)
             raise TimeoutError(errno.ETIMEDOUT, "the request body came too slowly")
-        return (behind, True) if behind < self.timeout else (self.timeout, False)
+        return wait, slow
 
     def _fail_slow(self, slow: bool) -> None:
         if not self.failed:
@@ -270,8 +293,8 @@ class StreamedBody:
         scratch = memoryview(bytearray(min(READ_PIECE, self.wire)))
         try:
             while self.wire and (left := until - time.monotonic()) > 0:
-                self.timeout = left  # (no wait runs past ``seconds``)
-                self._credit = min(self._credit, left)
+                self.timeout = self._pace.timeout = left  # (no wait runs past ``seconds``)
+                self._pace.credit = min(self._pace.credit, left)
                 self._recv_into(scratch[:min(len(scratch), self.wire)])
         except OSError:
             pass  # (logged as cut short: the close is all that is left)
