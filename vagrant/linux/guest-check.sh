@@ -108,6 +108,15 @@ IMAGE_DIR=$CACHE/bookworm-$key
 customize() {  # $1: the root filesystem dir
     local root=$1
     echo pyemperor-guest > "$root/etc/hostname"
+    # What the Debian installer writes (mmdebstrap leaves none): without it
+    # "localhost" resolves to nothing.
+    cat > "$root/etc/hosts" <<'HOSTS'
+127.0.0.1	localhost
+127.0.1.1	pyemperor-guest
+::1	localhost ip6-localhost ip6-loopback
+ff02::1	ip6-allnodes
+ff02::2	ip6-allrouters
+HOSTS
     cat > "$root/etc/fstab" <<'FSTAB'
 /dev/vda  /             ext4  rw,errors=remount-ro  0 1
 src       /mnt/src      9p    trans=virtio,version=9p2000.L,ro,msize=262144,nofail  0 0
