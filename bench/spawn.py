@@ -9,7 +9,12 @@
     network namespace)
 (e) as (a), with memory-limit, pids-limit and cpu-limit (cgroups), and the
     ratio (e)/(a): what limits cost a spawn on this machine's cgroup
-    hierarchy (v1 or v2; vagrant/linux/guest-check.sh prints both)
+    hierarchy (v1 or v2; vagrant/linux/guest-check.sh prints both). The
+    cpu-limit (--cpu-limit, 2 cores) is one a spawn never reaches: a quota
+    that bites measures the throttle doing its job, and that grows with how
+    slow the machine is (0.5 of a core made the emulated guest's spawn, which
+    needs ~20x the CPU time of the host's, 1.45x slower; 0.02 makes this
+    host's 40x slower), not what setting the limits costs
 
 Each vassal is a hello-world app with one worker on http-socket (loopback).
 uWSGI runs with --emperor-freq 1 for (a) and its default freq for (b).
@@ -75,7 +80,7 @@ def wait(predicate, timeout: float, interval: float = 0.0005) -> float:
     raise TimeoutError("timed out")
 
 
-LIMITS = "memory-limit = 128M\npids-limit = 64\ncpu-limit = 0.5\n"
+LIMITS = "memory-limit = 128M\npids-limit = 64\ncpu-limit = {cpu}\n"
 
 
 def ini(kind: str, port: int | str, extra: str = "") -> str:
@@ -158,7 +163,8 @@ class Emperor:
         return descendants(self.proc.pid)
 
 
-def bench_first_request(kind: str, workdir: Path, samples: int, limits: bool = False) -> list[float]:
+def bench_first_request(kind: str, workdir: Path, samples: int, limits: str = "") -> list[float]:
+    """``limits``: the cpu-limit of (e) (with the memory and pids limits), or "" for (a)."""
     label = "e" if limits else "a"
     (workdir / label).mkdir(exist_ok=True)
     emperor = Emperor(kind, workdir / label, freq=1)
@@ -168,7 +174,7 @@ def bench_first_request(kind: str, workdir: Path, samples: int, limits: bool = F
             port = BASE_PORT + i
             path = emperor.dir / f"{label}{i}.ini"
             tmp = emperor.dir / f".{label}{i}.tmp"
-            tmp.write_text(ini(kind, port, LIMITS if limits else ""))
+            tmp.write_text(ini(kind, port, LIMITS.format(cpu=limits) if limits else ""))
             start = time.perf_counter()
             os.rename(tmp, path)
             wait(lambda p=port: answers(p), 30)
@@ -234,9 +240,9 @@ def cgroup_hierarchy() -> str:
     return "v2" if os.path.exists("/sys/fs/cgroup/cgroup.controllers") else "v1"
 
 
-def report_limits(firsts: list[float], limited: list[float]) -> None:
+def report_limits(firsts: list[float], limited: list[float], cpu: str) -> None:
     plain, costly = statistics.median(firsts) * 1000, statistics.median(limited) * 1000
-    print(f"  ours: (e) first 200 with memory/pids/cpu limits on cgroup {cgroup_hierarchy()}: median {costly:.1f} ms "
+    print(f"  ours: (e) first 200 with memory/pids/cpu ({cpu}) limits on cgroup {cgroup_hierarchy()}: median {costly:.1f} ms "
           f"vs {plain:.1f} ms without; ratio (e)/(a) {costly / plain:.3f}", flush=True)
 
 
@@ -246,12 +252,13 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--no-uwsgi", action="store_true")
     parser.add_argument("--limits-only", action="store_true", help="only (a) and (e), ours only")
+    parser.add_argument("--cpu-limit", default="2", help="(e)'s cpu-limit in cores (default 2)")
     args = parser.parse_args()
     if args.limits_only:
         with tempfile.TemporaryDirectory(prefix="bench-spawn-limits-") as tmp:
             firsts = bench_first_request("ours", Path(tmp), args.samples)
-            limited = bench_first_request("ours", Path(tmp), args.samples, limits=True)
-        report_limits(firsts, limited)
+            limited = bench_first_request("ours", Path(tmp), args.samples, limits=args.cpu_limit)
+        report_limits(firsts, limited, args.cpu_limit)
         return 0
     kinds = ["ours"] + ([] if args.no_uwsgi else ["uwsgi"])
     results: dict[str, dict[str, float]] = {}
@@ -260,7 +267,7 @@ def main() -> int:
             work = Path(tmp)
             firsts = bench_first_request(kind, work, args.samples)
             if kind == "ours":
-                report_limits(firsts, bench_first_request(kind, work, args.samples, limits=True))
+                report_limits(firsts, bench_first_request(kind, work, args.samples, limits=args.cpu_limit), args.cpu_limit)
             many, pss = bench_many(kind, work, args.count)
             namespaced = bench_namespaced(kind, work, args.samples)
             results[kind] = {"a_median_ms": statistics.median(firsts) * 1000, "b_seconds": many, "c_pss_mb": pss,
