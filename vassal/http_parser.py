@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vassal.spool import STREAM_START, STREAM_THRESHOLD, BodySpool, StreamedBody
+from vassal.spool import STREAM_START, STREAM_THRESHOLD, BodySpool, SpoolBudget, StreamedBody
 
 TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
 # field-value: any octet but the controls (HTAB allowed); the OWS around it
@@ -102,6 +102,7 @@ class Limits:
     body: int = 0  # limit-post (413; 0: none)
     body_timeout: float = 4.0  # socket-timeout: a streamed body's longest stall
     keep_alive: bool = True  # http-keepalive > 0 (at 0 every answer says close, and closes)
+    spool: SpoolBudget | None = None  # body-spool-limit: the worker's, shared by its connections (413)
 
 
 class Request:
@@ -177,6 +178,10 @@ class RequestParser:
         except Rejected as exc:
             self._failed = exc
             self._buf.clear()
+            if self.current is not None:
+                # (its spool goes now, not when the connection ends: that
+                # may linger, reading and dropping what the client sends)
+                self.current.body.close()
             raise
 
     def _body_direct(self, data: bytes) -> bytes:
@@ -464,6 +469,10 @@ class RequestParser:
             raise RequestTooLarge(413, "request body too large")
         req = self.current
         assert req is not None
+        # (charged as it comes, not as announced: a 1 GiB chunk size alone takes no room from others)
+        if req.chunked and (spool := self.limits.spool) is not None and not req.body.reserve(len(data), spool):
+            raise RequestTooLarge(413, f"chunked bodies would hold more than this worker's body-spool-limit "
+                                       f"({spool.limit} bytes)")
         req.body.write(data)
         if not req.queued and type(req.body) is StreamedBody and req.body.buffered >= STREAM_START:
             # Enough of it is here: the app runs and reads the rest itself

@@ -32,6 +32,7 @@ from vassal.gevent_worker import MIN_SOCKET_TIMEOUT, GeventWorker
 from vassal.handover import Handover
 from vassal.http_parser import Limits
 from vassal.scoreboard import Scoreboard
+from vassal.spool import SpoolBudget
 from vassal.status import StatusChannel
 from vassal.worker import Worker
 
@@ -270,6 +271,7 @@ class Master:
             kind = GeventWorker
             extra = {"cores": self.gevent, "wait_for_hub": self.config.get_bool("gevent-wait-for-hub"),
                      "socket_timeout": float(self.config.get_int("socket-timeout"))}
+        spool_limit = self.config.get_int("body-spool-limit")  # (each worker its own: made here, after the fork)
         return kind(
             index + 1,
             self.listeners,
@@ -286,6 +288,7 @@ class Master:
                 field_size=self.config.get_int("limit-request-field-size"),
                 body_timeout=float(self.config.get_int("socket-timeout")),
                 keep_alive=self.config.get_int("http-keepalive") > 0,
+                spool=SpoolBudget(spool_limit) if spool_limit else None,
             ),
             max_requests=self.config.get_int("max-requests"),
             scoreboard=self.scoreboard if scoreboard else None,

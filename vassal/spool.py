@@ -30,6 +30,7 @@ from typing import BinaryIO
 from bedrock.log import log
 
 SPOOL_THRESHOLD = 1 << 20  # bytes kept in memory before spooling to a file
+DEFAULT_SPOOL_LIMIT = 1 << 30  # body-spool-limit: chunked bodies held at once by one worker
 STREAM_THRESHOLD = SPOOL_THRESHOLD  # a Content-Length past this is streamed to the app
 STREAM_START = 256 << 10  # of a streamed body, what the loop reads before the app is called
 DEFAULT_BODY_TIMEOUT = 4.0  # seconds a streamed body may stall (socket-timeout)
@@ -54,6 +55,19 @@ def open_tmpfile(directory: str | None = None) -> BinaryIO:
     return tempfile.TemporaryFile(dir=directory)
 
 
+class SpoolBudget:
+    """What one worker holds of chunked request bodies at once, in memory
+    and in spool files, over all its connections (body-spool-limit). Their
+    size comes only at their end: unbounded, one client's endless body, or
+    many clients' long ones, would fill the disk the spool is on."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+
 class BodySpool:
     """A write-then-read buffer that moves to a file past ``threshold``."""
 
@@ -62,6 +76,26 @@ class BodySpool:
         self.file: BinaryIO = io.BytesIO()
         self.size = 0
         self.spooled = False
+        self._budget: SpoolBudget | None = None
+        self._reserved = 0
+
+    def reserve(self, count: int, budget: SpoolBudget) -> bool:
+        """Take ``count`` more bytes of ``budget`` for this body (given back
+        when it is closed or dropped); False if the budget has no room."""
+        if budget.used + count > budget.limit:
+            return False
+        budget.used += count
+        self._budget = budget
+        self._reserved += count
+        return True
+
+    def _give_back(self) -> None:
+        if self._budget is not None:
+            self._budget.used -= self._reserved
+            self._budget, self._reserved = None, 0
+
+    def __del__(self) -> None:  # (a connection that died mid-body drops its request unclosed)
+        self._give_back()
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
@@ -77,6 +111,7 @@ class BodySpool:
         return self.file
 
     def close(self) -> None:
+        self._give_back()
         self.file.close()
 
 

@@ -239,3 +239,49 @@ def test_a_pipelined_100_continue_waits_for_the_answers_before_it():
     assert b'"body": "abc"' in theirs.recv(65536)
     ours.close()
     theirs.close()
+
+
+def _chunked_head(path: str = "/") -> bytes:
+    return f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+
+
+def test_chunked_bodies_share_the_workers_spool_budget():
+    """A chunked body's size comes at its end, so it is spooled: without a
+    bound one endless body (or many long ones) fills the disk. What the
+    connections of one worker hold at once is charged to one budget, as the
+    bytes come (an announced chunk size takes nothing), and given back when
+    the body is closed or dropped."""
+    from vassal.http_parser import RequestTooLarge
+    from vassal.spool import SpoolBudget
+
+    budget = SpoolBudget(1000)
+    limits = Limits(head=8192, spool=budget)
+    first, second = RequestParser(limits), RequestParser(limits)
+    first.feed(_chunked_head() + b"fffffff\r\n" + b"a" * 700)  # (a 256 MiB chunk announced)
+    assert budget.used == 700
+    with pytest.raises(RequestTooLarge) as refused:
+        second.feed(_chunked_head() + b"200\r\n" + b"b" * 400)
+    assert refused.value.status == 413 and "body-spool-limit (1000 bytes)" in refused.value.detail
+    assert budget.used == 700
+    third = RequestParser(limits)
+    third.feed(_chunked_head() + b"12c\r\n" + b"c" * 300 + b"\r\n0\r\n\r\n")
+    assert budget.used == 1000
+    request = third.done.popleft()
+    request.body.close()  # (as run_app does when the answer is out)
+    assert budget.used == 700
+    dropped = RequestParser(limits)
+    dropped.feed(_chunked_head() + b"100\r\n" + b"d" * 200)
+    assert budget.used == 900
+    del dropped  # (a connection that died mid-body: its request is dropped unclosed)
+    assert budget.used == 700
+    first.current.body.close()
+    assert budget.used == 0
+
+
+def test_a_content_length_body_takes_nothing_of_the_spool_budget():
+    from vassal.spool import SpoolBudget
+
+    budget = SpoolBudget(10)
+    parser = RequestParser(Limits(head=8192, spool=budget))
+    parser.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x" * 100)
+    assert len(parser.done) == 1 and budget.used == 0
