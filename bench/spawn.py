@@ -9,8 +9,9 @@
     network namespace)
 (e) as (a), with memory-limit, pids-limit and cpu-limit (cgroups), and the
     ratio (e)/(a): what limits cost a spawn on this machine's cgroup
-    hierarchy (v1 or v2; vagrant/linux/guest-check.sh prints both). The
-    cpu-limit (--cpu-limit, 2 cores) is one a spawn never reaches: a quota
+    hierarchy (v1 or v2; vagrant/linux/guest-check.sh prints both). (a)
+    and (e) take turns, one emperor each, so that drift over the run falls
+    on both alike. The cpu-limit (--cpu-limit, 2 cores) is one a spawn never reaches: a quota
     that bites measures the throttle doing its job, and that grows with how
     slow the machine is (0.5 of a core made the emulated guest's spawn, which
     needs ~20x the CPU time of the host's, 1.45x slower; 0.02 makes this
@@ -163,27 +164,48 @@ class Emperor:
         return descendants(self.proc.pid)
 
 
-def bench_first_request(kind: str, workdir: Path, samples: int, limits: str = "") -> list[float]:
-    """``limits``: the cpu-limit of (e) (with the memory and pids limits), or "" for (a)."""
-    label = "e" if limits else "a"
-    (workdir / label).mkdir(exist_ok=True)
-    emperor = Emperor(kind, workdir / label, freq=1)
-    times = []
+def spawn_to_first_200(emperor: Emperor, kind: str, name: str, port: int, extra: str = "") -> float:
+    """Seconds from a vassal file's rename into place to its first 200;
+    the vassal is then removed and waited for."""
+    path = emperor.dir / f"{name}.ini"
+    tmp = emperor.dir / f".{name}.tmp"
+    tmp.write_text(ini(kind, port, extra))
+    start = time.perf_counter()
+    os.rename(tmp, path)
+    wait(lambda: answers(port), 30)
+    elapsed = time.perf_counter() - start
+    path.unlink()
+    wait(lambda: closed(port), 30, 0.005)
+    return elapsed
+
+
+def bench_first_request(kind: str, workdir: Path, samples: int) -> list[float]:
+    (workdir / "a").mkdir(exist_ok=True)
+    emperor = Emperor(kind, workdir / "a", freq=1)
     try:
-        for i in range(samples):
-            port = BASE_PORT + i
-            path = emperor.dir / f"{label}{i}.ini"
-            tmp = emperor.dir / f".{label}{i}.tmp"
-            tmp.write_text(ini(kind, port, LIMITS.format(cpu=limits) if limits else ""))
-            start = time.perf_counter()
-            os.rename(tmp, path)
-            wait(lambda p=port: answers(p), 30)
-            times.append(time.perf_counter() - start)
-            path.unlink()
-            wait(lambda p=port: closed(p), 30, 0.005)
+        return [spawn_to_first_200(emperor, kind, f"a{i}", BASE_PORT + i) for i in range(samples)]
     finally:
         emperor.stop()
-    return times
+
+
+def bench_limits(kind: str, workdir: Path, samples: int, cpu: str) -> tuple[list[float], list[float]]:
+    """(a) and (e) in turns, each on its own emperor: what drifts over the
+    run (a machine warming up, an emulated guest's caches, a neighbour's
+    load) falls on both alike, not on whichever ran first."""
+    emperors = []
+    try:
+        for label in ("a", "e"):
+            (workdir / label).mkdir(exist_ok=True)
+            emperors.append(Emperor(kind, workdir / label, freq=1))
+        plain, limited = [], []
+        for i in range(samples):
+            plain.append(spawn_to_first_200(emperors[0], kind, f"a{i}", BASE_PORT + i))
+            limited.append(spawn_to_first_200(emperors[1], kind, f"e{i}", BASE_PORT + 1000 + i,
+                                              LIMITS.format(cpu=cpu)))
+        return plain, limited
+    finally:
+        for emperor in emperors:
+            emperor.stop()
 
 
 def bench_namespaced(kind: str, workdir: Path, samples: int) -> list[float]:
@@ -256,9 +278,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.limits_only:
         with tempfile.TemporaryDirectory(prefix="bench-spawn-limits-") as tmp:
-            firsts = bench_first_request("ours", Path(tmp), args.samples)
-            limited = bench_first_request("ours", Path(tmp), args.samples, limits=args.cpu_limit)
-        report_limits(firsts, limited, args.cpu_limit)
+            report_limits(*bench_limits("ours", Path(tmp), args.samples, args.cpu_limit), args.cpu_limit)
         return 0
     kinds = ["ours"] + ([] if args.no_uwsgi else ["uwsgi"])
     results: dict[str, dict[str, float]] = {}
@@ -267,7 +287,9 @@ def main() -> int:
             work = Path(tmp)
             firsts = bench_first_request(kind, work, args.samples)
             if kind == "ours":
-                report_limits(firsts, bench_first_request(kind, work, args.samples, limits=args.cpu_limit), args.cpu_limit)
+                limits_dir = work / "limits"
+                limits_dir.mkdir()
+                report_limits(*bench_limits(kind, limits_dir, args.samples, args.cpu_limit), args.cpu_limit)
             many, pss = bench_many(kind, work, args.count)
             namespaced = bench_namespaced(kind, work, args.samples)
             results[kind] = {"a_median_ms": statistics.median(firsts) * 1000, "b_seconds": many, "c_pss_mb": pss,
