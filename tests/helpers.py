@@ -173,6 +173,28 @@ def standalone_vassal(ini: Path, log: Path, ready: Callable[[], object]) -> Iter
             proc.wait()
 
 
+@contextlib.contextmanager
+def app_vassal(tmp_path: Path, name: str, app: str, settings: str = "", mode: str = "sync",
+               ) -> Iterator[tuple[subprocess.Popen, int, Path]]:
+    """A standalone vassal of one worker (``mode`` sync, or gevent with 4
+    cores unless ``settings`` says how many) serving the WSGI source
+    ``app`` on a free loopback port: (process, port, log)."""
+    if mode == "gevent":
+        import pytest
+
+        pytest.importorskip("gevent", reason="gevent is not installed (pip install .[gevent]; .ci/run does)")
+        if "gevent =" not in settings:
+            settings += "gevent = 4\n"
+    source = tmp_path / f"{name}.py"
+    source.write_text(app)
+    port = free_port()
+    ini = tmp_path / f"{name}.ini"
+    ini.write_text(f"[uwsgi]\nwsgi-file = {source}\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\n{settings}")
+    log = tmp_path / f"{name}.log"
+    with standalone_vassal(ini, log, lambda: answers(port)) as proc:
+        yield proc, port, log
+
+
 def unix_http_get(path: str, timeout: float = 5.0) -> bytes | None:
     """GET / over a unix socket: the body of a 200 answer, else None."""
     try:

@@ -16,7 +16,7 @@ import tempfile
 import psutil
 import pytest
 
-from tests.helpers import answers, free_port, http_get, standalone_vassal, wait_for
+from tests.helpers import app_vassal, http_get, wait_for
 
 APP = '''
 import hashlib
@@ -34,17 +34,8 @@ PIECE = 64 << 10
 
 @pytest.fixture(params=["sync", "gevent"])
 def vassal(request, tmp_path):
-    if request.param == "gevent":
-        pytest.importorskip("gevent", reason="gevent is not installed")
-    app = tmp_path / "spoolapp.py"
-    app.write_text(APP)
-    port = free_port()
-    ini = tmp_path / "spool.ini"
-    ini.write_text(f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\n"
-                   f"body-spool-limit = {LIMIT}\n" + ("gevent = 4\n" if request.param == "gevent" else ""))
-    log = tmp_path / "spool.log"
-    with standalone_vassal(ini, log, lambda: answers(port)) as proc:
-        yield proc, port, log
+    with app_vassal(tmp_path, "spool", APP, f"body-spool-limit = {LIMIT}\n", request.param) as running:
+        yield running
 
 
 def _chunk(data: bytes) -> bytes:

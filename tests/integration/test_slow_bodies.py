@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.helpers import TIME_SCALE, answers, free_port, standalone_vassal, wait_for
+from tests.helpers import TIME_SCALE, app_vassal, free_port, standalone_vassal, wait_for
 
 APP = '''
 import hashlib
@@ -31,17 +31,8 @@ HEAD_TIMEOUT = 2
 
 @pytest.fixture(params=["sync", "gevent"])
 def vassal(request, tmp_path):
-    if request.param == "gevent":
-        pytest.importorskip("gevent", reason="gevent is not installed")
-    app = tmp_path / "slowbody.py"
-    app.write_text(APP)
-    port = free_port()
-    ini = tmp_path / "slowbody.ini"
-    ini.write_text(f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = 127.0.0.1:{port}\nprocesses = 1\n"
-                   f"http-head-timeout = {HEAD_TIMEOUT}\nsocket-timeout = 1\n"
-                   + ("gevent = 4\n" if request.param == "gevent" else ""))
-    log = tmp_path / "slowbody.log"
-    with standalone_vassal(ini, log, lambda: answers(port)):
+    with app_vassal(tmp_path, "slowbody", APP, f"http-head-timeout = {HEAD_TIMEOUT}\nsocket-timeout = 1\n",
+                    request.param) as (_, port, log):
         yield request.param, port, log
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import answers, free_port, standalone_vassal, wait_for
+from tests.helpers import answers, app_vassal, free_port, wait_for
 
 APP = '''
 import hashlib, os
@@ -55,16 +55,10 @@ class Vassal:
 
 @pytest.fixture(params=["sync", "gevent"])
 def vassal(request, tmp_path):
-    if request.param == "gevent":
-        pytest.importorskip("gevent", reason="gevent is not installed (pip install .[gevent]; .ci/run does)")
-    app = tmp_path / "bodyapp.py"
-    app.write_text(APP)
-    port, uwsgi_port = free_port(), free_port()
-    ini = tmp_path / "body.ini"
-    ini.write_text(f"[uwsgi]\nwsgi-file = {app}\nhttp-socket = 127.0.0.1:{port}\nuwsgi-socket = 127.0.0.1:{uwsgi_port}\n"
-                   f"processes = 1\nsocket-timeout = 1\n" + ("gevent = 10\n" if request.param == "gevent" else ""))
-    log = tmp_path / "body.log"
-    with standalone_vassal(ini, log, lambda: answers(port)) as proc:
+    uwsgi_port = free_port()
+    settings = f"uwsgi-socket = 127.0.0.1:{uwsgi_port}\nsocket-timeout = 1\n"
+    settings += "gevent = 10\n" if request.param == "gevent" else ""
+    with app_vassal(tmp_path, "body", APP, settings, request.param) as (proc, port, log):
         yield Vassal(proc, port, uwsgi_port, log, request.param)
 
 
