@@ -379,8 +379,9 @@ _opt("heartbeat", parse_nonneg_int, "send a heartbeat to the emperor every S sec
 _opt("listen", parse_positive_int, "listen queue size", default=1024, metavar="N", aliases=("l",))
 _opt("buffer-size", parse_size, "largest request head accepted", default=65536, metavar="BYTES", aliases=("b",))
 _opt("limit-post", parse_size, "largest request body accepted (0: no limit)", default=0, metavar="BYTES")
-_opt("body-spool-limit", parse_size, "most bytes of chunked request bodies (sized only at their end, so spooled) "
-     "one worker holds at once, over all its connections (past it: 413; 0: no limit)", default=1 << 30, metavar="BYTES")
+_opt("body-spool-limit", parse_size, "most bytes of request bodies one worker holds before its apps run, over all "
+     "its connections (chunked ones, spooled; others up to 1 MiB); a body alone past it: 413, others holding it: 503; "
+     "0: no limit", default=1 << 30, metavar="BYTES")
 _opt("limit-request-line", parse_positive_int, "longest HTTP request line accepted (longer: 414)", default=8190, metavar="BYTES")
 _opt("limit-request-fields", parse_positive_int, "most HTTP header fields in a request (more: 431)", default=100, metavar="N")
 _opt("http-head-timeout", parse_positive_int, "seconds from a request head's first byte to its end (then 408)", default=30, metavar="S")

@@ -180,6 +180,7 @@ class GeventWorker(Worker):
         # of any size) is held to what a streamed one is (spool.BodyPace),
         # not to http-head-timeout, which is the head's.
         pace: spool.BodyPace | None = None
+        slow = False  # (whether the rate, not the stall, bounds the wait for the body)
         first = True  # no request answered yet on this connection
         holding = False  # one of the worker's cores, from a request's first bytes to its answer
         try:
@@ -198,7 +199,7 @@ class GeventWorker(Worker):
                 elif in_body:
                     head_started = None
                     pace = pace or spool.BodyPace(self.socket_timeout)
-                    timeout = pace.next_wait()[0]
+                    timeout, slow = pace.next_wait()
                     if timeout <= 0:
                         log(f"request body cut short: the client sent under {spool.MIN_BODY_RATE >> 10} KiB/s")
                         handler.timed_out()
@@ -217,6 +218,9 @@ class GeventWorker(Worker):
                     self._drained(conn, kind, server)
                     return
                 except TimeoutError:
+                    if in_body:
+                        log(f"request body cut short: the client sent under {spool.MIN_BODY_RATE >> 10} KiB/s" if slow
+                            else f"request body cut short: the client sent nothing for {self.socket_timeout:g}s")
                     if not idle and isinstance(handler, HttpConnection):
                         handler.timed_out()
                     return
@@ -242,6 +246,10 @@ class GeventWorker(Worker):
                     return
                 if not alive:
                     if getattr(handler, "linger", False) and data:
+                        if holding:  # (dropping what a refused client still sends is no request in hand)
+                            self.in_hand.release()
+                            holding = False
+                        handler.close()
                         self._linger(conn)
                     return
                 if handler.idle:
@@ -251,6 +259,7 @@ class GeventWorker(Worker):
         finally:
             if holding:
                 self.in_hand.release()
+            handler.close()  # (what its requests hold is given back now, not at a garbage collection)
             conn.close()
 
     def _drained(self, conn, kind: type, server: tuple[str, str]) -> None:
@@ -268,9 +277,10 @@ class GeventWorker(Worker):
         (see Worker._linger) so the kernel does not reset the answer away."""
         try:
             conn.shutdown(socket.SHUT_WR)
-            conn.settimeout(LINGER_SECONDS)
             deadline = time.monotonic() + LINGER_SECONDS
-            while time.monotonic() < deadline and conn.recv(65536):
-                pass
+            while (left := deadline - time.monotonic()) > 0:
+                conn.settimeout(left)  # (a recv's wait never runs past the deadline)
+                if not conn.recv(65536):
+                    break
         except OSError:
             pass

@@ -29,6 +29,7 @@ STATUS_TEXT = {
     414: "URI Too Long",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    503: "Service Unavailable",
     501: "Not Implemented",
     505: "HTTP Version Not Supported",
 }
@@ -74,6 +75,7 @@ class HttpConnection:
         self.parser = RequestParser(limits or Limits(head=max_head, body=max_body), self._send_continue)
         self.on_request = on_request
         self.continue_due = False
+        self.continue_for: Request | None = None  # the request a deferred 100 Continue is for
         # Set once an error was answered: the worker then closes lingering
         # (reads what the client still sends), or the kernel would reset the
         # connection over unread bytes and the client never see the answer.
@@ -107,6 +109,7 @@ class HttpConnection:
         # for theirs.
         if self.parser.done:
             self.continue_due = True
+            self.continue_for = self.parser.current
         else:
             self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -125,6 +128,16 @@ class HttpConnection:
     @property
     def idle(self) -> bool:
         return self.parser.idle
+
+    @property
+    def in_body(self) -> bool:
+        """A body the worker's loop reads is coming in (held to BodyPace)."""
+        return self.parser.in_body and not (self.parser.current is not None and self.parser.current.queued)
+
+    def close(self) -> None:
+        """The connection is gone (the worker calls this): what its requests hold is given back now."""
+        self.parser.close()
+        self.continue_for = None
 
     @property
     def head_pending(self) -> bool:
@@ -147,9 +160,11 @@ class HttpConnection:
         if self.continue_due:
             self.continue_due = False
             # (a body that came whole behind the requests before it wants no
-            # go-ahead: sent now, it would sit in front of the next answer)
-            if self.parser.in_body:
+            # go-ahead: sent now, it would sit in front of the next answer,
+            # or of the answer to another request still coming in)
+            if self.parser.in_body and self.parser.current is self.continue_for:
                 self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.continue_for = None
         return True
 
     def _send_error(self, status: int, detail: str = "") -> None:

@@ -394,6 +394,9 @@ class RequestParser:
         if self.limits.body and length is not None and length > self.limits.body:
             raise RequestTooLarge(413, "request body too large")
         if req.expect_continue and self.on_expect is not None and (req.chunked or length):
+            spool = self.limits.spool
+            if spool is not None and spool.used >= spool.limit:
+                self._no_room(spool)  # (before the go-ahead: else the client sends it all for a refusal)
             self.on_expect()
         if req.chunked:
             self._state = _CHUNK_SIZE
@@ -432,6 +435,8 @@ class RequestParser:
         req.path, req.query = (path or b"/"), (query if sep else None)
 
     def _chunk_size(self, line: bytes) -> None:
+        if len(line) > MAX_CHUNK_LINE:  # (also when it came whole: the same bytes in pieces were refused)
+            raise Rejected(400, "chunk size line too long")
         if not line.endswith(b"\r"):
             raise Rejected(400, "bare LF in chunked framing")
         match = _CHUNK_LINE.fullmatch(line[:-1])
@@ -470,15 +475,34 @@ class RequestParser:
         req = self.current
         assert req is not None
         # (charged as it comes, not as announced: a 1 GiB chunk size alone takes no room from others)
-        if req.chunked and (spool := self.limits.spool) is not None and not req.body.reserve(len(data), spool):
-            raise RequestTooLarge(413, f"chunked bodies would hold more than this worker's body-spool-limit "
-                                       f"({spool.limit} bytes)")
-        req.body.write(data)
+        if (spool := self.limits.spool) is not None and not req.body.reserve(len(data), spool):
+            self._no_room(spool)
+        try:
+            req.body.write(data)
+        except OSError as exc:  # (the spool's directory is full, or not writable)
+            raise Rejected(500, f"cannot spool the request body: {exc.strerror or exc}") from None
         if not req.queued and type(req.body) is StreamedBody and req.body.buffered >= STREAM_START:
             # Enough of it is here: the app runs and reads the rest itself
             # (StreamedBody), telling us with body_received.
             req.queued = True
             self.done.append(req)
+
+    def _no_room(self, spool: SpoolBudget) -> None:
+        if self._body_size > spool.limit:
+            raise RequestTooLarge(413, f"the request body passes this worker's body-spool-limit ({spool.limit} bytes)")
+        # (others' bodies hold it: a moment later there may be room)
+        raise Rejected(503, f"the bodies coming in hold all of this worker's body-spool-limit ({spool.limit} bytes)")
+
+    def close(self) -> None:
+        """The connection is gone: the bodies it holds (the one coming in,
+        requests parsed and not answered) give their room back now, not
+        when a garbage collection finds them."""
+        if self.current is not None:
+            self.current.body.close()
+            self.current = None
+        while self.done:
+            self.done.popleft().body.close()
+        self.on_expect = None  # (a bound method of the connection: a cycle)
 
     def body_received(self, count: int) -> None:
         """``count`` bytes of the current (streamed) body were read off the

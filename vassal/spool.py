@@ -30,7 +30,7 @@ from typing import BinaryIO
 from bedrock.log import log
 
 SPOOL_THRESHOLD = 1 << 20  # bytes kept in memory before spooling to a file
-DEFAULT_SPOOL_LIMIT = 1 << 30  # body-spool-limit: chunked bodies held at once by one worker
+SPOOL_MEMORY = 64 << 20  # of a worker's body-spool-limit, what may be held in memory
 STREAM_THRESHOLD = SPOOL_THRESHOLD  # a Content-Length past this is streamed to the app
 STREAM_START = 256 << 10  # of a streamed body, what the loop reads before the app is called
 DEFAULT_BODY_TIMEOUT = 4.0  # seconds a streamed body may stall (socket-timeout)
@@ -56,32 +56,32 @@ def open_tmpfile(directory: str | None = None) -> BinaryIO:
 
 
 class SpoolBudget:
-    """What one worker holds of chunked request bodies at once, in memory
-    and in spool files, over all its connections (body-spool-limit). Their
-    size comes only at their end: unbounded, one client's endless body, or
-    many clients' long ones, would fill the disk the spool is on."""
+    """What one worker holds of request bodies before its app runs, over
+    all its connections (body-spool-limit): chunked ones of any size (their
+    size comes only at their end), others up to STREAM_THRESHOLD, a streamed
+    one's first bytes. Unbounded, one client's endless chunked body, or many
+    clients' slow ones, filled the disk of the spool or the worker's memory.
+    Of it, at most ``memory`` is held in memory: past that a body goes to
+    its spool file from its first byte."""
 
-    __slots__ = ("limit", "used")
+    __slots__ = ("limit", "used", "memory", "in_memory")
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, memory: int = SPOOL_MEMORY):
         self.limit = limit
         self.used = 0
+        self.memory = memory
+        self.in_memory = 0
 
 
-class BodySpool:
-    """A write-then-read buffer that moves to a file past ``threshold``."""
+class Reservation:
+    """A body's share of its worker's SpoolBudget, taken as bytes arrive,
+    given back when the body is closed (or dropped unclosed)."""
 
-    def __init__(self, threshold: int = SPOOL_THRESHOLD):
-        self.threshold = threshold
-        self.file: BinaryIO = io.BytesIO()
-        self.size = 0
-        self.spooled = False
-        self._budget: SpoolBudget | None = None
-        self._reserved = 0
+    _budget: SpoolBudget | None = None
+    _reserved = 0
 
     def reserve(self, count: int, budget: SpoolBudget) -> bool:
-        """Take ``count`` more bytes of ``budget`` for this body (given back
-        when it is closed or dropped); False if the budget has no room."""
+        """Take ``count`` more bytes of ``budget``; False if it has no room."""
         if budget.used + count > budget.limit:
             return False
         budget.used += count
@@ -90,21 +90,49 @@ class BodySpool:
         return True
 
     def _give_back(self) -> None:
-        if self._budget is not None:
-            self._budget.used -= self._reserved
+        budget = self._budget
+        if budget is not None:
+            budget.used -= self._reserved
             self._budget, self._reserved = None, 0
 
-    def __del__(self) -> None:  # (a connection that died mid-body drops its request unclosed)
+    def __del__(self) -> None:
         self._give_back()
+
+
+class BodySpool(Reservation):
+    """A write-then-read buffer that moves to a file past ``threshold``,
+    or at once when its worker's bodies hold all the memory they may."""
+
+    def __init__(self, threshold: int = SPOOL_THRESHOLD):
+        self.threshold = threshold
+        self.file: BinaryIO = io.BytesIO()
+        self.size = 0
+        self.spooled = False
+        self._in_memory = 0  # what of the budget's memory this holds
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
-        if not self.spooled and self.size > self.threshold:
-            spool = open_tmpfile()
-            spool.write(self.file.getvalue())  # type: ignore[attr-defined]
-            self.file = spool
-            self.spooled = True
+        if not self.spooled:
+            budget = self._budget
+            if self.size > self.threshold or (budget is not None and budget.in_memory + len(data) > budget.memory):
+                spool = open_tmpfile()  # (OSError: the parser answers it)
+                spool.write(self.file.getvalue())  # type: ignore[attr-defined]
+                self.file = spool
+                self.spooled = True
+                self._release_memory()
+            elif budget is not None:
+                budget.in_memory += len(data)
+                self._in_memory += len(data)
         self.file.write(data)
+
+    def _release_memory(self) -> None:
+        if self._in_memory and self._budget is not None:
+            self._budget.in_memory -= self._in_memory
+        self._in_memory = 0
+
+    def _give_back(self) -> None:
+        self._release_memory()
+        super()._give_back()
 
     def finish(self) -> BinaryIO:
         self.file.seek(0)
@@ -153,7 +181,7 @@ class BodyPace:
         self.credit = min(self.credit + count / MIN_BODY_RATE, CREDIT_CAP * self.timeout)
 
 
-class StreamedBody:
+class StreamedBody(Reservation):
     r"""A body read as the app asks for it: first what the worker's loop
     received (``write``), then, once ``attach``\ ed to the connection, the
     rest straight from the socket, never past the body's end (what follows
@@ -335,4 +363,5 @@ class StreamedBody:
             pass  # (logged as cut short: the close is all that is left)
 
     def close(self) -> None:
+        self._give_back()
         self._buf, self._pos = bytearray(), 0

@@ -120,6 +120,16 @@ class UwsgiConnection:
     def idle(self) -> bool:
         return not self.buffer and self.env is None
 
+    @property
+    def in_body(self) -> bool:
+        """A body the worker's loop reads is coming in (held to BodyPace)."""
+        return self.env is not None and self.remaining > 0 and not getattr(self.body, "sock", None)
+
+    def close(self) -> None:
+        """The connection is gone (the worker calls this)."""
+        if self.body is not None:
+            self.body.close()
+
     def feed(self, data: bytes) -> bool:
         if not data:
             return False

@@ -28,6 +28,7 @@ from vassal import fdconn
 from vassal.handover import Handover
 from vassal.http import DONOTLOG, HttpConnection, _Response, access_line
 from vassal.http_parser import Limits
+from vassal.spool import MIN_BODY_RATE, BodyPace
 from vassal.uwsgi_api import Runtime
 from vassal.uwsgiproto import UwsgiConnection, env_defaults, respond_whole
 
@@ -91,6 +92,14 @@ class Worker:
         self.origin: dict[socket.socket, tuple[str, tuple[str, str]]] = {}  # conn -> (kind, server), to hand it over
         self.head_since: dict[socket.socket, float] = {}  # conn -> when its unfinished head began
         self.lingering: dict[socket.socket, float] = {}  # conn -> when to stop draining it
+        # conn -> (its pace, when its body's last bytes came): a body this
+        # loop reads (not yet the app's) is held to the stall and rate rules
+        # of a streamed one; else a byte per keep-alive timeout held its
+        # room in the spool budget, and its memory, for ever.
+        self.body_pace: dict[Conn, tuple[BodyPace, float, float]] = {}  # (+ self.feeding then)
+        # Seconds spent in handlers' feed (apps run there): while this loop
+        # is in an app, a client waiting to be read is not the one waiting.
+        self.feeding = 0.0
         self.accept_paused_until: float | None = None
         self.keepalive = keepalive
         self.max_requests = max_requests
@@ -443,9 +452,11 @@ class Worker:
         except OSError:
             self._close(conn)
             return
+        self._drop_handler(self.handlers.get(conn))
         self.handlers[conn] = _Discard()
         self.lingering[conn] = time.monotonic() + LINGER_SECONDS
         self.head_since.pop(conn, None)
+        self.body_pace.pop(conn, None)
         if conn not in self.registered:
             self.poller.register(conn.fileno(), (conn, self.handlers[conn]))
             self.registered.add(conn)
@@ -476,6 +487,10 @@ class Worker:
                 self.head_since.setdefault(conn, now)  # a head has begun: it has http-head-timeout to end
             else:
                 self.head_since.pop(conn, None)
+            if getattr(handler, "in_body", False):
+                self._paced(conn, now, len(data))
+            elif self.body_pace:
+                self.body_pace.pop(conn, None)
         elif getattr(handler, "linger", False) and data and type(conn) is socket.socket:
             self._linger(conn)
         else:
@@ -483,6 +498,7 @@ class Worker:
 
     def _feed(self, handler, data: bytes) -> bool:
         """Give the handler what was read; False when the connection must close."""
+        started = time.monotonic()
         try:
             return handler.feed(data)
         except OSError:
@@ -490,19 +506,44 @@ class Worker:
         except Exception:
             log(f"worker {self.index}: unexpected error:\n{traceback.format_exc().rstrip()}")
             return False
+        finally:
+            self.feeding += time.monotonic() - started
+
+    def _paced(self, conn: Conn, now: float, count: int) -> None:
+        entry = self.body_pace.get(conn)
+        if entry is None:
+            pace = BodyPace(self.http_limits.body_timeout)  # (from the read that began the body)
+        else:
+            pace, since, fed = entry
+            pace.waited(now - since - (self.feeding - fed))
+            pace.received(count)
+        self.body_pace[conn] = (pace, now, self.feeding)
+
+    def _expire_slow_bodies(self, now: float) -> None:
+        for conn, (pace, since, fed) in list(self.body_pace.items()):
+            bound, slow = pace.next_wait()
+            if now - since - (self.feeding - fed) > bound:
+                log(f"request body cut short: the client sent under {MIN_BODY_RATE >> 10} KiB/s" if slow
+                    else f"request body cut short: the client sent nothing for {pace.timeout:g}s")
+                handler = self.handlers.get(conn)
+                if isinstance(handler, HttpConnection):
+                    handler.timed_out()
+                self._close(conn)
 
     def _expire_idle(self) -> None:
         self._resume_accepting()
         if not self.last_seen:
             return
         now = time.monotonic()
+        if self.body_pace:
+            self._expire_slow_bodies(now)
         deadline = now - self.keepalive
         # (a connection yet to send its first request waits for it as for a
         # head, also under a shorter keep-alive: with http-keepalive = 0 a
         # request 50 ms behind its connect was dropped unanswered)
         first_deadline = now - max(self.keepalive, self.head_timeout)
         for conn, seen in list(self.last_seen.items()):
-            if seen < (deadline if conn in self.served else first_deadline):
+            if seen < (deadline if conn in self.served else first_deadline) and conn not in self.body_pace:
                 self._close(conn)
         # A head trickled byte by byte keeps a connection seen: it gets
         # http-head-timeout from its first byte, whatever the pace (slowloris).
@@ -518,7 +559,8 @@ class Worker:
 
     def _close(self, conn: socket.socket) -> None:
         self.last_seen.pop(conn, None)
-        self.handlers.pop(conn, None)
+        self._drop_handler(self.handlers.pop(conn, None))
+        self.body_pace.pop(conn, None)
         self.served.pop(conn, None)
         self.origin.pop(conn, None)
         self.head_since.pop(conn, None)
@@ -528,6 +570,17 @@ class Worker:
             self.registered.discard(conn)
             self.poller.unregister(conn.fileno())
         conn.close()
+
+
+    @staticmethod
+    def _drop_handler(handler: object) -> None:
+        """A connection's handler let go: the bodies it holds go with it."""
+        close = getattr(handler, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                log(f"closing a connection's requests:\n{traceback.format_exc().rstrip()}")
 
 
 class Poller:

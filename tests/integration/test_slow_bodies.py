@@ -76,12 +76,13 @@ def test_a_steady_body_slower_than_the_head_timeout_is_read_whole(vassal, framin
     assert answer.endswith(_expected(total)), answer[-200:]
 
 
-def test_gevent_still_cuts_a_body_trickled_under_the_minimum_rate(vassal):
+def test_a_body_trickled_under_the_minimum_rate_is_cut(vassal):
+    """Also in the sync worker, whose loop holds no core while a small body
+    comes in but holds its memory and its share of body-spool-limit (a
+    byte per keep-alive timeout held them for ever)."""
     mode, port, log = vassal
-    if mode != "gevent":
-        pytest.skip("the sync worker's loop holds no core while a small body comes in")
     # 1 KiB each 0.5 s (2 KiB/s, under 16 KiB/s): the first socket-timeout
-    # (raised to 30 s in gevent mode) is credit, then the rate rules.
+    # (1 s here, raised to 30 s in gevent mode) is credit, then the rate rules.
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
         started = time.monotonic()
@@ -104,8 +105,51 @@ def test_gevent_still_cuts_a_body_trickled_under_the_minimum_rate(vassal):
             cut = True
             break
         elapsed = time.monotonic() - started
-    assert cut, "a body trickled at 2 KiB/s held a gevent core for 60 s"
-    assert 25 < elapsed < 45 * TIME_SCALE, elapsed
+    assert cut, f"a body trickled at 2 KiB/s held a {mode} worker for 60 s"
+    if mode == "gevent":
+        assert 25 < elapsed < 45 * TIME_SCALE, elapsed
+    else:
+        assert 0.9 < elapsed < 10 * TIME_SCALE, elapsed
+    wait_for(lambda: "request body cut short: the client sent under 16 KiB/s" in log.read_text(errors="replace"),
+             10, what="the cut logged")
+
+
+@pytest.mark.parametrize("framing", ["chunked", "length"])
+def test_a_stalled_body_the_sync_loop_reads_is_cut_at_socket_timeout(vassal, framing):
+    mode, port, log = vassal
+    if mode != "sync":
+        pytest.skip("gevent's stall limit is at least 30 s (covered by the trickle test)")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        if framing == "chunked":
+            sock.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab")
+        else:
+            sock.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nab")
+        started = time.monotonic()
+        answer = _read_answer(sock, 20 * TIME_SCALE)
+        elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert 0.9 < elapsed < 5 * TIME_SCALE, elapsed  # (socket-timeout = 1; http-keepalive, 15 s, was the only bound)
+    assert "request body cut short: the client sent nothing for 1s" in log.read_text(errors="replace")
+
+
+def test_a_sync_worker_busy_in_an_app_is_not_a_client_stalling(tmp_path):
+    """While the sync worker runs one request's app, another client's body
+    waits unread in the kernel: that wait is not the client's stall."""
+    slow_app = APP.replace("def application(env, start_response):",
+                           "import time\n\ndef application(env, start_response):\n"
+                           "    if env['PATH_INFO'] == '/slow':\n        time.sleep(3)")
+    with app_vassal(tmp_path, "busy", slow_app, "socket-timeout = 1\n") as (_, port, log):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as upload, \
+                socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            upload.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nConnection: close\r\n\r\nab")
+            time.sleep(0.3)
+            slow.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            time.sleep(0.5)  # (the worker is in /slow's app, for 3 s)
+            upload.sendall(b"cd")
+            assert _read_answer(slow).startswith(b"HTTP/1.1 200 ")
+            answer = _read_answer(upload)
+        assert answer.startswith(b"HTTP/1.1 200 "), (answer[:200], log.read_text(errors="replace")[-1500:])
+        assert answer.endswith(f"4 {__import__('hashlib').sha256(b'abcd').hexdigest()}".encode())
 
 
 BIG_APP = '''

@@ -245,12 +245,12 @@ def _chunked_head(path: str = "/") -> bytes:
     return f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
 
 
-def test_chunked_bodies_share_the_workers_spool_budget():
-    """A chunked body's size comes at its end, so it is spooled: without a
-    bound one endless body (or many long ones) fills the disk. What the
-    connections of one worker hold at once is charged to one budget, as the
-    bytes come (an announced chunk size takes nothing), and given back when
-    the body is closed or dropped."""
+def test_bodies_share_the_workers_spool_budget():
+    """What the connections of one worker hold of bodies before their apps
+    run is charged to one budget, as the bytes come (an announced chunk
+    size takes nothing), and given back when the body is closed, or its
+    connection's parser closed. A body that alone passes it is 413; one
+    refused because others hold the room, 503 (it may fit a moment later)."""
     from vassal.http_parser import RequestTooLarge
     from vassal.spool import SpoolBudget
 
@@ -259,9 +259,12 @@ def test_chunked_bodies_share_the_workers_spool_budget():
     first, second = RequestParser(limits), RequestParser(limits)
     first.feed(_chunked_head() + b"fffffff\r\n" + b"a" * 700)  # (a 256 MiB chunk announced)
     assert budget.used == 700
-    with pytest.raises(RequestTooLarge) as refused:
+    with pytest.raises(Rejected) as refused:
         second.feed(_chunked_head() + b"200\r\n" + b"b" * 400)
-    assert refused.value.status == 413 and "body-spool-limit (1000 bytes)" in refused.value.detail
+    assert refused.value.status == 503 and "body-spool-limit (1000 bytes)" in refused.value.detail
+    with pytest.raises(RequestTooLarge) as alone:
+        RequestParser(limits).feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1001\r\n\r\n" + b"c" * 1001)
+    assert alone.value.status == 413
     assert budget.used == 700
     third = RequestParser(limits)
     third.feed(_chunked_head() + b"12c\r\n" + b"c" * 300 + b"\r\n0\r\n\r\n")
@@ -272,16 +275,110 @@ def test_chunked_bodies_share_the_workers_spool_budget():
     dropped = RequestParser(limits)
     dropped.feed(_chunked_head() + b"100\r\n" + b"d" * 200)
     assert budget.used == 900
-    del dropped  # (a connection that died mid-body: its request is dropped unclosed)
+    dropped.close()  # (the worker, as the connection goes)
+    assert budget.used == 700
+    pipelined = RequestParser(limits)
+    pipelined.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"e" * 100
+                   + _chunked_head() + b"c8\r\n" + b"f" * 200)
+    assert budget.used == 1000 and len(pipelined.done) == 1
+    pipelined.close()  # (a request parsed and never answered, one coming in)
     assert budget.used == 700
     first.current.body.close()
     assert budget.used == 0
 
 
-def test_a_content_length_body_takes_nothing_of_the_spool_budget():
+def test_a_full_budget_refuses_before_the_go_ahead():
+    """With Expect: 100-continue and no room, the refusal comes before the
+    100 Continue: else the client sends its body only to be refused."""
     from vassal.spool import SpoolBudget
 
-    budget = SpoolBudget(10)
+    budget = SpoolBudget(100)
+    budget.used = 100
+    sent = []
+    parser = RequestParser(Limits(head=8192, spool=budget), lambda: sent.append("100"))
+    with pytest.raises(Rejected) as refused:
+        parser.feed(b"PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n")
+    assert refused.value.status == 503 and sent == []
+
+
+def test_a_body_goes_to_its_file_once_bodies_hold_the_memory_they_may():
+    from vassal.spool import SpoolBudget
+
+    budget = SpoolBudget(10000, memory=1000)
+    small = RequestParser(Limits(head=8192, spool=budget))
+    small.feed(_chunked_head() + b"320\r\n" + b"a" * 800)
+    assert budget.in_memory == 800 and not small.current.body.spooled
+    other = RequestParser(Limits(head=8192, spool=budget))
+    other.feed(_chunked_head() + b"12c\r\n" + b"b" * 300)
+    assert other.current.body.spooled and budget.in_memory == 800 and budget.used == 1100
+    small.close()
+    other.close()
+    assert budget.in_memory == 0 and budget.used == 0
+
+
+def test_a_spool_that_cannot_be_written_is_answered_500(monkeypatch):
+    import errno
+
+    from vassal import spool
+
+    def full(directory=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool, "open_tmpfile", full)
+    budget = spool.SpoolBudget(1 << 30)
+    parser = RequestParser(Limits(head=8192, spool=budget))
+    with pytest.raises(Rejected) as refused:
+        parser.feed(_chunked_head() + b"200000\r\n" + b"x" * (2 << 20))
+    assert refused.value.status == 500 and "No space left on device" in refused.value.detail
+    assert budget.used == 0  # (the refused body gave its room back)
+
+
+def test_a_long_chunk_line_is_refused_whole_as_in_pieces():
+    line = _chunked_head() + b"5;" + b"e" * 20000 + b"\r\nhello\r\n0\r\n\r\n"
+    for pieces in ([line], [line[i:i + 1000] for i in range(0, len(line), 1000)]):
+        parser = RequestParser(Limits(head=8192))
+        with pytest.raises(Rejected) as refused:
+            for piece in pieces:
+                parser.feed(piece)
+        assert refused.value.status == 400 and "chunk size line too long" in refused.value.detail
+
+
+def test_a_content_length_body_is_charged_too():
+    from vassal.spool import SpoolBudget
+
+    budget = SpoolBudget(1000)
     parser = RequestParser(Limits(head=8192, spool=budget))
     parser.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x" * 100)
-    assert len(parser.done) == 1 and budget.used == 0
+    assert len(parser.done) == 1 and budget.used == 100
+    parser.done.popleft().body.close()
+    assert budget.used == 0
+
+
+def test_a_deferred_go_ahead_is_sent_only_to_the_request_that_asked():
+    """A, then B with Expect and its whole body, then C without Expect, its
+    body partial, in one read: B's deferred 100 Continue was sent after B's
+    answer, in front of C's, a go-ahead nobody asked for."""
+    out = serve([b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+                 b"POST /b HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nbbb"
+                 b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nConnection: close\r\n\r\nc",
+                 b"ccc"])
+    assert out.count(b"HTTP/1.1 200 ") == 3 and b"100 Continue" not in out, out[:500]
+
+
+def test_a_deferred_go_ahead_still_reaches_its_request():
+    """C asks, behind A: its 100 Continue comes after A's answer."""
+    ours, theirs = socket.socketpair()
+    theirs.settimeout(5)
+    conn = HttpConnection(ours, ("198.18.0.9", 40000), ("vassal-host", "8080"), APP, limits=LIMITS)
+    try:
+        conn.feed(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"POST /c HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 4\r\nConnection: close\r\n\r\n")
+        got = b""
+        while b"100 Continue" not in got:
+            got += theirs.recv(65536)
+        assert got.index(b"HTTP/1.1 200 ") < got.index(b"100 Continue")
+        conn.feed(b"cccc")
+    finally:
+        conn.close()
+        ours.close()
+        theirs.close()
