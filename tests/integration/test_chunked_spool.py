@@ -16,7 +16,7 @@ import tempfile
 import psutil
 import pytest
 
-from tests.helpers import app_vassal, http_get, wait_for
+from tests.helpers import TIME_SCALE, app_vassal, http_get, wait_for
 
 APP = '''
 import hashlib
@@ -196,7 +196,7 @@ def test_refused_clients_still_sending_hold_no_gevent_core(tmp_path):
                 sock.sendall(b"x" * 4096)  # (and on: it is lingered over)
             started = time.monotonic()
             assert http_get(port, "/") is not None
-            assert time.monotonic() - started < 2
+            assert time.monotonic() - started < 2 * TIME_SCALE
         finally:
             for sock in refused:
                 sock.close()
@@ -211,7 +211,7 @@ def test_many_clients_bodies_hold_at_most_the_memory_bound(tmp_path):
     from vassal.spool import SPOOL_MEMORY
 
     count, size = 150, 1 << 20
-    with app_vassal(tmp_path, "many", APP, "socket-timeout = 30\n") as (proc, port, log):
+    with app_vassal(tmp_path, "many", APP, "socket-timeout = 120\n") as (proc, port, log):
         processes = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         before = sum(p.memory_info().rss for p in processes)
         socks = []
