@@ -201,7 +201,7 @@ class GeventWorker(Worker):
                     pace = pace or spool.BodyPace(self.socket_timeout)
                     timeout, slow = pace.next_wait()
                     if timeout <= 0:
-                        log(f"request body cut short: the client sent under {spool.MIN_BODY_RATE >> 10} KiB/s")
+                        log(f"request body cut short: {pace.why(True)}")
                         handler.timed_out()
                         return
                 else:
@@ -218,9 +218,8 @@ class GeventWorker(Worker):
                     self._drained(conn, kind, server)
                     return
                 except TimeoutError:
-                    if in_body:
-                        log(f"request body cut short: the client sent under {spool.MIN_BODY_RATE >> 10} KiB/s" if slow
-                            else f"request body cut short: the client sent nothing for {self.socket_timeout:g}s")
+                    if in_body and pace is not None:
+                        log(f"request body cut short: {pace.why(slow)}")
                     if not idle and isinstance(handler, HttpConnection):
                         handler.timed_out()
                     return

@@ -180,6 +180,10 @@ class BodyPace:
     def received(self, count: int) -> None:
         self.credit = min(self.credit + count / MIN_BODY_RATE, CREDIT_CAP * self.timeout)
 
+    def why(self, slow: bool) -> str:
+        """What a cut says: the rate (``slow``, as next_wait tells) or the stall."""
+        return f"the client sent under {MIN_BODY_RATE >> 10} KiB/s" if slow else f"the client sent nothing for {self.timeout:g}s"
+
 
 class StreamedBody(Reservation):
     r"""A body read as the app asks for it: first what the worker's loop
@@ -292,8 +296,7 @@ class StreamedBody(Reservation):
 
     def _fail_slow(self, slow: bool) -> None:
         if not self.failed:
-            self._fail(f"the client sent under {MIN_BODY_RATE >> 10} KiB/s" if slow
-                       else f"the client sent nothing for {self.timeout:g}s")
+            self._fail(self._pace.why(slow))
 
     def _fail(self, why: str) -> None:
         self.failed = True

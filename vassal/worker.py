@@ -28,7 +28,7 @@ from vassal import fdconn
 from vassal.handover import Handover
 from vassal.http import DONOTLOG, HttpConnection, _Response, access_line
 from vassal.http_parser import Limits
-from vassal.spool import MIN_BODY_RATE, BodyPace
+from vassal.spool import BodyPace
 from vassal.uwsgi_api import Runtime
 from vassal.uwsgiproto import UwsgiConnection, env_defaults, respond_whole
 
@@ -523,8 +523,7 @@ class Worker:
         for conn, (pace, since, fed) in list(self.body_pace.items()):
             bound, slow = pace.next_wait()
             if now - since - (self.feeding - fed) > bound:
-                log(f"request body cut short: the client sent under {MIN_BODY_RATE >> 10} KiB/s" if slow
-                    else f"request body cut short: the client sent nothing for {pace.timeout:g}s")
+                log(f"request body cut short: {pace.why(slow)}")
                 handler = self.handlers.get(conn)
                 if isinstance(handler, HttpConnection):
                     handler.timed_out()
@@ -570,7 +569,6 @@ class Worker:
             self.registered.discard(conn)
             self.poller.unregister(conn.fileno())
         conn.close()
-
 
     @staticmethod
     def _drop_handler(handler: object) -> None:

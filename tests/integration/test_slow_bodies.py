@@ -8,6 +8,7 @@ the N cores."""
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import struct
 import time
@@ -51,8 +52,6 @@ def _read_answer(sock: socket.socket, timeout: float = 10.0) -> bytes:
 
 
 def _expected(total: int) -> bytes:
-    import hashlib
-
     return f"{total} {hashlib.sha256(b'a' * total).hexdigest()}".encode()
 
 
@@ -149,7 +148,7 @@ def test_a_sync_worker_busy_in_an_app_is_not_a_client_stalling(tmp_path):
             assert _read_answer(slow).startswith(b"HTTP/1.1 200 ")
             answer = _read_answer(upload)
         assert answer.startswith(b"HTTP/1.1 200 "), (answer[:200], log.read_text(errors="replace")[-1500:])
-        assert answer.endswith(f"4 {__import__('hashlib').sha256(b'abcd').hexdigest()}".encode())
+        assert answer.endswith(f"4 {hashlib.sha256(b'abcd').hexdigest()}".encode())
 
 
 BIG_APP = '''
