@@ -78,6 +78,7 @@ class GeventWorker(Worker):
         # each (then accept waits, as it did at N).
         self.pool = gevent.pool.Pool(self.cores * CONNECTIONS_PER_CORE)
         self.in_hand = gevent.lock.BoundedSemaphore(self.cores)
+        http.app_gate = self.in_hand
         helpers = [gevent.spawn(self._accept_loop, listener) for listener in self.listeners]
         if self.handover is not None:
             helpers.append(gevent.spawn(self._adopt_loop))
@@ -173,7 +174,7 @@ class GeventWorker(Worker):
         gevent = self.gevent
         handler = kind(conn, peer or "unix", server, self.app, max_head=self.max_head, max_body=self.max_body,
                        on_request=self._served,
-                       **({"limits": self.http_limits} if kind is HttpConnection else {"body_timeout": self.socket_timeout}))
+                       **({"limits": self.http_limits} if kind is HttpConnection else {"body_timeout": self.socket_timeout, "spool": self.http_limits.spool}))
         me = gevent.getcurrent()
         head_started: float | None = None
         # A request body read here (up to spool.STREAM_THRESHOLD, or chunked,
@@ -182,7 +183,6 @@ class GeventWorker(Worker):
         pace: spool.BodyPace | None = None
         slow = False  # (whether the rate, not the stall, bounds the wait for the body)
         first = True  # no request answered yet on this connection
-        holding = False  # one of the worker's cores, from a request's first bytes to its answer
         try:
             while True:
                 idle = handler.idle
@@ -231,9 +231,6 @@ class GeventWorker(Worker):
                     pace.waited(time.monotonic() - waited)
                     pace.received(len(data))
                 conn.settimeout(self.socket_timeout)  # for the answer
-                if not holding and data:
-                    self.in_hand.acquire()  # (all N busy: this request waits its turn, its bytes kept)
-                    holding = True
                 try:
                     alive = handler.feed(data)
                 except OSError:
@@ -245,19 +242,12 @@ class GeventWorker(Worker):
                     return
                 if not alive:
                     if getattr(handler, "linger", False) and data:
-                        if holding:  # (dropping what a refused client still sends is no request in hand)
-                            self.in_hand.release()
-                            holding = False
                         handler.close()
                         self._linger(conn)
                     return
                 if handler.idle:
                     head_started, first = None, False
-                    self.in_hand.release()
-                    holding = False
         finally:
-            if holding:
-                self.in_hand.release()
             handler.close()  # (what its requests hold is given back now, not at a garbage collection)
             conn.close()
 

@@ -15,6 +15,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from urllib.parse import unquote_to_bytes
 
 from bedrock.log import log
@@ -254,10 +255,25 @@ class CloseConnection(BaseException):
     ``except Exception`` must not turn it into a 500."""
 
 
+# Set in gevent mode: the worker's cores (a semaphore), one held by each
+# request from its app's call to its answer's end. Heads and bodies the
+# connections' loops still read hold none (they did: four connections that
+# sent a byte each held gevent = 4 until their timeouts).
+app_gate: AbstractContextManager | None = None
+
+
 def run_app(app: WSGIApp, env: dict, response: _Response, body, started: float,
             on_request: RequestHook | None, send_500: Callable[[], None]) -> bool:
     """One WSGI call, its body sent, the result closed, the request recorded;
     False when the connection cannot be used any more."""
+    if app_gate is None:
+        return _run_app(app, env, response, body, started, on_request, send_500)
+    with app_gate:  # (all taken: this request waits its turn)
+        return _run_app(app, env, response, body, started, on_request, send_500)
+
+
+def _run_app(app: WSGIApp, env: dict, response: _Response, body, started: float,
+             on_request: RequestHook | None, send_500: Callable[[], None]) -> bool:
     result = None
     ok = True
     try:

@@ -25,7 +25,15 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vassal.spool import STREAM_START, STREAM_THRESHOLD, BodySpool, SpoolBudget, StreamedBody
+from vassal.spool import (
+    STREAM_START,
+    STREAM_THRESHOLD,
+    BodySpool,
+    SpoolBudget,
+    StreamedBody,
+    refusal,
+    room_needed,
+)
 
 TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
 # field-value: any octet but the controls (HTAB allowed); the OWS around it
@@ -393,10 +401,12 @@ class RequestParser:
             req.chunked = True
         if self.limits.body and length is not None and length > self.limits.body:
             raise RequestTooLarge(413, "request body too large")
+        spool = self.limits.spool
+        if spool is not None and length and room_needed(length) > spool.limit:
+            self._no_room(spool, room_needed(length))  # (known from the head: no need to read it first)
         if req.expect_continue and self.on_expect is not None and (req.chunked or length):
-            spool = self.limits.spool
-            if spool is not None and spool.used >= spool.limit:
-                self._no_room(spool)  # (before the go-ahead: else the client sends it all for a refusal)
+            if spool is not None and spool.used + max(1, room_needed(length or 0)) > spool.limit:
+                self._no_room(spool, 0)  # (before the go-ahead: else the client sends it all for a refusal)
             self.on_expect()
         if req.chunked:
             self._state = _CHUNK_SIZE
@@ -476,7 +486,7 @@ class RequestParser:
         assert req is not None
         # (charged as it comes, not as announced: a 1 GiB chunk size alone takes no room from others)
         if (spool := self.limits.spool) is not None and not req.body.reserve(len(data), spool):
-            self._no_room(spool)
+            self._no_room(spool, self._body_size if req.chunked else room_needed(self._body_size))
         try:
             req.body.write(data)
         except OSError as exc:  # (the spool's directory is full, or not writable)
@@ -487,11 +497,10 @@ class RequestParser:
             req.queued = True
             self.done.append(req)
 
-    def _no_room(self, spool: SpoolBudget) -> None:
-        if self._body_size > spool.limit:
-            raise RequestTooLarge(413, f"the request body passes this worker's body-spool-limit ({spool.limit} bytes)")
-        # (others' bodies hold it: a moment later there may be room)
-        raise Rejected(503, f"the bodies coming in hold all of this worker's body-spool-limit ({spool.limit} bytes)")
+    def _no_room(self, spool: SpoolBudget, needed: int) -> None:
+        """``needed``: what of the limit this body takes alone."""
+        status, why = refusal(spool, needed)
+        raise (RequestTooLarge if status == 413 else Rejected)(status, why)
 
     def close(self) -> None:
         """The connection is gone: the bodies it holds (the one coming in,

@@ -73,6 +73,21 @@ class SpoolBudget:
         self.in_memory = 0
 
 
+def room_needed(length: int) -> int:
+    """What of its worker's SpoolBudget a body of ``length`` announced
+    bytes takes at most before its app runs (a streamed one: its start)."""
+    return min(length, STREAM_START) if length > STREAM_THRESHOLD else length
+
+
+def refusal(budget: SpoolBudget, needed: int) -> tuple[int, str]:
+    """The answer to a body that finds no room: 413 if it takes ``needed``
+    bytes, more than the whole limit, alone; else 503 (others' bodies hold
+    it: a moment later there may be room)."""
+    if needed > budget.limit:
+        return 413, f"the request body passes this worker's body-spool-limit ({budget.limit} bytes)"
+    return 503, f"the bodies coming in hold all of this worker's body-spool-limit ({budget.limit} bytes)"
+
+
 class Reservation:
     """A body's share of its worker's SpoolBudget, taken as bytes arrive,
     given back when the body is closed (or dropped unclosed)."""
@@ -211,6 +226,12 @@ class StreamedBody(Reservation):
     def complete(self) -> bool:
         """Every byte of the body was received (read by the app or not)."""
         return self.wire == 0
+
+    def reserve(self, count: int, budget: SpoolBudget) -> bool:
+        # Only its first STREAM_START bytes are the loop's to hold: the
+        # read that brings them may bring more, which is not charged (else
+        # a limit just above STREAM_START refused uploads by how reads fell).
+        return super().reserve(min(count, max(0, STREAM_START - self._reserved)), budget)
 
     def write(self, data: bytes) -> None:
         """Bytes the loop received (before the app runs)."""

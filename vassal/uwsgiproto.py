@@ -21,7 +21,15 @@ from bedrock.log import log
 from vassal import rpc, uwsgi_api
 from vassal.http import STATUS_TEXT, FileWrapper, RequestHook, _Response, run_app
 from vassal.signals import SignalError
-from vassal.spool import STREAM_START, STREAM_THRESHOLD, BodySpool, StreamedBody
+from vassal.spool import (
+    STREAM_START,
+    STREAM_THRESHOLD,
+    BodySpool,
+    SpoolBudget,
+    StreamedBody,
+    refusal,
+    room_needed,
+)
 
 WSGI_MODIFIER1 = 0
 DISCARD_SECONDS = 5.0  # the most spent dropping a body the app did not read
@@ -103,8 +111,10 @@ class UwsgiConnection:
     """One request per connection; ``feed`` returns False once it should close."""
 
     def __init__(self, sock: socket.socket, peer, server: tuple[str, str], app: Callable, max_head: int = 65536,
-                 max_body: int = 0, on_request: RequestHook | None = None, body_timeout: float = 4.0):
+                 max_body: int = 0, on_request: RequestHook | None = None, body_timeout: float = 4.0,
+                 spool: SpoolBudget | None = None):
         self.sock = sock
+        self.spool = spool  # body-spool-limit: the worker's, as HTTP's (vassal.http_parser)
         self.app = app
         self.defaults = env_defaults(server)
         self.max_head = max_head
@@ -114,6 +124,7 @@ class UwsgiConnection:
         self.env: dict[str, str] | None = None
         self.body: BodySpool | StreamedBody | None = None
         self.remaining = 0
+        self.size = 0  # the body's, announced
         self.body_timeout = body_timeout
 
     @property
@@ -159,12 +170,15 @@ class UwsgiConnection:
                 length = self.env.get("CONTENT_LENGTH")
                 if length and not (length.isascii() and length.isdigit() and len(length) <= 18):
                     raise ValueError(f"CONTENT_LENGTH is not a length: {length[:40]!r}")  # (no sign, space or _)
-                self.remaining = int(length) if length else 0
+                self.remaining = self.size = int(length) if length else 0
             except (ProtocolError, ValueError) as exc:
                 self._error(400, str(exc))
                 return False
             if self.max_body and self.remaining > self.max_body:
                 self._error(413, f"body of {self.remaining} bytes")
+                return False
+            if self.spool is not None and room_needed(self.remaining) > self.spool.limit:
+                self._error(*refusal(self.spool, room_needed(self.remaining)))
                 return False
             if self.remaining == 0:
                 # The common case (nginx, a GET): no body, no spool.
@@ -178,7 +192,14 @@ class UwsgiConnection:
         assert body is not None
         if data:
             chunk = data[: self.remaining] if len(data) > self.remaining else data
-            body.write(chunk)
+            if self.spool is not None and not body.reserve(len(chunk), self.spool):
+                self._error(*refusal(self.spool, room_needed(self.size - self.remaining + len(chunk))))
+                return False
+            try:
+                body.write(chunk)
+            except OSError as exc:  # (the spool's directory is full, or not writable)
+                self._error(500, f"cannot spool the request body: {exc.strerror or exc}")
+                return False
             self.remaining -= len(chunk)
         if self.remaining > 0 and (type(body) is not StreamedBody or body.buffered < STREAM_START):
             return True

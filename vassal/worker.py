@@ -377,7 +377,8 @@ class Worker:
             max_head=self.max_head,
             max_body=self.max_body,
             on_request=self._served,
-            **({"limits": self.http_limits} if kind is HttpConnection else {"body_timeout": self.http_limits.body_timeout}),
+            **({"limits": self.http_limits} if kind is HttpConnection
+               else {"body_timeout": self.http_limits.body_timeout, "spool": self.http_limits.spool}),
         )
         self.last_seen[conn] = time.monotonic()
         self.handlers[conn] = handler
@@ -415,7 +416,8 @@ class Worker:
                 conn.close()
                 return True
         handler = UwsgiConnection(conn, "unix", server, self.app, max_head=self.max_head, max_body=self.max_body,
-                                  on_request=self._served, body_timeout=self.http_limits.body_timeout)
+                                  on_request=self._served, body_timeout=self.http_limits.body_timeout,
+                                  spool=self.http_limits.spool)
         if data is not None and not self._feed(handler, data):
             conn.close()
             return True

@@ -301,6 +301,38 @@ def test_a_full_budget_refuses_before_the_go_ahead():
     assert refused.value.status == 503 and sent == []
 
 
+def test_a_length_known_to_pass_the_budget_is_refused_at_its_head():
+    """A Content-Length whose body alone passes body-spool-limit is 413 from
+    the head (before, with Expect, it got 100 Continue, the client sent it
+    all, then 413); with Expect, one that does not fit beside the others'
+    bodies is 503 before the go-ahead. A streamed length needs only its
+    start (spool.STREAM_START), so a huge upload under a small limit passes."""
+    from vassal.http_parser import RequestTooLarge
+    from vassal.spool import STREAM_START, SpoolBudget
+
+    budget = SpoolBudget(200_000)
+    sent = []
+    for expect in (b"", b"Expect: 100-continue\r\n"):
+        with pytest.raises(RequestTooLarge) as alone:
+            RequestParser(Limits(head=8192, spool=budget), lambda: sent.append("100")).feed(
+                b"PUT / HTTP/1.1\r\nHost: x\r\n" + expect + b"Content-Length: 300000\r\n\r\n")
+        assert alone.value.status == 413 and sent == []
+    budget.used = 150_000
+    with pytest.raises(Rejected) as others:
+        RequestParser(Limits(head=8192, spool=budget), lambda: sent.append("100")).feed(
+            b"PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 60000\r\n\r\n")
+    assert others.value.status == 503 and sent == []
+    budget.used = 0
+    roomy = SpoolBudget(STREAM_START + 1000)
+    upload = RequestParser(Limits(head=8192, spool=roomy), lambda: sent.append("100"))
+    upload.feed(b"PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 100000000\r\n\r\n")
+    assert sent == ["100"]
+    upload.feed(b"u" * (STREAM_START + 60000))  # (a read that brings more than its start)
+    assert roomy.used == STREAM_START and len(upload.done) == 1
+    upload.close()
+    assert roomy.used == 0
+
+
 def test_a_body_goes_to_its_file_once_bodies_hold_the_memory_they_may():
     from vassal.spool import SpoolBudget
 
