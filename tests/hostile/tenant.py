@@ -39,9 +39,16 @@ class Tenant:
             with open(path, "r+") as handle:
                 handle.truncate()
                 handle.write(text)
-        else:
-            path.write_text(text)
-        return self.own(path, mode)
+            return self.own(path, mode)
+        # Made whole and the tenant's under a dot name, then renamed into
+        # place: as a tenant's own editor would, the emperor never sees a
+        # root-owned or half-written file (a slow guest's emperor saw it
+        # root's before the chown, and counted it against root's quota).
+        staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        staging.write_text(text)
+        self.own(staging, mode)
+        os.rename(staging, path)
+        return path
 
     def run(self, *argv: str, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
         """A command as this tenant (a shell login would give the same ids)."""
