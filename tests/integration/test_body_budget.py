@@ -47,7 +47,8 @@ def _uwsgi_packet(length: int) -> bytes:
 @pytest.fixture(params=["sync", "gevent"])
 def uwsgi_vassal(request, tmp_path):
     uwsgi_port = free_port()
-    settings = f"socket = 127.0.0.1:{uwsgi_port}\nbody-spool-limit = {LIMIT}\n"
+    # (socket-timeout: the held-back body waits out the others' refusals, ten seconds in an emulated guest)
+    settings = f"socket = 127.0.0.1:{uwsgi_port}\nbody-spool-limit = {LIMIT}\nsocket-timeout = 60\n"
     with app_vassal(tmp_path, "budget", APP, settings, request.param) as (proc, port, log):
         yield uwsgi_port, port, log
 
@@ -67,18 +68,22 @@ def test_partial_uwsgi_bodies_share_the_limit_and_give_it_back(uwsgi_vassal):
     size = 150_000
     with contextlib.ExitStack() as stack:
         socks = [stack.enter_context(socket.create_connection(("127.0.0.1", uwsgi_port), timeout=10)) for _ in range(3)]
-        answers = []
+        answers: list[bytes | None] = []
         for sock in socks:
-            sock.sendall(_uwsgi_packet(size) + b"x" * (size - 1000))  # (its end held back)
+            with contextlib.suppress(OSError):  # (refused, the connection may be closed under the send)
+                sock.sendall(_uwsgi_packet(size) + b"x" * (size - 1000))  # (its end held back)
             time.sleep(0.2 * TIME_SCALE)
         for sock in socks:
             sock.settimeout(0.5 * TIME_SCALE)
             try:
                 answers.append(sock.recv(200))
             except TimeoutError:
-                answers.append(None)
-        refused = [a for a in answers if a is not None]
-        assert refused and all(b" 503 " in a for a in refused if a), answers
+                answers.append(None)  # (still waiting for its body's end)
+            except ConnectionResetError:
+                answers.append(b"")  # (the refusal, lost to the reset of what it did not read)
+        # (each fits alone: the refused ones are 503, not 413)
+        assert all(a is None or a == b"" or b" 503 " in a for a in answers), answers
+        assert answers[1:] and all(a is not None for a in answers[1:]), answers
         assert answers[0] is None  # (the first body fits: it waits for its end)
         socks[0].sendall(b"x" * 1000)
         assert _read_all(socks[0]).endswith(b"%d" % size)
