@@ -456,8 +456,8 @@ def test_plain_peer_gets_segmented_checksummed_packets(netdir):
         assert peer["offloads"] is False
         # Super-packets came off the device: far fewer reads than segments
         # (how many segments a super-packet holds follows the sender's pace:
-        # some 4-10 here, nearer 4 on an emulated guest; 1 without GSO).
-        assert stats["tun"]["packets_in"] < len(payload) // 1448 // 2
+        # some 4-10 here, nearer 2-4 on an emulated guest; 1 without GSO).
+        assert stats["tun"]["packets_in"] < len(payload) // 1448 * 3 // 4
         assert peer["packets_in"] > len(payload) // 1448
     finally:
         if bridge is not None:
